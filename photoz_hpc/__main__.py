@@ -1,0 +1,7 @@
+"""``python -m photoz_hpc`` is the same as the ``photoz-hpc`` console script."""
+
+import sys
+
+from photoz_hpc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""The one CLI: ``photoz-hpc <command>``. Each command lives next to the code it drives.
+
+A command module defines ``register(subparsers)``, which adds its parser and sets ``func``.
+Modules are imported here but keep heavy imports (torch, DALI, GalSim) inside the command body,
+so ``photoz-hpc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from photoz_hpc import __version__
+from photoz_hpc.errors import PhotozError
+from photoz_hpc.logs import setup_logging
+
+#: Command modules in the order they appear in ``--help`` (data -> augment -> train -> evaluate).
+COMMAND_MODULES = (
+    "photoz_hpc.sim.cli",
+    "photoz_hpc.data.cli",
+    "photoz_hpc.augment.cli",
+    "photoz_hpc.train.cli",
+    "photoz_hpc.demo",
+)
+
+#: Exit code for a clean stop after a pre-emption signal (Slurm can requeue on it).
+EXIT_PREEMPTED = 75
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="photoz-hpc",
+        description="Self-supervised photometric redshifts from SDSS cutouts on HPC systems.",
+    )
+    parser.add_argument("--version", action="version", version=f"photoz-hpc {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command not implemented in this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level)
+    try:
+        result = args.func(args)
+    except PhotozError as exc:
+        print(f"photoz-hpc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"photoz-hpc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

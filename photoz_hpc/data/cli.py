@@ -1,0 +1,68 @@
+"""Commands ``prepare``, ``verify`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="convert release HDF5 files into a sharded binary store",
+        description="Stream release-layout HDF5 files into fixed-record shards with a manifest. "
+        "Runs in parallel when launched under mpirun/srun; an interrupted run resumes.",
+    )
+    p.add_argument("inputs", nargs="+", help="input HDF5 files (release layout)")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--samples-per-shard", type=int, default=4096, help="records per shard (default 4096)")
+    p.add_argument("--bad-rows", choices=["reject", "skip"], default="reject", help="NaN/inf rows: fail (default) or skip and count")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows read from HDF5 at a time (bounds memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (after the new one is complete)")
+    p.add_argument("--mpi", choices=["auto", "mpi", "serial"], default="auto", help="use MPI (auto: if launched by mpirun/srun)")
+    p.set_defaults(func=_prepare)
+
+    v = sub.add_parser("verify", help="re-check every shard checksum and record count", description="Verify a prepared dataset.")
+    v.add_argument("dataset", help="dataset directory")
+    v.set_defaults(func=_verify)
+
+    i = sub.add_parser("info", help="summarise a dataset (counts, redshift range, pixel stats)", description="Summarise a dataset.")
+    i.add_argument("dataset", help="dataset directory")
+    i.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    i.set_defaults(func=_info)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from photoz_hpc.data.comm import get_comm
+    from photoz_hpc.data.prepare import prepare
+
+    if args.chunk_rows < 1:
+        from photoz_hpc.errors import PhotozError
+
+        raise PhotozError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
+    comm = get_comm(args.mpi)
+    out = prepare(args.inputs, args.out, args.samples_per_shard, args.bad_rows, args.chunk_rows, args.overwrite, comm)
+    if comm.rank == 0:
+        print(out)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from photoz_hpc.data.verify import verify_dataset
+
+    report = verify_dataset(args.dataset)
+    print(f"OK: {report['count']} samples in {report['shards']} shards verified ({report['path']})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from photoz_hpc.data.verify import dataset_info
+
+    info = dataset_info(args.dataset)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0

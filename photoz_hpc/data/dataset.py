@@ -1,0 +1,155 @@
+"""Reading a prepared dataset: ``open_dataset(DIR)`` gives indexable, memory-mapped access.
+
+Opening checks the manifest version and every shard's size (a truncated shard is caught at once);
+``ds[i]`` checks the record's CRC32 so a corrupted record is an error, never a silent wrong sample.
+Full sha256 checks are ``photoz-hpc verify``'s job (they read everything).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from photoz_hpc.data import format as fmt
+from photoz_hpc.errors import DatasetError
+
+PIXEL_STATS_KEYS = ("median", "mad")
+
+
+def read_manifest(root: str | Path) -> dict:
+    """Load and version-check ``manifest.json``; errors name the directory and the problem."""
+    root = Path(root)
+    path = root / fmt.MANIFEST_NAME
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset directory does not exist")
+    if not path.is_file():
+        hint = " (an unfinished prepare left it incomplete: re-run prepare to finish)" if root.name.endswith(".partial") or (root.with_name(root.name + ".partial")).exists() else ""
+        raise DatasetError(f"{root}: not a prepared dataset, {fmt.MANIFEST_NAME} is missing{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable manifest: {exc}") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise DatasetError(f"{path}: manifest has no integer 'format_version'")
+    if version > fmt.FORMAT_VERSION:
+        raise DatasetError(
+            f"{path}: written by a newer photoz-hpc (format version {version}, this one reads <= {fmt.FORMAT_VERSION}); upgrade photoz-hpc"
+        )
+    for key in ("image_shape", "shards", "count", "layout"):
+        if key not in manifest:
+            raise DatasetError(f"{path}: manifest lacks '{key}'")
+    if manifest["layout"] != fmt.LAYOUT:
+        raise DatasetError(f"{path}: unsupported layout '{manifest['layout']}' (expected {fmt.LAYOUT})")
+    return manifest
+
+
+def pixel_stats(manifest: dict, where: str = "dataset") -> dict[str, np.ndarray]:
+    """Per-band median and MAD from a manifest; a clear error if they are missing."""
+    stats = manifest.get("pixel_stats") or {}
+    missing = [k for k in PIXEL_STATS_KEYS if k not in stats]
+    if missing:
+        raise DatasetError(f"{where}: manifest has no pixel statistics {missing} (needed by the noise augmentation); re-run prepare")
+    out = {k: np.asarray(stats[k], dtype=np.float64) for k in PIXEL_STATS_KEYS}
+    bands = manifest["image_shape"][-1]
+    for k, v in out.items():
+        if v.shape != (bands,) or not np.isfinite(v).all():
+            raise DatasetError(f"{where}: manifest pixel_stats '{k}' must be {bands} finite numbers, got {stats[k]}")
+    return out
+
+
+class ShardedDataset:
+    """Random access to a prepared dataset; images are memory-mapped (H, W, C) records."""
+
+    def __init__(self, root: str | Path, verify_records: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.manifest = read_manifest(self.root)
+        self.image_shape: tuple[int, int, int] = tuple(self.manifest["image_shape"])
+        self.record_bytes = fmt.record_bytes(*self.image_shape)
+        self.verify_records = verify_records
+        self.shards = self.manifest["shards"]
+        counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        if int(self.offsets[-1]) != self.manifest["count"]:
+            raise DatasetError(f"{self.root}: shard counts sum to {self.offsets[-1]}, manifest says {self.manifest['count']}")
+        for shard in self.shards:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                raise DatasetError(f"{path}: shard file is missing")
+            size, expected = path.stat().st_size, shard["count"] * self.record_bytes
+            if size != expected:
+                raise DatasetError(f"{path}: shard is truncated or padded ({size} bytes, expected {expected})")
+        self._images: dict[int, np.memmap] = {}
+        self._meta: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def meta(self) -> np.ndarray:
+        """All samples' metadata as one structured array (``format.META_DTYPE``), loaded on first use."""
+        if self._meta is None:
+            parts = []
+            for shard in self.shards:
+                path = self.root / shard["meta"]
+                try:
+                    part = np.load(path, allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    raise DatasetError(f"{path}: unreadable metadata ({exc})") from None
+                if part.dtype != fmt.META_DTYPE or len(part) != shard["count"]:
+                    raise DatasetError(f"{path}: metadata has {len(part)} rows of {part.dtype}, expected {shard['count']}")
+                parts.append(part)
+            self._meta = np.concatenate(parts) if parts else np.zeros(0, fmt.META_DTYPE)
+        return self._meta
+
+    def pixel_stats(self) -> dict[str, np.ndarray]:
+        return pixel_stats(self.manifest, str(self.root))
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, row within shard) of a global sample index."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for dataset of {len(self)} samples")
+        index %= len(self)
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return shard, index - int(self.offsets[shard])
+
+    def shard_images(self, shard: int) -> np.memmap:
+        """Memory-map of one shard's records, shape (count, H, W, C) float32."""
+        if shard not in self._images:
+            info = self.shards[shard]
+            self._images[shard] = np.memmap(
+                self.root / info["file"], dtype=fmt.IMAGE_DTYPE, mode="r", shape=(info["count"], *self.image_shape)
+            )
+        return self._images[shard]
+
+    def image_hwc(self, index: int) -> np.ndarray:
+        """One record as (H, W, C) float32, CRC-checked when ``verify_records``."""
+        shard, row = self.locate(index)
+        record = np.asarray(self.shard_images(shard)[row])
+        if self.verify_records:
+            expected = int(self.meta["crc32"][index])
+            if zlib.crc32(record) != expected:
+                raise DatasetError(f"{self.root / self.shards[shard]['file']}: record {row} (sample {index}) is corrupt (CRC mismatch)")
+        return record
+
+    def images_hwc(self, indices: np.ndarray) -> np.ndarray:
+        """A batch of records as (n, H, W, C) float32 (CRC-checked when ``verify_records``)."""
+        return np.stack([self.image_hwc(int(i)) for i in indices]) if len(indices) else np.zeros((0, *self.image_shape), np.float32)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = np.ascontiguousarray(self.image_hwc(index).transpose(2, 0, 1))
+        row = self.meta[index]
+        item: dict[str, Any] = {"image": image, "index": int(index % len(self))}
+        for key in fmt.PUBLIC_META_FIELDS:
+            value = row[key]
+            item[key] = value.copy() if isinstance(value, np.ndarray) else value.item()
+        return item
+
+
+def open_dataset(root: str | Path, verify_records: bool = True) -> ShardedDataset:
+    """Open a prepared dataset directory (see ``photoz_hpc.data.format`` for the layout)."""
+    return ShardedDataset(root, verify_records=verify_records)

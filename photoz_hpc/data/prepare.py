@@ -1,0 +1,286 @@
+"""``photoz-hpc prepare``: stream release HDF5 files into a sharded fixed-record store.
+
+Shard boundaries are fixed by the input rows (shard i holds input rows [i*S, (i+1)*S) of the
+concatenated inputs, minus skipped bad rows), so the dataset is the same whatever the number of
+MPI ranks; rank r writes shards r, r+size, ... . Work happens in ``OUT.partial/``: every shard is
+committed by its JSON marker, an interrupted run resumes there, and only a complete dataset is
+renamed to ``OUT``. Bad input removes the staging directory so no partial dataset is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from photoz_hpc.constants import N_BANDS, R_DR12, sfd_ebv
+from photoz_hpc.data import format as fmt
+from photoz_hpc.data.comm import SerialComm, get_comm
+from photoz_hpc.data.hdf5_source import SourceFile, bad_rows, read_rows, validate_source
+from photoz_hpc.data.stats import exact_median_mad
+from photoz_hpc.errors import InputDataError, PhotozError
+from photoz_hpc.io_utils import atomic_open, atomic_write_json
+from photoz_hpc.logs import get_logger
+
+log = get_logger(__name__)
+BAD_ROW_POLICIES = ("reject", "skip")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which input rows one shard holds: a list of (source index, start, stop)."""
+
+    index: int
+    segments: tuple[tuple[int, int, int], ...]
+
+
+def plan_shards(sources: list[SourceFile], samples_per_shard: int) -> list[ShardPlan]:
+    """Cut the concatenated inputs into consecutive runs of ``samples_per_shard`` rows."""
+    if samples_per_shard < 1:
+        raise PhotozError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    plans, current, filled = [], [], 0
+    for f, src in enumerate(sources):
+        start = 0
+        while start < src.rows:
+            take = min(samples_per_shard - filled, src.rows - start)
+            current.append((f, start, start + take))
+            filled += take
+            start += take
+            if filled == samples_per_shard:
+                plans.append(ShardPlan(len(plans), tuple(current)))
+                current, filled = [], 0
+    if current:
+        plans.append(ShardPlan(len(plans), tuple(current)))
+    return plans
+
+
+def _meta_rows(src_index: int, start: int, rows: dict[str, np.ndarray], keep: np.ndarray) -> np.ndarray:
+    meta = np.zeros(int(keep.sum()), dtype=fmt.META_DTYPE)
+    for key in ("specz_redshift", "specz_redshift_err", "e_bv", "ra", "dec", "ObjID", "specObjID"):
+        meta[key] = rows[key][keep]
+    meta["ebv_sfd"] = sfd_ebv(meta["e_bv"])
+    meta["source_file"] = src_index
+    meta["source_row"] = start + np.flatnonzero(keep)
+    return meta
+
+
+def write_shard(out: Path, plan: ShardPlan, sources: list[SourceFile], policy: str, chunk_rows: int) -> dict:
+    """Write one shard's ``.bin`` and ``.meta.npy`` atomically, then its JSON commit marker."""
+    stem = fmt.shard_stem(plan.index)
+    metas, skipped = [], []
+    sha = hashlib.sha256()
+    with atomic_open(out / f"{stem}.bin", "wb") as fh:
+        for f, seg_start, seg_stop in plan.segments:
+            src = sources[f]
+            for start in range(seg_start, seg_stop, chunk_rows):
+                stop = min(start + chunk_rows, seg_stop)
+                rows = read_rows(src, start, stop)
+                mask, reasons = bad_rows(src, rows)
+                if mask.any():
+                    first = int(np.flatnonzero(mask)[0])
+                    if policy == "reject":
+                        raise InputDataError(
+                            f"{src.path}: row {start + first} has {reasons[0]} "
+                            f"({int(mask.sum())} bad rows in {start}..{stop}); use --bad-rows skip to drop them"
+                        )
+                    skipped += [{"file": src.path, "row": start + int(i), "reason": r} for i, r in zip(np.flatnonzero(mask), reasons, strict=True)]
+                keep = ~mask
+                hwc = np.ascontiguousarray(rows["images"][keep].transpose(0, 2, 3, 1))
+                meta = _meta_rows(f, start, rows, keep)
+                for i in range(len(hwc)):
+                    meta["crc32"][i] = zlib.crc32(hwc[i])
+                data = hwc.tobytes()
+                sha.update(data)
+                fh.write(data)
+                metas.append(meta)
+    meta_all = np.concatenate(metas) if metas else np.zeros(0, dtype=fmt.META_DTYPE)
+    with atomic_open(out / f"{stem}.meta.npy", "wb") as fh:
+        np.save(fh, meta_all, allow_pickle=False)
+    record = {
+        "index": plan.index,
+        "file": f"{stem}.bin",
+        "meta": f"{stem}.meta.npy",
+        "count": int(len(meta_all)),
+        "labeled": int(np.isfinite(meta_all["specz_redshift"]).sum()),
+        "sha256": sha.hexdigest(),
+        "meta_sha256": hashlib.sha256((out / f"{stem}.meta.npy").read_bytes()).hexdigest(),
+        "segments": [list(s) for s in plan.segments],
+        "skipped": skipped,
+    }
+    atomic_write_json(out / f"{stem}.json", record)
+    return record
+
+
+def _load_committed(out: Path, plan: ShardPlan, record_size: int) -> dict | None:
+    """The shard's commit record if it is complete and matches the plan, else None (redo it)."""
+    marker = out / f"{fmt.shard_stem(plan.index)}.json"
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+        ok = record["segments"] == [list(s) for s in plan.segments]
+        ok = ok and (out / record["file"]).stat().st_size == record["count"] * record_size
+        ok = ok and (out / record["meta"]).is_file()
+    except (OSError, ValueError, KeyError):
+        return None
+    return record if ok else None
+
+
+def shard_blocks(root: Path, records: list[dict], shape: tuple[int, int, int], rows_per_block: int = 256):
+    """A re-iterable source of (n, H, W, C) float32 blocks over the given shards (memory-mapped)."""
+
+    def blocks():
+        for rec in records:
+            if rec["count"] == 0:
+                continue
+            mm = np.memmap(root / rec["file"], dtype=fmt.IMAGE_DTYPE, mode="r", shape=(rec["count"], *shape))
+            for i in range(0, rec["count"], rows_per_block):
+                yield np.asarray(mm[i : i + rows_per_block])
+
+    return blocks
+
+
+def _plan_fingerprint(sources: list[SourceFile], samples_per_shard: int, policy: str) -> dict:
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "samples_per_shard": samples_per_shard,
+        "bad_rows": policy,
+        "inputs": [s.fingerprint() for s in sources],
+    }
+
+
+def prepare(
+    inputs: list[str | Path],
+    out: str | Path,
+    samples_per_shard: int = 4096,
+    bad_row_policy: str = "reject",
+    chunk_rows: int = 256,
+    overwrite: bool = False,
+    comm=None,
+) -> Path:
+    """Convert release HDF5 files into a dataset directory; returns its path. Resumable, MPI-aware."""
+    comm = comm or get_comm("auto")
+    if bad_row_policy not in BAD_ROW_POLICIES:
+        raise PhotozError(f"--bad-rows must be one of {BAD_ROW_POLICIES}, got '{bad_row_policy}'")
+    if not inputs:
+        raise PhotozError("prepare needs at least one input HDF5 file")
+    out = Path(out).resolve()
+    staging = out.with_name(out.name + ".partial")
+    if (out / fmt.MANIFEST_NAME).exists() and not overwrite:
+        raise PhotozError(f"{out}: a prepared dataset already exists (use --overwrite to replace it)")
+
+    sources = [validate_source(p) for p in inputs]
+    shapes = {(s.height, s.width) for s in sources}
+    if len(shapes) != 1:
+        raise InputDataError(f"inputs have different image sizes {sorted(shapes)}: {[s.path for s in sources]}")
+    height, width = shapes.pop()
+    shape = (height, width, N_BANDS)
+    record_size = fmt.record_bytes(*shape)
+    plans = plan_shards(sources, samples_per_shard)
+    fingerprint = _plan_fingerprint(sources, samples_per_shard, bad_row_policy)
+
+    error = ""
+    if comm.rank == 0:
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            plan_file = staging / "plan.json"
+            if plan_file.exists() and json.loads(plan_file.read_text()) != fingerprint:
+                error = f"{staging}: holds an unfinished prepare of different inputs or settings; remove it first"
+            else:
+                atomic_write_json(plan_file, fingerprint)
+        except OSError as exc:
+            error = f"{staging}: cannot create staging directory: {exc}"
+    error = comm.bcast(error)
+    if error:
+        raise PhotozError(error)
+
+    records, reused = [], 0
+    try:
+        for plan in plans[comm.rank :: comm.size]:
+            record = _load_committed(staging, plan, record_size)
+            if record is None:
+                record = write_shard(staging, plan, sources, bad_row_policy, chunk_rows)
+                log.info("wrote %s (%d samples)", record["file"], record["count"])
+            else:
+                reused += 1
+            records.append(record)
+    except InputDataError as exc:
+        error = str(exc)
+    errors = [e for e in comm.gather(error) if e]
+    if comm.allreduce_max(1 if error else 0):
+        if comm.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise InputDataError("; ".join(errors) if errors else "another rank hit bad input (see its log); nothing was kept")
+    if reused:
+        log.info("resumed: %d shard(s) already complete on rank %d", reused, comm.rank)
+
+    count = int(comm.allreduce_sum(np.array([sum(r["count"] for r in records)], dtype=np.int64))[0])
+    if count == 0:
+        if comm.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise InputDataError(f"no usable rows in {[s.path for s in sources]}")
+    median, mad = exact_median_mad(shard_blocks(staging, records, shape), N_BANDS, count * height * width, comm)
+
+    all_records = comm.gather(records)
+    if comm.rank == 0:
+        shards = sorted((r for part in all_records for r in part), key=lambda r: r["index"])
+        manifest = build_manifest(sources, shards, shape, samples_per_shard, bad_row_policy, median, mad)
+        atomic_write_json(staging / fmt.MANIFEST_NAME, manifest)
+        _publish(staging, out)
+        log.info("prepared %d samples in %d shards at %s", manifest["count"], len(shards), out)
+    comm.barrier()
+    return out
+
+
+def build_manifest(sources, shards, shape, samples_per_shard, policy, median, mad) -> dict:
+    skipped = [s for r in shards for s in r["skipped"]]
+    return {
+        "format": "photoz-hpc-shards",
+        "format_version": fmt.FORMAT_VERSION,
+        "layout": fmt.LAYOUT,
+        "dtype": "float32",
+        "byte_order": "little",
+        "image_shape": list(shape),
+        "bands": ["u", "g", "r", "i", "z"],
+        "record_bytes": fmt.record_bytes(*shape),
+        "samples_per_shard": samples_per_shard,
+        "count": sum(r["count"] for r in shards),
+        "labeled_count": sum(r["labeled"] for r in shards),
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "bad_rows": policy,
+        "r_dr12": R_DR12.tolist(),
+        "meta_fields": list(fmt.META_DTYPE.names),
+        "inputs": [{"path": s.path, "rows": s.rows, "labeled": s.labeled} for s in sources],
+        "shards": [
+            {k: r[k] for k in ("file", "meta", "count", "labeled", "sha256", "meta_sha256")} for r in shards
+        ],
+        "pixel_stats": {
+            "definition": "exact per-band median over all pixels; MAD = median(|x - median|)",
+            "median": [float(v) for v in median],
+            "mad": [float(v) for v in mad],
+        },
+    }
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished staging directory to ``out``; an old dataset is removed only afterwards."""
+    for marker in staging.glob("shard-*.json"):
+        marker.unlink()
+    (staging / "plan.json").unlink(missing_ok=True)
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["prepare", "plan_shards", "write_shard", "SerialComm"]

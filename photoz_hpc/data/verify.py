@@ -1,0 +1,72 @@
+"""``photoz-hpc verify`` and ``photoz-hpc info``: full integrity check and a dataset summary."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from photoz_hpc.data import format as fmt
+from photoz_hpc.data.dataset import open_dataset
+from photoz_hpc.errors import DatasetError
+from photoz_hpc.io_utils import sha256_file
+
+
+def verify_dataset(root) -> dict:
+    """Re-check every shard's sha256 and record count; raise ``DatasetError`` listing all problems."""
+    try:
+        ds = open_dataset(root)
+        problems: list[str] = []
+    except DatasetError as exc:
+        raise DatasetError(f"verify failed: {exc}") from None
+    for shard in ds.shards:
+        for key, digest in (("file", "sha256"), ("meta", "meta_sha256")):
+            path = ds.root / shard[key]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != shard[digest]:
+                problems.append(f"{path}: sha256 mismatch (corrupt)")
+    if not problems:
+        try:
+            meta = ds.meta
+            if len(meta) != len(ds):
+                problems.append(f"{ds.root}: {len(meta)} metadata rows for {len(ds)} records")
+        except DatasetError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise DatasetError("verify failed:\n  " + "\n  ".join(problems))
+    return {"path": str(ds.root), "count": len(ds), "shards": len(ds.shards), "ok": True}
+
+
+def dataset_info(root) -> dict:
+    """Counts, redshift range and pixel statistics of a dataset."""
+    ds = open_dataset(root)
+    meta = ds.meta
+    z = meta["specz_redshift"][np.isfinite(meta["specz_redshift"])]
+    man = ds.manifest
+    info = {
+        "path": str(ds.root),
+        "format_version": man["format_version"],
+        "count": len(ds),
+        "labeled_count": int(len(z)),
+        "skipped_count": man.get("skipped_count", 0),
+        "shards": len(ds.shards),
+        "image_shape": man["image_shape"],
+        "layout": man["layout"],
+        "size_gb": round(len(ds) * ds.record_bytes / 1e9, 3),
+        "ebv_sfd": _summary(meta["ebv_sfd"]),
+    }
+    if len(z):
+        info["specz_redshift"] = _summary(z)
+    if "pixel_stats" in man:
+        info["pixel_median"] = man["pixel_stats"]["median"]
+        info["pixel_mad"] = man["pixel_stats"]["mad"]
+    return info
+
+
+def _summary(values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {}
+    q = np.quantile(values, [0.0, 0.5, 1.0])
+    return {"min": float(q[0]), "median": float(q[1]), "max": float(q[2]), "mean": float(values.mean())}
+
+
+__all__ = ["verify_dataset", "dataset_info", "fmt"]

@@ -1,0 +1,73 @@
+"""The config system: YAML + dataclass validation + key=value overrides."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from photoz_hpc.config import Config, load_config, save_config
+from photoz_hpc.errors import ConfigError
+
+
+def test_defaults_are_the_paper_values():
+    cfg = Config()
+    assert cfg.augment.ebv_max == 0.5 and cfg.augment.jitter_max == 7 and cfg.augment.crop_size == 64
+    assert cfg.moco.momentum == 0.999 and cfg.moco.temperature == 0.2 and cfg.moco.queue_size == 65536
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "augment": {"noise": False}, "loader": {"batch_size": 32}}))
+    cfg = load_config(path, ["loader.batch_size=64", "temperature=0.1", "out_dir=/tmp/x", "augment.ebv_max=1"])
+    assert cfg.seed == 3 and cfg.augment.noise is False
+    assert cfg.loader.batch_size == 64 and cfg.moco.temperature == 0.1 and cfg.out_dir == "/tmp/x"
+    assert cfg.augment.ebv_max == 1.0 and isinstance(cfg.augment.ebv_max, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("augment.redening=false", "augment.redening"),
+        ("augment.noise=maybe", "augment.noise"),
+        ("loader.batch_size=1.5", "loader.batch_size"),
+        ("loader.batch_size=0", "loader.batch_size"),
+        ("loader.device=tpu", "loader.device"),
+        ("nosuchkey=1", "nosuchkey"),
+        ("augment=3", "augment"),
+        ("justtext", "key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  depth: 50\n")
+    with pytest.raises(ConfigError, match=r"model\.depth.*bad\.yaml"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "b.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=7", "moco.queue_mode=local"])
+    saved = save_config(cfg, tmp_path)
+    assert load_config(saved) == cfg
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        assert isinstance(load_config(path), Config)

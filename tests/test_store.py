@@ -1,0 +1,226 @@
+"""The sharded cutout store: prepare -> verify -> open_dataset, resume, stats and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from photoz_hpc.constants import sfd_ebv
+from photoz_hpc.data import open_dataset
+from photoz_hpc.data import prepare as prepare_mod
+from photoz_hpc.data.prepare import plan_shards, prepare
+from photoz_hpc.data.stats import reference_median_mad
+from photoz_hpc.data.verify import dataset_info, verify_dataset
+from photoz_hpc.errors import DatasetError, InputDataError, PhotozError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _all_images(paths):
+    return np.concatenate([h5py.File(p, "r")["images"][:] for p in paths])
+
+
+def test_round_trip_is_bit_exact_with_metadata(release_h5, tmp_path):
+    a = release_h5("a.h5", 30, seed=1)
+    b = release_h5("b.h5", 11, seed=2, labeled=False)
+    out = prepare([a, b], tmp_path / "ds", samples_per_shard=8)
+    ds = open_dataset(out)
+    assert len(ds) == 41 and len(ds.shards) == 6
+    images = _all_images([a, b])
+    for i in (0, 7, 8, 29, 30, 40):
+        item = ds[i]
+        assert item["image"].dtype == np.float32 and item["image"].shape == (5, 107, 107)
+        assert item["image"].tobytes() == images[i].tobytes()
+    with h5py.File(a, "r") as fh:
+        item = ds[5]
+        assert item["specz_redshift"] == float(fh["specz_redshift"][5])
+        assert item["ObjID"] == int(fh["ObjID"][5]) and item["specObjID"] == int(fh["specObjID"][5])
+        np.testing.assert_array_equal(item["e_bv"], fh["e_bv"][5].astype(np.float64))
+        assert item["ebv_sfd"] == pytest.approx(float(sfd_ebv(fh["e_bv"][5])), rel=1e-12)
+        assert item["ra"] == fh["ra"][5] and item["dec"] == fh["dec"][5]
+    assert np.isnan(ds[35]["specz_redshift"])
+    man = ds.manifest
+    assert man["count"] == 41 and man["labeled_count"] == 30 and man["layout"] == "HWC"
+    assert man["image_shape"] == [107, 107, 5] and man["dtype"] == "float32"
+    assert all(len(s["sha256"]) == 64 for s in man["shards"])
+    median, mad = reference_median_mad(images.transpose(0, 2, 3, 1))
+    assert man["pixel_stats"]["median"] == median.tolist() and man["pixel_stats"]["mad"] == mad.tolist()
+    assert verify_dataset(out)["ok"]
+    info = dataset_info(out)
+    assert info["count"] == 41 and info["labeled_count"] == 30
+    assert 0 < info["specz_redshift"]["min"] <= info["specz_redshift"]["max"] < 0.4
+    assert not (tmp_path / "ds.partial").exists()
+
+
+def test_shard_plan_spans_files_and_is_rank_independent(release_h5):
+    from photoz_hpc.data.hdf5_source import validate_source
+
+    srcs = [validate_source(release_h5("a.h5", 5)), validate_source(release_h5("b.h5", 7))]
+    plans = plan_shards(srcs, 4)
+    assert [p.segments for p in plans] == [((0, 0, 4),), ((0, 4, 5), (1, 0, 3)), ((1, 3, 7),)]
+    with pytest.raises(PhotozError, match="samples-per-shard"):
+        plan_shards(srcs, 0)
+
+
+def test_interrupted_prepare_resumes_without_redoing_shards(release_h5, tmp_path, monkeypatch):
+    src = release_h5("a.h5", 20)
+    real_write = prepare_mod.write_shard
+    calls = []
+
+    def crash_on_third(out, plan, *args):
+        calls.append(plan.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill mid-run
+        return real_write(out, plan, *args)
+
+    monkeypatch.setattr(prepare_mod, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([src], tmp_path / "ds", samples_per_shard=4)
+    assert not (tmp_path / "ds").exists() and (tmp_path / "ds.partial" / "shard-00001.json").exists()
+    assert not list((tmp_path / "ds.partial").glob("shard-00002*"))  # nothing half-written kept
+
+    calls.clear()
+    monkeypatch.setattr(prepare_mod, "write_shard", lambda out, plan, *a: calls.append(plan.index) or real_write(out, plan, *a))
+    out = prepare([src], tmp_path / "ds", samples_per_shard=4)
+    assert calls == [2, 3, 4]
+    assert verify_dataset(out)["ok"] and len(open_dataset(out)) == 20
+    ref = prepare([src], tmp_path / "fresh", samples_per_shard=4)
+    assert json.loads((out / "manifest.json").read_text())["shards"] == json.loads((ref / "manifest.json").read_text())["shards"]
+
+
+def test_existing_dataset_needs_overwrite(release_h5, tmp_path):
+    src = release_h5("a.h5", 6)
+    prepare([src], tmp_path / "ds", samples_per_shard=4)
+    with pytest.raises(PhotozError, match="already exists"):
+        prepare([src], tmp_path / "ds")
+    prepare([src], tmp_path / "ds", samples_per_shard=2, overwrite=True)
+    assert len(open_dataset(tmp_path / "ds").shards) == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"images": None}, "missing required key.*images"),
+        ({"e_bv": None}, "missing required key.*e_bv"),
+        ({"images": np.zeros((4, 3, 107, 107), np.float32)}, "shape"),
+        ({"images": np.zeros((4, 5, 107, 107), np.float64)}, "float32"),
+        ({"ra": np.zeros(3)}, "'ra' has 3 rows"),
+        ({"e_bv": np.zeros((4, 4))}, "'e_bv' has shape"),
+        ({"specz_redshift_err": None}, "partner"),
+        ({"ObjID": np.array([1.5, 2, 3, 4])}, "ObjID"),
+    ],
+)
+def test_bad_input_is_rejected_naming_file(release_h5, tmp_path, overrides, message):
+    src = release_h5("bad.h5", 4, **overrides)
+    with pytest.raises(InputDataError, match=message) as err:
+        prepare([src], tmp_path / "ds")
+    assert "bad.h5" in str(err.value)
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.partial").exists()
+
+
+def test_truncated_and_missing_hdf5(release_h5, tmp_path):
+    src = release_h5("t.h5", 8)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputDataError, match="t.h5.*(truncated|corrupt)"):
+        prepare([src], tmp_path / "ds")
+    with pytest.raises(InputDataError, match="does not exist"):
+        prepare([tmp_path / "nope.h5"], tmp_path / "ds")
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.partial").exists()
+
+
+def test_nan_rows_rejected_or_skipped(release_h5, tmp_path):
+    images = np.random.default_rng(0).standard_normal((10, 5, 107, 107)).astype(np.float32)
+    images[3, 2, 50, 50] = np.nan
+    images[7, 0, 0, 0] = np.inf
+    src = release_h5("nan.h5", 10, images=images)
+    with pytest.raises(InputDataError, match=r"nan\.h5: row 3 has NaN/inf pixels"):
+        prepare([src], tmp_path / "ds", samples_per_shard=4)
+    assert not (tmp_path / "ds.partial").exists()
+    out = prepare([src], tmp_path / "ds", samples_per_shard=4, bad_row_policy="skip")
+    ds = open_dataset(out)
+    assert len(ds) == 8 and ds.manifest["skipped_count"] == 2
+    assert [s["row"] for s in ds.manifest["skipped"]] == [3, 7]
+    assert ds[3]["image"].tobytes() == images[4].tobytes()
+
+
+def test_corrupt_and_truncated_shards_are_caught(release_h5, tmp_path):
+    out = prepare([release_h5("a.h5", 12)], tmp_path / "ds", samples_per_shard=4)
+    shard = out / "shard-00001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[1000] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match="shard-00001.bin: sha256 mismatch"):
+        verify_dataset(out)
+    ds = open_dataset(out)
+    ds[0]  # other shards still read fine
+    with pytest.raises(DatasetError, match=r"shard-00001.bin: record 0 \(sample 4\) is corrupt"):
+        ds[4]
+    shard.write_bytes(bytes(raw[:-100]))
+    with pytest.raises(DatasetError, match="shard-00001.bin: shard is truncated"):
+        open_dataset(out)
+    with pytest.raises(DatasetError, match="truncated"):
+        verify_dataset(out)
+
+
+def test_missing_manifest_and_newer_format(release_h5, tmp_path):
+    out = prepare([release_h5("a.h5", 4)], tmp_path / "ds")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="newer photoz-hpc"):
+        open_dataset(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(DatasetError, match="manifest.json is missing"):
+        open_dataset(out)
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset(tmp_path / "nothing")
+
+
+def _cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "photoz_hpc", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_cli_prepare_verify_info(release_h5, tmp_path):
+    src = release_h5("a.h5", 9)
+    res = _cli("prepare", str(src), "--out", str(tmp_path / "ds"), "--samples-per-shard", "4")
+    assert res.returncode == 0, res.stderr
+    res = _cli("verify", str(tmp_path / "ds"))
+    assert res.returncode == 0 and "9 samples in 3 shards" in res.stdout
+    res = _cli("info", str(tmp_path / "ds"), "--json")
+    assert json.loads(res.stdout)["count"] == 9
+    (tmp_path / "ds" / "shard-00000.bin").write_bytes(b"x")
+    res = _cli("verify", str(tmp_path / "ds"))
+    assert res.returncode == 1 and "shard-00000.bin" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("prepare", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 1 and "missing.h5: input file does not exist" in res.stderr
+
+
+def _mpirun() -> list[str]:
+    exe = shutil.which("mpirun") or shutil.which("mpiexec")
+    if exe is None:
+        pytest.fail("mpirun not found: install the MPI extra (launch/setup_env.sh)")
+    return [exe, "-np", "2", "--oversubscribe"] if "mpich" not in os.path.realpath(exe) else [exe, "-np", "2"]
+
+
+def test_prepare_under_mpirun_matches_serial(release_h5, tmp_path):
+    a, b = release_h5("a.h5", 13, seed=3), release_h5("b.h5", 6, seed=4, labeled=False)
+    serial = prepare([a, b], tmp_path / "serial", samples_per_shard=3)
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(REPO))
+    cmd = [*_mpirun(), sys.executable, "-m", "photoz_hpc", "prepare", str(a), str(b), "--out", str(tmp_path / "mpi"),
+           "--samples-per-shard", "3", "--mpi", "mpi"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ms = json.loads((serial / "manifest.json").read_text())
+    mm = json.loads((tmp_path / "mpi" / "manifest.json").read_text())
+    assert mm["pixel_stats"] == ms["pixel_stats"]
+    assert mm["shards"] == ms["shards"] and mm["count"] == 19
+    assert verify_dataset(tmp_path / "mpi")["ok"]
