@@ -59,6 +59,12 @@ class MPIComm:
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
+        slurm_tasks = int(os.environ.get("SLURM_NTASKS", "0") or 0) if "SLURM_PROCID" in os.environ else 0
+        if slurm_tasks > 1 and self.size != slurm_tasks:
+            raise PhotozError(
+                f"srun started {slurm_tasks} tasks but MPI sees a world of {self.size}: the tasks are not "
+                "connected (use `srun --mpi=pmix` or the --mpi plugin your MPI was built for, or mpirun)"
+            )
 
     def barrier(self) -> None:
         self._comm.Barrier()
