@@ -1,0 +1,150 @@
+"""Synthetic SDSS survey generator: layout, determinism, physics sanity, photometry, atomic writes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from photoz_hpc.constants import CUTOUT_SIZE, NMGY_ZEROPOINT, R_DR12, sfd_ebv
+from photoz_hpc.sim import cosmology, generate_survey
+from photoz_hpc.sim.population import draw_galaxy, sample_population, survey_model
+from photoz_hpc.sim.render import render_galaxy
+from photoz_hpc.sim.sky import extinction
+from photoz_hpc.viz import lupton_rgb, save_grid
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    return generate_survey(tmp_path_factory.mktemp("s") / "lab.h5", n=N, seed=3, labeled=True, workers=1, chunk=10)
+
+
+def _read(path):
+    with h5py.File(path, "r") as fh:
+        return {k: fh[k][...] for k in fh.keys()}
+
+
+def test_layout_keys_dtypes(labeled):
+    d = _read(labeled)
+    assert set(d) == {"images", "e_bv", "ra", "dec", "ObjID", "specObjID", "specz_redshift", "specz_redshift_err"}
+    assert d["images"].shape == (N, 5, CUTOUT_SIZE, CUTOUT_SIZE) and d["images"].dtype == np.float32
+    assert d["e_bv"].shape == (N, 5) and d["e_bv"].dtype == np.float32
+    assert d["ra"].dtype == np.float64 and d["dec"].dtype == np.float64
+    assert d["ObjID"].dtype == np.int64 and len(np.unique(d["ObjID"])) == N
+    assert d["specObjID"].dtype == np.int64 and len(np.unique(d["specObjID"])) == N
+    assert d["specz_redshift"].dtype == np.float32 and d["specz_redshift_err"].dtype == np.float32
+    assert np.all(np.isfinite(d["images"]))
+    assert np.all((d["specz_redshift_err"] > 1e-6) & (d["specz_redshift_err"] < 5e-4))
+    assert np.all((d["ra"] >= 0) & (d["ra"] < 360) & (d["dec"] > -15) & (d["dec"] < 75))
+
+
+def test_unlabeled_lacks_specz_and_matches_labeled_images(labeled, tmp_path):
+    p = generate_survey(tmp_path / "unl.h5", n=6, seed=3, labeled=False, workers=1)
+    d = _read(p)
+    assert "specz_redshift" not in d and "specz_redshift_err" not in d
+    np.testing.assert_array_equal(d["images"], _read(labeled)["images"][:6])
+
+
+def test_deterministic_and_independent_of_workers(labeled, tmp_path):
+    p2 = generate_survey(tmp_path / "w2.h5", n=N, seed=3, workers=2, chunk=7)
+    a, b = _read(labeled), _read(p2)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    other = _read(generate_survey(tmp_path / "s4.h5", n=4, seed=4, workers=1))
+    assert not np.array_equal(other["images"], a["images"][:4])
+
+
+def test_e_bv_is_dr12_extinction_of_sfd(labeled):
+    e = _read(labeled)["e_bv"].astype(np.float64)
+    ebv = sfd_ebv(e)
+    np.testing.assert_allclose(e, ebv[:, None] * R_DR12[None, :], rtol=1e-5)
+    assert np.all((ebv > 0) & (ebv < 0.5))
+
+
+def test_ebv_distribution_realistic():
+    ebv = sample_population(300, seed=11)["ebv"]
+    assert 0.02 < np.median(ebv) < 0.04
+    assert np.quantile(ebv, 0.9) < 0.1 and ebv.max() < 0.5
+
+
+def test_redshift_range_and_flux_limit():
+    model = survey_model()
+    pop = sample_population(300, seed=5, model=model)
+    assert np.all((pop["z"] >= model.sel["z_min"]) & (pop["z"] <= 0.4))
+    # model mags may exceed the Petrosian limit by the deV Petrosian deficit (< 0.22 mag)
+    assert pop["mag"][:, 2].max() <= model.sel["r_lim"] + 0.22
+    assert np.mean(pop["mag"][:, 2] <= model.sel["r_lim"]) > 0.6
+
+
+def test_population_statistics_match_calibration():
+    pop = sample_population(300, seed=7)
+    assert 0.07 <= np.median(pop["z"]) <= 0.13
+    gr = pop["mag"][:, 1] - pop["mag"][:, 2]
+    ri = pop["mag"][:, 2] - pop["mag"][:, 3]
+    assert np.corrcoef(pop["z"], gr)[0, 1] > 0.4
+    assert np.corrcoef(pop["z"], ri)[0, 1] > 0.3
+    assert 0.3 < pop["red"].mean() < 0.7
+
+
+def test_pixel_photometry_recovers_model_magnitudes():
+    model = survey_model()
+    d_noiseless, d_noisy = [], []
+    rng = np.random.default_rng(0)
+    from photoz_hpc.sim.noise import add_noise
+
+    for i in range(40):
+        g = draw_galaxy(9, i, model)
+        if g["r50"] > 4.0:
+            continue
+        a = extinction(g["ebv"])
+        img = render_galaxy(g, a, neighbours=False)
+        mag = NMGY_ZEROPOINT - 2.5 * np.log10(img.sum(axis=(1, 2))) - a
+        d_noiseless.append(mag - g["mag"])
+        noisy = add_noise(img, g["sky_dmag"], rng)
+        d_noisy.append(NMGY_ZEROPOINT - 2.5 * np.log10(noisy[2].sum()) - a[2] - g["mag"][2])
+    assert len(d_noiseless) > 15
+    assert np.max(np.abs(d_noiseless)) < 0.05
+    assert np.median(np.abs(d_noisy)) < 0.05
+
+
+def test_bulge_redder_than_disk():
+    model = survey_model()
+    diffs = []
+    for i in range(30):
+        g = draw_galaxy(2, i, model)
+        if 0.1 < g["bulge_frac"] < 0.9:
+            diffs.append((g["bulge_mag"][1] - g["bulge_mag"][2]) - (g["disk_mag"][1] - g["disk_mag"][2]))
+    assert len(diffs) > 5 and np.median(diffs) > 0.0
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    import photoz_hpc.sim.survey as survey
+
+    def boom(*a, **k):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(survey, "render_chunk", boom)
+    out = tmp_path / "fail.h5"
+    with pytest.raises(RuntimeError):
+        survey.generate_survey(out, n=4, seed=1, workers=1)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cosmology_matches_astropy():
+    from astropy.cosmology import FlatLambdaCDM
+
+    ref = FlatLambdaCDM(H0=70, Om0=0.3, Tcmb0=0)
+    z = np.array([0.01, 0.1, 0.3])
+    np.testing.assert_allclose(cosmology.distance_modulus(z), ref.distmod(z).value, atol=2e-3)
+    np.testing.assert_allclose(cosmology.angular_diameter_distance(z), ref.angular_diameter_distance(z).value,
+                               rtol=1e-4)
+
+
+def test_lupton_rgb_and_grid(labeled, tmp_path):
+    imgs = _read(labeled)["images"][:4]
+    rgb = lupton_rgb(imgs)
+    assert rgb.shape == (4, CUTOUT_SIZE, CUTOUT_SIZE, 3) and rgb.dtype == np.uint8 and rgb.max() > 100
+    p = save_grid(imgs, [f"z={i}" for i in range(4)], tmp_path / "g.png", ncols=2)
+    assert p.stat().st_size > 1000
