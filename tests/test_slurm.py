@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from slurm_utils import require_slurm, sbatch_wait
+
 from photoz_hpc.data.prepare import prepare
 from photoz_hpc.data.verify import verify_dataset
-from slurm_utils import require_slurm, sbatch_wait
 
 
 def test_sbatch_prepare_two_mpi_ranks_matches_serial(release_h5, tmp_path):
