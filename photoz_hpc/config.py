@@ -44,41 +44,62 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Augmentation switches and ranges; defaults are the paper's values."""
+    """Augmentation switches and ranges; defaults are the paper's values.
+
+    ``reddening``/``rotation``/``jitter``/``noise`` switch the pretraining augmentations (rotation and
+    jitter also apply to fine-tuning); ``deredden`` switches the correction by the galaxy's own SFD
+    E(B-V) in the fine-tuning and evaluation pipelines. See docs/augmentations.md.
+    """
 
     reddening: bool = True
+    ebv_min: float = 0.0
     ebv_max: float = 0.5
     rotation: bool = True
+    rotation_max_deg: float = 360.0
     jitter: bool = True
     jitter_max: int = 7
     crop_size: int = 64
     noise: bool = True
     noise_scale_min: float = 1.0
     noise_scale_max: float = 3.0
+    noise_method: Literal["table", "fresh"] = "table"
+    noise_table_size: int = 4194304
+    deredden: bool = True
 
     def __post_init__(self) -> None:
-        _check_range("augment.ebv_max", self.ebv_max, 0.0)
+        _check_range("augment.ebv_min", self.ebv_min, 0.0)
+        if self.ebv_max < self.ebv_min:
+            raise ConfigError("config key 'augment.ebv_max' must be >= 'augment.ebv_min'")
+        _check_range("augment.rotation_max_deg", self.rotation_max_deg, 0.0, 360.0)
         _check_range("augment.jitter_max", self.jitter_max, 0)
         _check_range("augment.crop_size", self.crop_size, 1)
         _check_range("augment.noise_scale_min", self.noise_scale_min, 0.0)
         if self.noise_scale_max < self.noise_scale_min:
             raise ConfigError("config key 'augment.noise_scale_max' must be >= 'augment.noise_scale_min'")
+        _check_range("augment.noise_table_size", self.noise_table_size, 1)
 
 
 @dataclass
 class LoaderConfig:
-    """Data loading: implementation, device and batching."""
+    """Data loading: implementation, device and batching.
+
+    ``num_workers`` is the reference loader's DataLoader worker count; ``verify_records`` CRC-checks
+    each record the first time a loader reads it (corrupt data is an error, never a silent batch).
+    """
 
     backend: Literal["auto", "dali", "reference"] = "auto"
     device: Literal["cpu", "gpu"] = "cpu"
     batch_size: int = 256
     num_threads: int = 2
     prefetch: int = 2
+    num_workers: int = 0
+    verify_records: bool = True
 
     def __post_init__(self) -> None:
         _check_range("loader.batch_size", self.batch_size, 1)
         _check_range("loader.num_threads", self.num_threads, 1)
         _check_range("loader.prefetch", self.prefetch, 1)
+        _check_range("loader.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -89,18 +110,20 @@ class ModelConfig:
     width: int = 64
     stem_kernel: int = 3
     embed_dim: int = 128
-    channels_last: bool = True
+    head_hidden_dim: int = 0  # 0: same as the encoder's feature dim (MoCo v2)
+    channels_last: bool = True  # used on GPU only
 
     def __post_init__(self) -> None:
         _check_range("model.width", self.width, 1)
         _check_range("model.embed_dim", self.embed_dim, 1)
+        _check_range("model.head_hidden_dim", self.head_hidden_dim, 0)
         if self.stem_kernel < 1 or self.stem_kernel % 2 == 0:
             raise ConfigError(f"config key 'model.stem_kernel' = {self.stem_kernel} must be a positive odd integer")
 
 
 @dataclass
 class MocoConfig:
-    """MoCo v2 hyper-parameters and the distributed queue mode."""
+    """MoCo v2 hyper-parameters and the distributed queue mode (see docs/training.md)."""
 
     queue_size: int = 65536
     momentum: float = 0.999
@@ -118,20 +141,29 @@ class MocoConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule (lr is per 256 samples of global batch)."""
+    """Optimiser and learning-rate schedule (lr is per ``batch_ref`` samples of global batch)."""
 
     name: Literal["sgd", "lars"] = "sgd"
     lr: float = 0.03
+    batch_ref: int = 256  # linear scaling: lr_eff = lr * global_batch / batch_ref
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
+    lars_eta: float = 0.001
+    grad_clip: float = 0.0  # 0: off; else max global grad norm
+    fused: bool = False  # use apex's fused optimiser when importable (never required)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"config key 'optim.lr' = {self.lr} must be > 0")
+        _check_range("optim.batch_ref", self.batch_ref, 1)
+        _check_range("optim.momentum", self.momentum, 0.0, 1.0)
         _check_range("optim.weight_decay", self.weight_decay, 0.0)
         _check_range("optim.warmup_epochs", self.warmup_epochs, 0.0)
+        _check_range("optim.grad_clip", self.grad_clip, 0.0)
+        if self.lars_eta <= 0:
+            raise ConfigError(f"config key 'optim.lars_eta' = {self.lars_eta} must be > 0")
 
 
 @dataclass
@@ -139,17 +171,25 @@ class TrainConfig:
     """Training loop length, precision, checkpointing and logging cadence."""
 
     epochs: int = 100
-    max_steps: int = 0
+    max_steps: int = 0  # 0: epochs * steps per epoch; else stop after this many steps (schedules use it)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = 500
-    resume: str = "auto"
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto | never | path to a checkpoint file
     log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+    export_encoder: bool = True
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1)
         _check_range("train.max_steps", self.max_steps, 0)
         _check_range("train.checkpoint_every", self.checkpoint_every, 1)
+        _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_range("train.log_every", self.log_every, 1)
+        if not self.resume:
+            raise ConfigError("config key 'train.resume' must be 'auto', 'never' or a checkpoint path")
 
 
 @dataclass
@@ -157,7 +197,8 @@ class DistConfig:
     """Communication backend and failure handling."""
 
     backend: Literal["auto", "horovod", "torch", "none"] = "auto"
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0  # collective timeout and no-progress watchdog
+    watchdog: bool = True
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:

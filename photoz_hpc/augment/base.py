@@ -1,0 +1,85 @@
+"""What both loaders share: epoch/position bookkeeping, exact resume, and the batch dict layout.
+
+A loader's whole random state is (seed, epoch, position): every batch is a pure function of them
+(see ``source.py``), so ``state_dict`` is three integers plus a consistency check, and a resumed
+run continues at the same position with the same random stream, whatever the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from photoz_hpc.augment.source import BatchSource, SourceBatch
+from photoz_hpc.errors import ConfigError
+
+
+class LoaderBase:
+    """``set_epoch``, ``len``, ``state_dict``/``load_state_dict`` and iteration over batch numbers."""
+
+    backend = "base"
+
+    def __init__(self, source: BatchSource, device: str) -> None:
+        self.source = source
+        self.device = device
+        self.torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already delivered
+        self._start = 0
+
+    @property
+    def pipeline(self) -> str:
+        return self.source.spec.pipeline
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its shuffle, draws and noise table) and rewind to its first batch."""
+        self.epoch, self.position, self._start = int(epoch), 0, 0
+
+    def __len__(self) -> int:
+        self.source.set_epoch(self.epoch)
+        return len(self.source)
+
+    def state_dict(self) -> dict:
+        s = self.source
+        return {
+            "epoch": self.epoch, "batch": self.position, "seed": s.seed, "rank": s.rank, "world_size": s.world_size,
+            "batch_size": s.batch_size, "pipeline": self.pipeline,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration starts at ``state['batch']`` of ``state['epoch']``."""
+        s = self.source
+        for key, have in (("seed", s.seed), ("world_size", s.world_size), ("batch_size", s.batch_size), ("pipeline", self.pipeline)):
+            if key in state and state[key] != have:
+                raise ConfigError(f"loader state has {key}={state[key]!r} but this loader has {have!r}: cannot resume exactly")
+        self.epoch = int(state["epoch"])
+        self.position = self._start = int(state["batch"])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.source.set_epoch(self.epoch)
+        start, self._start = self._start, 0
+        self.position = start
+        for batch in self._iterate(start):
+            self.position += 1
+            yield batch
+
+    def _iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def make_batch(self, sb: SourceBatch, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The contract's dict for this pipeline from the augmented views (B, C, S, S)."""
+        dev = self.torch_device
+        out: dict[str, torch.Tensor] = {}
+        if self.pipeline == "pretrain":
+            out["view1"], out["view2"] = views
+        else:
+            out["image"] = views[0]
+        if self.pipeline == "finetune":
+            out["z_bin"] = torch.from_numpy(sb.z_bin).to(dev)
+            out["redshift"] = torch.from_numpy(sb.redshift).to(dev)
+        out["index"] = torch.from_numpy(np.ascontiguousarray(sb.index, dtype=np.int64)).to(dev)
+        if self.pipeline == "eval":
+            out["valid"] = torch.from_numpy(np.ascontiguousarray(sb.valid)).to(dev)
+        return out

@@ -1,0 +1,67 @@
+"""``build_loader``: the one entry point the trainer uses (see docs/augmentations.md for the contract)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from photoz_hpc.augment.base import LoaderBase
+from photoz_hpc.augment.draws import resolve_spec
+from photoz_hpc.augment.source import BatchSource, RecordReader
+from photoz_hpc.config import Config
+from photoz_hpc.data.dataset import ShardedDataset, open_dataset
+from photoz_hpc.errors import ConfigError
+from photoz_hpc.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def build_loader(
+    cfg: Config,
+    dataset: ShardedDataset | str | Path,
+    pipeline: str,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int | None = None,
+    device: str | None = None,
+) -> LoaderBase:
+    """A loader of ``pipeline`` ('pretrain' | 'finetune' | 'eval') batches for this rank.
+
+    ``cfg.loader.backend``: 'dali', 'reference' or 'auto' (DALI when installed); ``device``
+    (default ``cfg.loader.device``): 'cpu' or 'gpu' (tensors are delivered there).
+    """
+    if not isinstance(dataset, ShardedDataset):
+        dataset = open_dataset(dataset)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} / world_size {world_size} is not a valid rank")
+    device = device or cfg.loader.device
+    if device not in ("cpu", "gpu"):
+        raise ConfigError(f"loader device '{device}' must be 'cpu' or 'gpu'")
+    if device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("loader.device=gpu but no CUDA device is available")
+    backend = cfg.loader.backend
+    if backend == "auto":
+        backend = "dali" if dali_available() else "reference"
+    elif backend == "dali" and not dali_available():
+        raise ConfigError("loader.backend=dali but nvidia-dali is not installed (pip install nvidia-dali-cuda120)")
+    spec = resolve_spec(cfg.augment, dataset.manifest, pipeline, str(dataset.root))
+    seed = cfg.seed if seed is None else seed
+    reader = RecordReader(dataset, verify=cfg.loader.verify_records)
+    source = BatchSource(dataset, spec, cfg.loader.batch_size, rank, world_size, seed, reader)
+    if backend == "dali":
+        from photoz_hpc.augment.dali_pipeline import DaliLoader
+
+        loader: LoaderBase = DaliLoader(source, device, cfg.loader.num_threads, cfg.loader.prefetch)
+    else:
+        from photoz_hpc.augment.reference import ReferenceLoader
+
+        loader = ReferenceLoader(source, device, cfg.loader.num_workers, cfg.loader.prefetch)
+    log.debug("%s loader: %s on %s, %d batches/epoch on rank %d/%d", pipeline, backend, device, len(loader), rank, world_size)
+    return loader

@@ -1,0 +1,119 @@
+"""The plain-PyTorch implementation: the fallback without DALI, the benchmark baseline, the test oracle.
+
+It applies exactly the inputs ``source.py`` builds from the shared draws (no randomness of its own):
+``grid_sample`` (bilinear, zero fill, ``align_corners=False``) with the fused destination-to-source
+matrix, an exact integer slice where a matrix is a pure translation (so crops are bit-exact), then
+``view * multiplier + sigma * noise`` per band, in the same order as the DALI pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from photoz_hpc.augment.base import LoaderBase
+from photoz_hpc.augment.source import BatchSource, SourceBatch
+
+
+def warp(images: torch.Tensor, matrix: torch.Tensor, size: int) -> torch.Tensor:
+    """Warp (B, C, H, W) images with destination-to-source matrices (B, 2, 3) to (B, C, size, size)."""
+    b, c, h, w = images.shape
+    out = images.new_empty((b, c, size, size))
+    linear = matrix[:, :, :2]
+    shift = matrix[:, :, 2]
+    translate = (linear == torch.eye(2, dtype=matrix.dtype, device=matrix.device)).all(dim=(1, 2)) & (shift == shift.round()).all(dim=1)
+    if translate.any():
+        sel = torch.nonzero(translate).flatten().tolist()
+        offs = shift[translate].to(torch.int64).tolist()
+        for i, (x0, y0) in zip(sel, offs, strict=True):
+            window = images[i, :, max(y0, 0) : y0 + size, max(x0, 0) : x0 + size]
+            if window.shape[1:] == (size, size):
+                out[i] = window
+            else:  # partly outside the image: fall back to the general path below
+                translate[i] = False
+    rest = ~translate
+    if rest.any():
+        coords = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5)
+        gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+        base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # (S, S, 3) pixel centres
+        src = torch.einsum("yxk,bik->byxi", base, matrix[rest].to(images.dtype))  # (b, S, S, 2) in pixels
+        grid = src * src.new_tensor([2.0 / w, 2.0 / h]) - 1.0
+        out[rest] = F.grid_sample(images[rest], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out
+
+
+def apply_view(
+    images: torch.Tensor, matrix: torch.Tensor, mult: torch.Tensor, size: int,
+    sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One view: warp, per-band multiplier (B, C), then ``+ sigma (B, C) * noise (B, S, S, C)``."""
+    out = warp(images, matrix, size) * mult[:, :, None, None]
+    if sigma is not None:
+        out = out + noise.permute(0, 3, 1, 2) * sigma[:, :, None, None]
+    return out
+
+
+def _raw(sb: SourceBatch) -> dict:
+    """A SourceBatch as tensors (what DataLoader workers hand to the main process)."""
+    views = []
+    for v in sb.views:
+        view = {"matrix": torch.from_numpy(v.matrix), "mult": torch.from_numpy(np.ascontiguousarray(v.mult[:, 0, 0, :]))}
+        if v.sigma is not None:
+            view["sigma"] = torch.from_numpy(np.ascontiguousarray(v.sigma[:, 0, 0, :]))
+            view["noise"] = torch.from_numpy(np.stack(v.noise))
+        views.append(view)
+    return {"images": torch.from_numpy(np.stack(sb.images)), "views": views, "sb": _labels_only(sb)}
+
+
+def _labels_only(sb: SourceBatch) -> SourceBatch:
+    return SourceBatch(index=sb.index, valid=sb.valid, images=[], views=[], z_bin=sb.z_bin, redshift=sb.redshift)
+
+
+def augment_raw(raw: dict, size: int, device: torch.device) -> list[torch.Tensor]:
+    """Apply every view of a raw batch on ``device``; images move there first (GPU path)."""
+    images = raw["images"].to(device, non_blocking=True).permute(0, 3, 1, 2)
+    outs = []
+    for v in raw["views"]:
+        v = {k: t.to(device, non_blocking=True) for k, t in v.items()}
+        outs.append(apply_view(images, v["matrix"], v["mult"], size, v.get("sigma"), v.get("noise")))
+    return outs
+
+
+def augment_batch(sb: SourceBatch, size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The oracle: the reference output of one SourceBatch."""
+    return augment_raw(_raw(sb), size, torch.device(device))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Map-style dataset whose item k is raw batch k of the source's current epoch."""
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, k: int) -> dict:
+        return _raw(self.source.batch(k))
+
+
+class ReferenceLoader(LoaderBase):
+    """DataLoader over the store (workers read and draw; the main process augments on the device)."""
+
+    backend = "reference"
+
+    def __init__(self, source: BatchSource, device: str, num_workers: int = 0, prefetch: int = 2) -> None:
+        super().__init__(source, device)
+        self.num_workers, self.prefetch = num_workers, prefetch
+
+    def _iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        extra = {"prefetch_factor": self.prefetch} if self.num_workers else {}
+        loader = torch.utils.data.DataLoader(
+            _Batches(self.source), batch_size=None, sampler=range(start, len(self.source)),
+            num_workers=self.num_workers, pin_memory=self.device == "gpu", collate_fn=lambda x: x, **extra,
+        )
+        for raw in loader:
+            yield self.make_batch(raw["sb"], augment_raw(raw, self.source.spec.crop, self.torch_device))

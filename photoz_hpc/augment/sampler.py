@@ -1,0 +1,58 @@
+"""Which sample ids each rank reads in each batch of an epoch: sharding, shuffling, dropping, padding.
+
+Training (pretrain/finetune): one global permutation per (seed, epoch), dealt round-robin to the
+ranks (``shard_id = rank``, ``num_shards = world``), every rank keeps the same number of full
+batches (drop-last), so ranks stay in lockstep and their ids are disjoint. Evaluation: rank r reads
+the contiguous block r of the ids, unshuffled; batches are padded (``valid`` False, id -1) so every
+rank has the same number of batches and every sample is read exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from photoz_hpc.augment.draws import _TAG_SHUFFLE, generator
+
+PAD_ID = -1
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """ids (n_batches, B) int64 (PAD_ID for padding) and valid (n_batches, B) bool of one rank."""
+
+    ids: np.ndarray
+    valid: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def batches_per_epoch(pool_size: int, batch_size: int, world_size: int, train: bool) -> int:
+    """Batches each rank gets per epoch (the same on every rank)."""
+    if train:
+        return (pool_size // world_size) // batch_size
+    per_rank = -(-pool_size // world_size)
+    return -(-per_rank // batch_size)
+
+
+def plan_epoch(
+    pool: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, train: bool
+) -> EpochPlan:
+    """The batches of one rank for one epoch; ``pool`` is the dataset ids this pipeline may use."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    pool = np.asarray(pool, dtype=np.int64)
+    n_batches = batches_per_epoch(len(pool), batch_size, world_size, train)
+    if train:
+        perm = pool[generator(seed, _TAG_SHUFFLE, epoch).permutation(len(pool))]
+        mine = perm[rank::world_size][: n_batches * batch_size]
+        ids = mine.reshape(n_batches, batch_size)
+        return EpochPlan(ids, np.ones_like(ids, dtype=bool))
+    per_rank = -(-len(pool) // world_size)
+    mine = pool[rank * per_rank : (rank + 1) * per_rank]
+    ids = np.full(n_batches * batch_size, PAD_ID, dtype=np.int64)
+    ids[: len(mine)] = mine
+    ids = ids.reshape(n_batches, batch_size)
+    return EpochPlan(ids, ids != PAD_ID)

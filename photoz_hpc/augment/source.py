@@ -1,0 +1,137 @@
+"""The host side shared by both loaders: raw records, labels and augmentation inputs of one batch.
+
+``BatchSource.batch(k)`` is a pure function of (seed, epoch, rank, k): it reads the records of the
+plan's batch k straight from the memory-mapped shards (zero-copy views that DALI copies once into
+its own, pinned when needed, buffers) and builds every view's matrices, multipliers, sigmas and
+noise fields from ``draws``. Records are CRC-checked the first time this process reads them.
+"""
+
+from __future__ import annotations
+
+import weakref
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from photoz_hpc.augment import draws as dr
+from photoz_hpc.augment.sampler import EpochPlan, plan_epoch
+from photoz_hpc.constants import N_Z_BINS, z_bin_edges
+from photoz_hpc.data.dataset import ShardedDataset
+from photoz_hpc.errors import DatasetError
+
+
+@dataclass
+class ViewInputs:
+    """What a backend needs to produce one view of a batch (HWC order, float32)."""
+
+    draws: dr.ViewDraws
+    matrix: np.ndarray  # (B, 2, 3) destination-to-source
+    mult: np.ndarray  # (B, 1, 1, C)
+    sigma: np.ndarray | None  # (B, 1, 1, C), None without noise
+    noise: list[np.ndarray] | None  # B fields (S, S, C), None without noise
+
+
+@dataclass
+class SourceBatch:
+    """One batch before augmentation: raw records plus labels and the views' inputs."""
+
+    index: np.ndarray  # (B,) int64 dataset ids (PAD_ID on padding rows)
+    valid: np.ndarray  # (B,) bool
+    images: list[np.ndarray]  # B records (H, W, C) float32
+    views: list[ViewInputs]
+    z_bin: np.ndarray | None = None
+    redshift: np.ndarray | None = None
+
+
+#: Records already CRC-checked, per open dataset (shared by all loaders of that dataset object).
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class RecordReader:
+    """Zero-copy access to records by dataset id, each CRC-checked once per process and dataset."""
+
+    def __init__(self, dataset: ShardedDataset, verify: bool = True) -> None:
+        self.dataset = dataset
+        self.verify = verify
+        self.crc = dataset.meta["crc32"] if verify else None
+        self.checked = _CHECKED.setdefault(dataset, np.zeros(len(dataset), dtype=bool))
+        self.shard_of = np.searchsorted(dataset.offsets, np.arange(len(dataset)), side="right") - 1
+
+    def records(self, ids: np.ndarray) -> list[np.ndarray]:
+        out = []
+        for i in ids:
+            shard = int(self.shard_of[i])
+            rec = np.asarray(self.dataset.shard_images(shard)[i - self.dataset.offsets[shard]])
+            if self.verify and not self.checked[i]:
+                if zlib.crc32(rec) != int(self.crc[i]):
+                    path = self.dataset.root / self.dataset.shards[shard]["file"]
+                    raise DatasetError(f"{path}: record {i - self.dataset.offsets[shard]} (sample {i}) is corrupt (CRC mismatch)")
+                self.checked[i] = True
+            out.append(rec)
+        return out
+
+
+def pipeline_pool(dataset: ShardedDataset, pipeline: str) -> np.ndarray:
+    """Dataset ids a pipeline may use: fine-tuning needs a spectroscopic redshift."""
+    if pipeline != "finetune":
+        return np.arange(len(dataset), dtype=np.int64)
+    pool = np.flatnonzero(np.isfinite(dataset.meta["specz_redshift"])).astype(np.int64)
+    if len(pool) == 0:
+        raise DatasetError(f"{dataset.root}: no sample has a spectroscopic redshift; cannot fine-tune")
+    return pool
+
+
+def redshift_bins(z: np.ndarray) -> np.ndarray:
+    """Classification bin of each redshift (values outside [0, 0.4) go to the edge bins)."""
+    return np.clip(np.searchsorted(z_bin_edges(), z, side="right") - 1, 0, N_Z_BINS - 1).astype(np.int64)
+
+
+class BatchSource:
+    """Batches of one rank and epoch, as pure functions of the batch number."""
+
+    def __init__(
+        self, dataset: ShardedDataset, spec: dr.AugmentSpec, batch_size: int, rank: int, world_size: int, seed: int,
+        reader: RecordReader | None = None,
+    ) -> None:
+        self.dataset, self.spec, self.batch_size = dataset, spec, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.pool = pipeline_pool(dataset, spec.pipeline)
+        self.reader = reader or RecordReader(dataset)
+        self.train = spec.pipeline != "eval"
+        self.epoch = -1
+        self.plan: EpochPlan | None = None
+        self.table: dr.NoiseTable | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train)
+        self.table = dr.NoiseTable(self.spec, self.seed, epoch, self.rank) if self.spec.noise else None
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def batch(self, k: int) -> SourceBatch:
+        spec = self.spec
+        index, valid = self.plan.ids[k], self.plan.valid[k]
+        read_ids = np.where(valid, index, index[valid][0] if valid.any() else 0)
+        meta = self.dataset.meta
+        rng = dr.generator(self.seed, dr._TAG_DRAWS, self.epoch, self.rank, k)
+        ebv_sfd = meta["ebv_sfd"][read_ids] if spec.pipeline != "pretrain" else None
+        views = []
+        for v, d in enumerate(dr.draw_views(spec, rng, len(index), ebv_sfd)):
+            mult = dr.band_multipliers(spec, d.ebv)[:, None, None, :]
+            sigma = noise = None
+            if spec.noise:
+                sigma = dr.noise_sigmas(spec, d.scale)[:, None, None, :]
+                noise = self.table.fields(d.noise_offset, k, v)
+            views.append(ViewInputs(d, dr.affine_matrices(spec, d.angle, d.shift), mult, sigma, noise))
+        out = SourceBatch(index=index, valid=valid, images=self.reader.records(read_ids), views=views)
+        if spec.pipeline == "finetune":
+            z = meta["specz_redshift"][read_ids]
+            out.redshift = z.astype(np.float32)
+            out.z_bin = redshift_bins(z)
+        return out

@@ -1,0 +1,305 @@
+"""Augmentation pipelines: DALI vs reference on the same draws, statistics, sharding, resume, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_release_h5
+
+from photoz_hpc.augment import draws as dr
+from photoz_hpc.augment.loaders import build_loader
+from photoz_hpc.augment.reference import augment_batch
+from photoz_hpc.augment.sampler import PAD_ID, plan_epoch
+from photoz_hpc.config import load_config
+from photoz_hpc.constants import R_SF11
+from photoz_hpc.data import open_dataset
+from photoz_hpc.data.prepare import prepare
+from photoz_hpc.errors import ConfigError, DatasetError
+
+#: benchmarks/gpu_check.sh runs these tests on the GPU path with PHOTOZ_AUGMENT_DEVICE=gpu.
+DEVICE = os.environ.get("PHOTOZ_AUGMENT_DEVICE", "cpu")
+VIEW_KEYS = {"pretrain": ("view1", "view2"), "finetune": ("image",), "eval": ("image",)}
+
+
+def _store(root: Path, n: int, size: int, unlabeled: int = 0) -> Path:
+    """A prepared store of ``n`` labeled plus ``unlabeled`` (NaN redshift) samples of size x size."""
+    inputs = [write_release_h5(root / f"in{size}.h5", n, seed=size, size=size)]
+    if unlabeled:
+        inputs.append(write_release_h5(root / f"un{size}.h5", unlabeled, seed=size + 1, size=size, labeled=False))
+    return prepare(inputs, root / f"ds{size}", samples_per_shard=17)
+
+
+@pytest.fixture(scope="module")
+def ds107(tmp_path_factory):
+    return open_dataset(_store(tmp_path_factory.mktemp("aug107"), 48, 107, unlabeled=12))
+
+
+@pytest.fixture(scope="module")
+def ds48(tmp_path_factory):
+    return open_dataset(_store(tmp_path_factory.mktemp("aug48"), 40, 48))
+
+
+def cfg_of(*overrides: str, batch: int = 8, backend: str = "dali"):
+    return load_config(None, [f"loader.batch_size={batch}", f"loader.backend={backend}", f"loader.device={DEVICE}", *overrides])
+
+
+def _raw_crop(ds, ids: np.ndarray, crop: int) -> np.ndarray:
+    """Plain centre crops (B, C, S, S) of the stored records, in float64."""
+    h, w, _ = ds.image_shape
+    y0, x0 = (h - crop) // 2, (w - crop) // 2
+    return ds.images_hwc(ids)[:, y0 : y0 + crop, x0 : x0 + crop].transpose(0, 3, 1, 2).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- DALI == reference
+
+
+@pytest.mark.parametrize("pipeline", ["pretrain", "finetune", "eval"])
+def test_dali_matches_reference_on_same_draws(ds107, pipeline):
+    loader = build_loader(cfg_of(), ds107, pipeline, seed=3)
+    ref_loader = build_loader(cfg_of(backend="reference"), ds107, pipeline, seed=3)
+    assert loader.backend == "dali" and ref_loader.backend == "reference"
+    n = 0
+    for k, (batch, ref) in enumerate(zip(loader, ref_loader, strict=True)):
+        oracle = augment_batch(loader.source.batch(k), 64, loader.torch_device)
+        for key, want in zip(VIEW_KEYS[pipeline], oracle, strict=True):
+            got = batch[key]
+            assert got.shape == (8, 5, 64, 64) and got.dtype == torch.float32
+            scale = want.abs().max().item()
+            assert scale > 0
+            assert (got - want).abs().max().item() <= 1e-4 * scale, key
+            torch.testing.assert_close(ref[key], want, rtol=0, atol=0)
+        for key in batch:
+            if key not in VIEW_KEYS[pipeline]:
+                torch.testing.assert_close(batch[key], ref[key], rtol=0, atol=0)
+        n += 1
+    assert n == len(loader) > 0
+
+
+@pytest.mark.parametrize("pipeline", ["pretrain", "finetune"])
+def test_reddening_and_crop_are_exact_without_rotation(ds107, pipeline):
+    cfg = cfg_of("augment.rotation=false", "augment.noise=false")
+    loader = build_loader(cfg, ds107, pipeline, seed=1)
+    batch = next(iter(loader))
+    sb = loader.source.batch(0)
+    want = augment_batch(sb, 64, loader.torch_device)
+    for key, w in zip(VIEW_KEYS[pipeline], want, strict=True):
+        assert torch.equal(batch[key].contiguous(), w)
+    # and the values are literally record pixels times the per-band factor, at the jittered offset
+    d = sb.views[0].draws
+    rec = ds107.images_hwc(sb.index)
+    mult = dr.band_multipliers(loader.source.spec, d.ebv)
+    for i in range(len(sb.index)):
+        dx, dy = d.shift[i]
+        window = rec[i, 21 + dy : 85 + dy, 21 + dx : 85 + dx].transpose(2, 0, 1) * mult[i][:, None, None]
+        np.testing.assert_array_equal(batch[VIEW_KEYS[pipeline][0]][i].cpu().numpy(), window.astype(np.float32))
+
+
+def test_sizes_come_from_manifest_and_config(ds48):
+    cfg = cfg_of("augment.crop_size=32", "augment.jitter_max=4", batch=5)
+    for pipeline in ("pretrain", "eval"):
+        loader = build_loader(cfg, ds48, pipeline)
+        batch = next(iter(loader))
+        want = augment_batch(loader.source.batch(0), 32, loader.torch_device)
+        got = batch[VIEW_KEYS[pipeline][0]]
+        assert got.shape == (5, 5, 32, 32)
+        assert (got - want[0]).abs().max() <= 1e-4 * want[0].abs().max()
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_draw_statistics():
+    spec = dr.resolve_spec(load_config().augment, {"image_shape": [107, 107, 5], "pixel_stats": {"median": [0] * 5, "mad": [1] * 5}}, "pretrain")
+    views = dr.draw_views(spec, dr.generator(0, 9), 30000)
+    shift = np.concatenate([v.shift.ravel() for v in views])
+    counts = np.bincount(shift + 7)
+    assert shift.min() == -7 and shift.max() == 7 and len(counts) == 15
+    expected = len(shift) / 15
+    assert ((counts - expected) ** 2 / expected).sum() < 40  # chi2, 14 dof: p ~ 3e-4
+    angle = np.concatenate([v.angle for v in views])
+    assert 0 <= angle.min() and angle.max() < 2 * np.pi
+    hist = np.histogram(angle, bins=12, range=(0, 2 * np.pi))[0]
+    assert ((hist - len(angle) / 12) ** 2 / (len(angle) / 12)).sum() < 35
+    for key, lo, hi in (("ebv", 0, 0.5), ("scale", 1, 3)):
+        x = np.concatenate([getattr(v, key) for v in views])
+        assert lo <= x.min() and x.max() <= hi and abs(x.mean() - (lo + hi) / 2) < 0.01 * (hi - lo)
+    # the two views of a sample read disjoint halves of the noise table
+    half = spec.noise_table_size // 2
+    assert views[0].noise_offset.max() + spec.field_size <= half <= views[1].noise_offset.min()
+
+
+def test_reddening_follows_the_R_vector(ds107):
+    cfg = cfg_of("augment.rotation=false", "augment.jitter=false", "augment.noise=false", batch=20)
+    loader = build_loader(cfg, ds107, "pretrain", seed=5)
+    ebvs = []
+    for batch in loader:
+        raw = _raw_crop(ds107, batch["index"].cpu().numpy(), 64)
+        for key in ("view1", "view2"):
+            ratio = (batch[key].cpu().numpy().astype(np.float64) / raw).reshape(len(raw), 5, -1)
+            assert np.ptp(ratio, axis=2).max() < 1e-6  # one factor per sample and band
+            ebv = -2.5 * np.log10(ratio[:, :, 0]) / R_SF11  # E(B-V) implied by each band
+            np.testing.assert_allclose(ebv, ebv[:, :1].repeat(5, 1), atol=1e-6)
+            ebvs.append(ebv[:, 0])
+    ebvs = np.concatenate(ebvs)
+    assert 0 <= ebvs.min() and ebvs.max() <= 0.5 and ebvs.std() > 0.1
+
+
+def test_dereddening_uses_each_galaxys_sfd_ebv(ds107):
+    cfg = cfg_of("augment.rotation=false", "augment.jitter=false", batch=10)
+    batch = next(iter(build_loader(cfg, ds107, "eval")))
+    ids = batch["index"].cpu().numpy()
+    want = _raw_crop(ds107, ids, 64) * 10 ** (0.4 * np.outer(ds107.meta["ebv_sfd"][ids], R_SF11))[:, :, None, None]
+    np.testing.assert_allclose(batch["image"].cpu().numpy(), want, rtol=1e-6)
+
+
+def test_noise_std_is_scale_times_mad(ds107):
+    cfg = cfg_of("augment.rotation=false", "augment.jitter=false", "augment.reddening=false", batch=20)
+    loader = build_loader(cfg, ds107, "pretrain", seed=11)
+    mad = ds107.pixel_stats()["mad"]
+    scales = []
+    for k, batch in enumerate(loader):
+        raw = _raw_crop(ds107, batch["index"].cpu().numpy(), 64)
+        views = loader.source.batch(k).views
+        for v, key in enumerate(("view1", "view2")):
+            noise = (batch[key].cpu().numpy() - raw).reshape(len(raw), 5, -1)
+            per_band = noise.std(axis=2) / mad  # = the sample's scale draw in every band (4096 px: ~1.1% error)
+            scale = np.broadcast_to(views[v].draws.scale[:, None], per_band.shape)
+            np.testing.assert_allclose(per_band, scale, rtol=0.05)
+            assert (np.abs(noise.mean(axis=2)) < 5 * scale * mad / np.sqrt(noise.shape[2])).all()  # zero mean
+            scales.append(per_band.mean(axis=1))
+    scales = np.concatenate(scales)
+    assert 0.97 <= scales.min() and scales.max() <= 3.03 and scales.std() > 0.3
+    assert not np.allclose(scales[: len(scales) // 2], scales[len(scales) // 2 :])
+
+
+# ----------------------------------------------------------------------------- sharding and resume
+
+
+@pytest.mark.parametrize("n,world,batch", [(60, 3, 8), (61, 4, 5), (7, 3, 2), (100, 1, 32)])
+def test_sharding_covers_the_set(n, world, batch):
+    pool = np.arange(n)
+    train = [plan_epoch(pool, batch, r, world, seed=4, epoch=2, train=True) for r in range(world)]
+    ids = np.concatenate([p.ids.ravel() for p in train])
+    assert len(set(ids)) == len(ids) == world * (n // world // batch) * batch
+    assert len({len(p) for p in train}) == 1
+    other = np.concatenate([plan_epoch(pool, batch, r, world, 4, 3, True).ids.ravel() for r in range(world)])
+    assert not np.array_equal(ids, other) or len(ids) <= 1  # reshuffled per epoch
+    ev = [plan_epoch(pool, batch, r, world, seed=4, epoch=0, train=False) for r in range(world)]
+    assert len({len(p) for p in ev}) == 1
+    got = np.concatenate([p.ids[p.valid] for p in ev])
+    assert sorted(got) == list(range(n))
+    assert all((p.ids[~p.valid] == PAD_ID).all() for p in ev)
+
+
+def test_eval_loader_every_sample_once_across_ranks(ds107):
+    seen = []
+    for rank in range(4):
+        for batch in build_loader(cfg_of(batch=7), ds107, "eval", rank=rank, world_size=4):
+            assert batch["valid"].dtype == torch.bool
+            assert (batch["index"][~batch["valid"]] == PAD_ID).all()
+            seen.append(batch["index"][batch["valid"]].cpu().numpy())
+    assert sorted(np.concatenate(seen)) == list(range(len(ds107)))
+
+
+def test_finetune_uses_labeled_samples_only(ds107):
+    loader = build_loader(cfg_of(batch=8), ds107, "finetune")
+    z = ds107.meta["specz_redshift"]
+    for batch in loader:
+        ids = batch["index"].cpu().numpy()
+        assert np.isfinite(z[ids]).all()
+        np.testing.assert_array_equal(batch["redshift"].cpu().numpy(), z[ids].astype(np.float32))
+        edges = np.linspace(0, 0.4, 181)
+        b = batch["z_bin"].cpu().numpy()
+        assert ((edges[b] <= z[ids]) & (z[ids] < edges[b + 1])).all()
+    assert len(loader) == np.isfinite(z).sum() // 8
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_exact_resume(ds107, backend):
+    cfg = cfg_of(batch=8, backend=backend)
+    loader = build_loader(cfg, ds107, "pretrain", seed=7)
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["batch"] == 2
+    rest = list(it)
+    resumed = build_loader(cfg, ds107, "pretrain", seed=7)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    again = list(resumed)
+    assert len(again) == len(rest) == len(loader) - 2
+    for a, b in zip(rest, again, strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key])
+    loader.set_epoch(2)
+    assert not torch.equal(next(iter(loader))["index"], rest[0]["index"])
+    with pytest.raises(ConfigError, match="seed"):
+        build_loader(cfg, ds107, "pretrain", seed=8).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_pixel_stats_is_an_error(ds107, tmp_path):
+    copy = shutil.copytree(ds107.root, tmp_path / "nostats")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["pixel_stats"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="pixel statistics"):
+        build_loader(cfg_of(), copy, "pretrain")
+    assert len(build_loader(cfg_of("augment.noise=false"), copy, "pretrain")) > 0  # not needed without noise
+
+
+def test_crop_larger_than_images_is_an_error(ds48):
+    with pytest.raises(ConfigError, match="does not fit the 48x48"):
+        build_loader(cfg_of(), ds48, "pretrain")
+    with pytest.raises(ConfigError, match="jitter"):
+        build_loader(cfg_of("augment.crop_size=42"), ds48, "finetune")
+    assert len(build_loader(cfg_of("augment.crop_size=42", batch=4), ds48, "eval")) > 0  # no jitter in eval
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_corrupt_shard_is_an_error(ds107, tmp_path, backend):
+    copy = shutil.copytree(ds107.root, tmp_path / "corrupt")
+    shard = copy / ds107.shards[1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[1000:1004] = b"\x7f\x7f\x7f\x7f"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="corrupt"):
+        for _ in build_loader(cfg_of(backend=backend), copy, "eval"):
+            pass
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="ebv_max"):
+        load_config(None, ["augment.ebv_min=0.6"])
+    with pytest.raises(ConfigError, match="noise_method"):
+        load_config(None, ["augment.noise_method=gpu"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_views(ds107, tmp_path):
+    from photoz_hpc.cli import main
+
+    out = tmp_path / "views.npz"
+    assert main(["augment", "--data", str(ds107.root), "--pipeline", "pretrain", "--n", "6", "--out", str(out), "augment.noise=false"]) == 0
+    saved = np.load(out)
+    assert saved["views"].shape == (6, 2, 5, 64, 64)
+    assert len(set(saved["ids"])) == 6 and saved["ids"].max() < len(ds107)
+    assert not np.array_equal(saved["views"][:, 0], saved["views"][:, 1])
+    out = tmp_path / "eval.npz"
+    assert main(["augment", "--data", str(ds107.root), "--pipeline", "eval", "--n", "4", "--out", str(out)]) == 0
+    saved = np.load(out)
+    assert saved["views"].shape == (4, 5, 64, 64) and list(saved["ids"]) == [0, 1, 2, 3]
+    png = tmp_path / "views.png"
+    assert main(["augment", "--data", str(ds107.root), "--n", "4", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["augment", "--data", str(ds107.root), "--n", "4", "--out", str(png), "augment.bogus=1"]) == 1
