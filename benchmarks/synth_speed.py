@@ -37,9 +37,10 @@ def main() -> None:
     if args.figures:
         with h5py.File(args.out, "r") as fh:
             z = fh["specz_redshift"][:]
-            order = np.argsort(z[:48])
-            imgs = fh["images"][:48][order]
-            save_grid(imgs, [f"z={v:.3f}" for v in z[:48][order]], f"{args.figures}/galaxy_grid.png", ncols=8)
+            order = np.argsort(z[:36])
+            imgs = fh["images"][:36][order]
+            save_grid(imgs, [f"z={v:.3f}" for v in z[:36][order]], f"{args.figures}/galaxy_grid.png", ncols=6,
+                      dpi=90, crop=81)
     if args.figures and args.catalogue:
         from photoz_hpc.sim.calibrate import read_catalogue
         from photoz_hpc.sim.compare import compare, measure_file, plot_comparison

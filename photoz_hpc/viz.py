@@ -28,25 +28,34 @@ def lupton_rgb(images: np.ndarray, stretch: float = 0.5, q: float = 8.0) -> np.n
     return (np.clip(out / peak, 0, 1) * 255).round().astype(np.uint8)
 
 
-def save_grid(images: np.ndarray, labels: Sequence[str], path: str | Path, ncols: int = 8, **rgb_kw) -> Path:
-    """PNG grid of RGB renderings of (N, 5, H, W) images, each titled by its label."""
+def save_grid(images: np.ndarray, labels: Sequence[str], path: str | Path, ncols: int = 8, dpi: int = 110,
+              crop: int | None = None, **rgb_kw) -> Path:
+    """PNG grid of RGB renderings of (N, 5, H, W) images, each labelled (inside its panel, so labels never overlap).
+
+    ``crop``: keep the central crop x crop pixels; ``dpi`` sets the file size (~1 px per image pixel at 110).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    images = np.asarray(images)
+    if crop is not None and crop < images.shape[-1]:
+        lo = (images.shape[-1] - crop) // 2
+        images = images[..., lo:lo + crop, lo:lo + crop]
     rgb = lupton_rgb(images, **rgb_kw)
     n = len(rgb)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.7 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 * ncols, 1.2 * nrows), squeeze=False)
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=0.995, wspace=0.03, hspace=0.03)
     for k, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if k < n:
-            ax.imshow(rgb[k], origin="lower")
-            ax.set_title(labels[k], fontsize=8)
-    fig.tight_layout(pad=0.3)
+            ax.imshow(rgb[k], origin="lower", interpolation="nearest")
+            ax.text(0.03, 0.97, labels[k], transform=ax.transAxes, fontsize=7, color="white", va="top", ha="left",
+                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

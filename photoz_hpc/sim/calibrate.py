@@ -1,10 +1,12 @@
 """Fits the synthetic-survey parameters to a real SDSS MGS catalogue and writes calibration.json + figures.
 
 Steps (why): (1) kcorrect NNLS fits of every real galaxy give template mixtures w in the same
-photometric system the generator uses; (2) k-means prototypes of w with a table p(prototype | M_r) carry the
-colour distribution, the colour-magnitude relation and the red fraction (Baldry et al. 2004 divider); (3) the Schechter M* (alpha and the
-evolution Q fixed to Blanton et al. 2003) is tuned by minimising the KS distance of n(z) between the
-flux-limited synthetic draw and the catalogue.
+photometric system the generator uses; (2) k-means prototypes of w with a table p(prototype | M_r) (each galaxy
+weighted by its relative 1/Vmax, so the generator's own flux limit is not applied twice) carry the colour
+distribution, the colour-magnitude relation and the red fraction; per-prototype colour residuals (linear in z)
+add what the 5 templates cannot fit (red u-g); (3) the Schechter M* and the Petrosian-minus-model offset and
+scatter of the selection (alpha, Q, P fixed to Blanton et al. 2003) are tuned to n(z) and r-vs-z of the catalogue.
+The file also stores the catalogue's error-magnitude relation and reference summary numbers (for tests).
 
     python -m photoz_hpc.sim.calibrate --catalogue /work/shared/data/mlz_SDSS_MGS.train \
         --out photoz_hpc/sim/calibration.json --figures docs/figures
@@ -22,7 +24,7 @@ import numpy as np
 from photoz_hpc.errors import InputDataError
 from photoz_hpc.logs import get_logger, setup_logging
 from photoz_hpc.sim import cosmology
-from photoz_hpc.sim.compare import compare, plot_comparison
+from photoz_hpc.sim.compare import compare, observe, plot_comparison
 from photoz_hpc.sim.population import sample_population, survey_model
 from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid
 
@@ -34,6 +36,7 @@ N_MBINS = 10
 JITTER = 0.5
 MAG_ERR_FLOOR = np.array([0.05, 0.02, 0.02, 0.02, 0.03])
 LF_DEFAULTS = {"M_star": -21.2, "alpha": -1.05, "Q": 1.62, "P": 0.18, "M_bright": -24.0, "M_faint": -14.0}
+SELECTION_START = {"petro_offset": 0.1, "petro_sigma": 0.05}
 
 
 def read_catalogue(path: str | Path) -> dict[str, np.ndarray]:
@@ -65,34 +68,102 @@ def fit_templates(cat: dict) -> tuple[TemplateGrid, np.ndarray]:
     return TemplateGrid(GRID_Z, amat), np.asarray(coeffs, dtype=float)
 
 
-def fit_sed_model(cat: dict, grid: TemplateGrid, coeffs: np.ndarray) -> tuple[dict, dict]:
-    """Prototype SED model: k-means centroids of the fitted light fractions w and p(prototype | M_r).
+def _relative_vmax(c: np.ndarray, z_obs: np.ndarray, abs_r: np.ndarray, red: np.ndarray, cal: dict) -> np.ndarray:
+    """Each galaxy's selection volume (own k-correction, Petrosian offset of its type, LF evolution) divided by
+    the median volume of galaxies of the same M_r: the colour-dependent part of 1/Vmax.
+
+    The generator draws a prototype from p(prototype | M_r) and then applies the flux limit with that
+    prototype's k-correction; building the table from the (already flux-limited) catalogue without this
+    weight would apply the colour-dependent selection twice (too few red galaxies, u-g and g-r too blue).
+    """
+    from scipy.special import ndtr
+
+    from photoz_hpc.sim.population import PETRO_DEFAULTS
+
+    sel, lf = {**PETRO_DEFAULTS, **cal["selection"]}, cal["lf"]
+    zg = np.linspace(sel["z_min"], sel["z_max"], 400)
+    grid = TemplateGrid(np.asarray(cal["template_grid"]["z"]), np.asarray(cal["template_grid"]["maggies"]))
+    k = -2.5 * np.log10((c @ grid.at(zg)[:, :, 2].T) / (c @ grid.rest_r)[:, None])
+    r = abs_r[:, None] - lf["Q"] * (zg - z_obs[:, None]) + cosmology.distance_modulus(zg) + k - AB_OFFSET[2]
+    bt = np.where(red, 0.65, 0.15)
+    dpet = -2.5 * np.log10(sel["petro_frac_dev"] * bt + sel["petro_frac_exp"] * (1 - bt)) + sel["petro_offset"]
+    p = ndtr((sel["r_lim"] - r - dpet[:, None]) / max(sel["petro_sigma"], 1e-3)) * (r >= sel["r_bright"])
+    dens = cosmology.dvdz(zg) * 10 ** (0.4 * lf.get("P", 0.0) * (zg - z_obs[:, None]))
+    vmax = np.sum(0.5 * (p * dens)[:, 1:] + 0.5 * (p * dens)[:, :-1], axis=1) * (zg[1] - zg[0])
+    edges = np.quantile(abs_r, np.linspace(0, 1, 41))[1:-1]
+    mb = np.searchsorted(edges, abs_r)
+    ref = np.array([np.median(vmax[mb == j]) for j in range(40)])[mb]
+    return np.clip(vmax / ref, 0.2, 5.0)
+
+
+def fit_sed_model(cat: dict, cal: dict, coeffs: np.ndarray) -> tuple[dict, dict]:
+    """Prototype SED model: k-means centroids of the fitted light fractions w, p(prototype | M_r) and colour residuals.
 
     A Gaussian/PCA model of w loses the sparsity of NNLS mixtures and biases u-g by ~0.1 mag; the
     prototype table keeps the empirical colour distribution and, through its M_r dependence, the
     colour-magnitude relation and the luminosity-dependent red fraction (Baldry et al. 2004 divider).
+    p(prototype | M_r) counts each galaxy with its relative 1/Vmax weight (see ``_relative_vmax``).
+    The 5 NNLS templates cannot reach the u-g of red galaxies (fits are 0.04-0.13 mag too blue, growing with
+    z): per prototype, the mean (real - fit) colour residual, linear in z, and its intrinsic scatter (catalogue
+    errors subtracted in quadrature) are stored and applied by the generator (r untouched).
     """
     from scipy.cluster.vq import kmeans2
 
+    grid = TemplateGrid(np.asarray(cal["template_grid"]["z"]), np.asarray(cal["template_grid"]["maggies"]))
     good = coeffs.sum(axis=1) > 0
     c, z = coeffs[good], cat["z"][good]
     w = c * grid.rest_r / (c @ grid.rest_r)[:, None]
     rest = np.einsum("nt,tb->nb", c, grid.maggies[0])
-    k_r = -2.5 * np.log10(np.einsum("nt,nt->n", c, grid.at(z)[:, :, 2]) / rest[:, 2])
+    obs = np.einsum("nt,ntb->nb", c, grid.at(z))
+    k_r = -2.5 * np.log10(obs[:, 2] / rest[:, 2])
     abs_r = cat["mag"][good, 2] + AB_OFFSET[2] - cosmology.distance_modulus(z) - k_r
     u_r = -2.5 * np.log10(rest[:, 0] / rest[:, 2])
     red = u_r > 2.06 - 0.244 * np.tanh((abs_r + 20.07) / 1.09)
+    fit_mag = -2.5 * np.log10(obs) - AB_OFFSET
+    res = (cat["mag"][good] - fit_mag) - (cat["mag"][good, 2] - fit_mag[:, 2])[:, None]
+    err2 = cat["err"][good] ** 2 + cat["err"][good, 2:3] ** 2
+    err2[:, 2] = 0.0
     centroids, label = kmeans2(w, N_PROTOTYPES, seed=np.random.default_rng(7), minit="++")
     keep = np.bincount(label, minlength=N_PROTOTYPES) > 0
     centroids, label = centroids[keep], np.searchsorted(np.flatnonzero(keep), label)
     k = len(centroids)
     m_edges = np.quantile(abs_r, np.linspace(0, 1, N_MBINS + 1))[1:-1]
     mbin = np.searchsorted(m_edges, abs_r)
+    weight = 1.0 / _relative_vmax(c, z, abs_r, red, cal)
     counts = np.zeros((N_MBINS, k))
-    np.add.at(counts, (mbin, label), 1.0)
-    prob = counts + 0.05 * counts.sum(axis=0, keepdims=True) / counts.sum() * counts.sum(axis=1, keepdims=True) / k
+    np.add.at(counts, (mbin, label), weight)
+    counts /= counts.sum(axis=1, keepdims=True)
+    prob = counts + 0.002 / k
     prob /= prob.sum(axis=1, keepdims=True)
     sd = np.array([w[label == j].std(axis=0) if (label == j).sum() > 1 else np.zeros(5) for j in range(k)])
+    # Mean residual: real minus the generator's own prediction for the galaxy's prototype (centroid + the
+    # same clipped jitter, averaged over 8 draws) at its z, so it also absorbs the prototype averaging bias;
+    # the scatter comes from the residuals about each galaxy's own fit.
+    jit = np.random.default_rng(11)
+    pflux = np.zeros_like(obs)
+    for _ in range(8):
+        wj = np.clip(centroids[label] + jit.standard_normal(w.shape) * JITTER * sd[label], 0.0, None)
+        wj /= wj.sum(axis=1, keepdims=True)
+        pflux += np.einsum("nt,ntb->nb", wj / grid.rest_r, grid.at(z)) / 8
+    pmag = -2.5 * np.log10(pflux) - AB_OFFSET
+    res_mean = (cat["mag"][good] - pmag) - (cat["mag"][good, 2] - pmag[:, 2])[:, None]
+    res_a, res_b, res_sd = np.zeros((k, 5)), np.zeros((k, 5)), np.zeros((k, 5))
+    res_z = np.tile([0.0, 0.5], (k, 1))
+    for j in range(k):
+        m = label == j
+        rj = np.clip(res_mean[m], -0.6, 0.6)
+        if m.sum() >= 20:  # the linear trend is not extrapolated beyond the prototype's 5-95% z range
+            res_z[j] = np.quantile(z[m], [0.05, 0.95])
+        dz = np.clip(z[m], *res_z[j]) - 0.1
+        if m.sum() >= 20 and dz.std() > 0.01:
+            coef = np.polyfit(dz, rj, 1)  # (2, 5): slope, intercept per band
+            res_b[j], res_a[j] = coef[0], coef[1]
+        elif m.sum() > 0:
+            res_a[j] = np.median(rj, axis=0)
+        if m.sum() > 1:
+            var = np.var(np.clip(res[m], -0.6, 0.6), axis=0) - np.median(err2[m], axis=0)
+            res_sd[j] = np.sqrt(np.clip(var, 0.0, None))
+    res_a[:, 2] = res_b[:, 2] = res_sd[:, 2] = 0.0
     model = {
         "prototypes": np.clip(centroids, 0, None).tolist(),
         "prototype_sd": (JITTER * sd).tolist(),
@@ -100,64 +171,116 @@ def fit_sed_model(cat: dict, grid: TemplateGrid, coeffs: np.ndarray) -> tuple[di
         "m_edges": m_edges.tolist(),
         "p_proto_given_m": prob.tolist(),
         "w_bulge": w[red & (abs_r < -20.5)].mean(axis=0).tolist(),
+        "resid_a": np.round(res_a, 4).tolist(),
+        "resid_b": np.round(res_b, 4).tolist(),
+        "resid_sd": np.round(res_sd, 4).tolist(),
+        "resid_z_range": np.round(res_z, 4).tolist(),
     }
     info = {"n_fit": int(good.sum()), "red_fraction": float(red.mean()), "n_prototypes": k,
-            "abs_r_quantiles": np.quantile(abs_r, [0.05, 0.5, 0.95]).tolist()}
+            "abs_r_quantiles": np.quantile(abs_r, [0.05, 0.5, 0.95]).tolist(),
+            "fit_minus_real_median": np.median(-res, axis=0).round(4).tolist()}
     return model, info
 
 
-def tune_lf(cal: dict, real: dict, n_draw: int, m_grid: np.ndarray, a_grid: np.ndarray) -> tuple[tuple, list]:
-    """(M*, alpha) minimising KS(n(z)) + KS(r) of the flux-limited draw vs the catalogue (Q fixed, Blanton+03)."""
+def fit_phot_errors(cat: dict) -> dict:
+    """Catalogue magnitude errors per band: log10(err) = a + b (m - 17) plus log-normal scatter (for comparisons)."""
+    a, b, s = [], [], []
+    for j in range(5):
+        m, le = cat["mag"][:, j], np.log10(np.clip(cat["err"][:, j], 1e-4, None))
+        coef = np.polyfit(m - 17.0, le, 1)
+        b.append(float(coef[0]))
+        a.append(float(coef[1]))
+        s.append(float(np.std(le - np.polyval(coef, m - 17.0))))
+    return {"a": a, "b": b, "scatter_dex": s, "pivot": 17.0}
+
+
+def tune_lf(cal: dict, real: dict, n_draw: int, m_grid: np.ndarray, offsets: np.ndarray,
+            sigmas: np.ndarray) -> tuple[tuple, list]:
+    """(M*, Petrosian offset, Petrosian scatter) minimising KS(z) + KS(r) + r-z bin offsets vs the catalogue.
+
+    alpha, Q and P stay at Blanton et al. (2003). M* sets n(z); the Petrosian-minus-model offset and
+    scatter set where (and how sharply) the model-magnitude distribution ends, i.e. r at fixed z.
+    """
     from scipy import stats
 
+    from photoz_hpc.sim.compare import binned
+
+    real_bins = np.array(binned(real["z"], real["mag"][:, 2])["median"][:6])
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "cal.json")
         Path(path).write_text(json.dumps(cal))
         scan = []
-        for alpha in a_grid:
-            for m_star in m_grid:
-                model = survey_model(path, lf_override=(("M_star", float(m_star)), ("alpha", float(alpha))))
-                pop = sample_population(n_draw, seed=1234, model=model)
-                ks_z = stats.ks_2samp(pop["z"], real["z"]).statistic
-                ks_r = stats.ks_2samp(pop["mag"][:, 2], real["mag"][:, 2]).statistic
-                scan.append((float(m_star), float(alpha), float(ks_z), float(ks_r)))
-                log.info("M*=%.2f alpha=%.2f KS(z)=%.3f KS(r)=%.3f", *scan[-1])
-    best = min(scan, key=lambda s: s[2] + s[3])
-    return best[:2], scan
+        for off in offsets:
+            for sig in sigmas:
+                for m_star in m_grid:
+                    model = survey_model(path, lf_override=(("M_star", float(m_star)),),
+                                         sel_override=(("petro_offset", float(off)), ("petro_sigma", float(sig))))
+                    pop = sample_population(n_draw, seed=1234, model=model)
+                    ks_z = stats.ks_2samp(pop["z"], real["z"]).statistic
+                    ks_r = stats.ks_2samp(pop["mag"][:, 2], real["mag"][:, 2]).statistic
+                    dr = np.nanmean(np.abs(np.array(binned(pop["z"], pop["mag"][:, 2])["median"][:6]) - real_bins))
+                    scan.append((round(float(m_star), 3), float(off), float(sig), round(float(ks_z), 4),
+                                 round(float(ks_r), 4), round(float(dr), 4)))
+                    log.info("M*=%.2f offset=%.2f sigma=%.2f KS(z)=%.3f KS(r)=%.3f |dr|=%.3f", *scan[-1])
+            survey_model.cache_clear()
+    best = min(scan, key=lambda s: s[3] + s[4] + s[5])
+    return best[:3], scan
+
+
+def reference_stats(cat: dict) -> dict:
+    """Summary numbers of the real catalogue shipped for regression tests (the catalogue itself is not shipped)."""
+    from photoz_hpc.sim.compare import colour
+
+    z, gr = cat["z"], colour(cat["mag"], "g", "r")
+    out = {"n": int(len(z)), "z_quantiles": {str(q): float(np.quantile(z, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+           "r_median": float(np.median(cat["mag"][:, 2])), "bins": []}
+    for lo, hi in ((0.05, 0.08), (0.11, 0.14)):
+        m = (z >= lo) & (z < hi)
+        p16, p50, p84 = np.percentile(gr[m], [16, 50, 84])
+        out["bins"].append({"z": [lo, hi], "n": int(m.sum()), "g-r_median": float(p50),
+                            "g-r_sigma68": float(0.5 * (p84 - p16)),
+                            "r_median": float(np.median(cat["mag"][m, 2])),
+                            "u-g_median": float(np.median(colour(cat["mag"][m], "u", "g")))})
+    return out
 
 
 def calibrate(catalogue: str | Path, out: str | Path, figures: str | Path | None, n_draw: int = 3000) -> dict:
     cat = read_catalogue(catalogue)
     grid, coeffs = fit_templates(cat)
-    sed, info = fit_sed_model(cat, grid, coeffs)
-    log.info("template fits: %s", info)
     cal = {
-        "version": 1,
+        "version": 2,
         "source": "fit to SDSS MGS catalogue (MLZ mlz_SDSS_MGS.train, 5000 galaxies) by photoz_hpc.sim.calibrate",
         "cosmology": {"H0": cosmology.H0, "Om0": cosmology.OM0},
         "template_grid": {"templates": "kcorrect-default-v4", "responses": RESPONSES, "z": GRID_Z.tolist(),
                           "maggies": grid.maggies.tolist()},
         "selection": {"r_lim": 17.77, "r_bright": float(np.floor(cat["mag"][:, 2].min() * 10) / 10),
-                      "z_min": 0.002, "z_max": 0.4},
+                      "z_min": 0.002, "z_max": 0.4, "petro_frac_dev": 0.82, "petro_frac_exp": 0.99,
+                      **SELECTION_START},
         "lf": dict(LF_DEFAULTS),
-        "sed_model": sed,
-        "fit_info": info,
+        "phot_errors": fit_phot_errors(cat),
+        "reference": reference_stats(cat),
     }
-    (m_best, a_best), scan = tune_lf(cal, cat, n_draw, np.arange(-21.6, -20.79, 0.1), np.array([-1.25, -1.05, -0.7]))
-    cal["lf"]["M_star"] = round(m_best, 3)
-    cal["lf"]["alpha"] = round(a_best, 3)
-    cal["fit_info"]["lf_scan"] = scan
+    # SED model (needs the selection for its 1/Vmax weights) -> selection/M* tuning -> SED model again.
+    cal["sed_model"], info = fit_sed_model(cat, cal, coeffs)
+    # A wider first scan (M* -21.6..-21.0, offset 0.05-0.15, sigma 0.05-0.1) found the optimum inside this grid.
+    best, scan = tune_lf(cal, cat, n_draw, np.array([-21.6, -21.5, -21.4]), np.array([0.08, 0.1, 0.12]),
+                         np.array([0.05, 0.1]))
+    cal["lf"]["M_star"], cal["selection"]["petro_offset"], cal["selection"]["petro_sigma"] = best
+    cal["sed_model"], info = fit_sed_model(cat, cal, coeffs)
+    log.info("template fits: %s", info)
+    cal["fit_info"] = {**info, "lf_scan_columns": ["M_star", "petro_offset", "petro_sigma", "ks_z", "ks_r",
+                                                   "mean_abs_dr_bins"], "lf_scan": scan}
     Path(out).write_text(json.dumps(cal, indent=1))
     survey_model.cache_clear()
-    with tempfile.TemporaryDirectory():
-        model = survey_model(str(out))
-        synth = sample_population(len(cat["z"]), seed=2024, model=model)
-    stats_ = compare(synth, cat)
-    cal["comparison"] = stats_
+    synth = sample_population(len(cat["z"]), seed=2024, model=survey_model(str(out)))
+    observed = {**synth, "mag": observe(synth["mag"], cal["phot_errors"], np.random.default_rng(2024))}
+    cal["comparison"] = compare(synth, cat)
+    cal["comparison_with_errors"] = compare(observed, cat)
     Path(out).write_text(json.dumps(cal, indent=1))
     if figures:
-        plot_comparison(synth, cat, figures)
-    log.info("wrote %s: M*=%.2f KS(z)=%.3f KS(r)=%.3f", out, m_best, stats_["ks_z"], stats_["ks_r"])
+        plot_comparison(observed, cat, figures)
+    log.info("wrote %s: M*=%.2f KS(z)=%.3f KS(r)=%.3f", out, best[0], cal["comparison"]["ks_z"],
+             cal["comparison"]["ks_r"])
     return cal
 
 

@@ -35,6 +35,13 @@ def binned(z: np.ndarray, y: np.ndarray, edges: np.ndarray = Z_EDGES) -> dict[st
     return {"median": med, "sigma68": sig, "count": cnt}
 
 
+def observe(mag: np.ndarray, phot_errors: dict, rng: np.random.Generator) -> np.ndarray:
+    """Noiseless magnitudes -> catalogue-like measured ones: Gaussian errors from the catalogue's err(m) relation."""
+    a, b, s = (np.asarray(phot_errors[k]) for k in ("a", "b", "scatter_dex"))
+    err = 10 ** (a + b * (mag - phot_errors["pivot"]) + s * rng.standard_normal(mag.shape))
+    return mag + err * rng.standard_normal(mag.shape)
+
+
 def colour(mag: np.ndarray, a: str, b: str) -> np.ndarray:
     return mag[:, BANDS.index(a)] - mag[:, BANDS.index(b)]
 
@@ -112,3 +119,26 @@ def measure_file(path: str | Path, max_n: int | None = None) -> dict[str, np.nda
         flux = np.stack([fh["images"][i].sum(axis=(1, 2)) for i in range(n)])
         mag = NMGY_ZEROPOINT - 2.5 * np.log10(np.clip(flux, 1e-3, None)) - fh["e_bv"][:n]
         return {"z": fh["specz_redshift"][:n].astype(float), "mag": mag}
+
+
+def markdown_tables(stats_: dict) -> str:
+    """The report's tables (n(z) quantiles, KS, per-z-bin median / sigma68 of r and colours) from ``compare``."""
+    q = stats_["z_quantiles"]
+    lines = ["| n(z) quantile | " + " | ".join(f"{v:g}" for v in q["q"]) + " |", "|---" * (len(q["q"]) + 1) + "|"]
+    for who in ("synth", "real"):
+        lines.append(f"| {who} | " + " | ".join(f"{v:.4f}" for v in q[who]) + " |")
+    ks = ", ".join(f"{k[3:]} {stats_[k]:.3f}" for k in stats_ if k.startswith("ks_"))
+    lines += ["", f"KS statistics ({stats_['n_synth']} synthetic vs {stats_['n_real']} real): {ks}", ""]
+    edges = stats_["z_edges"]
+    head = "| z bin | " + " | ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges[:-1], edges[1:], strict=True))
+    for key in ("r", "g-r", "r-i", "u-g", "i-z"):
+        b = stats_[f"{key}_vs_z"]
+        lines += [f"**{key} vs z** (median / sigma68; synthetic vs real; N real per bin "
+                  + ", ".join(str(c) for c in b["real"]["count"]) + ")", "", head + " |", "|---" * len(edges) + "|"]
+        for who in ("synth", "real"):
+            lines.append(f"| {who} | " + " | ".join(f"{m:.3f} / {s:.3f}" for m, s in
+                                                    zip(b[who]["median"], b[who]["sigma68"], strict=True)) + " |")
+        diff = np.array(b["synth"]["median"]) - np.array(b["real"]["median"])
+        lines.append("| synth - real | " + " | ".join(f"{d:+.3f}" for d in diff) + " |")
+        lines.append("")
+    return "\n".join(lines)

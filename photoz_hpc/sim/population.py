@@ -1,9 +1,9 @@
 """Draws the physical galaxy population of a flux-limited (SDSS MGS-like) survey, one galaxy per index.
 
 (z, M_r) come from a Schechter luminosity function with luminosity evolution in comoving volume;
-each galaxy gets a kcorrect template mixture from the red/blue model fitted by calibrate.py, then the
-r <= r_lim selection is applied with the galaxy's own k-correction (rejection, so colour-dependent
-selection is exact). Each galaxy uses only its own generator seeded from (seed, index), so any
+each galaxy gets a kcorrect template mixture (prototype given M_r) plus per-band colour residuals fitted by
+calibrate.py, then the Petrosian r <= r_lim selection is applied with the galaxy's own k-correction, profile
+deficit and Petrosian scatter (rejection, so colour-dependent selection is exact). Each galaxy uses only its own generator seeded from (seed, index), so any
 partition of the indices over workers gives identical galaxies.
 """
 
@@ -28,8 +28,9 @@ PSF_FWHM = np.array([1.55, 1.45, 1.35, 1.30, 1.30])
 PSF_BETA = 3.0
 SEEING_SIGMA_LN = 0.15
 SKY_SIGMA_MAG = 0.15
-PETRO_FRAC_DEV = 0.82
-PETRO_FRAC_EXP = 0.99
+#: Petrosian-minus-model r defaults (Blanton et al. 2001: a Petrosian aperture misses ~18% of a de Vaucouleurs
+#: and ~1% of an exponential profile); calibration.json["selection"] may refine them (petro_* keys).
+PETRO_DEFAULTS = {"petro_frac_dev": 0.82, "petro_frac_exp": 0.99, "petro_offset": 0.0, "petro_sigma": 0.0}
 
 
 def _rng(seed: int, index: int) -> np.random.Generator:
@@ -63,20 +64,26 @@ def _schechter_mag(x: np.ndarray, alpha: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def survey_model(path: str | None = None, lf_override: tuple | None = None) -> SurveyModel:
-    """Sampling tables: n(z) for the joint Schechter x volume density inside the bluest-possible limit."""
+def survey_model(path: str | None = None, lf_override: tuple | None = None,
+                 sel_override: tuple | None = None) -> SurveyModel:
+    """Sampling tables: n(z) for the joint Schechter x volume density inside the bluest-possible limit.
+
+    ``lf_override`` / ``sel_override``: ((key, value), ...) replacing calibration values (used by calibrate.py).
+    """
     cal = load_calibration(path)
-    grid, sel, sed = template_grid(path), cal["selection"], cal["sed_model"]
+    grid, sed = template_grid(path), cal["sed_model"]
     lf = dict(cal["lf"])
-    if lf_override:
-        lf.update(dict(lf_override))
+    lf.update(dict(lf_override or ()))
+    sel = {**PETRO_DEFAULTS, **cal["selection"], **dict(sel_override or ())}
     x_tab = np.linspace(-6.0, 12.0, 3601)
     pdf = _schechter_mag(x_tab, lf["alpha"])
     xcdf = np.concatenate([[0.0], np.cumsum(0.5 * (pdf[1:] + pdf[:-1]) * np.diff(x_tab))])
     z_tab = np.linspace(sel["z_min"], sel["z_max"], 801)
     # Brightest k-term any template mixture reaches (extreme templates bound every mixture).
     k_min = np.min(-2.5 * np.log10(grid.at(z_tab)[:, :, 2] / grid.rest_r[None, :]), axis=1)
-    m_faint = np.minimum(sel["r_lim"] - cosmology.distance_modulus(z_tab) - k_min + 0.05, lf["M_faint"])
+    # Model r can exceed r_lim by the Petrosian scatter; leave 4 sigma of room (plus 0.05 mag) in the draw.
+    margin = 0.05 + max(0.0, 4 * sel["petro_sigma"] - sel["petro_offset"])
+    m_faint = np.minimum(sel["r_lim"] - cosmology.distance_modulus(z_tab) - k_min + margin, lf["M_faint"])
     m_star = lf["M_star"] - lf["Q"] * (z_tab - 0.1)
     lo = np.interp(lf["M_bright"] - m_star, x_tab, xcdf)
     hi = np.interp(m_faint - m_star, x_tab, xcdf)
@@ -85,14 +92,29 @@ def survey_model(path: str | None = None, lf_override: tuple | None = None) -> S
     return SurveyModel(grid, lf, sel, sed, z_tab, zcdf / zcdf[-1], m_faint, x_tab, xcdf)
 
 
-def sed_weights(abs_r: np.ndarray, u_pick: np.ndarray, normals: np.ndarray, sed: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Template light fractions w (n, 5) and red flag: a prototype drawn from p(prototype | M_r), jittered."""
+def sed_weights(abs_r: np.ndarray, u_pick: np.ndarray, normals: np.ndarray,
+                sed: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Template light fractions w (n, 5), red flag and prototype index: a prototype drawn from p(prototype | M_r)."""
     mbin = np.searchsorted(np.asarray(sed["m_edges"]), abs_r)
     cdf = np.cumsum(np.asarray(sed["p_proto_given_m"])[mbin], axis=1)
     k = np.minimum((cdf < u_pick[:, None] * cdf[:, -1:]).sum(axis=1), cdf.shape[1] - 1)
     w = np.asarray(sed["prototypes"])[k] + normals * np.asarray(sed["prototype_sd"])[k]
     w = np.clip(w, 0.0, None)
-    return w / w.sum(axis=1, keepdims=True), np.asarray(sed["prototype_red"])[k] > 0.5
+    return w / w.sum(axis=1, keepdims=True), np.asarray(sed["prototype_red"])[k] > 0.5, k
+
+
+def colour_residuals(k: np.ndarray, z: np.ndarray, normals: np.ndarray, sed: dict) -> np.ndarray:
+    """Per-band magnitude offsets (n, 5), zero in r: what the 5-template NNLS fits miss of real colours.
+
+    Per prototype, calibrate.py stores the mean (real - fit) colour residual, linear in z inside the z range of
+    the prototype's galaxies (constant outside), and its intrinsic scatter (measurement noise removed); e.g. the
+    kcorrect templates make red galaxies ~0.1 mag too blue in u-g.
+    """
+    if "resid_a" not in sed:
+        return np.zeros((len(k), 5))
+    a, b, sd, zr = (np.asarray(sed[key])[k] for key in ("resid_a", "resid_b", "resid_sd", "resid_z_range"))
+    zc = np.clip(np.asarray(z), zr[:, 0], zr[:, 1])  # trend not extrapolated beyond the prototype's data
+    return a + b * (zc[:, None] - 0.1) + normals * sd
 
 
 def _draw_candidates(rng: np.random.Generator, model: SurveyModel) -> dict:
@@ -103,13 +125,17 @@ def _draw_candidates(rng: np.random.Generator, model: SurveyModel) -> dict:
     lo = np.interp(model.lf["M_bright"] - ms, model.x_tab, model.xcdf_tab)
     hi = np.interp(np.interp(z, model.z_tab, model.m_faint_tab) - ms, model.x_tab, model.xcdf_tab)
     abs_r = ms + np.interp(lo + rng.random(n) * (hi - lo), model.xcdf_tab, model.x_tab)
-    w, red = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), model.sed)
-    mags = apparent_mags(abs_r, w, z, model.grid, cosmology.distance_modulus(z))
+    w, red, proto = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), model.sed)
+    dcol = colour_residuals(proto, z, rng.standard_normal((n, 5)), model.sed)
+    mags = apparent_mags(abs_r, w, z, model.grid, cosmology.distance_modulus(z)) + dcol
     bt = np.clip(np.where(red, rng.normal(0.65, 0.15, n), rng.normal(0.15, 0.12, n)), 0.0, 0.95)
     # MGS selects on Petrosian r, which misses ~18% of a de Vaucouleurs and ~1% of an exponential
-    # profile's light (Blanton et al. 2001); model magnitudes capture the total.
-    r_petro = mags[:, 2] - 2.5 * np.log10(PETRO_FRAC_DEV * bt + PETRO_FRAC_EXP * (1 - bt))
-    return dict(z=z, abs_r=abs_r, w=w, red=red, mags=mags, bt=bt, r_petro=r_petro)
+    # profile's light (Blanton et al. 2001); model magnitudes capture the total. petro_offset/petro_sigma:
+    # calibrated mean shift and scatter of Petrosian-minus-model r (profile mismatch, target-vs-final photometry).
+    sel = model.sel
+    frac = sel["petro_frac_dev"] * bt + sel["petro_frac_exp"] * (1 - bt)
+    r_petro = mags[:, 2] - 2.5 * np.log10(frac) + sel["petro_offset"] + sel["petro_sigma"] * rng.standard_normal(n)
+    return dict(z=z, abs_r=abs_r, w=w, red=red, mags=mags, bt=bt, r_petro=r_petro, dcol=dcol)
 
 
 def _bulge_disk(w: np.ndarray, bt: float, sed: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +179,7 @@ def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict
             k = int(ok[0])
             break
     z, abs_r, w, red = float(cand["z"][k]), float(cand["abs_r"][k]), cand["w"][k], bool(cand["red"][k])
-    bt = float(cand["bt"][k])
+    bt, dcol = float(cand["bt"][k]), cand["dcol"][k]
     wb, wd = _bulge_disk(w, bt, model.sed)
     dm = cosmology.distance_modulus(np.array([z]))
     # Bulge/disk observed fluxes: their rest-r light split bt : 1-bt, each through its own SED.
@@ -173,8 +199,8 @@ def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict
         w=w,
         mag=mag,
         bulge_frac=bt,
-        bulge_mag=np.where(bt > 0, base + kb - 2.5 * np.log10(max(bt, 1e-12)), np.inf) - AB_OFFSET,
-        disk_mag=np.where(bt < 1, base + kd - 2.5 * np.log10(max(1 - bt, 1e-12)), np.inf) - AB_OFFSET,
+        bulge_mag=np.where(bt > 0, base + kb - 2.5 * np.log10(max(bt, 1e-12)), np.inf) - AB_OFFSET + dcol,
+        disk_mag=np.where(bt < 1, base + kd - 2.5 * np.log10(max(1 - bt, 1e-12)), np.inf) - AB_OFFSET + dcol,
         r50=r50,
         bulge_hlr=r50 * (0.35 + 0.65 * bt),
         disk_hlr=r50 * (1.0 + 0.5 * bt),
