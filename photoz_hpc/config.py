@@ -174,6 +174,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: epochs * steps per epoch; else stop after this many steps (schedules use it)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int = 0  # torch intra-op threads per rank on CPU; 0: auto (cores / ranks per node - loader threads)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | never | path to a checkpoint file
@@ -187,6 +188,7 @@ class TrainConfig:
         _check_range("train.max_steps", self.max_steps, 0)
         _check_range("train.checkpoint_every", self.checkpoint_every, 1)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        _check_range("train.cpu_threads", self.cpu_threads, 0)
         _check_range("train.log_every", self.log_every, 1)
         if not self.resume:
             raise ConfigError("config key 'train.resume' must be 'auto', 'never' or a checkpoint path")

@@ -1,0 +1,65 @@
+"""Embedding export: the query encoder's ResNet trunk as a small stand-alone file.
+
+``export_encoder`` writes ``{'format', 'model' (ModelConfig as dict), 'state_dict'}``;
+``load_encoder`` rebuilds the ResNet (plain BatchNorm, eval mode) for ``photoz-hpc embed`` and
+fine-tuning. ``embed`` maps (N, 5, S, S) cutouts to (N, feature_dim) representations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from photoz_hpc.errors import PhotozError
+from photoz_hpc.io_utils import atomic_open
+from photoz_hpc.models.resnet import build_encoder
+
+ENCODER_FORMAT = "photoz-hpc/encoder/1"
+
+
+def encoder_state_from_moco(moco_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ResNet trunk's entries of a MoCo state dict (``encoder_q.0.*``), renamed."""
+    prefix = "encoder_q.0."
+    return {k[len(prefix):]: v for k, v in moco_state.items() if k.startswith(prefix)}
+
+
+def export_encoder(source: str | Path | dict, out_path: str | Path, model_cfg=None) -> Path:
+    """Export from a checkpoint path (or loaded checkpoint dict) to ``out_path``; returns it."""
+    if not isinstance(source, dict):
+        from photoz_hpc.train.checkpoint import load_checkpoint
+
+        source = load_checkpoint(source)
+    if model_cfg is None:
+        model_cfg = source["config"]["model"]
+    cfg_dict = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+    state = encoder_state_from_moco(source["model"])
+    out_path = Path(out_path)
+    with atomic_open(out_path, "wb") as fh:
+        torch.save({"format": ENCODER_FORMAT, "model": cfg_dict, "state_dict": state,
+                    "step": source.get("step")}, fh)
+    return out_path
+
+
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The exported ResNet trunk, in eval mode."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise PhotozError(f"encoder file {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
+        raise PhotozError(f"{path} is not a photoz-hpc encoder export")
+    encoder = build_encoder(SimpleNamespace(**blob["model"]))
+    encoder.load_state_dict(blob["state_dict"])
+    return encoder.eval()
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Representations (N, feature_dim) of (N, 5, S, S) cutouts, in fp32 on the encoder's device."""
+    device = next(encoder.parameters()).device
+    out = [encoder(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, encoder.feature_dim)

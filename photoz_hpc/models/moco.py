@@ -1,0 +1,174 @@
+"""MoCo v2 as one module (after facebookresearch/moco ``builder.py``), single- or multi-process.
+
+Query encoder = ResNet + 2-layer MLP head; key encoder = its momentum copy. The queue and its pointer
+are registered buffers (this rank's part, see ``queue.py``). ``forward`` updates the key encoder,
+encodes keys (with shuffle-BN or SyncBN), computes the InfoNCE loss in fp32 and enqueues the keys.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from photoz_hpc.errors import ConfigError
+from photoz_hpc.models.collectives import _Shared, sync_norm_factory
+from photoz_hpc.models.queue import (
+    QUEUE_MODES,
+    check_queue_size,
+    enqueue,
+    infonce_replicated,
+    infonce_sharded,
+    local_queue_size,
+)
+from photoz_hpc.models.resnet import build_encoder
+
+BN_MODES = ("shuffle", "sync", "none")
+
+
+class _SerialComm:
+    rank, world = 0, 1
+
+    def allreduce(self, t, op="sum"):
+        return t
+
+    def allgather(self, t):
+        return t
+
+    def broadcast(self, t, root=0):
+        return t
+
+
+class MoCo(nn.Module):
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        feature_dim: int,
+        dim: int = 128,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        queue_mode: str = "sharded",
+        bn_mode: str = "shuffle",
+        batch_size: int = 256,
+        comm=None,
+        hidden_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if queue_mode not in QUEUE_MODES:
+            raise ConfigError(f"moco.queue_mode '{queue_mode}' is not one of {list(QUEUE_MODES)}")
+        if bn_mode not in BN_MODES:
+            raise ConfigError(f"moco.bn_mode '{bn_mode}' is not one of {list(BN_MODES)}")
+        self._comm = _Shared(comm or _SerialComm())
+        world = self.comm.world
+        check_queue_size(queue_size, world, batch_size)
+        self.dim, self.queue_size, self.temperature = dim, queue_size, temperature
+        self.queue_mode, self.bn_mode, self.batch_size = queue_mode, bn_mode, batch_size
+        hidden = hidden_dim or feature_dim
+        head = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        self.encoder_q = nn.Sequential(encoder_q, head)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        k_local = local_queue_size(queue_size, world, queue_mode)
+        # Random unit keys as in the reference; each rank's shard gets its own stream.
+        g = torch.Generator().manual_seed(seed * 1000003 + (0 if queue_mode == "replicated" else self.comm.rank))
+        self.register_buffer("queue", F.normalize(torch.randn(dim, k_local, generator=g), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def comm(self):
+        return self._comm.obj
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The query-side ResNet trunk (what is exported for embeddings)."""
+        return self.encoder_q[0]
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q (buffers such as BN stats are not copied)."""
+        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True):
+            pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def batch_shuffle(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather the global batch, apply one permutation shared by all ranks, keep our slice.
+
+        The permutation comes from ``seed`` (e.g. base seed + step), so no broadcast is needed and a
+        resumed run reproduces it. Returns (our shuffled slice, inverse permutation).
+        """
+        comm = self.comm
+        b = x.shape[0]
+        x_all = comm.allgather(x.contiguous())
+        g = torch.Generator().manual_seed(int(seed))
+        perm = torch.randperm(x_all.shape[0], generator=g).to(x.device)
+        unperm = torch.argsort(perm)
+        mine = perm.view(comm.world, b)[comm.rank]
+        return x_all[mine], unperm
+
+    @torch.no_grad()
+    def batch_unshuffle(self, y: torch.Tensor, unperm: torch.Tensor) -> torch.Tensor:
+        """Undo ``batch_shuffle``: gather every rank's outputs and take our original rows back."""
+        comm = self.comm
+        b = y.shape[0]
+        y_all = comm.allgather(y.contiguous())
+        mine = unperm.view(comm.world, b)[comm.rank]
+        return y_all[mine]
+
+    @torch.no_grad()
+    def encode_keys(self, im_k: torch.Tensor, shuffle_seed: int = 0) -> torch.Tensor:
+        if self.bn_mode == "shuffle" and self.comm.world > 1:
+            x, unperm = self.batch_shuffle(im_k, shuffle_seed)
+            k = F.normalize(self.encoder_k(x).float(), dim=1)
+            return self.batch_unshuffle(k, unperm)
+        return F.normalize(self.encoder_k(im_k).float(), dim=1)
+
+    def forward(
+        self, im_q: torch.Tensor, im_k: torch.Tensor, momentum: float = 0.999, shuffle_seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Returns {'loss', 'acc'} (fp32); updates the key encoder before and the queue after."""
+        if im_q.shape[0] != self.batch_size:
+            raise ConfigError(f"MoCo was built for per-rank batches of {self.batch_size}, got {im_q.shape[0]}")
+        q = self.encoder_q(im_q)
+        with torch.no_grad():
+            self.momentum_update(momentum)
+            k = self.encode_keys(im_k, shuffle_seed)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q = F.normalize(q.float(), dim=1)
+            loss, acc = self.contrastive_loss(q, k)
+        self.dequeue_and_enqueue(k)
+        return {"loss": loss, "acc": acc.detach()}
+
+    def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queue = self.queue.detach().clone().float()  # enqueue writes in place before backward
+        if self.queue_mode == "sharded" and self.comm.world > 1:
+            return infonce_sharded(q, k, queue, self.temperature, self.comm)
+        return infonce_replicated(q, k, queue, self.temperature)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, k: torch.Tensor) -> None:
+        if self.queue_mode == "replicated" and self.comm.world > 1:
+            k = self.comm.allgather(k.contiguous())
+        enqueue(self.queue, self.queue_ptr, k)
+
+
+def build_moco(cfg, comm=None) -> MoCo:
+    """MoCo from a full ``Config`` (model, moco, loader.batch_size, seed); BN layers follow moco.bn_mode."""
+    norm = sync_norm_factory(comm if comm is not None else _SerialComm()) if cfg.moco.bn_mode == "sync" else None
+    encoder = build_encoder(cfg.model, norm)
+    return MoCo(
+        encoder,
+        encoder.feature_dim,
+        dim=cfg.model.embed_dim,
+        queue_size=cfg.moco.queue_size,
+        temperature=cfg.moco.temperature,
+        queue_mode=cfg.moco.queue_mode,
+        bn_mode=cfg.moco.bn_mode,
+        batch_size=cfg.loader.batch_size,
+        comm=comm,
+        hidden_dim=cfg.model.head_hidden_dim or None,
+        seed=cfg.seed,
+    )

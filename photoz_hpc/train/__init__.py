@@ -1,0 +1,1 @@
+"""Training: distributed communication, precision, optimisation, checkpoints and the pretrain loop."""

@@ -1,0 +1,45 @@
+"""``photoz-hpc pretrain``: MoCo v2 pretraining (launch one process per GPU with srun, horovodrun,
+mpirun or torchrun; a single process also works)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised MoCo v2 pretraining",
+        description="Pretrain the 5-band ResNet encoder with MoCo v2. Exit code 75 means pre-empted "
+        "(checkpoint written; requeue the job and it resumes).",
+    )
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/pretrain.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loader.batch_size=128 dist.backend=torch")
+    p.set_defaults(func=_run)
+    e = subparsers.add_parser("export-encoder", help="export the encoder of a pretraining checkpoint for embedding")
+    e.add_argument("checkpoint", help="checkpoint file (…/checkpoints/ckpt_*.pt)")
+    e.add_argument("out", help="output file, e.g. encoder.pt")
+    e.set_defaults(func=_export)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from photoz_hpc.cli import EXIT_PREEMPTED
+    from photoz_hpc.config import load_config
+    from photoz_hpc.logs import setup_logging
+    from photoz_hpc.train.dist import detect_env
+    from photoz_hpc.train.pretrain import run_pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)
+    summary = run_pretrain(cfg)
+    if detect_env().rank == 0:
+        print(json.dumps(summary, indent=2))
+    return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from photoz_hpc.models.export import export_encoder
+
+    print(export_encoder(args.checkpoint, args.out))
+    return 0

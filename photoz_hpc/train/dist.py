@@ -1,0 +1,281 @@
+"""One small communication interface with ``none``, ``torch`` and ``horovod`` implementations.
+
+Interface: ``rank``, ``local_rank``, ``world``, ``allreduce(t, op)``, ``allgather(t)``,
+``broadcast(t, root)``, ``barrier()``, object variants, plus the three hooks the trainer needs
+(``wrap_model``, ``wrap_optimizer``, ``broadcast_state``). Collectives return new tensors and
+accumulate their wall time in ``comm_seconds`` (step timing for benchmarks).
+
+Rank/world come from torchrun, horovodrun, Open MPI or Slurm variables alike (``detect_env``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from photoz_hpc.errors import ConfigError, PhotozError
+from photoz_hpc.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class LaunchEnv:
+    rank: int
+    local_rank: int
+    world: int
+    launcher: str  # torchrun | horovodrun | openmpi | slurm | none
+
+
+_ENV_SOURCES = (
+    ("torchrun", "RANK", "LOCAL_RANK", "WORLD_SIZE"),
+    ("horovodrun", "HOROVOD_RANK", "HOROVOD_LOCAL_RANK", "HOROVOD_SIZE"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("pmi", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    ("slurm", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+)
+
+
+def detect_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Rank, local rank and world size from whichever launcher started us (first match wins)."""
+    env = os.environ if environ is None else environ
+    for name, k_rank, k_local, k_world in _ENV_SOURCES:
+        if k_rank in env and k_world in env:
+            try:
+                return LaunchEnv(int(env[k_rank]), int(env.get(k_local, 0)), int(env[k_world]), name)
+            except ValueError as exc:
+                raise PhotozError(f"bad {name} environment ({k_rank}/{k_world}): {exc}") from None
+    return LaunchEnv(0, 0, 1, "none")
+
+
+def horovod_available() -> bool:
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception:  # ImportError, or a Horovod built against another torch
+        return False
+    return True
+
+
+class Comm:
+    """Serial implementation (``none``) and base class."""
+
+    name = "none"
+
+    def __init__(self) -> None:
+        self.rank, self.local_rank, self.world = 0, 0, 1
+        self.comm_seconds = 0.0
+
+    # -- tensors
+    def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if op not in ("sum", "mean", "max", "min"):
+            raise ValueError(f"unknown reduce op '{op}'")
+        return t.clone()
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    def broadcast(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
+        return t.clone()
+
+    def barrier(self) -> None:
+        pass
+
+    # -- python objects (small: paths, RNG and loader states)
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    # -- training hooks
+    def wrap_model(self, model: nn.Module, device: torch.device, ignore_buffers: list[str]) -> nn.Module:
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        return optimizer
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, ignore_buffers: list[str]) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    # -- helpers
+    def _timed(self, fn, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            self.comm_seconds += time.perf_counter() - t0
+
+
+class TorchComm(Comm):
+    """torch.distributed: NCCL on GPU, Gloo on CPU; DDP for the gradients.
+
+    MoCo/metric collectives run on their own process group so they can never interleave with
+    DDP's bucketed all-reduces (they are issued from inside the autograd backward).
+    """
+
+    name = "torch"
+
+    def __init__(self, env: LaunchEnv, timeout_s: float, device_type: str) -> None:
+        super().__init__()
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.local_rank, self.world = env.rank, env.local_rank, env.world
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out NCCL op aborts, not hangs
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=timeout)
+        self.group = dist.new_group(backend=backend, timeout=timeout)
+        self.obj_group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def allreduce(self, t, op="sum"):
+        ops = {"sum": self.dist.ReduceOp.SUM, "mean": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX,
+               "min": self.dist.ReduceOp.MIN}
+        out = t.detach().clone()
+        self._timed(self.dist.all_reduce, out, ops[op], group=self.group)
+        return out / self.world if op == "mean" else out
+
+    def allgather(self, t):
+        t = t.detach().contiguous()
+        out = torch.empty((self.world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        gather = getattr(self.dist, "all_gather_single", None) or self.dist.all_gather_into_tensor
+        self._timed(gather, out, t, group=self.group)
+        return out
+
+    def broadcast(self, t, root=0):
+        out = t.detach().clone().contiguous()
+        self._timed(self.dist.broadcast, out, root, group=self.group)
+        return out
+
+    def barrier(self):
+        self._timed(self.dist.barrier, group=self.obj_group)
+
+    def allgather_object(self, obj):
+        out: list[Any] = [None] * self.world
+        self._timed(self.dist.all_gather_object, out, obj, group=self.obj_group)
+        return out
+
+    def broadcast_object(self, obj, root=0):
+        box = [obj]
+        self._timed(self.dist.broadcast_object_list, box, root, group=self.obj_group)
+        return box[0]
+
+    def wrap_model(self, model, device, ignore_buffers):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Queue shards differ per rank: DDP must neither broadcast them at construction nor per step.
+        DDP._set_params_and_buffers_to_ignore_for_model(model, ignore_buffers)
+        ids = [device.index] if device.type == "cuda" else None
+        with warnings.catch_warnings():  # broadcast_buffers=False is exactly the semantics we need
+            warnings.simplefilter("ignore", FutureWarning)
+            return DDP(model, device_ids=ids, broadcast_buffers=False)
+
+    def shutdown(self):
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+class HorovodComm(Comm):
+    """Horovod (MPI or Gloo controller, NCCL on GPU): hvd.DistributedOptimizer averages gradients."""
+
+    name = "horovod"
+
+    def __init__(self, timeout_s: float, device_type: str) -> None:
+        super().__init__()
+        # Stall detection turns a dead/hung peer into an error instead of a silent hang.
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(5, int(timeout_s // 4))))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(10, int(timeout_s))))
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init()
+        self.rank, self.local_rank, self.world = hvd.rank(), hvd.local_rank(), hvd.size()
+        if device_type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+        self._n = 0
+
+    def _name(self, kind: str) -> str:
+        self._n += 1  # every rank issues the same sequence of collectives, so names match
+        return f"photoz.{kind}.{self._n}"
+
+    def allreduce(self, t, op="sum"):
+        hvd = self.hvd
+        t = t.detach().contiguous()
+        if op in ("max", "min"):  # via allgather: portable across Horovod builds and dtypes
+            g = self.allgather(t.unsqueeze(0))
+            return g.amax(0) if op == "max" else g.amin(0)
+        hop = hvd.Sum if op == "sum" else hvd.Average
+        return self._timed(hvd.allreduce, t, op=hop, name=self._name("allreduce"))
+
+    def allgather(self, t):
+        return self._timed(self.hvd.allgather, t.detach().contiguous(), name=self._name("allgather"))
+
+    def broadcast(self, t, root=0):
+        return self._timed(self.hvd.broadcast, t.detach().contiguous(), root, name=self._name("broadcast"))
+
+    def barrier(self):
+        self._timed(self.hvd.barrier)
+
+    def allgather_object(self, obj):
+        return self._timed(self.hvd.allgather_object, obj, name=self._name("allgather_object"))
+
+    def broadcast_object(self, obj, root=0):
+        return self._timed(self.hvd.broadcast_object, obj, root, name=self._name("broadcast_object"))
+
+    def wrap_optimizer(self, optimizer, model):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return self.hvd.DistributedOptimizer(optimizer, named_parameters=named, op=self.hvd.Average)
+
+    def broadcast_state(self, model, optimizer, ignore_buffers):
+        state = {k: v for k, v in model.state_dict().items() if k not in ignore_buffers}
+        self.hvd.broadcast_parameters(state, root_rank=0)
+        # hvd.broadcast_optimizer_state initialises an empty state by stepping with zero gradients,
+        # which applies weight decay and seeds momentum buffers: only broadcast a non-empty state.
+        if optimizer.state_dict()["state"]:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def shutdown(self):
+        self.hvd.shutdown()
+
+
+def resolve_backend(requested: str, env: LaunchEnv) -> str:
+    """``auto``: Horovod when launched by horovodrun/mpirun and importable, torch for other multi-rank
+    launches, ``none`` for a single process."""
+    if requested != "auto":
+        return requested
+    if env.launcher == "horovodrun" or (env.launcher in ("openmpi", "pmi", "slurm") and horovod_available()):
+        return "horovod" if horovod_available() else "torch"
+    return "torch" if env.world > 1 else "none"
+
+
+def init_comm(backend: str = "auto", timeout_s: float = 600.0, device_type: str = "cpu") -> Comm:
+    """Create the communicator for ``dist.backend``; errors say what is missing."""
+    env = detect_env()
+    backend = resolve_backend(backend, env)
+    if backend == "none":
+        if env.world > 1:
+            raise ConfigError(f"dist.backend 'none' but launched as {env.world} ranks by {env.launcher}")
+        return Comm()
+    if backend == "horovod":
+        if not horovod_available():
+            raise ConfigError("dist.backend 'horovod' but 'import horovod.torch' fails: run launch/install_horovod.sh")
+        return HorovodComm(timeout_s, device_type)
+    if backend == "torch":
+        return TorchComm(env, timeout_s, device_type)
+    raise ConfigError(f"dist.backend '{backend}' is not one of ['auto', 'horovod', 'torch', 'none']")

@@ -1,0 +1,126 @@
+"""Helpers for the training tests: spawn real multi-process runs (gloo on 127.0.0.1, horovodrun)
+with timeouts, make a small prepared dataset, and the Horovod requirement policy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")  # two ranks share two cores
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_torch(script: str, args: list[str], world: int = 2, timeout: float = 180, env: dict | None = None):
+    """Start ``world`` processes like torchrun does (RANK/WORLD_SIZE/MASTER_*); returns [(rc, output)]."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        e = _base_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})})
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / script), *args], env=e, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            results.append((p.returncode, out))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"{script} did not finish within {timeout} s:\n" + "\n".join(o[-3000:] for o in outs))
+    return results
+
+
+def run_single(script: str, args: list[str], timeout: float = 180, env: dict | None = None):
+    p = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env=_base_env(env), cwd=REPO, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    return p.returncode, p.stdout
+
+
+def horovod_ready() -> bool:
+    from photoz_hpc.train.dist import horovod_available
+
+    return horovod_available() and shutil.which("horovodrun") is not None
+
+
+def require_horovod() -> None:
+    """Skip when Horovod is missing, unless PHOTOZ_REQUIRE_HOROVOD=1 (CI), where it is a failure."""
+    if horovod_ready():
+        return
+    msg = "Horovod is not installed (run launch/install_horovod.sh)"
+    if os.environ.get("PHOTOZ_REQUIRE_HOROVOD") == "1":
+        pytest.fail(msg + " but PHOTOZ_REQUIRE_HOROVOD=1")
+    pytest.skip(msg)
+
+
+def run_horovod(script: str, args: list[str], np: int = 2, timeout: float = 240, env: dict | None = None):
+    cmd = ["horovodrun", "--gloo", "-np", str(np), "-H", f"localhost:{np}", sys.executable, str(SCRIPTS / script), *args]
+    try:
+        p = subprocess.run(cmd, env=_base_env(env), cwd=REPO, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"horovodrun {script} did not finish within {timeout} s:\n{(exc.stdout or '')[-3000:]}")
+    return p.returncode, p.stdout
+
+
+def blob_images(n: int, size: int, seed: int = 0):
+    """Galaxy-like cutouts: an elliptical blob per object with its own size, shape and 5-band colours,
+    plus sky noise, so instance discrimination is learnable (pure noise images are not)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    sigma = rng.uniform(1.5, 6.0, (n, 1, 1))
+    q = rng.uniform(0.3, 1.0, (n, 1, 1))
+    ang = rng.uniform(0, np.pi, (n, 1, 1))
+    u = xx * np.cos(ang) + yy * np.sin(ang)
+    v = -xx * np.sin(ang) + yy * np.cos(ang)
+    profile = np.exp(-0.5 * (u**2 + (v / q) ** 2) / sigma**2)
+    colours = rng.lognormal(0.0, 0.8, (n, 5))
+    images = colours[:, :, None, None] * profile[:, None] + rng.normal(0, 0.02, (n, 5, size, size))
+    return images.astype(np.float32)
+
+
+def make_dataset(root: Path, n: int = 256, size: int = 40, seed: int = 0) -> Path:
+    """A prepared dataset of ``n`` synthetic galaxy cutouts (``size`` pixels) under ``root``."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import write_release_h5
+
+    from photoz_hpc.data.prepare import prepare
+
+    root.mkdir(parents=True, exist_ok=True)
+    h5 = write_release_h5(root / "release.h5", n, seed=seed, size=size, images=blob_images(n, size, seed))
+    return prepare([h5], root / "prepared", samples_per_shard=128, overwrite=True)
+
+
+def tiny_overrides(data: Path, out: Path, batch: int, queue: int, more: tuple[str, ...] = ()) -> list[str]:
+    """A width-8 ResNet-18 on 16x16 crops: milliseconds per step on a CPU."""
+    ov = {
+        "model.arch": "resnet18", "model.width": 8, "model.embed_dim": 32, "augment.crop_size": 16,
+        "augment.jitter_max": 2, "loader.batch_size": batch, "loader.backend": "reference", "moco.queue_size": queue,
+        "data.path": str(data), "out_dir": str(out), "train.progress": "false", "train.log_every": 1,
+        "train.tensorboard": "false", "optim.lr": 0.3, "optim.batch_ref": 32, "seed": 5,
+    }
+    return [f"{k}={v}" for k, v in ov.items()] + list(more)

@@ -1,0 +1,70 @@
+"""``run_pretrain`` with the real loader, optionally SIGKILLing itself after a given step.
+
+Used by the resume and failure tests: ``--kill-after N`` kills this process (``--kill-rank`` only that
+rank) when it fetches the batch after step N, i.e. with no chance to clean up. Prints the summary as
+JSON on rank 0 and exits 75 when pre-empted, like the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+from photoz_hpc.cli import EXIT_PREEMPTED
+from photoz_hpc.config import load_config
+from photoz_hpc.logs import setup_logging
+from photoz_hpc.train.dist import detect_env, init_comm
+from photoz_hpc.train.pretrain import _build_loader, run_pretrain
+
+
+class KillingLoader:
+    """Proxy for a loader that SIGKILLs the process when batch number ``after + 1`` is requested."""
+
+    def __init__(self, inner, after: int, start_step: int = 0) -> None:
+        self.inner, self.after, self.count = inner, after, start_step
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.inner.load_state_dict(sd)
+
+    def __iter__(self):
+        for batch in self.inner:
+            if self.count >= self.after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.count += 1
+            yield batch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kill-after", type=int, default=0)
+    ap.add_argument("--kill-rank", type=int, default=-1, help="-1: every rank")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = load_config(None, args.overrides)
+    env = detect_env()
+    setup_logging("INFO", rank=env.rank)
+    comm = init_comm(cfg.dist.backend, cfg.dist.timeout_s, "cpu")
+    loader = _build_loader(cfg, comm)
+    if args.kill_after and args.kill_rank in (-1, comm.rank):
+        loader = KillingLoader(loader, args.kill_after)
+    summary = run_pretrain(cfg, loader=loader, comm=comm)
+    comm.shutdown()
+    if comm.rank == 0:
+        print("SUMMARY " + json.dumps(summary), flush=True)
+    return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

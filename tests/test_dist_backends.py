@@ -1,0 +1,97 @@
+"""Both real backends end to end, shuffle-BN across ranks, rank-environment detection and failure handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from dist_scripts.launch import make_dataset, require_horovod, run_horovod, run_torch, tiny_overrides
+
+from photoz_hpc.train.dist import detect_env, resolve_backend
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), n=256)
+
+
+def _summary(log: str) -> dict:
+    lines = [ln.split("SUMMARY ", 1)[1] for ln in log.splitlines() if "SUMMARY " in ln]  # horovodrun prefixes lines
+    assert lines, log[-3000:]
+    return json.loads(lines[-1])
+
+
+def test_shuffle_bn_unshuffles_exactly(tmp_path: Path) -> None:
+    out = tmp_path / "shuffle.json"
+    for rc, log in run_torch("shuffle_bn.py", ["--backend", "torch", "--out", str(out)]):
+        assert rc == 0, log[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results) == 2
+    for r in results:
+        assert r["unshuffle_exact"] and r["moved_rows"]
+        assert r["key_max_diff"] < 1e-5
+    assert results[0]["tags"] == sorted(list(range(6)) + [100.0 + i for i in range(6)])  # a permutation of all rows
+
+
+def test_torch_backend_pretrain(tmp_path: Path, data: Path) -> None:
+    more = ("train.max_steps=6", "dist.backend=torch", "moco.queue_mode=sharded")
+    results = run_torch("pretrain_run.py", tiny_overrides(data, tmp_path / "run", 16, 64, more))
+    for rc, log in results:
+        assert rc == 0, log[-3000:]
+    s = _summary(results[0][1])
+    assert s["backend"] == "torch" and s["world_size"] == 2 and s["steps"] == 6 and s["global_batch"] == 32
+    assert Path(s["checkpoint"]).is_file() and Path(s["encoder"]).is_file()
+
+
+def test_horovod_backend_pretrain(tmp_path: Path, data: Path) -> None:
+    require_horovod()
+    more = ("train.max_steps=6", "dist.backend=auto", "moco.queue_mode=sharded")
+    rc, log = run_horovod("pretrain_run.py", tiny_overrides(data, tmp_path / "run", 16, 64, more))
+    assert rc == 0, log[-3000:]
+    s = _summary(log)
+    assert s["backend"] == "horovod" and s["world_size"] == 2 and s["steps"] == 6
+    assert Path(s["checkpoint"]).is_file()
+
+
+def test_dead_rank_does_not_hang(tmp_path: Path, data: Path) -> None:
+    """Rank 1 is SIGKILLed after step 3: rank 0 must stop with an error naming itself and the step."""
+    more = ("train.max_steps=50", "dist.backend=torch", "dist.timeout_s=30")
+    args = ["--kill-after=3", "--kill-rank=1", *tiny_overrides(data, tmp_path / "run", 16, 64, more)]
+    (rc0, log0), (rc1, _) = run_torch("pretrain_run.py", args, timeout=120)
+    assert rc1 == -9
+    assert rc0 not in (0, None), log0[-3000:]
+    assert "rank 0 failed at step 4" in log0 or "rank 0: no training progress" in log0, log0[-3000:]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, (1, 1, 4, "torchrun")),
+        ({"HOROVOD_RANK": "2", "HOROVOD_LOCAL_RANK": "0", "HOROVOD_SIZE": "3"}, (2, 0, 3, "horovodrun")),
+        ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "8"}, (5, 1, 8, "openmpi")),
+        ({"SLURM_PROCID": "7", "SLURM_LOCALID": "3", "SLURM_NTASKS": "16"}, (7, 3, 16, "slurm")),
+        ({}, (0, 0, 1, "none")),
+    ],
+)
+def test_detect_env(env: dict, expected: tuple) -> None:
+    e = detect_env(env)
+    assert (e.rank, e.local_rank, e.world, e.launcher) == expected
+
+
+def test_resolve_backend_auto() -> None:
+    assert resolve_backend("auto", detect_env({})) == "none"
+    assert resolve_backend("auto", detect_env({"RANK": "0", "WORLD_SIZE": "2"})) == "torch"
+    assert resolve_backend("torch", detect_env({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"})) == "torch"
+
+
+def test_missing_horovod_fails_in_ci_and_skips_elsewhere(monkeypatch) -> None:
+    import dist_scripts.launch as launch
+
+    monkeypatch.setattr(launch, "horovod_ready", lambda: False)
+    monkeypatch.setenv("PHOTOZ_REQUIRE_HOROVOD", "1")
+    with pytest.raises(pytest.fail.Exception, match="PHOTOZ_REQUIRE_HOROVOD=1"):
+        launch.require_horovod()
+    monkeypatch.delenv("PHOTOZ_REQUIRE_HOROVOD")
+    with pytest.raises(pytest.skip.Exception):
+        launch.require_horovod()

@@ -1,0 +1,128 @@
+"""Optimiser, schedules, precision, checkpoint files and config validation (no processes spawned)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from photoz_hpc.config import load_config
+from photoz_hpc.errors import ConfigError, PhotozError
+from photoz_hpc.train.checkpoint import find_latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from photoz_hpc.train.dist import Comm, init_comm
+from photoz_hpc.train.optim import LARS, build_optimizer, lr_at
+from photoz_hpc.train.precision import resolve_precision
+from photoz_hpc.train.pretrain import Trainer
+
+
+def test_lr_linear_scaling_warmup_and_cosine() -> None:
+    cfg = load_config(None, ["optim.lr=0.1", "optim.warmup_epochs=1", "optim.batch_ref=256"]).optim
+    # global batch 1024 -> base lr 0.4; 10 steps/epoch -> 10 warm-up steps; 110 steps in all
+    assert lr_at(0, 110, 10, 1024, cfg) == pytest.approx(0.04)
+    assert lr_at(9, 110, 10, 1024, cfg) == pytest.approx(0.4)
+    assert lr_at(10, 110, 10, 1024, cfg) == pytest.approx(0.4)
+    assert lr_at(60, 110, 10, 1024, cfg) == pytest.approx(0.2)
+    assert lr_at(110, 110, 10, 1024, cfg) == pytest.approx(0.0, abs=1e-12)
+    const = load_config(None, ["optim.schedule=constant"]).optim
+    assert lr_at(50, 100, 10, 256, const) == pytest.approx(0.03)
+
+
+def test_lars_trust_ratio_and_exclusions() -> None:
+    w = torch.nn.Parameter(torch.full((4, 4), 2.0))
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}], lr=1.0, momentum=0.0,
+               weight_decay=0.0, eta=0.01)
+    w.grad, b.grad = torch.ones(4, 4), torch.ones(4)
+    opt.step()
+    trust = 0.01 * 8.0 / 4.0  # eta * ||w|| / ||g||
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), 2.0 - trust))
+    torch.testing.assert_close(b.detach(), torch.zeros(4))  # plain SGD step
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    lars = build_optimizer(model, load_config(None, ["optim.name=lars"]).optim)
+    assert isinstance(lars, LARS) and [len(g["params"]) for g in lars.param_groups] == [1, 1]
+
+
+def test_precision_resolution_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).name == "fp32"
+    assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    assert resolve_precision("fp16", cpu).scaler is not None
+
+
+def test_checkpoints_atomic_pruned_and_corrupt_skipped(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, step, {"x": torch.tensor([step])}, keep=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000000040.pt", "ckpt_000000030.pt", "ckpt_000000020.pt"]
+    assert not list(tmp_path.glob(".*tmp*"))
+    newest = tmp_path / "ckpt_000000040.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a crash without atomic writes
+    path, state = find_latest_valid(tmp_path)
+    assert path.name == "ckpt_000000030.pt" and state["step"] == 30 and int(state["x"]) == 30
+    with pytest.raises(PhotozError, match="corrupt"):
+        load_checkpoint(newest)
+    torch.save({"format": "other"}, tmp_path / "ckpt_000000050.pt")
+    with pytest.raises(PhotozError, match="not a photoz-hpc"):
+        load_checkpoint(tmp_path / "ckpt_000000050.pt")
+
+
+def _tiny_cfg(*more: str):
+    return load_config(None, ["model.arch=resnet18", "model.width=4", "model.embed_dim=16", "moco.queue_size=32",
+                              "loader.batch_size=8", "optim.batch_ref=8", "optim.lr=0.1", *more])
+
+
+def test_bf16_autocast_training_step_on_cpu() -> None:
+    tr = Trainer(_tiny_cfg("train.precision=bf16"), Comm(), torch.device("cpu"), steps_per_epoch=10)
+    assert tr.precision.name == "bf16"
+    x = torch.randn(8, 5, 16, 16)
+    before = [p.detach().clone() for p in tr.params]
+    res = tr.train_step(x, x.flip(-1))
+    assert res["loss"].dtype == torch.float32 and math.isfinite(float(res["loss"]))
+    assert all(p.dtype == torch.float32 for p in tr.params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.params, strict=True))
+
+
+def test_checkpoint_state_round_trip_restores_training() -> None:
+    cfg = _tiny_cfg()
+    x = [torch.randn(8, 5, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    a = Trainer(cfg, Comm(), torch.device("cpu"), steps_per_epoch=10)
+    for i in range(2):
+        a.train_step(x[i], x[i].flip(-1))
+    state = {"step": a.step, **a.checkpoint_state()}
+    b = Trainer(cfg, Comm(), torch.device("cpu"), steps_per_epoch=10)
+    b.load_state(state)
+    assert b.step == 2 and torch.equal(b.model.queue, a.model.queue) and int(b.model.queue_ptr) == 16
+    for i in (2, 3):
+        la, lb = a.train_step(x[i], x[i].flip(-1))["loss"], b.train_step(x[i], x[i].flip(-1))["loss"]
+        assert float(la) == float(lb)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("moco.queue_mode=global", "queue_mode"),
+        ("moco.temperature=0", "temperature"),
+        ("model.stem_kernel=2", "stem_kernel"),
+        ("optim.name=adam", "optim.name"),
+        ("train.precision=fp8", "precision"),
+        ("dist.backend=mpi", "dist.backend"),
+        ("dist.timeout_s=0", "timeout_s"),
+        ("optim.momentum=1.5", "optim.momentum"),
+    ],
+)
+def test_bad_configs_rejected(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_queue_not_divisible_by_global_batch_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"moco.queue_size = 36 must be divisible by .* 1 x 8 = 8"):
+        Trainer(_tiny_cfg("moco.queue_size=36"), Comm(), torch.device("cpu"), steps_per_epoch=10)
+
+
+def test_none_backend_refuses_a_multi_rank_launch(monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="launched as 2 ranks"):
+        init_comm("none")
