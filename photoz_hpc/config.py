@@ -131,9 +131,13 @@ class MocoConfig:
     temperature: float = 0.2
     bn_mode: Literal["shuffle", "sync", "none"] = "shuffle"
     queue_mode: Literal["sharded", "local", "replicated"] = "sharded"
+    # bn_mode 'shuffle' on one process: BN statistics per sub-batch of loader.batch_size / bn_splits
+    # (must divide it); 1 = plain BN (the query/key BatchNorm leak). Unused with several ranks.
+    bn_splits: int = 8
 
     def __post_init__(self) -> None:
         _check_range("moco.queue_size", self.queue_size, 1)
+        _check_range("moco.bn_splits", self.bn_splits, 1)
         _check_range("moco.momentum", self.momentum, 0.0, 1.0)
         if self.temperature <= 0:
             raise ConfigError(f"config key 'moco.temperature' = {self.temperature} must be > 0")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from photoz_hpc.models.queue import (
     shard_queue,
     unshard_queue,
 )
-from photoz_hpc.models.resnet import ResNet
+from photoz_hpc.models.resnet import ResNet, SplitBatchNorm2d, build_encoder
 from photoz_hpc.train.dist import Comm
 
 
@@ -125,3 +127,121 @@ def test_build_moco_from_config_and_bad_modes() -> None:
         load_config(None, ["moco.bn_mode=group"])
     with pytest.raises(ConfigError, match="batch"):
         m(torch.randn(4, 5, 8, 8), torch.randn(4, 5, 8, 8))
+
+
+# ---------------------------------------------------------------- single-process shuffle-BN (split BN)
+
+
+def test_split_bn_statistics_are_per_sub_batch() -> None:
+    torch.manual_seed(1)
+    bn = SplitBatchNorm2d(3, num_splits=4, momentum=0.1)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(8, 3, 5, 5) * 3 + 1
+    y = bn(x)
+    mean_acc, var_acc = torch.zeros(3), torch.zeros(3)
+    for s in range(4):  # sub-batch s = rows s, s + 4 (the reference's strided split)
+        xs = x[s::4]
+        mu, var = xs.mean((0, 2, 3)), xs.var((0, 2, 3), unbiased=False)
+        ref = (xs - mu[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+        ref = ref * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+        torch.testing.assert_close(y[s::4], ref, rtol=1e-5, atol=1e-5)
+        mean_acc += 0.1 * mu / 4
+        var_acc += 0.1 * xs.var((0, 2, 3), unbiased=True) / 4
+    torch.testing.assert_close(bn.running_mean, mean_acc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, 0.9 + var_acc, rtol=1e-5, atol=1e-6)
+    # a plain full-batch BN gives different outputs (the splits matter) ...
+    plain = torch.nn.BatchNorm2d(3)
+    plain.load_state_dict(bn.state_dict())
+    assert not torch.allclose(plain.train()(x), y, atol=1e-3)
+    # ... and in eval mode it is exactly nn.BatchNorm2d with the running statistics
+    bn.eval()
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn(x), plain.eval()(x), rtol=0, atol=0)
+
+
+def test_split_bn_gradients_match_per_sub_batch_bn() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(6, 4, 3, 3, requires_grad=True)
+    bn = SplitBatchNorm2d(4, num_splits=3)
+    bn(x).pow(2).mul(torch.arange(6.0)[:, None, None, None]).sum().backward()
+    gx, gw = x.grad.clone(), bn.weight.grad.clone()
+    x.grad = None
+    ref = torch.nn.BatchNorm2d(4)
+    out = torch.stack([ref(x[i::3]) for i in range(3)], 1).reshape(6, 4, 3, 3)  # row a*3 + s
+    out.pow(2).mul(torch.arange(6.0)[:, None, None, None]).sum().backward()
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref.weight.grad, gw, rtol=1e-5, atol=1e-6)
+
+
+def test_single_process_shuffle_uses_split_bn_and_keeps_state_dict_keys() -> None:
+    plain = tiny(bn_mode="none")
+    split = tiny(bn_mode="shuffle", bn_splits=4)
+    assert not any(isinstance(mod, SplitBatchNorm2d) for mod in plain.modules())
+    for enc in (split.encoder_q, split.encoder_k):
+        bns = [mod for mod in enc.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+        assert bns and all(isinstance(mod, SplitBatchNorm2d) and mod.num_splits == 4 for mod in bns)
+    assert list(split.state_dict()) == list(plain.state_dict())
+    for a, b in zip(split.state_dict().values(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # the optimiser still sees the same parameters, and export loads into a plain ResNet
+    assert len(list(split.encoder_q.parameters())) == len(list(plain.encoder_q.parameters()))
+    enc = ResNet("resnet18", width=8)
+    enc.load_state_dict(split.encoder.state_dict())
+    x = torch.randn(4, 5, 12, 12)
+    torch.testing.assert_close(enc.eval()(x), split.encoder.eval()(x), rtol=0, atol=0)
+    # bn_splits=1 switches the split off
+    assert not any(isinstance(mod, SplitBatchNorm2d) for mod in tiny(bn_splits=1).modules())
+
+
+def test_single_process_key_shuffle_is_exact() -> None:
+    """Keys from encode_keys equal an unshuffled computation with the same split assignment: output
+    row i is input row i's key, normalised with the statistics of the sub-batch that row was shuffled into."""
+    m = tiny(bn_mode="shuffle", bn_splits=4)
+    x = torch.randn(8, 5, 12, 12)
+    seed = 1234
+    k = m.encode_keys(x, shuffle_seed=seed)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))
+    assert not torch.equal(perm, torch.arange(8))
+    # shuffled position j sits in sub-batch j % 4; compute each sub-batch on its own with plain BN
+    plain = copy.deepcopy(tiny(bn_mode="none").encoder_k)
+    plain.load_state_dict(m.encoder_k.state_dict())
+    expected = torch.empty_like(k)
+    for s in range(4):
+        rows = perm[s::4]  # original rows in sub-batch s
+        expected[rows] = F.normalize(plain(x[rows]).float(), dim=1)
+    torch.testing.assert_close(k, expected, rtol=1e-4, atol=1e-5)
+    # the shuffle matters (a different seed groups rows differently) and is reproducible (resume)
+    assert not torch.allclose(m.encode_keys(x, shuffle_seed=seed + 1), k, atol=1e-4)
+    torch.testing.assert_close(m.encode_keys(x, shuffle_seed=seed), k, rtol=0, atol=0)
+    # with fixed (eval) statistics the shuffle is invisible: row i is exactly row i's key
+    m.encoder_k.eval()
+    plain.load_state_dict(m.encoder_k.state_dict())  # the training-mode calls above moved the running stats
+    plain.eval()
+    torch.testing.assert_close(m.encode_keys(x, shuffle_seed=seed), F.normalize(plain(x).float(), dim=1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bad_bn_splits_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"moco\.bn_splits = 5 must divide the per-rank batch loader\.batch_size = 8"):
+        tiny(bn_splits=5)
+    base = ["model.arch=resnet18", "model.width=4", "moco.queue_size=96", "loader.batch_size=12"]
+    with pytest.raises(ConfigError, match=r"moco\.bn_splits.*valid values: \[1, 2, 3, 4, 6, 12\]"):
+        build_moco(load_config(None, base))  # default 8 does not divide 12
+    assert build_moco(load_config(None, [*base, "moco.bn_splits=4"])).bn_splits == 4
+    assert build_moco(load_config(None, [*base, "moco.bn_mode=none"])).bn_splits == 1  # unused: not checked
+    with pytest.raises(ConfigError, match="moco.bn_splits"):
+        load_config(None, ["moco.bn_splits=0"])
+
+
+def test_split_bn_training_step_runs_and_learns() -> None:
+    cfg = load_config(None, ["model.arch=resnet18", "model.width=4", "moco.queue_size=32", "loader.batch_size=8",
+                             "moco.bn_splits=2"])
+    m = build_moco(cfg)
+    assert isinstance(build_encoder(cfg.model), ResNet) and m.bn_splits == 2
+    x = torch.randn(8, 5, 12, 12)
+    out = m(x, x.flip(-1), shuffle_seed=3)
+    out["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.encoder_q.parameters())
+    assert int(m.queue_ptr) == 8

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import time
 
-from slurm_utils import require_slurm, sbatch_wait
+from slurm_utils import REPO, require_slurm, sbatch_wait
 
 from photoz_hpc.data.prepare import prepare
 from photoz_hpc.data.verify import verify_dataset
@@ -34,3 +38,73 @@ def test_sbatch_prepare_reports_bad_usage(tmp_path):
         sbatch_opts=("--ntasks-per-node=1", "--time=00:05:00"), env={"PHOTOZ_TEST_LOG": str(tmp_path / "bad.out")},
     )
     assert res.returncode != 0 and "usage: sbatch slurm/prepare.sh" in log
+
+
+def _small_dataset(release_h5, tmp_path):
+    return prepare([release_h5("train.h5", 160, seed=7)], tmp_path / "ds", samples_per_shard=64)
+
+
+TINY = ("loader.batch_size=16", "moco.queue_size=128", "augment.crop_size=32", "train.progress=false")
+
+
+def _pretrain_env(tmp_path, ds, run_dir):
+    return {
+        "PHOTOZ_CONFIG": "configs/demo.yaml", "PHOTOZ_DATA": str(ds), "PHOTOZ_BACKEND": "torch",
+        "PHOTOZ_RUN_DIR": str(run_dir), "PHOTOZ_TEST_LOG": str(tmp_path / "pretrain.out"),
+    }
+
+
+def test_sbatch_pretrain_two_ranks(release_h5, tmp_path):
+    require_slurm()
+    ds = _small_dataset(release_h5, tmp_path)
+    run = tmp_path / "run"
+    res, log = sbatch_wait(
+        "slurm/pretrain.sh", "train.epochs=2", *TINY,
+        sbatch_opts=("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:10:00"),
+        env=_pretrain_env(tmp_path, ds, run),
+    )
+    assert res.returncode == 0, res.stdout + res.stderr + log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "torch" and summary["steps"] == 10
+    assert (run / "config.yaml").exists() and (run / "encoder.pt").exists()
+    assert "tasks=2" in (run / "launch.log").read_text() and "exit code 0" in (run / "launch.log").read_text()
+
+
+def test_sbatch_pretrain_preempted_requeues_and_resumes(release_h5, tmp_path):
+    """SIGUSR1 (what --signal=USR1@300 sends) -> checkpoint, exit 75, scontrol requeue, exact resume."""
+    require_slurm()
+    ds = _small_dataset(release_h5, tmp_path)
+    run = tmp_path / "run"
+    env = dict(os.environ, **_pretrain_env(tmp_path, ds, run))
+    cmd = ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path / 'pretrain.out'}", "--nodes=1",
+           "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:10:00",
+           str(REPO / "slurm/pretrain.sh"), "train.epochs=40", "train.checkpoint_every=1000", *TINY]
+    job = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0, 120)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)
+        _wait_for(lambda: "Restarts=1" in _job_info(job), 120)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)  # skip requeue delay
+        _wait_for(lambda: _job_info(job) == "" or "JobState=COMPLETED" in _job_info(job), 400)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    launch = (run / "launch.log").read_text()
+    out = (tmp_path / "pretrain.out").read_text()
+    assert "exit code 75" in launch and "restart 1" in launch and launch.rstrip().endswith("exit code 0"), launch + out
+    assert "requeueing job" in out and re.search(r"resumed from .*ckpt_\d+\.pt at step [1-9]", out), out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] == 200 and summary["start_step"] > 0 and not summary["preempted"]
+
+
+def _job_info(job: str) -> str:
+    res = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else ""
+
+
+def _wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"condition not reached within {timeout} s")

@@ -3,6 +3,11 @@
 Query encoder = ResNet + 2-layer MLP head; key encoder = its momentum copy. The queue and its pointer
 are registered buffers (this rank's part, see ``queue.py``). ``forward`` updates the key encoder,
 encodes keys (with shuffle-BN or SyncBN), computes the InfoNCE loss in fp32 and enqueues the keys.
+
+Shuffle-BN on one process (``bn_mode='shuffle'``, world 1, ``bn_splits`` > 1) follows the reference's
+single-GPU recipe: both encoders use ``SplitBatchNorm2d`` (training statistics per sub-batch of
+B / bn_splits) and the key batch is permuted (seeded like the distributed shuffle) before encoding
+and un-permuted after, so a query and its key are normalised with statistics of different samples.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from photoz_hpc.models.queue import (
     infonce_sharded,
     local_queue_size,
 )
-from photoz_hpc.models.resnet import build_encoder
+from photoz_hpc.models.resnet import build_encoder, convert_split_bn
 
 BN_MODES = ("shuffle", "sync", "none")
 
@@ -55,6 +60,7 @@ class MoCo(nn.Module):
         comm=None,
         hidden_dim: int | None = None,
         seed: int = 0,
+        bn_splits: int = 8,
     ) -> None:
         super().__init__()
         if queue_mode not in QUEUE_MODES:
@@ -66,6 +72,11 @@ class MoCo(nn.Module):
         check_queue_size(queue_size, world, batch_size)
         self.dim, self.queue_size, self.temperature = dim, queue_size, temperature
         self.queue_mode, self.bn_mode, self.batch_size = queue_mode, bn_mode, batch_size
+        # One process has no other ranks to shuffle keys across: split BN (both encoders) + local shuffle.
+        self.bn_splits = bn_splits if (bn_mode == "shuffle" and world == 1) else 1
+        if self.bn_splits != 1:
+            check_bn_splits(bn_splits, batch_size)
+            encoder_q = convert_split_bn(encoder_q, bn_splits)
         hidden = hidden_dim or feature_dim
         head = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
         self.encoder_q = nn.Sequential(encoder_q, head)
@@ -120,10 +131,17 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor, shuffle_seed: int = 0) -> torch.Tensor:
+        """L2-normalised keys, row i for input row i. Shuffle-BN: across ranks (world > 1), or on one
+        process a local permutation from the same ``shuffle_seed`` feeding the split-BN key encoder."""
         if self.bn_mode == "shuffle" and self.comm.world > 1:
             x, unperm = self.batch_shuffle(im_k, shuffle_seed)
             k = F.normalize(self.encoder_k(x).float(), dim=1)
             return self.batch_unshuffle(k, unperm)
+        if self.bn_splits > 1:
+            g = torch.Generator().manual_seed(int(shuffle_seed))
+            perm = torch.randperm(im_k.shape[0], generator=g).to(im_k.device)
+            k = F.normalize(self.encoder_k(im_k[perm]).float(), dim=1)
+            return k[torch.argsort(perm)]
         return F.normalize(self.encoder_k(im_k).float(), dim=1)
 
     def forward(
@@ -155,8 +173,20 @@ class MoCo(nn.Module):
         enqueue(self.queue, self.queue_ptr, k)
 
 
+def check_bn_splits(bn_splits: int, batch: int) -> None:
+    """Split BN needs whole sub-batches: ``bn_splits`` must divide the per-rank batch."""
+    if bn_splits < 1 or batch % bn_splits != 0:
+        divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
+        raise ConfigError(
+            f"moco.bn_splits = {bn_splits} must divide the per-rank batch loader.batch_size = {batch} "
+            f"(single-process shuffle-BN computes BatchNorm statistics per sub-batch of "
+            f"batch / bn_splits); valid values: {divisors}"
+        )
+
+
 def build_moco(cfg, comm=None) -> MoCo:
-    """MoCo from a full ``Config`` (model, moco, loader.batch_size, seed); BN layers follow moco.bn_mode."""
+    """MoCo from a full ``Config`` (model, moco, loader.batch_size, seed); BN layers follow moco.bn_mode
+    (and moco.bn_splits for shuffle-BN on one process)."""
     norm = sync_norm_factory(comm if comm is not None else _SerialComm()) if cfg.moco.bn_mode == "sync" else None
     encoder = build_encoder(cfg.model, norm)
     return MoCo(
@@ -171,4 +201,5 @@ def build_moco(cfg, comm=None) -> MoCo:
         comm=comm,
         hidden_dim=cfg.model.head_hidden_dim or None,
         seed=cfg.seed,
+        bn_splits=cfg.moco.bn_splits,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from photoz_hpc.constants import N_BANDS
@@ -23,6 +24,64 @@ ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed per sub-batch (MoCo's single-GPU ``SplitBatchNorm``).
+
+    In training mode the batch of N is treated as ``num_splits`` sub-batches, sub-batch s holding rows
+    s, s + S, s + 2S, ... (a free reshape to (N/S, S*C, H, W), as in the MoCo reference), each normalised
+    with its own mean/variance; the running statistics are updated with the average of the sub-batch
+    updates. In eval mode it is exactly ``nn.BatchNorm2d`` (running statistics). Parameters, buffers and
+    state-dict keys are those of ``nn.BatchNorm2d``, so checkpoints and exported encoders are unchanged.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kw) -> None:
+        super().__init__(num_features, **kw)
+        if num_splits < 1:
+            raise ConfigError(f"moco.bn_splits = {num_splits} must be >= 1")
+        self.num_splits = int(num_splits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.num_splits
+        if s == 1 or not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % s != 0:
+            raise ConfigError(f"split BatchNorm: batch of {n} is not divisible by moco.bn_splits = {s}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        track = self.track_running_stats and self.running_mean is not None
+        if track:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        rm = self.running_mean.repeat(s) if track else None
+        rv = self.running_var.repeat(s) if track else None
+        weight = self.weight.repeat(s) if self.affine else None
+        bias = self.bias.repeat(s) if self.affine else None
+        out = F.batch_norm(x.reshape(n // s, s * c, h, w), rm, rv, weight, bias, True, factor, self.eps)
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(rm.view(s, c).mean(0))
+                self.running_var.copy_(rv.view(s, c).mean(0))
+        return out.reshape(n, c, h, w)
+
+
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every plain ``nn.BatchNorm2d`` in ``module`` by a ``SplitBatchNorm2d`` with the same
+    parameters and buffers, like ``nn.SyncBatchNorm.convert_sync_batchnorm`` (returns the converted module)."""
+    if type(module) is nn.BatchNorm2d:
+        new = SplitBatchNorm2d(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
+                               affine=module.affine, track_running_stats=module.track_running_stats)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias  # the same Parameters (device, dtype, grad)
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_split_bn(child, num_splits))
+    return module
 
 
 class BasicBlock(nn.Module):
