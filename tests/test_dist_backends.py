@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,39 @@ def test_dead_rank_does_not_hang(tmp_path: Path, data: Path) -> None:
     assert rc1 == -9
     assert rc0 not in (0, None), log0[-3000:]
     assert "rank 0 failed at step 4" in log0 or "rank 0: no training progress" in log0, log0[-3000:]
+
+
+HANG_TIMEOUT_S = 10  # dist.timeout_s for the hung-rank tests; the subprocess limit below keeps a test from hanging
+
+
+@pytest.mark.parametrize("backend", ["torch", "horovod"])
+def test_hung_rank_times_out_and_is_named(tmp_path: Path, data: Path, backend: str) -> None:
+    """Rank 1 stays alive but hangs (sleeps forever) when fetching the batch after step 3, so rank 0 blocks in
+    a collective of step 4. Within about dist.timeout_s every process exits non-zero, and rank 0's log names
+    rank 1 as the one that did not respond (gloo timeout for torch, the no-progress watchdog for Horovod)."""
+    if backend == "horovod":
+        require_horovod()
+    more = ("train.max_steps=50", f"dist.backend={backend}", f"dist.timeout_s={HANG_TIMEOUT_S}")
+    args = ["--hang-after=3", "--hang-rank=1", *tiny_overrides(data, tmp_path / "run", 16, 64, more)]
+    t0 = time.monotonic()
+    if backend == "torch":
+        (rc0, log0), (rc1, log1) = run_torch("pretrain_run.py", args, timeout=55)
+        assert rc0 not in (0, None) and rc1 not in (0, None), (rc0, rc1)
+        log = log0
+    else:
+        rc, log = run_horovod("pretrain_run.py", args, timeout=55)
+        assert rc != 0, log[-3000:]
+        log0 = "\n".join(ln for ln in log.splitlines() if ln.startswith("[0]"))
+        log1 = "\n".join(ln for ln in log.splitlines() if ln.startswith("[1]"))
+    elapsed = time.monotonic() - t0
+    assert "TEST: hanging after 3 steps" in log1, log[-3000:]
+    # rank 0 names rank 1; the hung rank's own watchdog (if it fires before it is killed) names itself
+    assert "rank(s) [1] did not respond" in log0, log0[-3000:]
+    assert "rank 0" in log0 and f"dist.timeout_s={HANG_TIMEOUT_S}" in log0, log0[-3000:]
+    if "no training progress" in log1:
+        assert "rank 1: no training progress" in log1 and "after step 3" in log1, log1[-3000:]
+    # start-up + 3 steps + the timeout + watchdog granularity; generous because the CPU may be shared
+    assert elapsed < 50, elapsed
 
 
 @pytest.mark.parametrize(

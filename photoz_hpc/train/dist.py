@@ -6,13 +6,22 @@ Interface: ``rank``, ``local_rank``, ``world``, ``allreduce(t, op)``, ``allgathe
 accumulate their wall time in ``comm_seconds`` (step timing for benchmarks).
 
 Rank/world come from torchrun, horovodrun, Open MPI or Slurm variables alike (``detect_env``).
+
+Failure diagnosis: every rank counts the explicit collectives it has entered (``calls``) and a daemon
+thread publishes the count to a side channel that does not need the (possibly blocked) collectives --
+the c10d store for ``torch``, horovodrun's rendezvous key-value server for ``horovod --gloo``. When a
+collective fails or times out, or the no-progress watchdog fires, ``peer_report()`` compares the counts
+and names the rank(s) that never reached the collective the others are waiting in.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +31,13 @@ from torch import nn
 
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.logs import get_logger
+from photoz_hpc.train import signals
 
 log = get_logger(__name__)
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message says which rank(s) did not respond, when known."""
 
 
 @dataclass
@@ -71,6 +85,10 @@ class Comm:
     def __init__(self) -> None:
         self.rank, self.local_rank, self.world = 0, 0, 1
         self.comm_seconds = 0.0
+        self.calls = 0  # explicit collectives entered (same sequence on every rank)
+        self.timeout_s = 0.0
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
 
     # -- tensors
     def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -105,13 +123,94 @@ class Comm:
         pass
 
     def shutdown(self) -> None:
-        pass
+        self._stop_heartbeat()
+
+    # -- failure diagnosis: a side channel that works while the collectives are blocked
+    def _kv_set(self, key: str, value: str) -> None:
+        raise NotImplementedError
+
+    def _kv_get(self, key: str) -> str | None:
+        raise NotImplementedError
+
+    def _start_heartbeat(self, timeout_s: float) -> None:
+        """Publish ``calls`` every few seconds from a daemon thread (the main thread may be stuck)."""
+        self.timeout_s = timeout_s
+        if self.world < 2:
+            return
+        try:
+            self._kv_set(f"hb{self.rank}", str(self.calls))
+        except Exception as exc:  # no side channel (e.g. plain mpirun): reports say the rank is unknown
+            log.debug("no heartbeat channel: %s", exc)
+            return
+        interval = min(max(timeout_s / 10, 0.5), 30.0)
+
+        def beat() -> None:
+            last = -1
+            while not self._hb_stop.wait(interval):
+                if self.calls != last:
+                    try:
+                        self._kv_set(f"hb{self.rank}", str(self.calls))
+                        last = self.calls
+                    except Exception:  # the store's host is gone: nothing left to report to
+                        return
+
+        self._hb_thread = threading.Thread(target=beat, daemon=True, name="photoz-heartbeat")
+        self._hb_thread.start()
+        signals.set_peer_report(self.peer_report)
+
+    def _stop_heartbeat(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=5)
+            self._hb_thread = None
+        signals.set_peer_report(None)
+
+    def peer_report(self) -> str:
+        """Which ranks did not reach the collective this rank is in (best effort, never raises)."""
+        if self._hb_thread is None:
+            return "cannot tell which rank did not respond (no heartbeat channel)"
+        counts: dict[int, int] = {self.rank: self.calls}
+        missing = []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            try:
+                v = self._kv_get(f"hb{r}")
+            except Exception:
+                v = None
+            if v is None:
+                missing.append(r)
+            else:
+                counts[r] = int(v)
+        top = max(counts.values())
+        behind = sorted(r for r, c in counts.items() if c < top)
+        parts = []
+        if behind:
+            mine = " (this rank)" if self.rank in behind else ""
+            last = ", ".join(f"rank {r} at #{counts[r]}" for r in behind)
+            parts.append(f"rank(s) {behind}{mine} did not respond: they never entered collective #{top} that "
+                         f"rank(s) {sorted(r for r, c in counts.items() if c == top)} are waiting in ({last})")
+        elif len(counts) > 1:
+            parts.append(f"every reachable rank entered collective #{top}: the stall is in a gradient all-reduce "
+                         "or the ranks issued different collectives")
+        if missing:
+            parts.append(f"no heartbeat from rank(s) {sorted(missing)} (dead, or their host is unreachable)")
+        return "; ".join(parts)
 
     # -- helpers
     def _timed(self, fn, *args, **kw):
+        self.calls += 1
         t0 = time.perf_counter()
         try:
             return fn(*args, **kw)
+        except RuntimeError as exc:
+            if self.world < 2 or isinstance(exc, CollectiveError):
+                raise
+            waited = time.perf_counter() - t0
+            raise CollectiveError(
+                f"rank {self.rank}: collective #{self.calls} ({getattr(fn, '__name__', fn)}) failed after "
+                f"{waited:.0f} s (dist.timeout_s={self.timeout_s:g}): {self.peer_report()}. Cause: {exc}"
+            ) from exc
         finally:
             self.comm_seconds += time.perf_counter() - t0
 
@@ -143,6 +242,20 @@ class TorchComm(Comm):
             dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=timeout)
         self.group = dist.new_group(backend=backend, timeout=timeout)
         self.obj_group = dist.new_group(backend="gloo", timeout=timeout)
+        self._start_heartbeat(timeout_s)
+
+    def _store(self):
+        if getattr(self, "_kv", None) is None:
+            store = self.dist.distributed_c10d._get_default_store()
+            self._kv = self.dist.PrefixStore("photoz/", store)
+        return self._kv
+
+    def _kv_set(self, key, value):
+        self._store().set(key, value)
+
+    def _kv_get(self, key):
+        store = self._store()
+        return store.get(key).decode() if store.check([key]) else None
 
     def allreduce(self, t, op="sum"):
         ops = {"sum": self.dist.ReduceOp.SUM, "mean": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX,
@@ -187,6 +300,7 @@ class TorchComm(Comm):
             return DDP(model, device_ids=ids, broadcast_buffers=False)
 
     def shutdown(self):
+        self._stop_heartbeat()
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
 
@@ -209,6 +323,23 @@ class HorovodComm(Comm):
         if device_type == "cuda":
             torch.cuda.set_device(self.local_rank)
         self._n = 0
+        self._start_heartbeat(timeout_s)
+
+    def _kv_url(self, key: str) -> str:
+        # horovodrun --gloo's rendezvous server (a plain HTTP key-value store); absent under mpirun
+        addr, port = os.environ["HOROVOD_GLOO_RENDEZVOUS_ADDR"], os.environ["HOROVOD_GLOO_RENDEZVOUS_PORT"]
+        return f"http://{addr}:{port}/photoz_heartbeat/{key}"
+
+    def _kv_set(self, key, value):
+        req = urllib.request.Request(self._kv_url(key), data=value.encode(), method="PUT")
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def _kv_get(self, key):
+        try:
+            with urllib.request.urlopen(self._kv_url(key), timeout=5) as resp:
+                return resp.read().decode()
+        except urllib.error.HTTPError:
+            return None
 
     def _name(self, kind: str) -> str:
         self._n += 1  # every rank issues the same sequence of collectives, so names match
@@ -251,6 +382,7 @@ class HorovodComm(Comm):
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def shutdown(self):
+        self._stop_heartbeat()
         self.hvd.shutdown()
 
 

@@ -3,8 +3,10 @@
 Slurm sends SIGTERM (or the ``--signal=USR1@T`` of the job script) before killing a job. The handler
 only sets a flag; the training loop agrees on it across ranks at the next step, writes a checkpoint
 and exits with ``EXIT_PREEMPTED`` so the job script can requeue. The watchdog aborts a rank that
-makes no progress for ``timeout`` seconds (a dead or hung peer), naming the rank and step, instead
-of letting the job hang until its time limit.
+makes no progress for ``timeout`` seconds (a dead or hung peer, or this rank itself hung), naming this
+rank, the step, the rank(s) that did not respond (from the communicator's heartbeats, see
+``photoz_hpc.train.dist``) and the main thread's stack, instead of letting the job hang until its time
+limit. It works the same for every backend, including Horovod, which cannot time out a hung peer itself.
 """
 
 from __future__ import annotations
@@ -14,10 +16,25 @@ import signal
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 
 from photoz_hpc.logs import get_logger
 
 log = get_logger(__name__)
+
+_peer_report: Callable[[], str] | None = None
+
+
+def set_peer_report(fn: Callable[[], str] | None) -> None:
+    """Register the communicator's ``peer_report`` (who did not respond) for the watchdog's message."""
+    global _peer_report
+    _peer_report = fn
+
+
+def _main_stack() -> str:
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    return "".join(traceback.format_stack(frame)[-6:]) if frame is not None else ""
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -64,8 +81,13 @@ class Watchdog(threading.Thread):
         while not self._stop.wait(min(5.0, self.timeout / 4)):
             idle = time.monotonic() - self._last
             if idle > self.timeout:
+                try:
+                    report = _peer_report() if _peer_report is not None else ""
+                except Exception as exc:  # a diagnosis must never stop the abort
+                    report = f"(peer report failed: {exc})"
                 msg = (f"rank {self.rank}: no training progress for {idle:.0f} s after step {self.step} "
-                       f"(dist.timeout_s={self.timeout:g}); a peer rank has probably failed or hung. Aborting.")
+                       f"(dist.timeout_s={self.timeout:g}); {report or 'a peer rank has probably failed or hung'}. "
+                       f"Aborting. Main thread of rank {self.rank} is in:\n{_main_stack()}")
                 log.error(msg)
                 print(msg, file=sys.stderr, flush=True)
                 os._exit(self.exit_code)

@@ -75,14 +75,32 @@ def require_horovod() -> None:
     pytest.skip(msg)
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (horovodrun's workers live in their own process groups)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run_horovod(script: str, args: list[str], np: int = 2, timeout: float = 240, env: dict | None = None):
     cmd = ["horovodrun", "--gloo", "-np", str(np), "-H", f"localhost:{np}", sys.executable, str(SCRIPTS / script), *args]
+    p = subprocess.Popen(cmd, env=_base_env(env), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        p = subprocess.run(cmd, env=_base_env(env), cwd=REPO, text=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"horovodrun {script} did not finish within {timeout} s:\n{(exc.stdout or '')[-3000:]}")
-    return p.returncode, p.stdout
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(p.pid)  # never leave orphaned workers behind
+        out = p.communicate()[0]
+        pytest.fail(f"horovodrun {script} did not finish within {timeout} s:\n{out[-3000:]}")
+    return p.returncode, out
 
 
 def blob_images(n: int, size: int, seed: int = 0):

@@ -1,8 +1,10 @@
 """``run_pretrain`` with the real loader, optionally SIGKILLing itself after a given step.
 
 Used by the resume and failure tests: ``--kill-after N`` kills this process (``--kill-rank`` only that
-rank) when it fetches the batch after step N, i.e. with no chance to clean up. Prints the summary as
-JSON on rank 0 and exits 75 when pre-empted, like the CLI.
+rank) when it fetches the batch after step N, i.e. with no chance to clean up; ``--hang-after N`` makes
+it hang instead (alive, sleeping forever in the main thread, so its peers block in their next collective).
+Test-only hooks: the trainer itself has none. Prints the summary as JSON on rank 0 and exits 75 when
+pre-empted, like the CLI.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from photoz_hpc.cli import EXIT_PREEMPTED
 from photoz_hpc.config import load_config
@@ -41,15 +44,29 @@ class KillingLoader:
     def __iter__(self):
         for batch in self.inner:
             if self.count >= self.after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                self.fail()
             self.count += 1
             yield batch
+
+    def fail(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HangingLoader(KillingLoader):
+    """Like ``KillingLoader`` but the process stays alive and never returns the batch (a hung rank)."""
+
+    def fail(self) -> None:
+        print(f"TEST: hanging after {self.after} steps", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kill-after", type=int, default=0)
     ap.add_argument("--kill-rank", type=int, default=-1, help="-1: every rank")
+    ap.add_argument("--hang-after", type=int, default=0)
+    ap.add_argument("--hang-rank", type=int, default=-1, help="-1: every rank")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_config(None, args.overrides)
@@ -59,6 +76,8 @@ def main() -> int:
     loader = _build_loader(cfg, comm)
     if args.kill_after and args.kill_rank in (-1, comm.rank):
         loader = KillingLoader(loader, args.kill_after)
+    if args.hang_after and args.hang_rank in (-1, comm.rank):
+        loader = HangingLoader(loader, args.hang_after)
     summary = run_pretrain(cfg, loader=loader, comm=comm)
     comm.shutdown()
     if comm.rank == 0:
