@@ -22,6 +22,7 @@ if (( ${#need[@]} )); then
   for attempt in 1 2 3 4 5; do
     apt-get -o DPkg::Lock::Timeout=300 update -qq &&
       apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null && break
+    [[ $attempt -eq 5 ]] && { echo "start_slurm: could not install ${need[*]}" >&2; exit 1; }
     say "apt-get failed (attempt $attempt), retrying"; sleep 10
   done
   restart=1  # a slurmd started before libpmix existed cannot launch --mpi=pmix steps

@@ -272,10 +272,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' = {value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"config key '{key}' = {value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' = {value!r} must be a number")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(
+                f"config key '{key}' = {value!r} must be a string (YAML reads yes/no/on/off/true/false as "
+                f"booleans: quote the value, e.g. {key.split('.')[-1]}: \"off\")"
+            )
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' = {value!r} must be a string")
         return value

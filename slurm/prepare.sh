@@ -11,8 +11,8 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:?run this script with sbatch}"
 SITE=${PHOTOZ_SITE:-slurm/site.sh}
-[[ -f "$SITE" ]] && source "$SITE"
+if [[ -f "$SITE" ]]; then set +u; source "$SITE"; set -u; fi   # module/conda scripts use unset vars
 : "${PYTHON:=python3}"
 : "${PHOTOZ_SRUN_MPI:=pmix}"                       # srun --mpi plugin your MPI was built for
 [[ $# -ge 3 ]] || { echo "usage: sbatch slurm/prepare.sh --out DIR INPUT.h5 [...] [--samples-per-shard N]" >&2; exit 2; }
-srun --mpi="$PHOTOZ_SRUN_MPI" "$PYTHON" -m photoz_hpc prepare "$@"
+srun --mpi="$PHOTOZ_SRUN_MPI" --kill-on-bad-exit=1 "$PYTHON" -m photoz_hpc prepare "$@"

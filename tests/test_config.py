@@ -71,3 +71,13 @@ def test_shipped_configs_load():
     assert configs, "no configs shipped"
     for path in configs:
         assert isinstance(load_config(path), Config)
+
+
+def test_yaml_quirks_are_handled_or_explained(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-4\n")  # YAML 1.1 reads this as a string
+    assert load_config(path).optim.weight_decay == 1e-4
+    with pytest.raises(ConfigError, match="train.resume.*quote"):
+        load_config(None, ["train.resume=off"])
+    with pytest.raises(ConfigError, match="optim.lr.*must be a number"):
+        load_config(None, ["optim.lr=fast"])

@@ -224,3 +224,47 @@ def test_prepare_under_mpirun_matches_serial(release_h5, tmp_path):
     assert mm["pixel_stats"] == ms["pixel_stats"]
     assert mm["shards"] == ms["shards"] and mm["count"] == 19
     assert verify_dataset(tmp_path / "mpi")["ok"]
+
+
+def test_out_that_is_not_a_dataset_is_never_replaced(release_h5, tmp_path):
+    src = release_h5("in.h5", 4)
+    with pytest.raises(PhotozError, match="not a prepared dataset"):
+        prepare([src], tmp_path, overwrite=True)  # tmp_path holds the input itself
+    assert src.exists()
+    (tmp_path / "empty").mkdir()
+    assert len(open_dataset(prepare([src], tmp_path / "empty"))) == 4  # an empty directory is fine
+
+
+def test_resume_drops_temporary_files_of_a_killed_run(release_h5, tmp_path):
+    src = release_h5("a.h5", 8)
+    staging = tmp_path / "ds.partial"
+    staging.mkdir()
+    (staging / ".shard-00000.bin.tmp-12345").write_bytes(b"half a shard")
+    out = prepare([src], tmp_path / "ds", samples_per_shard=4)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert verify_dataset(out)["ok"]
+
+
+def test_io_error_keeps_committed_shards_for_resume(release_h5, tmp_path, monkeypatch):
+    src = release_h5("a.h5", 12)
+    real_write = prepare_mod.write_shard
+
+    def disk_full_on_second(out, plan, *args):
+        if plan.index == 1:
+            raise OSError(28, "No space left on device")
+        return real_write(out, plan, *args)
+
+    monkeypatch.setattr(prepare_mod, "write_shard", disk_full_on_second)
+    with pytest.raises(PhotozError, match="No space left.*re-run the same command to resume"):
+        prepare([src], tmp_path / "ds", samples_per_shard=4)
+    assert (tmp_path / "ds.partial" / "shard-00000.json").exists()
+    monkeypatch.setattr(prepare_mod, "write_shard", real_write)
+    assert len(open_dataset(prepare([src], tmp_path / "ds", samples_per_shard=4))) == 12
+
+
+def test_group_instead_of_dataset_is_a_clear_error(release_h5, tmp_path):
+    src = release_h5("g.h5", 4, ra=None)
+    with h5py.File(src, "a") as fh:
+        fh.create_group("ra")
+    with pytest.raises(InputDataError, match="g.h5: 'ra' is not a dataset"):
+        prepare([src], tmp_path / "ds")

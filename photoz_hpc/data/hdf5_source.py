@@ -67,6 +67,8 @@ def validate_source(path: str | os.PathLike) -> SourceFile:
         expected.update({k: (n,) for k in labels_present})
         for key, shape in expected.items():
             ds = fh[key]
+            if not isinstance(ds, h5py.Dataset):
+                raise InputDataError(f"{path}: '{key}' is not a dataset (it is an HDF5 {type(ds).__name__})")
             if ds.shape != shape:
                 if ds.shape[:1] != (n,):
                     raise InputDataError(f"{path}: '{key}' has {ds.shape[0] if ds.shape else 0} rows but 'images' has {n}")

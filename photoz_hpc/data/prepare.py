@@ -171,8 +171,12 @@ def prepare(
         raise PhotozError("prepare needs at least one input HDF5 file")
     out = Path(out).resolve()
     staging = out.with_name(out.name + ".partial")
-    if (out / fmt.MANIFEST_NAME).exists() and not overwrite:
-        raise PhotozError(f"{out}: a prepared dataset already exists (use --overwrite to replace it)")
+    if (out / fmt.MANIFEST_NAME).exists():
+        if not overwrite:
+            raise PhotozError(f"{out}: a prepared dataset already exists (use --overwrite to replace it)")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # Never replace anything that is not a prepared dataset (it may hold the inputs themselves).
+        raise PhotozError(f"{out}: exists and is not a prepared dataset; choose a new or empty --out directory")
 
     sources = [validate_source(p) for p in inputs]
     shapes = {(s.height, s.width) for s in sources}
@@ -188,6 +192,8 @@ def prepare(
     if comm.rank == 0:
         try:
             staging.mkdir(parents=True, exist_ok=True)
+            for stale in staging.glob(".*.tmp-*"):  # left by a killed run: never published
+                stale.unlink()
             plan_file = staging / "plan.json"
             if plan_file.exists() and json.loads(plan_file.read_text()) != fingerprint:
                 error = f"{staging}: holds an unfinished prepare of different inputs or settings; remove it first"
@@ -211,11 +217,24 @@ def prepare(
             records.append(record)
     except InputDataError as exc:
         error = str(exc)
+        bad_input = 1
+    except Exception as exc:  # disk full, I/O error...: keep committed shards so a re-run resumes
+        error = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
+        bad_input = 0
+    else:
+        bad_input = 0
+    # Every rank reaches these collectives, whatever happened on the others: no rank is left waiting.
     errors = [e for e in comm.gather(error) if e]
-    if comm.allreduce_max(1 if error else 0):
+    failed = comm.allreduce_max(2 if bad_input else (1 if error else 0))
+    if failed == 2:
         if comm.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise InputDataError("; ".join(errors) if errors else "another rank hit bad input (see its log); nothing was kept")
+    if failed:
+        raise PhotozError(
+            ("; ".join(errors) if errors else "another rank failed (see its log)")
+            + f"; completed shards are kept in {staging}: re-run the same command to resume"
+        )
     if reused:
         log.info("resumed: %d shard(s) already complete on rank %d", reused, comm.rank)
 
@@ -227,13 +246,19 @@ def prepare(
     median, mad = exact_median_mad(shard_blocks(staging, records, shape), N_BANDS, count * height * width, comm)
 
     all_records = comm.gather(records)
+    error = ""
     if comm.rank == 0:
-        shards = sorted((r for part in all_records for r in part), key=lambda r: r["index"])
-        manifest = build_manifest(sources, shards, shape, samples_per_shard, bad_row_policy, median, mad)
-        atomic_write_json(staging / fmt.MANIFEST_NAME, manifest)
-        _publish(staging, out)
-        log.info("prepared %d samples in %d shards at %s", manifest["count"], len(shards), out)
-    comm.barrier()
+        try:
+            shards = sorted((r for part in all_records for r in part), key=lambda r: r["index"])
+            manifest = build_manifest(sources, shards, shape, samples_per_shard, bad_row_policy, median, mad)
+            atomic_write_json(staging / fmt.MANIFEST_NAME, manifest)
+            _publish(staging, out)
+            log.info("prepared %d samples in %d shards at %s", manifest["count"], len(shards), out)
+        except OSError as exc:
+            error = f"{out}: could not publish the dataset ({exc}); the finished shards are in {staging}"
+    error = comm.bcast(error)
+    if error:
+        raise PhotozError(error)
     return out
 
 
