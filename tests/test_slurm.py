@@ -80,12 +80,16 @@ def test_sbatch_pretrain_preempted_requeues_and_resumes(release_h5, tmp_path):
            "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:10:00",
            str(REPO / "slurm/pretrain.sh"), "train.epochs=40", "train.checkpoint_every=1000", *TINY]
     job = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
+    def logs() -> str:
+        parts = [run / "launch.log", tmp_path / "pretrain.out"]
+        return "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in parts if p.exists()) + "\n" + _job_info(job)
+
     try:
-        _wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0, 120)
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0, 180, logs)
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
-        _wait_for(lambda: "Restarts=1" in _job_info(job), 120)
+        _wait_for(lambda: "Restarts=1" in _job_info(job), 240, logs)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)  # skip requeue delay
-        _wait_for(lambda: _job_info(job) == "" or "JobState=COMPLETED" in _job_info(job), 400)
+        _wait_for(lambda: _job_info(job) == "" or "JobState=COMPLETED" in _job_info(job), 400, logs)
     finally:
         subprocess.run(["scancel", job], check=False)
     launch = (run / "launch.log").read_text()
@@ -101,10 +105,10 @@ def _job_info(job: str) -> str:
     return res.stdout if res.returncode == 0 else ""
 
 
-def _wait_for(predicate, timeout: float) -> None:
+def _wait_for(predicate, timeout: float, diagnostics=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(1)
-    raise AssertionError(f"condition not reached within {timeout} s")
+    raise AssertionError(f"condition not reached within {timeout} s\n{diagnostics()}")
