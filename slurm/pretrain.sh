@@ -18,12 +18,15 @@ set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:?run this script with sbatch}"
 SITE=${PHOTOZ_SITE:-slurm/site.sh}
-[[ -f "$SITE" ]] && source "$SITE"
+if [[ -f "$SITE" ]]; then set +u; source "$SITE"; set -u; fi   # module/conda scripts use unset vars
 
 : "${PHOTOZ_CONFIG:=configs/pretrain.yaml}"
 : "${PHOTOZ_DATA:=}"                               # dataset directory (else data.path from the config)
 : "${PHOTOZ_BACKEND:=auto}"                        # dist.backend: auto | horovod | torch | none
 : "${PHOTOZ_RUN_DIR:=runs/pretrain-${SLURM_JOB_ID}}"
+: "${PHOTOZ_SRUN_MPI:=pmix}"                       # srun --mpi plugin your MPI was built for (Horovod over MPI
+                                                   # needs it to connect the tasks); PHOTOZ_SRUN_MPI=none where
+                                                   # Slurm has no pmix plugin (fine for dist.backend=torch)
 : "${PYTHON:=python3}"
 [[ -f "$PHOTOZ_CONFIG" ]] || { echo "config $PHOTOZ_CONFIG not found" >&2; exit 2; }
 
@@ -42,10 +45,24 @@ mkdir -p "$PHOTOZ_RUN_DIR"
 overrides=("out_dir=$PHOTOZ_RUN_DIR" "dist.backend=$PHOTOZ_BACKEND" "train.resume=auto")
 [[ -n "$PHOTOZ_DATA" ]] && overrides+=("data.path=$PHOTOZ_DATA")
 
+# Pre-emption/time limit: the ranks get SIGUSR1 (--signal=USR1@300) or SIGTERM, checkpoint and exit 75. This
+# shell must survive until srun returns so that it can requeue: srun runs in the background and the traps
+# only note the signal (`wait` returns early on a trapped signal, so it is repeated until srun has ended).
+# USR1 sent to this shell alone (--signal=B:USR1@T, scancel --batch) is passed on to srun, which forwards
+# it to the ranks; TERM is not (srun answers SIGTERM by SIGKILLing the ranks; Slurm signals them itself).
+pid="" sig=""
+trap 'sig=TERM; echo "batch shell: SIGTERM, waiting for the ranks to checkpoint" >&2' TERM
+trap 'sig=USR1; [[ -n $pid ]] && kill -USR1 "$pid" 2>/dev/null || true' USR1
 set +e
-srun --kill-on-bad-exit=1 --cpu-bind=cores \
-  "$PYTHON" -m photoz_hpc pretrain --config "$PHOTOZ_CONFIG" "${overrides[@]}" "$@"
-rc=$?
+srun --kill-on-bad-exit=1 --cpu-bind=cores --mpi="$PHOTOZ_SRUN_MPI" \
+  "$PYTHON" -m photoz_hpc pretrain --config "$PHOTOZ_CONFIG" "${overrides[@]}" "$@" &
+pid=$!
+while :; do
+  sig=""
+  wait "$pid"; rc=$?
+  [[ -n $sig && $rc -gt 128 ]] || break            # interrupted by a trapped signal: srun still running
+done
+trap - TERM USR1   # `scontrol requeue` below ends this shell with SIGTERM: it must not outlive the requeue
 set -e
 echo "== $(date -Is) exit code $rc" >> "$PHOTOZ_RUN_DIR/launch.log"
 if [[ $rc -eq 75 ]]; then          # EXIT_PREEMPTED: checkpoint saved on SIGUSR1/SIGTERM

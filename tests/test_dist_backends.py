@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from dist_scripts.launch import make_dataset, require_horovod, run_horovod, run_torch, tiny_overrides
+from dist_scripts.launch import REPO, make_dataset, require_horovod, run_horovod, run_torch, tiny_overrides
 
 from photoz_hpc.train.dist import detect_env, resolve_backend
 
@@ -129,3 +132,17 @@ def test_missing_horovod_fails_in_ci_and_skips_elsewhere(monkeypatch) -> None:
     monkeypatch.delenv("PHOTOZ_REQUIRE_HOROVOD")
     with pytest.raises(pytest.skip.Exception):
         launch.require_horovod()
+
+
+def test_horovod_refuses_tasks_that_did_not_join_one_job() -> None:
+    """srun without a working --mpi plugin: each task's hvd.init() sees a world of 1 while Slurm launched 2."""
+    require_horovod()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OMPI_COMM_WORLD", "PMI_", "PMIX_", "HOROVOD_", "SLURM_"))
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="2", PYTHONPATH=str(REPO),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    code = "from photoz_hpc.train.dist import init_comm; init_comm('horovod', 30.0, 'cpu')"
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "Horovod connected 1 rank(s) but slurm launched 2 tasks" in p.stderr, p.stderr[-3000:]

@@ -74,3 +74,66 @@ def test_sigterm_saves_checkpoint_and_exits_75(tmp_path: Path, data: Path) -> No
     assert summary["preempted"] is True and 3 <= summary["steps"] < 100000
     assert Path(summary["checkpoint"]).name == f"ckpt_{summary['steps']:09d}.pt"
     assert summary["encoder"] is None
+
+
+class _SignallingLoader:
+    """Loader proxy that sends this process ``signum`` from ``len()`` (start-up, before the first step)
+    or from ``state_dict()`` (the checkpoint after the loop)."""
+
+    def __init__(self, inner, signum: int, at: str) -> None:
+        self.inner, self.signum, self.at, self.sent = inner, signum, at, False
+
+    def _maybe_send(self, where: str) -> None:
+        if where == self.at and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)  # handled synchronously, before os.kill returns to Python code
+
+    def __len__(self) -> int:
+        self._maybe_send("len")
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        self._maybe_send("state_dict")
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.inner.load_state_dict(sd)
+
+    def __iter__(self):
+        return iter(self.inner)
+
+
+@pytest.mark.parametrize("signum, at", [(signal.SIGUSR1, "len"), (signal.SIGTERM, "state_dict")])
+def test_preemption_signal_outside_the_loop_is_handled(tmp_path: Path, data: Path, signum: int, at: str) -> None:
+    """A signal during start-up stops cleanly (nothing trained: no checkpoint); one during the final save is
+    absorbed (the run completes). The previous handler is restored afterwards. A recorder stands in for the
+    default action, which would kill the test process."""
+    from photoz_hpc.train.dist import Comm
+    from photoz_hpc.train.pretrain import _build_loader
+
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(data, out, 32, 64, ("train.max_steps=3", "train.checkpoint_every=1000")))
+    received: list[int] = []
+
+    def recorder(sig, frame) -> None:
+        received.append(sig)
+
+    previous = signal.signal(signum, recorder)
+    try:
+        loader = _SignallingLoader(_build_loader(cfg, Comm()), signum, at)
+        s = run_pretrain(cfg, loader=loader)
+        assert loader.sent and received == [], "the signal reached the previous handler, not the trainer's"
+        assert signal.getsignal(signum) is recorder
+        os.kill(os.getpid(), signum)  # restored: the recorder gets it again
+        assert received == [signum]
+    finally:
+        signal.signal(signum, previous)
+    if at == "len":
+        assert s["preempted"] is True and s["steps"] == 0 and s["checkpoint"] is None and s["encoder"] is None
+        assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    else:
+        assert s["preempted"] is False and s["steps"] == 3 and Path(s["checkpoint"]).name == "ckpt_000000003.pt"
+        assert s["encoder"] is not None

@@ -11,10 +11,11 @@ import torch
 from photoz_hpc.config import load_config
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.train.checkpoint import find_latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
-from photoz_hpc.train.dist import Comm, init_comm
+from photoz_hpc.train.dist import Comm, cuda_device_index, init_comm
 from photoz_hpc.train.optim import LARS, build_optimizer, lr_at
 from photoz_hpc.train.precision import resolve_precision
-from photoz_hpc.train.pretrain import Trainer
+from photoz_hpc.train.pretrain import Trainer, local_queue_ptr, resolve_device
+from photoz_hpc.train.signals import Watchdog
 
 
 def test_lr_linear_scaling_warmup_and_cosine() -> None:
@@ -126,3 +127,46 @@ def test_none_backend_refuses_a_multi_rank_launch(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="launched as 2 ranks"):
         init_comm("none")
+
+
+def test_cuda_device_index_with_per_task_gpu_binding(monkeypatch) -> None:
+    # srun --gpus-per-task=1: each of the node's 4 tasks (local ranks 0..3) sees one device, index 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [cuda_device_index(r) for r in range(4)] == [0, 0, 0, 0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda", 3) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # all of the node's GPUs visible
+    assert [cuda_device_index(r) for r in range(4)] == [0, 1, 2, 3]
+    assert resolve_device("auto", 2) == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(PhotozError, match="no CUDA device"):
+        cuda_device_index(0)
+
+
+def test_watchdog_start_stop_join() -> None:
+    wd = Watchdog(timeout=60.0, rank=0)
+    wd.start()
+    assert wd.is_alive()
+    wd.beat(1)
+    wd.stop()
+    wd.join(timeout=20)
+    assert not wd.is_alive()
+
+
+@pytest.mark.parametrize(
+    "gptr, world, batch, mode, expected",
+    [
+        (48, 2, 8, "sharded", 24),  # same layout: a whole block of 2 x 8, unchanged
+        (48, 2, 8, "replicated", 48),
+        (8, 2, 8, "sharded", 0),  # written by 1 x 8, now 2 x 8: aligned down to the block start (was 4)
+        (24, 2, 8, "local", 8),  # 24 -> 16 -> 8 per rank (a multiple of the batch)
+        (24, 2, 8, "replicated", 16),
+        (72, 4, 4, "sharded", 0),  # modulo the queue (64) first: 8, inside the first 4 x 4 block -> 0
+        (48, 4, 8, "sharded", 8),  # 48 is a multiple of 32 plus 16 -> 32 -> 8 per rank
+    ],
+)
+def test_local_queue_ptr_realigns_for_a_new_world_and_batch(gptr, world, batch, mode, expected) -> None:
+    ptr = local_queue_ptr(gptr, 64, world, batch, mode)
+    assert ptr == expected
+    local_batch = batch if mode != "replicated" else world * batch
+    assert ptr % local_batch == 0  # every rank enqueues whole batches at block boundaries

@@ -29,10 +29,15 @@ def _run(args: argparse.Namespace) -> int:
     from photoz_hpc.logs import setup_logging
     from photoz_hpc.train.dist import detect_env
     from photoz_hpc.train.pretrain import run_pretrain
+    from photoz_hpc.train.signals import PreemptionFlag, ignore_preemption
 
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)
+    PreemptionFlag().install()  # what run_pretrain restores on return: no gap in which a signal kills us
     summary = run_pretrain(cfg)
+    # Done (checkpoint and summary written): a late SIGTERM -- e.g. srun --kill-on-bad-exit terminating this
+    # rank because a peer already exited 75 -- must not turn this rank's exit code into 143 (no requeue).
+    ignore_preemption()
     if detect_env().rank == 0:
         print(json.dumps(summary, indent=2))
     return EXIT_PREEMPTED if summary["preempted"] else 0

@@ -69,6 +69,16 @@ def detect_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(0, 0, 1, "none")
 
 
+def cuda_device_index(local_rank: int) -> int:
+    """The CUDA device this rank uses: ``local_rank % device_count()``. With per-task GPU binding
+    (``srun --gpus-per-task=1``, ``--gpu-bind``) every task sees one device, index 0, whatever its
+    local rank; with all the node's GPUs visible it is the local rank. Used for every device choice."""
+    n = torch.cuda.device_count()
+    if n < 1:
+        raise PhotozError("CUDA was requested but no CUDA device is visible to this process")
+    return local_rank % n
+
+
 def horovod_available() -> bool:
     try:
         import horovod.torch  # noqa: F401
@@ -234,9 +244,10 @@ class TorchComm(Comm):
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out NCCL op aborts, not hangs
         backend = "nccl" if device_type == "cuda" else "gloo"
-        self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device("cpu")
+        self.device = torch.device("cpu")
         if device_type == "cuda":
-            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", cuda_device_index(self.local_rank))
+            torch.cuda.set_device(self.device)
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=timeout)
@@ -310,7 +321,7 @@ class HorovodComm(Comm):
 
     name = "horovod"
 
-    def __init__(self, timeout_s: float, device_type: str) -> None:
+    def __init__(self, timeout_s: float, device_type: str, env: LaunchEnv | None = None) -> None:
         super().__init__()
         # Stall detection turns a dead/hung peer into an error instead of a silent hang.
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(5, int(timeout_s // 4))))
@@ -320,8 +331,17 @@ class HorovodComm(Comm):
         self.hvd = hvd
         hvd.init()
         self.rank, self.local_rank, self.world = hvd.rank(), hvd.local_rank(), hvd.size()
+        env = detect_env() if env is None else env
+        if env.world > 1 and self.world != env.world:
+            # e.g. srun without (or with the wrong) --mpi plugin: every task initialises MPI alone and
+            # would train on its own, all of them writing the same out_dir.
+            hvd.shutdown()
+            raise ConfigError(
+                f"Horovod connected {self.world} rank(s) but {env.launcher} launched {env.world} tasks: the tasks "
+                "did not join one job. Under srun pass the --mpi plugin your MPI was built for (slurm/pretrain.sh: "
+                "PHOTOZ_SRUN_MPI, default pmix), use mpirun/horovodrun, or dist.backend=torch")
         if device_type == "cuda":
-            torch.cuda.set_device(self.local_rank)
+            torch.cuda.set_device(cuda_device_index(self.local_rank))
         self._n = 0
         self._start_heartbeat(timeout_s)
 
@@ -407,7 +427,7 @@ def init_comm(backend: str = "auto", timeout_s: float = 600.0, device_type: str 
     if backend == "horovod":
         if not horovod_available():
             raise ConfigError("dist.backend 'horovod' but 'import horovod.torch' fails: run launch/install_horovod.sh")
-        return HorovodComm(timeout_s, device_type)
+        return HorovodComm(timeout_s, device_type, env)
     if backend == "torch":
         return TorchComm(env, timeout_s, device_type)
     raise ConfigError(f"dist.backend '{backend}' is not one of ['auto', 'horovod', 'torch', 'none']")

@@ -28,7 +28,7 @@ from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.momentum import momentum_at
 from photoz_hpc.models.queue import check_queue_size, shard_queue, unshard_queue
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
-from photoz_hpc.train.dist import Comm, detect_env, init_comm
+from photoz_hpc.train.dist import Comm, cuda_device_index, detect_env, init_comm
 from photoz_hpc.train.metrics_log import MetricsLog
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
@@ -43,7 +43,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     if requested in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", cuda_device_index(local_rank))
     return torch.device("cpu")
 
 
@@ -82,6 +82,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def local_queue_ptr(global_ptr: int, queue_size: int, world: int, batch: int, mode: str) -> int:
+    """This rank's ``queue_ptr`` for a checkpoint's replicated-layout pointer ``global_ptr``.
+
+    Every step enqueues a whole block of ``world x batch`` keys, so the pointer must sit on a block
+    boundary of *this* run's layout. A checkpoint written with another world x batch may point inside
+    such a block: the pointer is then aligned down to the block start, i.e. the newest (partial) block
+    of keys is overwritten first, and the slots after the old pointer keep their (older) keys longer.
+    """
+    block = world * batch
+    gptr = global_ptr % queue_size
+    gptr -= gptr % block
+    return gptr if mode == "replicated" else gptr // world
 
 
 class Trainer:
@@ -176,8 +190,8 @@ class Trainer:
                               "(moco.queue_size or embed_dim changed)")
         with torch.no_grad():
             model.queue.copy_(mine)
-            gptr = int(state["queue_ptr_global"]) % self.cfg.moco.queue_size
-            model.queue_ptr.fill_(gptr if mode == "replicated" else gptr // comm.world)
+            model.queue_ptr.fill_(local_queue_ptr(int(state["queue_ptr_global"]), self.cfg.moco.queue_size,
+                                                  comm.world, self.batch, mode))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
@@ -212,21 +226,30 @@ def _build_loader(cfg: Config, comm: Comm):
 
 def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str, Any]:
     """Pretrain MoCo v2 per ``cfg`` on this rank; returns the run summary (same dict on every rank,
-    file paths meaningful on rank 0). ``summary['preempted']`` is True after a SIGTERM/SIGUSR1 stop."""
-    env = detect_env()
-    device = resolve_device(cfg.train.device, env.local_rank)
-    threads = set_cpu_threads(cfg, device)
-    log.debug("torch intra-op threads: %d", threads)
-    own = comm is None
-    comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type)
+    file paths meaningful on rank 0). ``summary['preempted']`` is True after a SIGTERM/SIGUSR1 stop.
+
+    The SIGTERM/SIGUSR1 handler is installed first and restored last: a signal during start-up (loader,
+    checkpoint load) or after the loop (final save, export, summary) only sets the flag, so the run
+    still ends with a checkpoint (or, with nothing trained yet, a clean pre-empted exit) instead of
+    being killed."""
+    flag = PreemptionFlag().install()
     try:
-        return _run(cfg, comm, device, loader)
+        env = detect_env()
+        device = resolve_device(cfg.train.device, env.local_rank)
+        threads = set_cpu_threads(cfg, device)
+        log.debug("torch intra-op threads: %d", threads)
+        own = comm is None
+        comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type)
+        try:
+            return _run(cfg, comm, device, loader, flag)
+        finally:
+            if own:
+                comm.shutdown()
     finally:
-        if own:
-            comm.shutdown()
+        flag.restore()
 
 
-def _run(cfg: Config, comm: Comm, device: torch.device, loader) -> dict[str, Any]:
+def _run(cfg: Config, comm: Comm, device: torch.device, loader, flag: PreemptionFlag) -> dict[str, Any]:
     from tqdm import tqdm
 
     rank0, world = comm.rank == 0, comm.world
@@ -257,7 +280,6 @@ def _run(cfg: Config, comm: Comm, device: torch.device, loader) -> dict[str, Any
         log.info("resumed from %s at step %d", path, trainer.step)
     start_step, total = trainer.step, trainer.total_steps
 
-    flag = PreemptionFlag().install()
     watchdog = None
     if cfg.dist.watchdog and world > 1:
         watchdog = Watchdog(cfg.dist.timeout_s, comm.rank)
@@ -271,7 +293,10 @@ def _run(cfg: Config, comm: Comm, device: torch.device, loader) -> dict[str, Any
 
     losses: list[float] = []
     times = {"data_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "step_s": 0.0}
-    measured_steps, last_ckpt, preempted = 0, None, False
+    measured_steps, last_ckpt = 0, None
+    # a signal during start-up: agree on it before the first step (ranks may differ)
+    preempted = bool(comm.allreduce(torch.tensor([float(flag.raised)], dtype=torch.float64).to(device), "max")
+                     .cpu()[0] > 0)
     saved_step = start_step if state is not None else -1
     epoch = trainer.step // spe
     mid_epoch = loader_restored and trainer.step % spe != 0
@@ -328,11 +353,10 @@ def _run(cfg: Config, comm: Comm, device: torch.device, loader) -> dict[str, Any
         raise
     finally:
         bar.close()
-        flag.restore()
         if watchdog is not None:
             watchdog.stop()
 
-    if trainer.step != saved_step:
+    if trainer.step != saved_step and not (preempted and trainer.step == 0):  # nothing trained: nothing to save
         last_ckpt = _save(trainer, loader, ckdir, cfg)
     elif last_ckpt is None and path:
         last_ckpt = Path(path)

@@ -64,6 +64,14 @@ class PreemptionFlag:
         self._previous.clear()
 
 
+def ignore_preemption() -> None:
+    """Ignore SIGTERM/SIGUSR1 from now on (a process whose work is saved and that is about to exit).
+    SIG_IGN, unlike a Python handler, stays in force during interpreter shutdown."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class Watchdog(threading.Thread):
     """Calls ``os._exit(exit_code)`` if ``beat()`` is not called for ``timeout`` seconds."""
 
@@ -72,13 +80,13 @@ class Watchdog(threading.Thread):
         self.timeout, self.rank, self.exit_code = timeout, rank, exit_code
         self.step = 0
         self._last = time.monotonic()
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()  # not _stop: Thread._stop() exists
 
     def beat(self, step: int) -> None:
         self.step, self._last = step, time.monotonic()
 
     def run(self) -> None:
-        while not self._stop.wait(min(5.0, self.timeout / 4)):
+        while not self._stop_event.wait(min(5.0, self.timeout / 4)):
             idle = time.monotonic() - self._last
             if idle > self.timeout:
                 try:
@@ -93,4 +101,4 @@ class Watchdog(threading.Thread):
                 os._exit(self.exit_code)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
