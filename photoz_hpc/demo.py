@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -54,12 +55,31 @@ def build_dataset(cfg, fresh: bool = False) -> Path:
     return dataset
 
 
+def _set_aside_finished_run(out: Path) -> None:
+    """A re-run of the demo trains afresh: a finished run moves to ``OUT.prev`` (an unfinished one resumes)."""
+    summary = out / "summary.json"
+    if not summary.exists():
+        return
+    try:
+        done = json.loads(summary.read_text())
+        finished = not done.get("preempted") and (done.get("steps") or 0) >= (done.get("total_steps") or 0)
+    except (OSError, ValueError):
+        finished = False
+    if finished:
+        prev = out.with_name(out.name + ".prev")
+        shutil.rmtree(prev, ignore_errors=True)
+        out.rename(prev)
+        log.info("previous demo run finished: kept it as %s, training afresh in %s", prev, out)
+
+
 def run(args: argparse.Namespace) -> int:
     from photoz_hpc.config import load_config, save_config
     from photoz_hpc.data.verify import dataset_info
 
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg.out_dir)
+    if not args.skip_train:
+        _set_aside_finished_run(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     dataset = build_dataset(cfg, args.fresh)
@@ -73,4 +93,13 @@ def run(args: argparse.Namespace) -> int:
     summary = run_pretrain(cfg)
     print("== pretraining ==")
     print(json.dumps(summary, indent=2, default=str))
+    if summary.get("first_loss") is None:
+        print(f"\nNo training steps ran (resumed at step {summary['start_step']} of {summary['total_steps']}).")
+        return 0
+    print(
+        f"\nDemo done: MoCo loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} over {summary['steps']} steps "
+        f"at {summary['img_per_s']:.0f} img/s ({summary['world_size']} rank(s), {summary['device']}).\n"
+        f"  dataset     {dataset}\n  checkpoint  {summary['checkpoint']}\n  metrics     {summary['metrics']}\n"
+        f"  tensorboard {summary['tensorboard']}\n  encoder     {summary['encoder']}\n  config      {out / 'config.yaml'}"
+    )
     return 0
