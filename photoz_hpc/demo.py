@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from photoz_hpc.data.format import MANIFEST_NAME
 from photoz_hpc.logs import get_logger
 
 log = get_logger(__name__)
@@ -39,7 +40,7 @@ def build_dataset(cfg, fresh: bool = False) -> Path:
     from photoz_hpc.sim import generate_survey
 
     dataset = Path(cfg.data.path)
-    if not fresh and (dataset / "manifest.json").exists():
+    if not fresh and (dataset / MANIFEST_NAME).exists():
         try:
             verify_dataset(dataset)
             log.info("reusing verified dataset %s (use --fresh to regenerate)", dataset)

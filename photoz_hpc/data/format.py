@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from photoz_hpc.constants import N_BANDS
+
 FORMAT_VERSION = 1
 LAYOUT = "HWC"
 IMAGE_DTYPE = np.dtype("<f4")
@@ -28,7 +30,7 @@ META_DTYPE = np.dtype(
     [
         ("specz_redshift", "<f8"),
         ("specz_redshift_err", "<f8"),
-        ("e_bv", "<f8", (5,)),
+        ("e_bv", "<f8", (N_BANDS,)),
         ("ebv_sfd", "<f8"),
         ("ra", "<f8"),
         ("dec", "<f8"),

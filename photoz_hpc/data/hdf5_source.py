@@ -93,26 +93,34 @@ def _as_int64(path: str, key: str, values: np.ndarray) -> np.ndarray:
         raise InputDataError(f"{path}: '{key}' holds values that are not integers ({exc})") from None
 
 
-def read_rows(src: SourceFile, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Read rows [start, stop) of one source; images stay float32 (N,5,H,W), bit-exact."""
-    with _open(src.path) as fh:
-        try:
-            out = {
-                "images": fh["images"][start:stop],
-                "e_bv": fh["e_bv"][start:stop].astype(np.float64),
-                "ra": fh["ra"][start:stop].astype(np.float64),
-                "dec": fh["dec"][start:stop].astype(np.float64),
-                "ObjID": _as_int64(src.path, "ObjID", fh["ObjID"][start:stop]),
-                "specObjID": _as_int64(src.path, "specObjID", fh["specObjID"][start:stop]),
-            }
-            if src.labeled:
-                out["specz_redshift"] = fh["specz_redshift"][start:stop].astype(np.float64)
-                out["specz_redshift_err"] = fh["specz_redshift_err"][start:stop].astype(np.float64)
-            else:
-                out["specz_redshift"] = np.full(stop - start, np.nan)
-                out["specz_redshift_err"] = np.full(stop - start, np.nan)
-        except OSError as exc:
-            raise InputDataError(f"{src.path}: rows {start}..{stop} cannot be read (truncated or corrupt?): {exc}") from None
+def open_source(src: SourceFile) -> h5py.File:
+    """Open a validated source for reading (a context manager); errors name the file."""
+    return _open(src.path)
+
+
+def read_rows(src: SourceFile, start: int, stop: int, fh: h5py.File | None = None) -> dict[str, np.ndarray]:
+    """Read rows [start, stop) of one source (from ``fh`` if given, else opened here); images stay
+    float32 (N,5,H,W), bit-exact."""
+    if fh is None:
+        with _open(src.path) as own:
+            return read_rows(src, start, stop, own)
+    try:
+        out = {
+            "images": fh["images"][start:stop],
+            "e_bv": fh["e_bv"][start:stop].astype(np.float64),
+            "ra": fh["ra"][start:stop].astype(np.float64),
+            "dec": fh["dec"][start:stop].astype(np.float64),
+            "ObjID": _as_int64(src.path, "ObjID", fh["ObjID"][start:stop]),
+            "specObjID": _as_int64(src.path, "specObjID", fh["specObjID"][start:stop]),
+        }
+        if src.labeled:
+            out["specz_redshift"] = fh["specz_redshift"][start:stop].astype(np.float64)
+            out["specz_redshift_err"] = fh["specz_redshift_err"][start:stop].astype(np.float64)
+        else:
+            out["specz_redshift"] = np.full(stop - start, np.nan)
+            out["specz_redshift_err"] = np.full(stop - start, np.nan)
+    except OSError as exc:
+        raise InputDataError(f"{src.path}: rows {start}..{stop} cannot be read (truncated or corrupt?): {exc}") from None
     return out
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz_hpc.constants import N_BANDS, R_DR12, sfd_ebv
+from photoz_hpc.constants import BANDS, N_BANDS, R_DR12, sfd_ebv
 from photoz_hpc.data import format as fmt
-from photoz_hpc.data.comm import SerialComm, get_comm
-from photoz_hpc.data.hdf5_source import SourceFile, bad_rows, read_rows, validate_source
+from photoz_hpc.data.comm import get_comm
+from photoz_hpc.data.hdf5_source import SourceFile, bad_rows, open_source, read_rows, validate_source
 from photoz_hpc.data.stats import exact_median_mad
 from photoz_hpc.errors import InputDataError, PhotozError
 from photoz_hpc.io_utils import atomic_open, atomic_write_json
@@ -77,27 +77,29 @@ def write_shard(out: Path, plan: ShardPlan, sources: list[SourceFile], policy: s
     with atomic_open(out / f"{stem}.bin", "wb") as fh:
         for f, seg_start, seg_stop in plan.segments:
             src = sources[f]
-            for start in range(seg_start, seg_stop, chunk_rows):
-                stop = min(start + chunk_rows, seg_stop)
-                rows = read_rows(src, start, stop)
-                mask, reasons = bad_rows(src, rows)
-                if mask.any():
-                    first = int(np.flatnonzero(mask)[0])
-                    if policy == "reject":
-                        raise InputDataError(
-                            f"{src.path}: row {start + first} has {reasons[0]} "
-                            f"({int(mask.sum())} bad rows in {start}..{stop}); use --bad-rows skip to drop them"
-                        )
-                    skipped += [{"file": src.path, "row": start + int(i), "reason": r} for i, r in zip(np.flatnonzero(mask), reasons, strict=True)]
-                keep = ~mask
-                hwc = np.ascontiguousarray(rows["images"][keep].transpose(0, 2, 3, 1))
-                meta = _meta_rows(f, start, rows, keep)
-                for i in range(len(hwc)):
-                    meta["crc32"][i] = zlib.crc32(hwc[i])
-                data = hwc.tobytes()
-                sha.update(data)
-                fh.write(data)
-                metas.append(meta)
+            with open_source(src) as h5:  # once per segment: reopening per chunk is costly on Lustre/GPFS
+                for start in range(seg_start, seg_stop, chunk_rows):
+                    stop = min(start + chunk_rows, seg_stop)
+                    rows = read_rows(src, start, stop, h5)
+                    mask, reasons = bad_rows(src, rows)
+                    if mask.any():
+                        first = int(np.flatnonzero(mask)[0])
+                        if policy == "reject":
+                            raise InputDataError(
+                                f"{src.path}: row {start + first} has {reasons[0]} "
+                                f"({int(mask.sum())} bad rows in {start}..{stop}); use --bad-rows skip to drop them"
+                            )
+                        skipped += [{"file": src.path, "row": start + int(i), "reason": r} for i, r in zip(np.flatnonzero(mask), reasons, strict=True)]
+                    keep = ~mask
+                    images = rows["images"] if keep.all() else rows["images"][keep]
+                    hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+                    meta = _meta_rows(f, start, rows, keep)
+                    for i in range(len(hwc)):
+                        meta["crc32"][i] = zlib.crc32(hwc[i])
+                    data = hwc.tobytes()
+                    sha.update(data)
+                    fh.write(data)
+                    metas.append(meta)
     meta_all = np.concatenate(metas) if metas else np.zeros(0, dtype=fmt.META_DTYPE)
     with atomic_open(out / f"{stem}.meta.npy", "wb") as fh:
         np.save(fh, meta_all, allow_pickle=False)
@@ -271,7 +273,7 @@ def build_manifest(sources, shards, shape, samples_per_shard, policy, median, ma
         "dtype": "float32",
         "byte_order": "little",
         "image_shape": list(shape),
-        "bands": ["u", "g", "r", "i", "z"],
+        "bands": list(BANDS),
         "record_bytes": fmt.record_bytes(*shape),
         "samples_per_shard": samples_per_shard,
         "count": sum(r["count"] for r in shards),
@@ -308,4 +310,4 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["prepare", "plan_shards", "write_shard", "SerialComm"]
+__all__ = ["prepare", "plan_shards", "write_shard"]

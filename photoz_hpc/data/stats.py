@@ -49,7 +49,6 @@ def _order_statistics(
     cum = np.cumsum(hist_hi, axis=1)
     hi_bin = np.stack([np.searchsorted(cum[b], ranks[b], side="right") for b in range(bands)])
     below = np.where(hi_bin > 0, np.take_along_axis(cum, np.maximum(hi_bin - 1, 0), axis=1), 0)
-    below = np.where(hi_bin > 0, below, 0)
 
     n_targets = ranks.shape[1]
     hist_lo = np.zeros((bands, n_targets, _BINS), dtype=np.int64)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from photoz_hpc.data import format as fmt
 from photoz_hpc.data.dataset import open_dataset
 from photoz_hpc.errors import DatasetError
 from photoz_hpc.io_utils import sha256_file
@@ -56,9 +55,11 @@ def dataset_info(root) -> dict:
     }
     if len(z):
         info["specz_redshift"] = _summary(z)
-    if "pixel_stats" in man:
-        info["pixel_median"] = man["pixel_stats"]["median"]
-        info["pixel_mad"] = man["pixel_stats"]["mad"]
+    try:
+        stats = ds.pixel_stats()
+        info["pixel_median"], info["pixel_mad"] = stats["median"].tolist(), stats["mad"].tolist()
+    except DatasetError as exc:
+        info["pixel_stats"] = f"unavailable: {exc}"
     return info
 
 
@@ -69,4 +70,4 @@ def _summary(values: np.ndarray) -> dict:
     return {"min": float(q[0]), "median": float(q[1]), "max": float(q[2]), "mean": float(values.mean())}
 
 
-__all__ = ["verify_dataset", "dataset_info", "fmt"]
+__all__ = ["verify_dataset", "dataset_info"]

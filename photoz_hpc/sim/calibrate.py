@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from photoz_hpc.errors import InputDataError
+from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger, setup_logging
 from photoz_hpc.sim import cosmology
 from photoz_hpc.sim.compare import compare, observe, plot_comparison
@@ -270,13 +271,13 @@ def calibrate(catalogue: str | Path, out: str | Path, figures: str | Path | None
     log.info("template fits: %s", info)
     cal["fit_info"] = {**info, "lf_scan_columns": ["M_star", "petro_offset", "petro_sigma", "ks_z", "ks_r",
                                                    "mean_abs_dr_bins"], "lf_scan": scan}
-    Path(out).write_text(json.dumps(cal, indent=1))
+    atomic_write_json(out, cal, indent=1)
     survey_model.cache_clear()
     synth = sample_population(len(cat["z"]), seed=2024, model=survey_model(str(out)))
     observed = {**synth, "mag": observe(synth["mag"], cal["phot_errors"], np.random.default_rng(2024))}
     cal["comparison"] = compare(synth, cat)
     cal["comparison_with_errors"] = compare(observed, cat)
-    Path(out).write_text(json.dumps(cal, indent=1))
+    atomic_write_json(out, cal, indent=1)
     if figures:
         plot_comparison(observed, cat, figures)
     log.info("wrote %s: M*=%.2f KS(z)=%.3f KS(r)=%.3f", out, best[0], cal["comparison"]["ks_z"],

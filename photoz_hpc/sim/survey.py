@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from photoz_hpc.constants import CUTOUT_SIZE, N_BANDS
+from photoz_hpc.io_utils import atomic_path
 from photoz_hpc.logs import get_logger
 from photoz_hpc.sim.noise import add_noise
 from photoz_hpc.sim.population import draw_galaxy, survey_model
@@ -79,22 +80,16 @@ def generate_survey(out_path: str | Path, n: int, seed: int, labeled: bool = Tru
     workers = max(1, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     survey_model()  # fail fast on a missing calibration, before any file exists
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     log.info("synthesising %d galaxies (seed %d, %s, %d workers) -> %s", n, seed,
              "labeled" if labeled else "unlabeled", workers, out_path)
-    try:
-        with h5py.File(tmp, "w") as fh:
-            _create(fh, n, labeled)
-            fh.attrs["synthetic"] = True
-            fh.attrs["seed"] = seed
-            for (start, stop), part in zip(bounds, _chunks(seed, bounds, labeled, workers), strict=True):
-                for key, arr in part.items():
-                    fh[key][start:stop] = arr
-                log.info("wrote galaxies %d..%d of %d", start, stop, n)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as fh:
+        _create(fh, n, labeled)
+        fh.attrs["synthetic"] = True
+        fh.attrs["seed"] = seed
+        for (start, stop), part in zip(bounds, _chunks(seed, bounds, labeled, workers), strict=True):
+            for key, arr in part.items():
+                fh[key][start:stop] = arr
+            log.info("wrote galaxies %d..%d of %d", start, stop, n)
     return out_path
 
 
