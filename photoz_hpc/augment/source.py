@@ -8,8 +8,6 @@ noise fields from ``draws``. Records are CRC-checked the first time this process
 
 from __future__ import annotations
 
-import weakref
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,32 +42,16 @@ class SourceBatch:
     redshift: np.ndarray | None = None
 
 
-#: Records already CRC-checked, per open dataset (shared by all loaders of that dataset object).
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 class RecordReader:
-    """Zero-copy access to records by dataset id, each CRC-checked once per process and dataset."""
+    """Zero-copy access to records by dataset id; each record is CRC-checked the first time the
+    dataset object reads it (``ShardedDataset.image_hwc``), shared by every loader of that object."""
 
     def __init__(self, dataset: ShardedDataset, verify: bool = True) -> None:
         self.dataset = dataset
         self.verify = verify
-        self.crc = dataset.meta["crc32"] if verify else None
-        self.checked = _CHECKED.setdefault(dataset, np.zeros(len(dataset), dtype=bool))
-        self.shard_of = np.searchsorted(dataset.offsets, np.arange(len(dataset)), side="right") - 1
 
     def records(self, ids: np.ndarray) -> list[np.ndarray]:
-        out = []
-        for i in ids:
-            shard = int(self.shard_of[i])
-            rec = np.asarray(self.dataset.shard_images(shard)[i - self.dataset.offsets[shard]])
-            if self.verify and not self.checked[i]:
-                if zlib.crc32(rec) != int(self.crc[i]):
-                    path = self.dataset.root / self.dataset.shards[shard]["file"]
-                    raise DatasetError(f"{path}: record {i - self.dataset.offsets[shard]} (sample {i}) is corrupt (CRC mismatch)")
-                self.checked[i] = True
-            out.append(rec)
-        return out
+        return [self.dataset.image_hwc(int(i), self.verify) for i in ids]
 
 
 def pipeline_pool(dataset: ShardedDataset, pipeline: str) -> np.ndarray:

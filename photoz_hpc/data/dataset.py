@@ -85,6 +85,7 @@ class ShardedDataset:
                 raise DatasetError(f"{path}: shard is truncated or padded ({size} bytes, expected {expected})")
         self._images: dict[int, np.memmap] = {}
         self._meta: np.ndarray | None = None
+        self._checked: np.ndarray | None = None  # records whose CRC this object has verified
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -126,14 +127,23 @@ class ShardedDataset:
             )
         return self._images[shard]
 
-    def image_hwc(self, index: int) -> np.ndarray:
-        """One record as (H, W, C) float32, CRC-checked when ``verify_records``."""
+    def image_hwc(self, index: int, verify: bool | None = None) -> np.ndarray:
+        """One record as (H, W, C) float32 (a zero-copy memmap view).
+
+        With ``verify`` (default ``verify_records``) its CRC32 is checked the first time this dataset
+        object reads it, so training loops pay the check once per record, not once per epoch.
+        """
         shard, row = self.locate(index)
         record = np.asarray(self.shard_images(shard)[row])
-        if self.verify_records:
-            expected = int(self.meta["crc32"][index])
-            if zlib.crc32(record) != expected:
-                raise DatasetError(f"{self.root / self.shards[shard]['file']}: record {row} (sample {index}) is corrupt (CRC mismatch)")
+        if self.verify_records if verify is None else verify:
+            index %= len(self)
+            if self._checked is None:
+                self._checked = np.zeros(len(self), dtype=bool)
+            if not self._checked[index]:
+                if zlib.crc32(record) != int(self.meta["crc32"][index]):
+                    path = self.root / self.shards[shard]["file"]
+                    raise DatasetError(f"{path}: record {row} (sample {index}) is corrupt (CRC mismatch)")
+                self._checked[index] = True
         return record
 
     def images_hwc(self, indices: np.ndarray) -> np.ndarray:
