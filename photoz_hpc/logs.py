@@ -6,11 +6,27 @@ import logging
 import os
 import sys
 
+from photoz_hpc.errors import PhotozError
+from photoz_hpc.launch_env import _ENV_SOURCES, detect_env
+
 _ROOT = "photoz_hpc"
 
 
 def _rank_from_env() -> int:
-    for key in ("PHOTOZ_RANK", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "HOROVOD_RANK"):
+    """This process's rank for the log tag: ``PHOTOZ_RANK`` if set, else the shared launcher detector
+    (``launch_env.detect_env``, the same order the trainer uses), else any launcher's rank variable."""
+    if "PHOTOZ_RANK" in os.environ:
+        try:
+            return int(os.environ["PHOTOZ_RANK"])
+        except ValueError:
+            pass
+    try:
+        env = detect_env()
+        if env.launcher != "none":
+            return env.rank
+    except PhotozError:  # a malformed variable: logging must not fail, fall through to the scan
+        pass
+    for _, key, _, _ in _ENV_SOURCES:  # a rank variable without its world size
         if key in os.environ:
             try:
                 return int(os.environ[key])

@@ -116,6 +116,21 @@ def test_detect_env(env: dict, expected: tuple) -> None:
     assert (e.rank, e.local_rank, e.world, e.launcher) == expected
 
 
+def test_logs_and_dist_agree_on_rank_under_horovodrun_in_slurm(monkeypatch) -> None:
+    """horovodrun inside a Slurm allocation: logs must tag the Horovod rank, like the trainer."""
+    from photoz_hpc.logs import _rank_from_env
+
+    for key in ("PHOTOZ_RANK", "RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK",
+                "PMI_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    env = {"HOROVOD_RANK": "1", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_SIZE": "2",
+           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert detect_env().rank == 1 and detect_env().launcher == "horovodrun"
+    assert _rank_from_env() == 1
+
+
 def test_resolve_backend_auto() -> None:
     assert resolve_backend("auto", detect_env({})) == "none"
     assert resolve_backend("auto", detect_env({"RANK": "0", "WORLD_SIZE": "2"})) == "torch"

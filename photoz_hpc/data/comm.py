@@ -12,15 +12,24 @@ from typing import Any
 import numpy as np
 
 from photoz_hpc.errors import PhotozError
+from photoz_hpc.launch_env import source_keys
 
-_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+# MPI launchers from the shared detector (their world-size variable suffices), plus variables that only
+# MPI/PMIx starters set and that carry no rank/world of their own.
+_EXTRA_MPI_ENV = ("PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+_MPI_LAUNCHERS = ("openmpi", "pmi")
+_MPI_ENV = tuple(source_keys(name)[2] for name in _MPI_LAUNCHERS) + _EXTRA_MPI_ENV
 
 
 def launched_under_mpi() -> bool:
     """True when an MPI launcher (or ``srun --mpi=pmix``) started this process."""
+    # Keys from the shared detector's table, checked independently rather than via detect_env()'s
+    # first match: torchrun variables inside a multi-task srun step must still count as MPI here, and
+    # a malformed variable of another launcher must not raise.
     if any(key in os.environ for key in _MPI_ENV):
         return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+    k_rank, _, k_world = source_keys("slurm")
+    return int(os.environ.get(k_world, "1")) > 1 and k_rank in os.environ
 
 
 class SerialComm:

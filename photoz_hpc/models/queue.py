@@ -95,10 +95,12 @@ def infonce_sharded(q: torch.Tensor, k: torch.Tensor, shard: torch.Tensor, tempe
 
 @torch.no_grad()
 def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
-    """Write ``keys`` (n, d) at ``ptr`` and advance it modulo the queue length (n divides it)."""
+    """Write ``keys`` (n, d) at ``ptr`` and advance it modulo the queue length (n divides it).
+
+    Sync-free: the write position stays on the device (no ``ptr.item()`` host round trip per step)."""
     n, kq = keys.shape[0], queue.shape[1]
-    p = int(ptr.item())
     if kq % n != 0:
         raise ConfigError(f"queue of {kq} slots cannot take batches of {n} keys without splitting at the wrap")
-    queue[:, p : p + n] = keys.t().to(queue.dtype)
-    ptr[0] = (p + n) % kq
+    idx = ptr + torch.arange(n, dtype=ptr.dtype, device=ptr.device)
+    queue.index_copy_(1, idx, keys.t().to(queue.dtype))
+    ptr.add_(n).remainder_(kq)

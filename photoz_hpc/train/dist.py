@@ -1,7 +1,7 @@
 """One small communication interface with ``none``, ``torch`` and ``horovod`` implementations.
 
 Interface: ``rank``, ``local_rank``, ``world``, ``allreduce(t, op)``, ``allgather(t)``,
-``broadcast(t, root)``, ``barrier()``, object variants, plus the three hooks the trainer needs
+object variants (``allgather_object``, ``broadcast_object``), plus the three hooks the trainer needs
 (``wrap_model``, ``wrap_optimizer``, ``broadcast_state``). Collectives return new tensors and
 accumulate their wall time in ``comm_seconds`` (step timing for benchmarks).
 
@@ -23,13 +23,13 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from photoz_hpc.errors import ConfigError, PhotozError
+from photoz_hpc.launch_env import _ENV_SOURCES, LaunchEnv, detect_env  # noqa: F401  (re-exported)
 from photoz_hpc.logs import get_logger
 from photoz_hpc.train import signals
 
@@ -38,35 +38,6 @@ log = get_logger(__name__)
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message says which rank(s) did not respond, when known."""
-
-
-@dataclass
-class LaunchEnv:
-    rank: int
-    local_rank: int
-    world: int
-    launcher: str  # torchrun | horovodrun | openmpi | slurm | none
-
-
-_ENV_SOURCES = (
-    ("torchrun", "RANK", "LOCAL_RANK", "WORLD_SIZE"),
-    ("horovodrun", "HOROVOD_RANK", "HOROVOD_LOCAL_RANK", "HOROVOD_SIZE"),
-    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
-    ("pmi", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
-    ("slurm", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
-)
-
-
-def detect_env(environ: dict[str, str] | None = None) -> LaunchEnv:
-    """Rank, local rank and world size from whichever launcher started us (first match wins)."""
-    env = os.environ if environ is None else environ
-    for name, k_rank, k_local, k_world in _ENV_SOURCES:
-        if k_rank in env and k_world in env:
-            try:
-                return LaunchEnv(int(env[k_rank]), int(env.get(k_local, 0)), int(env[k_world]), name)
-            except ValueError as exc:
-                raise PhotozError(f"bad {name} environment ({k_rank}/{k_world}): {exc}") from None
-    return LaunchEnv(0, 0, 1, "none")
 
 
 def cuda_device_index(local_rank: int) -> int:
@@ -108,12 +79,6 @@ class Comm:
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         return t.clone()
-
-    def broadcast(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
-        return t.clone()
-
-    def barrier(self) -> None:
-        pass
 
     # -- python objects (small: paths, RNG and loader states)
     def allgather_object(self, obj: Any) -> list[Any]:
@@ -244,10 +209,8 @@ class TorchComm(Comm):
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out NCCL op aborts, not hangs
         backend = "nccl" if device_type == "cuda" else "gloo"
-        self.device = torch.device("cpu")
         if device_type == "cuda":
-            self.device = torch.device("cuda", cuda_device_index(self.local_rank))
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(torch.device("cuda", cuda_device_index(self.local_rank)))
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=timeout)
@@ -281,14 +244,6 @@ class TorchComm(Comm):
         gather = getattr(self.dist, "all_gather_single", None) or self.dist.all_gather_into_tensor
         self._timed(gather, out, t, group=self.group)
         return out
-
-    def broadcast(self, t, root=0):
-        out = t.detach().clone().contiguous()
-        self._timed(self.dist.broadcast, out, root, group=self.group)
-        return out
-
-    def barrier(self):
-        self._timed(self.dist.barrier, group=self.obj_group)
 
     def allgather_object(self, obj):
         out: list[Any] = [None] * self.world
@@ -376,12 +331,6 @@ class HorovodComm(Comm):
 
     def allgather(self, t):
         return self._timed(self.hvd.allgather, t.detach().contiguous(), name=self._name("allgather"))
-
-    def broadcast(self, t, root=0):
-        return self._timed(self.hvd.broadcast, t.detach().contiguous(), root, name=self._name("broadcast"))
-
-    def barrier(self):
-        self._timed(self.hvd.barrier)
 
     def allgather_object(self, obj):
         return self._timed(self.hvd.allgather_object, obj, name=self._name("allgather_object"))

@@ -26,7 +26,7 @@ from photoz_hpc.logs import get_logger
 from photoz_hpc.models.export import export_encoder
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.momentum import momentum_at
-from photoz_hpc.models.queue import check_queue_size, shard_queue, unshard_queue
+from photoz_hpc.models.queue import shard_queue, unshard_queue
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
 from photoz_hpc.train.dist import Comm, cuda_device_index, detect_env, init_comm
 from photoz_hpc.train.metrics_log import MetricsLog
@@ -105,7 +105,6 @@ class Trainer:
         self.cfg, self.comm, self.device = cfg, comm, device
         self.batch = cfg.loader.batch_size
         self.global_batch = self.batch * comm.world
-        check_queue_size(cfg.moco.queue_size, comm.world, self.batch)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
         self.channels_last = device.type == "cuda" and cfg.model.channels_last
@@ -316,8 +315,11 @@ def _run(cfg: Config, comm: Comm, device: torch.device, loader, flag: Preemption
                 t1 = time.perf_counter()
                 c0 = comm.comm_seconds
                 res = trainer.train_step(batch["view1"], batch["view2"])
-                local = torch.tensor([res["loss"].item(), res["acc"].item(), float(flag.raised)], dtype=torch.float64)
-                red = comm.allreduce(local.to(device), "sum").cpu()
+                # loss, accuracy and the preemption flag in one device tensor: one all-reduce, one host sync
+                loss_t = res["loss"].reshape(())
+                local = torch.stack([loss_t.to(torch.float64), res["acc"].reshape(()).to(torch.float64),
+                                     torch.full((), float(flag.raised), dtype=torch.float64, device=loss_t.device)])
+                red = comm.allreduce(local, "sum").cpu()
                 t2 = time.perf_counter()
                 step = trainer.step
                 loss, acc, preempted = float(red[0]) / world, float(red[1]) / world, bool(red[2] > 0)
