@@ -88,8 +88,14 @@ def test_sbatch_pretrain_preempted_requeues_and_resumes(release_h5, tmp_path):
         _wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0, 180, logs)
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
         _wait_for(lambda: "Restarts=1" in _job_info(job), 240, logs)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)  # skip requeue delay
-        _wait_for(lambda: _job_info(job) == "" or "JobState=COMPLETED" in _job_info(job), 400, logs)
+
+        def restarted_and_finished() -> bool:
+            launch = (run / "launch.log").read_text()
+            if "restart 1" not in launch:  # skip Slurm's requeue delay (retried: the job may not be pending yet)
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            return launch.count("exit code") >= 2
+
+        _wait_for(restarted_and_finished, 400, logs)
     finally:
         subprocess.run(["scancel", job], check=False)
     launch = (run / "launch.log").read_text()
