@@ -27,6 +27,11 @@ R_SF11: np.ndarray = np.array([4.239, 3.303, 2.285, 1.698, 1.263], dtype=np.floa
 #: Zero point of SDSS nanomaggies: m = NMGY_ZEROPOINT - 2.5 log10(flux_nmgy).
 NMGY_ZEROPOINT: float = 22.5
 
+def mag_to_nmgy(mag: np.ndarray | float) -> np.ndarray:
+    """AB magnitude (or mag/arcsec^2) to SDSS nanomaggies (per arcsec^2)."""
+    return 10 ** (-0.4 * (np.asarray(mag) - NMGY_ZEROPOINT))
+
+
 #: Redshift classification grid of the fine-tuning head: 180 bins over [0, 0.4).
 Z_MIN: float = 0.0
 Z_MAX: float = 0.4

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from photoz_hpc.constants import NMGY_ZEROPOINT, PIXEL_SCALE_ARCSEC
+from photoz_hpc.constants import PIXEL_SCALE_ARCSEC, mag_to_nmgy
 
 SKY_MAG_ARCSEC2 = np.array([22.1, 21.9, 20.9, 20.2, 19.0])
 DEPTH_5SIGMA = np.array([22.0, 22.2, 22.2, 21.3, 20.5])
@@ -28,7 +28,7 @@ def moffat_neff_pix(fwhm_arcsec: np.ndarray, beta: float) -> np.ndarray:
 
 
 def sky_nmgy_per_pixel(sky_mag: np.ndarray = SKY_MAG_ARCSEC2) -> np.ndarray:
-    return 10 ** (-0.4 * (np.asarray(sky_mag) - NMGY_ZEROPOINT)) * PIXEL_SCALE_ARCSEC**2
+    return mag_to_nmgy(sky_mag) * PIXEL_SCALE_ARCSEC**2
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +38,7 @@ def noise_model() -> tuple[np.ndarray, np.ndarray]:
 
     e_per_nmgy = GAIN_E_PER_DN / NMGY_PER_DN
     neff = moffat_neff_pix(PSF_FWHM, PSF_BETA)
-    flux5 = 10 ** (-0.4 * (DEPTH_5SIGMA - NMGY_ZEROPOINT))
+    flux5 = mag_to_nmgy(DEPTH_5SIGMA)
     var_total_e = (flux5 / 5.0) ** 2 / neff * e_per_nmgy**2
     extra = var_total_e - sky_nmgy_per_pixel() * e_per_nmgy
     if np.any(extra < 0):

@@ -10,16 +10,12 @@ from __future__ import annotations
 import galsim
 import numpy as np
 
-from photoz_hpc.constants import CUTOUT_SIZE, NMGY_ZEROPOINT, PIXEL_SCALE_ARCSEC
+from photoz_hpc.constants import CUTOUT_SIZE, PIXEL_SCALE_ARCSEC, mag_to_nmgy
 from photoz_hpc.sim.population import PSF_BETA
 
 _GSP = galsim.GSParams(maximum_fft_size=8192, folding_threshold=5e-3)
 #: neighbours: probability of a faint star / galaxy in a cutout, and their r-magnitude ranges.
 P_STAR, P_NEIGHBOUR_GAL = 0.25, 0.3
-
-
-def _mag_to_nmgy(mag: np.ndarray) -> np.ndarray:
-    return 10 ** (-0.4 * (np.asarray(mag) - NMGY_ZEROPOINT))
 
 
 def galaxy_profile(g: dict) -> tuple[galsim.GSObject, galsim.GSObject]:
@@ -55,8 +51,8 @@ def render_galaxy(g: dict, a_band: np.ndarray, neighbours: bool = True,
     """Noiseless (5, 107, 107) float32 image in nmgy, extincted by ``a_band`` magnitudes."""
     bulge, disk = galaxy_profile(g)
     ext = 10 ** (-0.4 * np.asarray(a_band))
-    fb = _mag_to_nmgy(g["bulge_mag"]) * ext if g["bulge_frac"] > 0 else np.zeros(5)
-    fd = _mag_to_nmgy(g["disk_mag"]) * ext
+    fb = mag_to_nmgy(g["bulge_mag"]) * ext if g["bulge_frac"] > 0 else np.zeros(5)
+    fd = mag_to_nmgy(g["disk_mag"]) * ext
     extra = _neighbours(g, rng) if (neighbours and rng is not None) else []
     img = np.empty((5, CUTOUT_SIZE, CUTOUT_SIZE), dtype=np.float32)
     offset = galsim.PositionD(*g["offset"])
@@ -68,7 +64,7 @@ def render_galaxy(g: dict, a_band: np.ndarray, neighbours: bool = True,
         im = galsim.Convolve(galsim.Add(parts), psf).drawImage(nx=CUTOUT_SIZE, ny=CUTOUT_SIZE, scale=PIXEL_SCALE_ARCSEC,
                                                               offset=offset)
         for prof, mags, (dx, dy) in extra:
-            flux = float(_mag_to_nmgy(mags[b]) * ext[b])
+            flux = float(mag_to_nmgy(mags[b]) * ext[b])
             galsim.Convolve(prof.withFlux(flux), psf).drawImage(
                 image=im, add_to_image=True, offset=(g["offset"][0] + dx / PIXEL_SCALE_ARCSEC,
                                                      g["offset"][1] + dy / PIXEL_SCALE_ARCSEC))
