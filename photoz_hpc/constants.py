@@ -32,23 +32,6 @@ def mag_to_nmgy(mag: np.ndarray | float) -> np.ndarray:
     return 10 ** (-0.4 * (np.asarray(mag) - NMGY_ZEROPOINT))
 
 
-#: Redshift classification grid of the fine-tuning head: 180 bins over [0, 0.4).
-Z_MIN: float = 0.0
-Z_MAX: float = 0.4
-N_Z_BINS: int = 180
-
-
-def z_bin_edges(n_bins: int = N_Z_BINS, z_min: float = Z_MIN, z_max: float = Z_MAX) -> np.ndarray:
-    """Edges of the redshift classification bins (``n_bins + 1`` values)."""
-    return np.linspace(z_min, z_max, n_bins + 1)
-
-
-def z_bin_centres(n_bins: int = N_Z_BINS, z_min: float = Z_MIN, z_max: float = Z_MAX) -> np.ndarray:
-    """Bin centres; z_phot is the softmax expectation over these."""
-    edges = z_bin_edges(n_bins, z_min, z_max)
-    return 0.5 * (edges[:-1] + edges[1:])
-
-
 def sfd_ebv(e_bv: np.ndarray) -> np.ndarray:
     """SFD E(B-V) from the release's per-band DR12 extinctions: mean(e_bv / R_DR12) over bands."""
     e_bv = np.asarray(e_bv, dtype=np.float64)

@@ -14,9 +14,9 @@ import numpy as np
 
 from photoz_hpc.augment import draws as dr
 from photoz_hpc.augment.sampler import EpochPlan, plan_epoch
-from photoz_hpc.constants import N_Z_BINS, z_bin_edges
 from photoz_hpc.data.dataset import ShardedDataset
 from photoz_hpc.errors import DatasetError
+from photoz_hpc.redshift_grid import redshift_bins
 
 
 @dataclass
@@ -62,11 +62,6 @@ def pipeline_pool(dataset: ShardedDataset, pipeline: str) -> np.ndarray:
     if len(pool) == 0:
         raise DatasetError(f"{dataset.root}: no sample has a spectroscopic redshift; cannot fine-tune")
     return pool
-
-
-def redshift_bins(z: np.ndarray) -> np.ndarray:
-    """Classification bin of each redshift (values outside [0, 0.4) go to the edge bins)."""
-    return np.clip(np.searchsorted(z_bin_edges(), z, side="right") - 1, 0, N_Z_BINS - 1).astype(np.int64)
 
 
 class BatchSource:
