@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,7 +154,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    milestones: list[float] = field(default_factory=list)  # schedule 'step': epochs at which lr *= gamma
+    gamma: float = 0.1
     lars_eta: float = 0.001
     grad_clip: float = 0.0  # 0: off; else max global grad norm
     fused: bool = False  # use apex's fused optimiser when importable (never required)
@@ -168,6 +171,10 @@ class OptimConfig:
         _check_range("optim.grad_clip", self.grad_clip, 0.0)
         if self.lars_eta <= 0:
             raise ConfigError(f"config key 'optim.lars_eta' = {self.lars_eta} must be > 0")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"config key 'optim.gamma' = {self.gamma} must be in (0, 1]")
+        if any(m <= 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"config key 'optim.milestones' = {self.milestones} must be increasing positive epochs")
 
 
 @dataclass
@@ -212,8 +219,41 @@ class DistConfig:
 
 
 @dataclass
-class Config:
-    """The whole run configuration."""
+class FinetuneConfig:
+    """Fine-tuning the photo-z classifier: initialisation, labels, validation (docs/training.md).
+
+    ``init``: a pretraining checkpoint, an exported ``encoder.pt``, or ``none`` (the supervised
+    baseline: same network and loop, random initialisation). ``label_fraction`` of the labeled training
+    galaxies are used, a subset nested across fractions for one ``subset_seed``. ``val_data``: a
+    separate prepared dataset; empty = hold out ``val_fraction`` of ``data.path``, fixed by ``split_seed``.
+    """
+
+    init: str = "none"
+    label_fraction: float = 1.0
+    subset_seed: int = 0
+    val_data: str = ""
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    backbone_lr_scale: float = 0.1
+    freeze_backbone: bool = False
+    val_every: int = 1  # epochs between validations (and best-checkpoint choices)
+    eval_batch_size: int = 0  # 0: loader.batch_size
+
+    def __post_init__(self) -> None:
+        if not self.init:
+            raise ConfigError("config key 'finetune.init' must be a checkpoint path, an encoder.pt or 'none'")
+        if not 0 < self.label_fraction <= 1:
+            raise ConfigError(f"config key 'finetune.label_fraction' = {self.label_fraction} must be in (0, 1]")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"config key 'finetune.val_fraction' = {self.val_fraction} must be in (0, 1)")
+        _check_range("finetune.backbone_lr_scale", self.backbone_lr_scale, 0.0)
+        _check_range("finetune.val_every", self.val_every, 1)
+        _check_range("finetune.eval_batch_size", self.eval_batch_size, 0)
+
+
+@dataclass
+class _RunBase:
+    """What every command's config shares."""
 
     seed: int = 0
     out_dir: str = "runs/default"
@@ -222,10 +262,35 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+
+@dataclass
+class Config(_RunBase):
+    """``photoz-hpc pretrain``: MoCo v2 pretraining."""
+
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def _finetune_optim() -> OptimConfig:
+    # The paper authors' fine-tuning: SGD momentum 0.9, lr 0.004 per 256, no weight decay, x0.1 at 60 and 90.
+    return OptimConfig(lr=0.004, weight_decay=0.0, schedule="step", milestones=[60.0, 90.0], gamma=0.1)
+
+
+@dataclass
+class FinetuneRunConfig(_RunBase):
+    """``photoz-hpc finetune``: the photo-z classifier (self-supervised init, supervised baseline or probe)."""
+
+    out_dir: str = "runs/finetune"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=_finetune_optim)
+
+
+#: Config root of each command that takes ``--config`` (each validates only what it uses).
+PretrainConfig = Config
+ROOTS: dict[str, type] = {"pretrain": Config, "finetune": FinetuneRunConfig}
 
 
 # --------------------------------------------------------------------------- validation
@@ -298,17 +363,24 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key in values:
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys: {sorted(names)})")
-    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        f = fields[k]
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            # a section given partially keeps this root's defaults for the rest (e.g. fine-tuning's optim)
+            v = {**dataclasses.asdict(f.default_factory()), **v}
+        kwargs[k] = _coerce(prefix + k, v, hints[k])
     return cls(**kwargs)
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Validate a nested dict (e.g. parsed YAML) into a ``Config``."""
+def config_from_dict(values: dict[str, Any], root: type = Config) -> Any:
+    """Validate a nested dict (e.g. parsed YAML) into a ``root`` config (default: pretraining)."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"config must be a mapping at top level, got {type(values).__name__}")
-    return _build(Config, values)
+    return _build(root, values)
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -323,18 +395,14 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _resolve_key(key: str) -> list[str]:
-    """Map a dotted or bare key to its path in ``Config``; bare keys must be unambiguous."""
+def _resolve_key(key: str, root: type = Config) -> list[str]:
+    """Map a dotted or bare key to its path in ``root``; bare keys must be unambiguous."""
     if "." in key:
         return key.split(".")
-    top = {f.name: f for f in dataclasses.fields(Config)}
-    if key in top and not dataclasses.is_dataclass(typing.get_type_hints(Config)[key]):
+    hints = typing.get_type_hints(root)
+    if key in hints and not dataclasses.is_dataclass(hints[key]):
         return [key]
-    hits = [
-        name
-        for name, tp in typing.get_type_hints(Config).items()
-        if dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp)}
-    ]
+    hits = [name for name, tp in hints.items() if dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp)}]
     if len(hits) == 1:
         return [hits[0], key]
     if not hits:
@@ -342,12 +410,12 @@ def _resolve_key(key: str) -> list[str]:
     raise ConfigError(f"config key '{key}' is ambiguous: use one of {[h + '.' + key for h in hits]}")
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(values: dict[str, Any], overrides: list[str], root: type = Config) -> dict[str, Any]:
     """Return a copy of the nested dict ``values`` with ``key=value`` overrides applied."""
     out = yaml.safe_load(yaml.safe_dump(values)) or {}
     for text in overrides:
         key, value = _parse_override(text)
-        path = _resolve_key(key)
+        path = _resolve_key(key, root)
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -357,8 +425,24 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (YAML, optional) and apply overrides; raises ``ConfigError`` naming the key."""
+_KEY_IN_MESSAGE = re.compile(r"config key '([^']+)'")
+
+
+def _override_paths(overrides: list[str], root: type) -> dict[str, str]:
+    """Dotted path -> override text, for attributing a validation error to the command line."""
+    paths = {}
+    for text in overrides:
+        try:
+            paths[".".join(_resolve_key(_parse_override(text)[0], root))] = text
+        except ConfigError:
+            continue
+    return paths
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, root: type = Config) -> Any:
+    """Load ``path`` (YAML, optional) and apply overrides into a ``root`` config; a ``ConfigError`` names
+    the key and where its value came from (the file, or the command-line override that set it)."""
+    overrides = list(overrides or [])
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -371,17 +455,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(values, dict):
             raise ConfigError(f"config file '{p}' must contain a mapping at top level")
     try:
-        return config_from_dict(apply_overrides(values, overrides or []))
+        merged = apply_overrides(values, overrides, root)
     except ConfigError as exc:
-        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{exc} (on the command line)") from None
+    try:
+        return config_from_dict(merged, root)
+    except ConfigError as exc:
+        match = _KEY_IN_MESSAGE.search(str(exc))
+        key = match.group(1).split("[")[0] if match else None
+        from_cli = _override_paths(overrides, root)
+        hit = next((t for k, t in from_cli.items() if key and (key == k or key.startswith(k + "."))), None)
+        if hit is not None:
+            where = f" (from the command-line override '{hit}')"
+        else:
+            where = f" (in {path})" if path else (" (on the command line)" if overrides else "")
         raise ConfigError(f"{exc}{where}") from None
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
+def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, directory: str | os.PathLike) -> Path:
+def save_config(cfg: Any, directory: str | os.PathLike) -> Path:
     """Write the resolved config as ``config.yaml`` into ``directory`` atomically."""
     from photoz_hpc.io_utils import atomic_write_text
 
