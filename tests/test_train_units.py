@@ -54,7 +54,7 @@ def test_precision_resolution_on_cpu() -> None:
 
 def test_checkpoints_atomic_pruned_and_corrupt_skipped(tmp_path: Path) -> None:
     for step in (10, 20, 30, 40):
-        save_checkpoint(tmp_path, step, {"x": torch.tensor([step])}, keep=3)
+        save_checkpoint(tmp_path, step, {"task": "pretrain", "x": torch.tensor([step])}, keep=3)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000000040.pt", "ckpt_000000030.pt", "ckpt_000000020.pt"]
     assert not list(tmp_path.glob(".*tmp*"))
     newest = tmp_path / "ckpt_000000040.pt"

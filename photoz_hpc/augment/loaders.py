@@ -28,11 +28,14 @@ def build_loader(
     world_size: int = 1,
     seed: int | None = None,
     device: str | None = None,
+    ids=None,
+    batch_size: int | None = None,
 ) -> LoaderBase:
     """A loader of ``pipeline`` ('pretrain' | 'finetune' | 'eval') batches for this rank.
 
     ``cfg.loader.backend``: 'dali', 'reference' or 'auto' (DALI when installed); ``device``
-    (default ``cfg.loader.device``): 'cpu' or 'gpu' (tensors are delivered there).
+    (default ``cfg.loader.device``): 'cpu' or 'gpu' (tensors are delivered there). ``ids`` restricts the
+    samples (a label subset or a validation split); ``batch_size`` overrides ``cfg.loader.batch_size``.
     """
     if not isinstance(dataset, ShardedDataset):
         dataset = open_dataset(dataset)
@@ -54,7 +57,7 @@ def build_loader(
     spec = resolve_spec(cfg.augment, dataset.manifest, pipeline, str(dataset.root))
     seed = cfg.seed if seed is None else seed
     reader = RecordReader(dataset, verify=cfg.loader.verify_records)
-    source = BatchSource(dataset, spec, cfg.loader.batch_size, rank, world_size, seed, reader)
+    source = BatchSource(dataset, spec, batch_size or cfg.loader.batch_size, rank, world_size, seed, reader, ids)
     if backend == "dali":
         from photoz_hpc.augment.dali_pipeline import DaliLoader
 

@@ -64,16 +64,28 @@ def pipeline_pool(dataset: ShardedDataset, pipeline: str) -> np.ndarray:
     return pool
 
 
+def restrict_pool(dataset: ShardedDataset, pipeline: str, ids: np.ndarray) -> np.ndarray:
+    """An explicit id list (a label subset, a validation split), checked against the dataset."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise DatasetError(f"{dataset.root}: the {pipeline} id list is empty or not 1-d")
+    if ids.min() < 0 or ids.max() >= len(dataset):
+        raise DatasetError(f"{dataset.root}: {pipeline} ids outside [0, {len(dataset)})")
+    if pipeline == "finetune" and not np.isfinite(dataset.meta["specz_redshift"][ids]).all():
+        raise DatasetError(f"{dataset.root}: some fine-tuning ids have no spectroscopic redshift")
+    return ids
+
+
 class BatchSource:
     """Batches of one rank and epoch, as pure functions of the batch number."""
 
     def __init__(
         self, dataset: ShardedDataset, spec: dr.AugmentSpec, batch_size: int, rank: int, world_size: int, seed: int,
-        reader: RecordReader | None = None,
+        reader: RecordReader | None = None, ids: np.ndarray | None = None,
     ) -> None:
         self.dataset, self.spec, self.batch_size = dataset, spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.pool = pipeline_pool(dataset, spec.pipeline)
+        self.pool = pipeline_pool(dataset, spec.pipeline) if ids is None else restrict_pool(dataset, spec.pipeline, ids)
         self.reader = reader or RecordReader(dataset)
         self.train = spec.pipeline != "eval"
         self.epoch = -1

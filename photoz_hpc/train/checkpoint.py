@@ -1,8 +1,9 @@
 """Atomic, self-validating checkpoints and ``resume: auto``.
 
 Rank 0 writes ``<out_dir>/checkpoints/ckpt_<step>.pt`` through a temporary file + fsync + rename,
-so a crash mid-write leaves the previous checkpoint intact. Each file carries a format tag and its
-step; a file that fails to load (truncated, corrupt) is skipped with a warning.
+so a crash mid-write leaves the previous checkpoint intact. Each file carries a format tag, its task
+(``pretrain`` or ``finetune``) and its step; a file that fails to load (truncated, corrupt) is skipped
+with a warning, and a file of another task is an error naming it (never silently used).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from photoz_hpc.logs import get_logger
 
 log = get_logger(__name__)
 
-FORMAT = "photoz-hpc/moco-checkpoint/1"
+FORMAT = "photoz-hpc/checkpoint/2"
+#: Format 1 held MoCo pretraining only; it still loads, as a 'pretrain' checkpoint.
+_LEGACY_FORMATS = {"photoz-hpc/moco-checkpoint/1": "pretrain"}
+TASKS = ("pretrain", "finetune")
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
@@ -32,6 +36,8 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
     directory = Path(directory)
     path = directory / f"ckpt_{step:09d}.pt"
     state = {"format": FORMAT, "step": step, **state}
+    if state.get("task") not in TASKS:
+        raise PhotozError(f"checkpoint state for {path} must name its task, one of {list(TASKS)}")
     with atomic_open(path, "wb") as fh:
         torch.save(state, fh)
     for old in list_checkpoints(directory)[keep:]:
@@ -48,23 +54,42 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and validate one checkpoint; raises ``PhotozError`` saying why it is unusable."""
+def checkpoint_task(state: Any) -> str | None:
+    """The task a loaded checkpoint belongs to, or None if it is not a photoz-hpc checkpoint."""
+    if not isinstance(state, dict) or "step" not in state:
+        return None
+    if state.get("format") == FORMAT:
+        return state.get("task") if state.get("task") in TASKS else None
+    return _LEGACY_FORMATS.get(state.get("format"))
+
+
+def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
+    """Load and validate one checkpoint (of ``task`` when given); ``PhotozError`` says why it is unusable."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated zip, bad pickle, I/O error
         raise PhotozError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "step" not in state:
-        raise PhotozError(f"checkpoint {path} is not a photoz-hpc MoCo checkpoint")
+    kind = checkpoint_task(state)
+    if kind is None:
+        raise PhotozError(f"checkpoint {path} is not a photoz-hpc training checkpoint")
+    if task is not None and kind != task:
+        raise WrongCheckpointKind(f"checkpoint {path} is a {kind} checkpoint, but a {task} checkpoint is needed here")
+    state["task"] = kind
     return state
 
 
-def find_latest_valid(directory: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """Newest checkpoint that loads; corrupt ones are skipped with a warning."""
+class WrongCheckpointKind(PhotozError):
+    """A valid checkpoint of another task (never skipped silently by ``resume: auto``)."""
+
+
+def find_latest_valid(directory: str | Path, task: str | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+    """Newest checkpoint that loads; corrupt ones are skipped with a warning, another task's is an error."""
     for path in list_checkpoints(directory):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, task)
+        except WrongCheckpointKind:
+            raise
         except PhotozError as exc:
             log.warning("skipping %s", exc)
     return None, None

@@ -12,8 +12,9 @@ log = get_logger(__name__)
 
 
 class MetricsLog:
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True, prefix: str = "pretrain") -> None:
         self.enabled = enabled
+        self.prefix = prefix
         self.path = Path(out_dir) / "metrics.jsonl"
         self._fh = None
         self._tb = None
@@ -36,7 +37,7 @@ class MetricsLog:
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"pretrain/{key}", value, step)
+                    self._tb.add_scalar(f"{self.prefix}/{key}", value, step)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -2,7 +2,9 @@
 
 lr(step) = lr * B_global / batch_ref * w(step) * c(step), with
 w = (step + 1) / warmup_steps during warm-up (else 1) and
-c = (1 + cos(pi * (step - warmup_steps) / (total - warmup_steps))) / 2 for the cosine schedule.
+c = (1 + cos(pi * (step - warmup_steps) / (total - warmup_steps))) / 2 for the cosine schedule, or
+c = gamma ** (number of ``milestones`` epochs passed) for the step schedule (fine-tuning).
+A parameter group's ``lr_scale`` (e.g. the fine-tuned trunk's 0.1) multiplies its lr.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from photoz_hpc.errors import ConfigError
 from photoz_hpc.logs import get_logger
 
 log = get_logger(__name__)
@@ -49,8 +52,15 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    """Optimiser over ``model``'s trainable parameters (the lr is set each step by ``lr_at``)."""
+def build_optimizer(model: nn.Module | list[dict], optim_cfg) -> torch.optim.Optimizer:
+    """Optimiser over ``model``'s trainable parameters, or over parameter groups ``[{'params', 'lr_scale'}]``
+    (SGD only; the lr is set each step by ``lr_at`` x the group's ``lr_scale``)."""
+    if isinstance(model, list):
+        if optim_cfg.name != "sgd" or optim_cfg.fused:
+            raise ConfigError("parameter groups (fine-tuning) need optim.name=sgd and optim.fused=false")
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in model]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     if optim_cfg.name == "lars":
         decay = [p for p in params if p.ndim > 1]
@@ -73,6 +83,8 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, global_batch: int, 
     warm = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
     if step < warm:
         return base * (step + 1) / warm
+    if optim_cfg.schedule == "step":
+        return base * optim_cfg.gamma ** sum(step >= round(m * steps_per_epoch) for m in optim_cfg.milestones)
     if optim_cfg.schedule == "cosine" and total_steps > warm:
         t = min(step - warm, total_steps - warm) / (total_steps - warm)
         return base * 0.5 * (1.0 + math.cos(math.pi * t))
@@ -81,4 +93,4 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, global_batch: int, 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

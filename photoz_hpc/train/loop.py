@@ -1,0 +1,252 @@
+"""The one training loop, shared by every task (MoCo pretraining, photo-z fine-tuning).
+
+``run_loop(cfg, task, comm, loader, flag)`` owns what every run needs: resume (``train.resume``),
+pre-emption (SIGTERM/SIGUSR1 -> checkpoint -> ``summary['preempted']``, exit 75 in the CLI), the
+no-progress watchdog, the progress bar, ``metrics.jsonl`` + TensorBoard, step timing, checkpoint
+cadence and retention, end-of-epoch hooks (validation) and ``summary.json``. A task supplies the
+model-specific parts (see ``Task``). Every rank runs the same sequence of collectives; rank 0 alone
+writes files.
+
+Host synchronisation: a step's metrics (loss, task metrics, the pre-emption flag) are reduced in
+one all-reduce into a device tensor and read on the host one step later, so the host never waits
+for the step it has just launched; the check for a non-finite loss and the pre-emption agreement
+therefore act one step late (the checkpoint written then is still a consistent state).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from photoz_hpc.config import save_config
+from photoz_hpc.errors import ConfigError, PhotozError
+from photoz_hpc.io_utils import atomic_write_json
+from photoz_hpc.logs import get_logger
+from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
+from photoz_hpc.train.dist import Comm
+from photoz_hpc.train.metrics_log import MetricsLog
+from photoz_hpc.train.signals import PreemptionFlag, Watchdog
+
+log = get_logger(__name__)
+
+#: Steps at the start of a run left out of the throughput figures (allocation, cudnn autotuning).
+WARMUP_STEPS = 3
+
+
+class Task(Protocol):
+    """What a training task gives the loop."""
+
+    kind: str  # checkpoint kind and metrics prefix: 'pretrain' | 'finetune'
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    comm: Comm
+
+    def describe(self) -> str: ...  # one log line: model, precision, memory format, device
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimisation step; returns ``{'loss': device tensor, 'metrics': {name: device scalar}, ...floats}``."""
+        ...
+
+    def checkpoint_state(self, loader) -> dict[str, Any] | None: ...  # collective; the dict on rank 0
+
+    def load_state(self, state: dict[str, Any], loader) -> bool: ...  # True if the loader position was restored
+
+    def end_of_epoch(self, epoch: int) -> dict[str, float]: ...  # collective (validation); values to log
+
+    def finish(self, out_dir: Path, preempted: bool) -> dict[str, Any]: ...  # exports; summary entries
+
+    def summary(self, losses: list[float], start_step: int) -> dict[str, Any]: ...
+
+
+def resume_state(cfg, comm: Comm, kind: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The checkpoint this run continues from (``train.resume``: auto | never | path), on every rank."""
+    ckdir = checkpoint_dir(cfg.out_dir)
+    if cfg.train.resume == "auto":
+        path, state = (find_latest_valid(ckdir, kind) if comm.rank == 0 else (None, None))
+        path = comm.broadcast_object(str(path) if path else None)
+        if path and comm.rank != 0:
+            state = load_checkpoint(path, kind)
+        return path, state
+    if cfg.train.resume in ("never", "none"):
+        return None, None
+    return cfg.train.resume, load_checkpoint(cfg.train.resume, kind)
+
+
+def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device) -> dict[str, Any]:
+    """Train ``task`` on ``loader`` until ``total_steps`` or pre-emption; returns the run summary."""
+    from tqdm import tqdm
+
+    comm = task.comm
+    rank0, world = comm.rank == 0, comm.world
+    out_dir = Path(cfg.out_dir)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir)
+    spe = task.steps_per_epoch
+    if spe < 1:
+        raise ConfigError(f"the dataset yields no full global batch of {world} x {cfg.loader.batch_size}")
+    ckdir = checkpoint_dir(out_dir)
+
+    path, state = resume_state(cfg, comm, task.kind)
+    loader_restored = False
+    if state is not None:
+        loader_restored = task.load_state(state, loader)
+        log.info("resumed from %s at step %d", path, task.step)
+    start_step, total = task.step, task.total_steps
+
+    watchdog = None
+    if cfg.dist.watchdog and world > 1:
+        watchdog = Watchdog(cfg.dist.timeout_s, comm.rank)
+        watchdog.start()
+    metrics = MetricsLog(out_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, prefix=task.kind)
+    bar = tqdm(total=total, initial=start_step, disable=not (rank0 and cfg.train.progress), desc=task.kind,
+               dynamic_ncols=True, leave=True)
+    log.info("%s: %s, %d ranks (%s), %d steps (%d per epoch)", task.kind, task.describe(), world, comm.name, total, spe)
+
+    losses: list[float] = []
+    times = {"data_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "step_s": 0.0}
+    epoch_first = {"data_s": 0.0, "n": 0}
+    measured, last_ckpt = 0, None
+    # a signal during start-up: agree on it before the first step (ranks may differ)
+    preempted = bool(comm.allreduce(torch.tensor([float(flag.raised)], dtype=torch.float64).to(device), "max")
+                     .cpu()[0] > 0)
+    saved_step = start_step if state is not None else -1
+    epoch = task.step // spe
+    mid_epoch = loader_restored and task.step % spe != 0
+    pending = None  # (step, reduced device tensor, host values) of the previous step, read one step late
+
+    def drain() -> bool:
+        """Read the previous step's reduced metrics on the host; log them; True if pre-empted."""
+        nonlocal pending
+        if pending is None:
+            return False
+        step, reduced, host = pending
+        pending = None
+        values = (reduced.cpu() / world).tolist()
+        loss, stop = values[0], values[-1] > 0
+        if not np.isfinite(loss):
+            raise PhotozError(f"loss became {loss} at step {step}; lower optim.lr or use fp32/bf16")
+        losses.append(loss)
+        named = dict(zip(host["names"], values[1:-1], strict=True))
+        bar.set_postfix(ep=host["epoch"], loss=f"{loss:.3f}", img_s=f"{host['img_per_s']:.0f}",
+                        wait=f"{100 * host['data_wait_frac']:.0f}%", refresh=False)
+        if rank0 and (step % cfg.train.log_every == 0 or step == start_step + 1 or step == total):
+            metrics.log(step, {"epoch": host["epoch"], "loss": loss, **named, **host["scalars"]})
+        return stop
+
+    try:
+        while task.step < total and not preempted:
+            if not mid_epoch:
+                loader.set_epoch(epoch)
+            mid_epoch = False
+            it = iter(loader)
+            first_of_epoch = True
+            while task.step < total:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                t1 = time.perf_counter()
+                c0 = comm.comm_seconds
+                res = task.train_step(batch)
+                names = list(res.get("metrics", {}))
+                local = torch.stack([res["loss"].detach().reshape(()).to(torch.float64),
+                                     *(res["metrics"][n].detach().reshape(()).to(torch.float64) for n in names),
+                                     torch.full((), float(flag.raised), dtype=torch.float64, device=res["loss"].device)])
+                reduced = comm.allreduce(local, "sum")  # one collective per step: metrics + pre-emption flag
+                preempted = drain() or preempted  # the previous step's values: the device is busy with this one
+                t2 = time.perf_counter()
+                step = task.step
+                comm_s = comm.comm_seconds - c0
+                st = {"data_s": t1 - t0, "comm_s": comm_s, "compute_s": t2 - t1 - comm_s, "step_s": t2 - t0}
+                if step - start_step > WARMUP_STEPS:
+                    measured += 1
+                    for k, v in st.items():
+                        times[k] += v
+                    if first_of_epoch:
+                        epoch_first["data_s"] += st["data_s"]
+                        epoch_first["n"] += 1
+                first_of_epoch = False
+                if watchdog is not None:
+                    watchdog.beat(step)
+                host = {"epoch": epoch, "names": names, "img_per_s": task.global_batch / st["step_s"],
+                        "data_wait_frac": st["data_s"] / st["step_s"],
+                        "scalars": {**{k: v for k, v in res.items() if isinstance(v, float)},
+                                    "img_per_s": task.global_batch / st["step_s"],
+                                    "data_wait_frac": st["data_s"] / st["step_s"], **st}}
+                pending = (step, reduced, host)
+                bar.update(1)
+                if preempted:
+                    break
+                if step % spe == 0:  # the epoch's last step: validate before the checkpoint
+                    preempted = drain() or preempted
+                    epoch += 1
+                    values = task.end_of_epoch(epoch - 1)
+                    if values and rank0:
+                        metrics.log(step, {"epoch": epoch - 1, **values})
+                if step % cfg.train.checkpoint_every == 0 and step < total:
+                    last_ckpt, saved_step = _save(task, loader, ckdir, cfg), step
+        preempted = drain() or preempted
+    except Exception as exc:
+        hint = ""
+        if world > 1 and isinstance(exc, RuntimeError) and not isinstance(exc, PhotozError):
+            hint = (" -- if this is a communication error, another rank probably died or hung: its own log "
+                    "lines (tagged [rank N]) or the launcher's exit report name it")
+        log.error("rank %d failed at step %d: %s: %s%s", comm.rank, task.step + 1, type(exc).__name__, exc, hint)
+        raise
+    finally:
+        bar.close()
+        if watchdog is not None:
+            watchdog.stop()
+
+    if task.step != saved_step and not (preempted and task.step == 0):  # nothing trained: nothing to save
+        last_ckpt = _save(task, loader, ckdir, cfg)
+    elif last_ckpt is None and path:
+        last_ckpt = Path(path)
+    extras = task.finish(out_dir, preempted)
+    metrics.close()
+    mt = max(measured, 1)
+    step_s = times["step_s"] / mt if measured else float("nan")
+    summary = {
+        "task": task.kind,
+        "steps": task.step,
+        "start_step": start_step,
+        "total_steps": total,
+        "preempted": preempted,
+        **task.summary(losses, start_step),
+        "img_per_s": task.global_batch / step_s if measured else None,
+        "step_time_s": {k: v / mt for k, v in times.items()} if measured else None,
+        "data_wait_frac": times["data_s"] / times["step_s"] if measured else None,
+        "epoch_start_data_wait_s": epoch_first["data_s"] / epoch_first["n"] if epoch_first["n"] else None,
+        "world_size": world,
+        "backend": comm.name,
+        "device": str(device),
+        "global_batch": task.global_batch,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "metrics": str(metrics.path),
+        "tensorboard": str(out_dir / "tensorboard") if cfg.train.tensorboard else None,
+        **extras,
+        "out_dir": str(out_dir),
+    }
+    if rank0:
+        atomic_write_json(out_dir / "summary.json", summary)
+        log.info("summary: %s", json.dumps(summary))
+    return summary
+
+
+def _save(task: Task, loader, ckdir: Path, cfg) -> Path | None:
+    state = task.checkpoint_state(loader)
+    path = None
+    if state is not None:
+        path = save_checkpoint(ckdir, task.step, {"task": task.kind, **state}, keep=cfg.train.keep_checkpoints)
+        log.info("checkpoint %s", path)
+    path = task.comm.broadcast_object(str(path) if path else None)
+    return Path(path) if path else None

@@ -1,0 +1,91 @@
+"""What every training command sets up around its task: device, CPU threads, RNG state, communicator.
+
+``run_with_comm(cfg, comm, body)`` installs the pre-emption handler first and restores it last (a
+SIGTERM/SIGUSR1 during start-up or the final save only sets the flag), resolves the device, sizes the
+CPU thread pool, creates (and shuts down) the communicator, and calls ``body(cfg, comm, device, flag)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from photoz_hpc.errors import ConfigError
+from photoz_hpc.logs import get_logger
+from photoz_hpc.train.dist import Comm, cuda_device_index, detect_env, init_comm
+from photoz_hpc.train.signals import PreemptionFlag
+
+log = get_logger(__name__)
+
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", cuda_device_index(local_rank))
+    return torch.device("cpu")
+
+
+def set_cpu_threads(cfg, device: torch.device) -> int:
+    """Intra-op threads for CPU training. Oversubscribing cores (ranks x threads + loader threads)
+    makes OpenMP spin-wait and can cost 4x on a small or shared host, so 'auto' divides the cores
+    among the node's ranks and the loader's threads. OMP_NUM_THREADS, when set, wins."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    n = cfg.train.cpu_threads
+    if n == 0:
+        if "OMP_NUM_THREADS" in os.environ:
+            return torch.get_num_threads()
+        local = next((int(os.environ[v]) for v in _LOCAL_SIZE_VARS if os.environ.get(v, "").isdigit()), 1)
+        slurm = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        local = int(slurm) if local == 1 and slurm.isdigit() else local
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores // max(local, 1) - cfg.loader.num_threads)
+    torch.set_num_threads(n)
+    return n
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def use_channels_last(cfg, device: torch.device, comm: Comm) -> bool:
+    """Whether the network runs channels_last (``model.channels_last``)."""
+    return device.type == "cuda" and bool(cfg.model.channels_last)
+
+
+def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Set up device, threads and communicator around ``body(cfg, comm, device, flag)``."""
+    flag = PreemptionFlag().install()
+    try:
+        env = detect_env()
+        device = resolve_device(cfg.train.device, env.local_rank)
+        threads = set_cpu_threads(cfg, device)
+        log.debug("torch intra-op threads: %d", threads)
+        own = comm is None
+        comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type)
+        try:
+            return body(cfg, comm, device, flag)
+        finally:
+            if own:
+                comm.shutdown()
+    finally:
+        flag.restore()
