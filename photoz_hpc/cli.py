@@ -20,12 +20,11 @@ COMMAND_MODULES = (
     "photoz_hpc.sim.cli",
     "photoz_hpc.data.cli",
     "photoz_hpc.augment.cli",
+    "photoz_hpc.models.cli",
     "photoz_hpc.train.cli",
+    "photoz_hpc.launch.photoz_cli",
     "photoz_hpc.demo",
 )
-
-#: Exit code for a clean stop after a pre-emption signal (Slurm can requeue on it).
-EXIT_PREEMPTED = 75
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # command not implemented in this build
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
