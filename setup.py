@@ -13,8 +13,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["photoz_hpc", "photoz_hpc.*"]),
-    package_data={"photoz_hpc": ["sim/*.json"]},
+    # configs/ ships inside the package as photoz_hpc.configs (the quickstart runs from any directory)
+    packages=find_packages(include=["photoz_hpc", "photoz_hpc.*"]) + ["photoz_hpc.configs"],
+    package_dir={"photoz_hpc.configs": "configs"},
+    package_data={"photoz_hpc": ["sim/*.json"], "photoz_hpc.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         "numpy>=1.24",
         "h5py>=3.8",

@@ -23,7 +23,7 @@ COMMAND_MODULES = (
     "photoz_hpc.models.cli",
     "photoz_hpc.train.cli",
     "photoz_hpc.launch.photoz_cli",
-    "photoz_hpc.demo",
+    "photoz_hpc.launch.quickstart",
 )
 
 

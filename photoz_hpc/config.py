@@ -112,7 +112,8 @@ class ModelConfig:
     stem_kernel: int = 3
     embed_dim: int = 128
     head_hidden_dim: int = 0  # 0: same as the encoder's feature dim (MoCo v2)
-    channels_last: bool = True  # used on GPU only
+    # channels_last memory format: 'auto' = on GPUs only; true/false = on every device (CPU too)
+    channels_last: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         _check_range("model.width", self.width, 1)
@@ -470,6 +471,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         else:
             where = f" (in {path})" if path else (" (on the command line)" if overrides else "")
         raise ConfigError(f"{exc}{where}") from None
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML file of ``configs/`` as shipped inside the installed package (``photoz_hpc.configs``)."""
+    from importlib.resources import files
+
+    path = Path(str(files("photoz_hpc.configs") / name))
+    if not path.is_file():
+        raise ConfigError(f"no packaged config '{name}' (installed photoz_hpc.configs has no such file)")
+    return path
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from photoz_hpc.cli import EXIT_PREEMPTED
+    from photoz_hpc.train.signals import EXIT_PREEMPTED
     from photoz_hpc.config import load_config
     from photoz_hpc.logs import setup_logging
     from photoz_hpc.train.dist import detect_env

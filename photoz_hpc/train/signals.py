@@ -23,6 +23,10 @@ from photoz_hpc.logs import get_logger
 
 log = get_logger(__name__)
 
+#: Exit code for a clean stop after a pre-emption signal (checkpoint written); the Slurm scripts
+#: requeue on it (tests/test_slurm.py checks they use this value).
+EXIT_PREEMPTED = 75
+
 _peer_report: Callable[[], str] | None = None
 
 

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from photoz_hpc.cli import EXIT_PREEMPTED
+from photoz_hpc.train.signals import EXIT_PREEMPTED
 from photoz_hpc.config import load_config
 from photoz_hpc.logs import setup_logging
 from photoz_hpc.train.dist import detect_env, init_comm

@@ -1,0 +1,95 @@
+"""``photoz-hpc finetune`` and ``photoz-hpc evaluate``: a photo-z network from labels, and its metrics.
+
+``finetune`` trains (``train.finetune``) and then, unless pre-empted, evaluates the best network
+(by validation sigma_MAD) on the validation set into ``OUT_DIR/eval`` and adds those metrics to
+``summary.json``. Exit code 75 means pre-empted (checkpoint written; requeue and it resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_FINETUNE_CONFIG = Path(__file__).resolve().parents[1] / "configs_data" / "finetune.yaml"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune the photo-z classifier (self-supervised init, supervised baseline, linear probe)",
+        description="Train the 180-bin redshift classifier on labeled images, validate every epoch, keep the best "
+        "network by validation sigma_MAD and evaluate it. finetune.init=PATH (pretraining checkpoint or "
+        "encoder.pt) or none (supervised baseline). Exit code 75 means pre-empted (requeue to resume).",
+    )
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/finetune.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.init=runs/pretrain/encoder.pt "
+                   "finetune.label_fraction=0.125")
+    p.set_defaults(func=_finetune)
+    e = subparsers.add_parser(
+        "evaluate",
+        help="photo-z metrics, predictions and plots of a fine-tuned network on a labeled dataset",
+        description="Run a fine-tuned network (best_model.pt, photoz_model.pt or a fine-tuning checkpoint) over a "
+        "labeled prepared dataset on all ranks; write metrics.json, predictions.csv and plots.",
+    )
+    e.add_argument("--checkpoint", required=True, help="best_model.pt, photoz_model.pt or checkpoints/ckpt_*.pt")
+    e.add_argument("--data", required=True, help="prepared dataset directory with spectroscopic redshifts")
+    e.add_argument("--out", default=None, help="output directory (default: eval/ next to the checkpoint)")
+    e.add_argument("--ids", default=None, help="optional .npy of dataset ids to evaluate (e.g. a run's val_ids.npy)")
+    e.add_argument("overrides", nargs="*", help="loader/dist/train overrides, e.g. loader.batch_size=512")
+    e.set_defaults(func=_evaluate)
+
+
+def finetune_and_evaluate(cfg) -> dict:
+    """Fine-tune, then evaluate the best network on the validation set (collective); the summary gains 'eval'."""
+    from photoz_hpc.evaluate.run import evaluate_network, load_network
+    from photoz_hpc.io_utils import atomic_write_json
+    from photoz_hpc.train.finetune import _run as finetune_body
+    from photoz_hpc.train.finetune import select_data
+    from photoz_hpc.train.runtime import run_with_comm
+
+    def body(cfg, comm, device, flag):
+        summary = finetune_body(cfg, comm, device, flag)
+        if summary["preempted"]:
+            return summary
+        best = Path(comm.broadcast_object(summary.get("best_model")))
+        net, _, _ = load_network(best)
+        data = select_data(cfg)
+        report = evaluate_network(net, cfg, data.val, comm, device, Path(cfg.out_dir) / "eval", data.val_ids,
+                                  title=f"{Path(cfg.out_dir).name}: best network on the validation set")
+        summary["eval"] = {"metrics": {k: v for k, v in report["metrics"].items() if k != "per_bin"},
+                           "dir": str(Path(cfg.out_dir) / "eval")}
+        if comm.rank == 0:
+            atomic_write_json(Path(cfg.out_dir) / "summary.json", summary)
+        return summary
+
+    return run_with_comm(cfg, None, body)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from photoz_hpc.config import FinetuneRunConfig, load_config
+    from photoz_hpc.logs import setup_logging
+    from photoz_hpc.train.dist import detect_env
+    from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
+
+    cfg = load_config(args.config, args.overrides, root=FinetuneRunConfig)
+    setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)
+    PreemptionFlag().install()
+    summary = finetune_and_evaluate(cfg)
+    ignore_preemption()
+    if detect_env().rank == 0:
+        print(json.dumps(summary, indent=2))
+    return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from photoz_hpc.evaluate.run import run_evaluate
+    from photoz_hpc.train.dist import detect_env
+
+    report = run_evaluate(args.checkpoint, args.data, args.out, args.ids, args.overrides)
+    if detect_env().rank == 0:
+        m = report["metrics"]
+        print(json.dumps({"checkpoint": report["checkpoint"], "n": report["n"], "sigma_mad": m["sigma_mad"],
+                          "eta": m["eta"], "bias": m["bias"], "outlier_rate_lsst": m["outlier_rate_lsst"],
+                          "out": report.get("predictions")}, indent=2))
+    return 0
