@@ -11,8 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULT_FINETUNE_CONFIG = Path(__file__).resolve().parents[1] / "configs_data" / "finetune.yaml"
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -44,12 +42,11 @@ def finetune_and_evaluate(cfg) -> dict:
     """Fine-tune, then evaluate the best network on the validation set (collective); the summary gains 'eval'."""
     from photoz_hpc.evaluate.run import evaluate_network, load_network
     from photoz_hpc.io_utils import atomic_write_json
-    from photoz_hpc.train.finetune import _run as finetune_body
-    from photoz_hpc.train.finetune import select_data
+    from photoz_hpc.train.finetune import run_finetune_on, select_data
     from photoz_hpc.train.runtime import run_with_comm
 
     def body(cfg, comm, device, flag):
-        summary = finetune_body(cfg, comm, device, flag)
+        summary = run_finetune_on(cfg, comm, device, flag)
         if summary["preempted"]:
             return summary
         best = Path(comm.broadcast_object(summary.get("best_model")))

@@ -24,12 +24,11 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from photoz_hpc.train.signals import EXIT_PREEMPTED
     from photoz_hpc.config import load_config
     from photoz_hpc.logs import setup_logging
     from photoz_hpc.train.dist import detect_env
     from photoz_hpc.train.pretrain import run_pretrain
-    from photoz_hpc.train.signals import PreemptionFlag, ignore_preemption
+    from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
 
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)

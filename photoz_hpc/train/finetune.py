@@ -301,16 +301,30 @@ class FinetuneTask:
 # ---------------------------------------------------------------------- the run
 
 
-def run_finetune(cfg: FinetuneRunConfig, comm: Comm | None = None) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneRunConfig, comm: Comm | None = None, loader=None) -> dict[str, Any]:
     """Fine-tune per ``cfg`` on this rank; returns the run summary (``summary['preempted']`` after a
-    SIGTERM/SIGUSR1 stop, with a checkpoint to resume from)."""
+    SIGTERM/SIGUSR1 stop, with a checkpoint to resume from). ``loader``: the training loader to use
+    instead of the one ``cfg`` describes (tests wrap it)."""
     from photoz_hpc.train.runtime import run_with_comm
 
-    return run_with_comm(cfg, comm, _run)
+    return run_with_comm(cfg, comm, lambda cfg, comm, device, flag: run_finetune_on(cfg, comm, device, flag, loader))
 
 
-def _run(cfg: FinetuneRunConfig, comm: Comm, device: torch.device, flag) -> dict[str, Any]:
+def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData):
+    """(training loader over the label subset, validation loader over the validation set) of this rank."""
     from photoz_hpc.augment.loaders import build_loader
+
+    loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids)
+    if len(loader) < 1:
+        raise ConfigError(f"{len(data.train_ids)} training galaxies give no full global batch of {comm.world} x "
+                          f"{cfg.loader.batch_size}: lower loader.batch_size or raise finetune.label_fraction")
+    val_loader = build_loader(cfg, data.val, "eval", comm.rank, comm.world, cfg.seed, ids=data.val_ids,
+                              batch_size=cfg.finetune.eval_batch_size or cfg.loader.batch_size)
+    return loader, val_loader
+
+
+def run_finetune_on(cfg: FinetuneRunConfig, comm: Comm, device: torch.device, flag, loader=None) -> dict[str, Any]:
+    """The fine-tuning run on an existing communicator and device (``run_finetune`` sets those up)."""
     from photoz_hpc.train.loop import run_loop
     from photoz_hpc.train.runtime import use_channels_last
 
@@ -327,11 +341,7 @@ def _run(cfg: FinetuneRunConfig, comm: Comm, device: torch.device, flag) -> dict
             "n_train": int(len(data.train_ids)), "n_val": int(len(data.val_ids)),
             "split": "separate dataset" if cfg.finetune.val_data else
                      f"held out {cfg.finetune.val_fraction:g} (split_seed {cfg.finetune.split_seed})"})
-    loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids)
-    if len(loader) < 1:
-        raise ConfigError(f"{len(data.train_ids)} training galaxies give no full global batch of {comm.world} x "
-                          f"{cfg.loader.batch_size}: lower loader.batch_size or raise finetune.label_fraction")
-    val_loader = build_loader(cfg, data.val, "eval", comm.rank, comm.world, cfg.seed, ids=data.val_ids,
-                              batch_size=cfg.finetune.eval_batch_size or cfg.loader.batch_size)
+    own_loader, val_loader = finetune_loaders(cfg, comm, data)
+    loader = loader or own_loader
     task = FinetuneTask(cfg, comm, device, len(loader), data, val_loader, use_channels_last(cfg, device, comm))
     return run_loop(cfg, task, loader, flag, device)
