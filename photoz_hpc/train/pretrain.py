@@ -268,12 +268,12 @@ def _run(cfg: Config, comm: Comm, device: torch.device, loader, flag: Preemption
     state, path, loader_restored = None, None, False
     if cfg.train.resume == "auto":
         if rank0:
-            path, state = find_latest_valid(ckdir)
+            path, state = find_latest_valid(ckdir, "pretrain")
         path = comm.broadcast_object(str(path) if path else None)
         if path and not rank0:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, "pretrain")
     elif cfg.train.resume not in ("never", "none"):
-        path, state = cfg.train.resume, load_checkpoint(cfg.train.resume)
+        path, state = cfg.train.resume, load_checkpoint(cfg.train.resume, "pretrain")
     if state is not None:
         loader_restored = trainer.load_state(state, loader)
         log.info("resumed from %s at step %d", path, trainer.step)
@@ -418,7 +418,7 @@ def _save(trainer: Trainer, loader, ckdir: Path, cfg: Config) -> Path | None:
     state = trainer.checkpoint_state(loader)
     path = None
     if state is not None:
-        path = save_checkpoint(ckdir, trainer.step, state, keep=cfg.train.keep_checkpoints)
+        path = save_checkpoint(ckdir, trainer.step, {"task": "pretrain", **state}, keep=cfg.train.keep_checkpoints)
         log.info("checkpoint %s", path)
     path = trainer.comm.broadcast_object(str(path) if path else None)
     return Path(path) if path else None
