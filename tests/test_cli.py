@@ -12,7 +12,8 @@ import pytest
 from photoz_hpc.cli import build_parser
 from photoz_hpc.data import open_dataset
 
-COMMANDS = ["synth", "prepare", "verify", "info", "augment", "pretrain", "demo"]
+COMMANDS = ["synth", "prepare", "verify", "info", "augment", "import-checkpoint", "pretrain", "export-encoder",
+            "finetune", "evaluate", "quickstart", "demo"]
 
 
 def _run(*args, timeout=600):

@@ -34,21 +34,20 @@ METHODS = {"ssl": "self-supervised (MoCo encoder, fine-tuned)", "supervised": "s
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "quickstart",
-        aliases=["demo"],
-        help="main job: synthetic survey -> store -> MoCo pretraining -> fine-tuning vs supervised -> metrics",
-        description="From nothing to a photo-z on the CPU in minutes: a labeled synthetic survey, a short MoCo "
-        "pretraining, fine-tuning next to the supervised baseline at the same label fraction, evaluation on a "
-        "held-out set, and a report (metrics table, plots).",
-    )
-    p.add_argument("--config", default=None, help=f"pretraining YAML (default: the packaged {PRETRAIN_CONFIG})")
-    p.add_argument("--finetune-config", default=None, help=f"fine-tuning YAML (default: the packaged {FINETUNE_CONFIG})")
-    p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    p.add_argument("--fresh", action="store_true", help="regenerate the survey even if the dataset exists")
-    p.add_argument("--skip-train", action="store_true", help="stop after preparing the dataset")
-    p.add_argument("overrides", nargs="*", help="config overrides, key=value or section.key=value")
-    p.set_defaults(func=run)
+    description = ("From nothing to a photo-z on the CPU in minutes: a labeled synthetic survey, a short MoCo "
+                   "pretraining, fine-tuning next to the supervised baseline at the same label fraction, evaluation "
+                   "on a held-out set, and a report (metrics table, plots).")
+    for name, help_text in (("quickstart", "main job: synthetic survey -> MoCo -> fine-tuning vs supervised -> metrics"),
+                            ("demo", "the same as quickstart (its earlier name)")):
+        p = sub.add_parser(name, help=help_text, description=description)
+        p.add_argument("--config", default=None, help=f"pretraining YAML (default: the packaged {PRETRAIN_CONFIG})")
+        p.add_argument("--finetune-config", default=None,
+                       help=f"fine-tuning YAML (default: the packaged {FINETUNE_CONFIG})")
+        p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+        p.add_argument("--fresh", action="store_true", help="regenerate the survey even if the dataset exists")
+        p.add_argument("--skip-train", action="store_true", help="stop after preparing the dataset")
+        p.add_argument("overrides", nargs="*", help="config overrides, key=value or section.key=value")
+        p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------- configs
