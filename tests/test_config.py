@@ -67,10 +67,13 @@ def test_saved_config_round_trips(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
-    assert configs, "no configs shipped"
-    for path in configs:
-        assert isinstance(load_config(path), Config)
+    from photoz_hpc.config import FinetuneRunConfig
+
+    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("**/*.yaml"))
+    assert len(configs) >= 6, "no configs shipped"
+    for path in configs:  # a fine-tuning config says so in its name
+        root = FinetuneRunConfig if "finetune" in path.name else Config
+        assert isinstance(load_config(path, root=root), root), path
 
 
 def test_yaml_quirks_are_handled_or_explained(tmp_path):
@@ -81,3 +84,36 @@ def test_yaml_quirks_are_handled_or_explained(tmp_path):
         load_config(None, ["train.resume=off"])
     with pytest.raises(ConfigError, match="optim.lr.*must be a number"):
         load_config(None, ["optim.lr=fast"])
+
+
+def test_each_command_validates_only_its_own_sections(tmp_path):
+    from photoz_hpc.config import FinetuneRunConfig, packaged_config
+
+    ft = load_config(packaged_config("finetune.yaml"), ["label_fraction=0.25", "init=none"], root=FinetuneRunConfig)
+    assert ft.finetune.label_fraction == 0.25 and ft.optim.lr == 0.004 and ft.optim.milestones == [60.0, 90.0]
+    with pytest.raises(ConfigError, match="unknown config key 'moco'"):
+        load_config(None, ["moco.queue_size=8"], root=FinetuneRunConfig)
+    with pytest.raises(ConfigError, match="unknown config key 'finetune'"):
+        load_config(None, ["finetune.init=none"], root=Config)
+    # a partial optim section keeps fine-tuning's defaults for the keys it does not set
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.01}}))
+    cfg = load_config(path, root=FinetuneRunConfig)
+    assert cfg.optim.lr == 0.01 and cfg.optim.schedule == "step" and cfg.optim.weight_decay == 0.0
+
+
+def test_a_bad_value_names_where_it_came_from(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": "abc"}, "loader": {"batch_size": 8}}))
+    with pytest.raises(ConfigError, match=r"optim.lr.*\(in .*c.yaml\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"optim.lr.*command-line override 'optim.lr=abc'"):
+        load_config(None, ["optim.lr=abc"])
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"loader": {"batch_size": 8}}))
+    with pytest.raises(ConfigError, match=r"'optim.lr'.*command-line override 'lr=abc'") as exc:
+        load_config(good, ["lr=abc"])
+    assert "good.yaml" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"loader.batch_size.*\(in .*c2.yaml\)"):
+        (tmp_path / "c2.yaml").write_text(yaml.safe_dump({"loader": {"batch_size": 0}}))
+        load_config(tmp_path / "c2.yaml", ["seed=2"])
