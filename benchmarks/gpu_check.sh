@@ -1,41 +1,221 @@
 #!/usr/bin/env bash
-# The prepared GPU check (a few minutes on one H100/H200; run it with the `device` tool when a session
-# is lent a machine). Nothing is downloaded: the device image has torch, numpy, h5py, pyyaml, tqdm and
-# tensorboard; photoz_hpc comes from this checkout via PYTHONPATH. NVIDIA DALI is not on that image and
-# its wheel (~0.4 GB) exceeds what can be carried there, so the DALI GPU steps run only where
-# `import nvidia.dali` works; otherwise they are reported as not run.
-#   1. environment record (GPU, torch, DALI),
-#   2. augment tests on the GPU path (PHOTOZ_AUGMENT_DEVICE=gpu; needs DALI),
-#   3. loader throughput: reference (torch on GPU) and DALI GPU when present (goal >= 40,000 two-view/s),
-#   4. MoCo pretraining steps on the GPU: ResNet-50, batch 256, 64x64, bf16 autocast + channels_last,
-#      then fp16 + GradScaler; img/s from summary.json (goal: data never limits ~5,000 img/s/GPU).
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
+# The prepared GPU check: one short script for one H100/H200 (about 3 minutes there, never more than
+# BUDGET_S = 340 s, every step's time limit capped by what is left), which exits 1 when a step fails or a
+# component it needs is missing, and prints a small table last. Nothing is downloaded: the device image has
+# torch, numpy, h5py, pyyaml, tqdm, tensorboard and pytest; photoz_hpc comes from this checkout via
+# PYTHONPATH. NVIDIA DALI and Horovod are not on that image: their steps are reported "not run: ... missing"
+# and fail the check only with --require-dali / --require-horovod.
+#
+#   env            GPU, driver, torch/CUDA, native bf16, DALI/Horovod (no CUDA device: fail, nothing else runs)
+#   gpu_tests      pytest tests/test_gpu_paths.py on the GPU: no host sync in a training step, split BN
+#                  channels_last = NCHW, exported encoder loads on a CPU, pinned staging buffers
+#   dali_tests     augment tests on the DALI GPU path (PHOTOZ_AUGMENT_DEVICE=gpu)                       [DALI]
+#   loader         a store of 8192 cutouts (reused while the machine is warm) + GPU loader throughput:
+#                  reference, and DALI when present (goal >= 40,000 two-view samples/s)
+#   split_bn       split BatchNorm on channels_last activations: layout-preserving path vs NCHW copy
+#   pretrain_bf16  MoCo ResNet-50, per-GPU batch 256, 64x64, bf16 + channels_last, 40 steps: img/s end to end
+#                  and compute-only (step time minus data wait; the reference loader limits the former)
+#   pretrain_fp16  the same with fp16 + GradScaler
+#   pretrain_dali  bf16 with the DALI GPU loader                                                          [DALI]
+#   torchrun_nccl  torchrun --standalone --nproc_per_node 1 ... dist.backend=torch (NCCL, DDP), 10 steps
+#   horovod        1-rank Horovod with the GPU defaults of configs/pretrain.yaml (channels_last, bf16)   [Horovod]
+# Every run trains afresh (a new run directory, train.resume=never), so a rerun on a warm machine measures again.
+#
+# Usage: bash benchmarks/gpu_check.sh [--require-dali] [--require-horovod] [--dry-run] [OUT_DIR]
+#   OUT_DIR (default /tmp/photoz-gpu-check): every step's full log, the summaries (JSON) and table.txt.
+#   WORK (default /tmp/photoz-gpu-work): data and run directories. PYTHON picks the interpreter (python3).
+#   --dry-run: print the steps and their time limits, run nothing (the component checks still run).
+# With the device tool (at most 8 files come back from $OUT), bundle the output directory, e.g.
+#   bash benchmarks/gpu_check.sh /tmp/gc; rc=$?; tar czf "$OUT/gpu_check.tgz" -C /tmp gc; exit $rc
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-${OUT:-/tmp/photoz-gpu-check}}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-{
-  date -Is; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
-  "$PY" -c 'import nvidia.dali as d; print("dali", d.__version__)' 2>/dev/null || echo "dali: not installed"
-} 2>&1 | tee "$OUT/env.txt"
 
-if "$PY" -c 'import nvidia.dali' 2>/dev/null; then
-  PHOTOZ_AUGMENT_DEVICE=gpu timeout 300 "$PY" -m pytest tests/test_augment.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
+REQUIRE_DALI=0 REQUIRE_HVD=0 DRY=0 OUT_DIR=""
+for arg in "$@"; do
+  case "$arg" in
+    --require-dali) REQUIRE_DALI=1 ;;
+    --require-horovod) REQUIRE_HVD=1 ;;
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
+    *) OUT_DIR="$arg" ;;
+  esac
+done
+OUT_DIR="${OUT_DIR:-/tmp/photoz-gpu-check}"
+WORK="${WORK:-/tmp/photoz-gpu-work}"
+PY="${PYTHON:-python3}"
+BUDGET_S=340
+mkdir -p "$OUT_DIR" "$WORK"
+rm -f "$OUT_DIR"/*.log "$OUT_DIR"/*.json "$OUT_DIR"/table.txt
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # the device machine runs as root (horovodrun)
+START=$SECONDS
+ROWS=()
+FAILED=0
+DATA="$WORK/bench-8192-107"  # written by the loader step (benchmarks/pipeline_throughput.py)
+
+row() {  # NAME STATUS SECONDS DETAIL
+  ROWS+=("$(printf '%-14s %-8s %5s  %s' "$1" "$2" "$3" "$4")")
+  [[ "$2" == FAIL ]] && FAILED=1
+  printf '== %-14s %-8s %5s  %s\n' "$1" "$2" "$3" "$4"
+}
+
+# run NAME LIMIT_S CMD...: CMD with a time limit (capped by what is left of the budget), its full output in
+# OUT_DIR/NAME.log. Returns its exit status (124: over the limit, 125: no time left); sets DUR.
+run() {
+  local name=$1 limit=$2
+  shift 2
+  DUR=0
+  if (( DRY )); then
+    printf '[dry-run] %-14s limit %3d s: %s\n' "$name" "$limit" "$*"
+    row "$name" dry-run - "limit $limit s"
+    return 0
+  fi
+  local left=$(( BUDGET_S - (SECONDS - START) ))
+  (( limit > left )) && limit=$left
+  if (( limit < 5 )); then
+    echo "not run: the check's time budget ($BUDGET_S s) is spent" > "$OUT_DIR/$name.log"
+    return 125
+  fi
+  local t0=$SECONDS rc
+  timeout -k 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  DUR=$(( SECONDS - t0 ))
+  if (( rc != 0 )); then
+    echo "-- $name: exit $rc after $DUR s (limit $limit s); end of $OUT_DIR/$name.log:"
+    tail -n 12 "$OUT_DIR/$name.log"
+  fi
+  return $rc
+}
+
+why() {  # a failed step's exit status in words
+  case "$1" in 124|137) echo "time limit" ;; 125) echo "not run: time budget spent" ;; *) echo "exit $1" ;; esac
+}
+
+missing() {  # NAME COMPONENT REQUIRED
+  if (( $3 )); then row "$1" FAIL - "$2 missing (required by --require-${2,,})"
+  else row "$1" skip - "not run: $2 missing"; fi
+}
+
+# pretrain NAME LIMIT_S STEPS EXPECT(k=v,...) OVERRIDE...: one fresh MoCo run on the GPU
+pretrain() {
+  local name=$1 limit=$2 steps=$3 expect=$4
+  shift 4
+  local dir="$WORK/runs/$name" rc detail launcher=("$PY" -m photoz_hpc)
+  [[ "$name" == torchrun_nccl ]] && launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m photoz_hpc)
+  if [[ "$name" == horovod ]] && command -v horovodrun >/dev/null; then
+    launcher=(horovodrun -np 1 -H localhost:1 "$PY" -m photoz_hpc)
+  fi
+  (( DRY )) || rm -rf "$dir"
+  run "$name" "$limit" "${launcher[@]}" pretrain --config configs/pretrain.yaml "data.path=$DATA" "out_dir=$dir" \
+    train.resume=never "train.max_steps=$steps" train.progress=false train.tensorboard=false \
+    train.checkpoint_every=100000 train.log_every=10 loader.batch_size=256 loader.device=gpu \
+    loader.backend=reference loader.num_workers=4 loader.verify_records=false moco.queue_size=4096 "$@"
+  rc=$?
+  (( DRY )) && return
+  cp "$dir/summary.json" "$OUT_DIR/$name.json" 2>/dev/null
+  if (( rc != 0 )); then row "$name" FAIL "$DUR" "$(why $rc) (log: $name.log)"; return; fi
+  # shellcheck disable=SC2086
+  if detail=$("$PY" benchmarks/gpu_check_report.py pretrain "$OUT_DIR/$name.json" "$steps" ${expect//,/ } 2>&1); then
+    row "$name" ok "$DUR" "$(echo "$detail" | head -n 1)"
+  else
+    row "$name" FAIL "$DUR" "$(echo "$detail" | tail -n 1)"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------------- steps
+HAVE_DALI=0 HAVE_HVD=0
+"$PY" -c 'import nvidia.dali' >/dev/null 2>&1 && HAVE_DALI=1
+"$PY" -c 'import horovod.torch' >/dev/null 2>&1 && HAVE_HVD=1
+
+run env 20 bash -c 'date -Is; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; exec "$@"' \
+  env "$PY" benchmarks/gpu_check_report.py env "$OUT_DIR/env.json"
+rc=$?
+if (( DRY )); then
+  :
+elif (( rc != 0 )); then
+  row env FAIL "$DUR" "$(tail -n 1 "$OUT_DIR/env.log") ($(why $rc); see env.log)"
 else
-  echo "augment GPU tests not run: DALI missing" | tee "$OUT/gpu_tests.txt"
+  row env ok "$DUR" "$(tail -n 1 "$OUT_DIR/env.log")"
+fi
+echo "components: DALI $HAVE_DALI, Horovod $HAVE_HVD (1 = importable)"
+
+if (( FAILED )); then
+  for s in gpu_tests dali_tests loader split_bn pretrain_bf16 pretrain_fp16 pretrain_dali torchrun_nccl horovod; do
+    row "$s" skip - "not run: env failed"
+  done
+else
+  run gpu_tests 75 "$PY" -m pytest tests/test_gpu_paths.py -q -rs -p no:cacheprovider
+  rc=$?
+  if (( ! DRY )); then
+    last=$(grep -E '(passed|failed|error)' "$OUT_DIR/gpu_tests.log" | tail -n 1)
+    if (( rc == 0 )) && grep -q "needs a CUDA GPU" "$OUT_DIR/gpu_tests.log"; then
+      row gpu_tests FAIL "$DUR" "the CUDA tests were skipped: $last"
+    elif (( rc == 0 )); then row gpu_tests ok "$DUR" "$last"
+    else row gpu_tests FAIL "$DUR" "$(why $rc): ${last:-see gpu_tests.log}"; fi
+  fi
+
+  if (( HAVE_DALI )); then
+    PHOTOZ_AUGMENT_DEVICE=gpu run dali_tests 60 "$PY" -m pytest tests/test_augment.py -q -x -p no:cacheprovider
+    rc=$?
+    if (( ! DRY )); then
+      last=$(grep -E '(passed|failed|error)' "$OUT_DIR/dali_tests.log" | tail -n 1)
+      if (( rc == 0 )); then row dali_tests ok "$DUR" "$last"; else row dali_tests FAIL "$DUR" "$(why $rc): $last"; fi
+    fi
+  else
+    missing dali_tests DALI "$REQUIRE_DALI"
+  fi
+
+  run loader 75 "$PY" benchmarks/pipeline_throughput.py --work "$WORK" --n 8192 --batch-size 256 \
+    --threads "$(nproc)" --batches 20 --devices gpu --json "$OUT_DIR/loader.json"
+  rc=$?
+  if (( ! DRY )); then
+    if (( rc == 0 )); then
+      row loader ok "$DUR" "$("$PY" benchmarks/gpu_check_report.py loader "$OUT_DIR/loader.json" 2>&1)"
+    else
+      row loader FAIL "$DUR" "$(why $rc) (log: loader.log)"
+    fi
+  fi
+
+  run split_bn 40 "$PY" benchmarks/split_bn.py --device cuda --dtype bf16 --json "$OUT_DIR/split_bn.json"
+  rc=$?
+  if (( ! DRY )); then
+    if (( rc == 0 )); then
+      row split_bn ok "$DUR" "$("$PY" benchmarks/gpu_check_report.py split_bn "$OUT_DIR/split_bn.json" 2>&1)"
+    else
+      row split_bn FAIL "$DUR" "$(why $rc) (log: split_bn.log)"
+    fi
+  fi
+
+  if [[ ! -f "$DATA/manifest.json" ]] && (( ! DRY )); then
+    for s in pretrain_bf16 pretrain_fp16 pretrain_dali torchrun_nccl horovod; do row "$s" FAIL - "not run: no data (loader step failed)"; done
+  else
+    pretrain pretrain_bf16 75 40 precision=bf16,memory_format=channels_last,backend=none train.precision=bf16 dist.backend=none
+    pretrain pretrain_fp16 55 30 precision=fp16,memory_format=channels_last train.precision=fp16 dist.backend=none \
+      train.export_encoder=false
+    if (( HAVE_DALI )); then
+      pretrain pretrain_dali 50 30 precision=bf16 train.precision=bf16 dist.backend=none loader.backend=dali \
+        train.export_encoder=false
+    else
+      missing pretrain_dali DALI "$REQUIRE_DALI"
+    fi
+    pretrain torchrun_nccl 45 10 backend=torch,world_size=1 dist.backend=torch model.arch=resnet18 \
+      train.export_encoder=false
+    if (( HAVE_HVD )); then
+      pretrain horovod 45 15 backend=horovod,memory_format=channels_last,precision=bf16 dist.backend=horovod \
+        train.export_encoder=false
+    else
+      missing horovod Horovod "$REQUIRE_HVD"
+    fi
+  fi
 fi
 
-timeout 300 "$PY" benchmarks/pipeline_throughput.py --work /tmp/photoz-bench --n 8192 --batch-size 256 \
-  --threads "$(nproc)" --batches 30 --devices auto --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
-
-DATA=/tmp/photoz-bench/bench-8192-107   # made by the benchmark above
-for prec in bf16 fp16; do
-  timeout 240 "$PY" -m photoz_hpc pretrain --config configs/pretrain.yaml "data.path=$DATA" \
-    "out_dir=/tmp/photoz-gpu-$prec" train.max_steps=60 train.progress=false train.precision=$prec \
-    loader.batch_size=256 loader.device=gpu moco.queue_size=4096 train.checkpoint_every=1000 \
-    2>&1 | tail -n 5 | tee "$OUT/pretrain_$prec.txt"
-  cp "/tmp/photoz-gpu-$prec/summary.json" "$OUT/pretrain_$prec.json" 2>/dev/null || true
-done
+# ---------------------------------------------------------------------------------------------------- table
+{
+  echo
+  echo "GPU check, $(date -Is), $(( SECONDS - START )) s, full logs in $OUT_DIR"
+  printf '%-14s %-8s %5s  %s\n' step result s detail
+  printf '%s\n' "${ROWS[@]}"
+  if (( FAILED )); then echo "RESULT: FAIL"; else echo "RESULT: ok"; fi
+} | tee "$OUT_DIR/table.txt"
+exit $FAILED

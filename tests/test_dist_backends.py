@@ -38,23 +38,34 @@ def test_shuffle_bn_unshuffles_exactly(tmp_path: Path) -> None:
     assert results[0]["tags"] == sorted(list(range(6)) + [100.0 + i for i in range(6)])  # a permutation of all rows
 
 
-def test_torch_backend_pretrain(tmp_path: Path, data: Path) -> None:
-    more = ("train.max_steps=6", "dist.backend=torch", "moco.queue_mode=sharded")
+CHANNELS_LAST = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+
+
+@CHANNELS_LAST
+def test_torch_backend_pretrain(tmp_path: Path, data: Path, channels_last: bool) -> None:
+    more = ("train.max_steps=6", "dist.backend=torch", "moco.queue_mode=sharded",
+            f"model.channels_last={str(channels_last).lower()}")
     results = run_torch("pretrain_run.py", tiny_overrides(data, tmp_path / "run", 16, 64, more))
     for rc, log in results:
         assert rc == 0, log[-3000:]
     s = _summary(results[0][1])
     assert s["backend"] == "torch" and s["world_size"] == 2 and s["steps"] == 6 and s["global_batch"] == 32
+    assert s["memory_format"] == ("channels_last" if channels_last else "contiguous")
     assert Path(s["checkpoint"]).is_file() and Path(s["encoder"]).is_file()
 
 
-def test_horovod_backend_pretrain(tmp_path: Path, data: Path) -> None:
+@CHANNELS_LAST
+def test_horovod_backend_pretrain(tmp_path: Path, data: Path, channels_last: bool) -> None:
+    """With channels_last this is the default GPU set-up's crash at start-up (``hvd.broadcast_parameters``:
+    'Tensor is required to be contiguous'), and then in the gradient all-reduce, reproduced on CPU."""
     require_horovod()
-    more = ("train.max_steps=6", "dist.backend=auto", "moco.queue_mode=sharded")
+    more = ("train.max_steps=6", "dist.backend=auto", "moco.queue_mode=sharded",
+            f"model.channels_last={str(channels_last).lower()}")
     rc, log = run_horovod("pretrain_run.py", tiny_overrides(data, tmp_path / "run", 16, 64, more))
     assert rc == 0, log[-3000:]
     s = _summary(log)
     assert s["backend"] == "horovod" and s["world_size"] == 2 and s["steps"] == 6
+    assert s["memory_format"] == ("channels_last" if channels_last else "contiguous")
     assert Path(s["checkpoint"]).is_file()
 
 

@@ -23,8 +23,12 @@ def reference(tmp_path_factory) -> list[dict]:
     return blob["records"]
 
 
-def _compare(ref: list[dict], got: list[dict]) -> None:
+def _compare(ref: list[dict], got: list[dict], channels_last: bool = False) -> None:
+    """The 2-rank records equal the 1-rank (NCHW) reference; with channels_last the weights really were
+    channels_last throughout (and the math must not depend on the memory format)."""
     assert len(got) == len(ref) == STEPS
+    fmt = "channels_last" if channels_last else "contiguous"
+    assert all(r["memory_format"] == fmt and r["conv_weight_channels_last"] == channels_last for r in got)
     for step, (a, b) in enumerate(zip(ref, got, strict=True)):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-6), f"step {step} loss"
         gscale = float(a["grads"].abs().max())
@@ -41,13 +45,17 @@ def _load(path: Path, world: int) -> list[dict]:
     return blob["records"]
 
 
+CHANNELS_LAST = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+
+
+@CHANNELS_LAST
 @pytest.mark.parametrize("mode", ["sharded", "replicated"])
-def test_torch_two_ranks_match_one_rank(tmp_path: Path, reference, mode: str) -> None:
+def test_torch_two_ranks_match_one_rank(tmp_path: Path, reference, mode: str, channels_last: bool) -> None:
     out = tmp_path / f"{mode}.pt"
     for rc, log in run_torch("equivalence.py", ["--backend", "torch", "--mode", mode, "--steps", str(STEPS),
-                                                 "--out", str(out)]):
+                                                 "--channels-last", str(channels_last).lower(), "--out", str(out)]):
         assert rc == 0, log[-3000:]
-    _compare(reference, _load(out, 2))
+    _compare(reference, _load(out, 2), channels_last)
 
 
 def test_local_mode_is_a_different_objective(tmp_path: Path, reference) -> None:
@@ -60,25 +68,35 @@ def test_local_mode_is_a_different_objective(tmp_path: Path, reference) -> None:
     assert abs(got[0]["loss"] - reference[0]["loss"]) > 1e-3
 
 
+@CHANNELS_LAST
 @pytest.mark.parametrize("mode", ["sharded", "replicated"])
-def test_horovod_two_ranks_match_one_rank(tmp_path: Path, reference, mode: str) -> None:
+def test_horovod_two_ranks_match_one_rank(tmp_path: Path, reference, mode: str, channels_last: bool) -> None:
+    """Also: with channels_last (conv weights and gradients not contiguous) Horovod's broadcast and gradient
+    all-reduce work (contiguous views, no copies), and every step names its collectives the same way
+    (stable names per call site: Horovod's response cache hits from the second step on)."""
     require_horovod()
     out = tmp_path / f"hvd_{mode}.pt"
     rc, log = run_horovod("equivalence.py", ["--backend", "horovod", "--mode", mode, "--steps", str(STEPS),
-                                             "--out", str(out)])
+                                             "--channels-last", str(channels_last).lower(), "--out", str(out)])
     assert rc == 0, log[-3000:]
     blob = torch.load(out, weights_only=False)
     assert blob["backend"] == "horovod"
-    _compare(reference, _load(out, 2))
+    got = _load(out, 2)
+    _compare(reference, got, channels_last)
+    names = [r["collective_names"] for r in got]
+    assert names[0] and all(n == names[0] for n in names), names
+    assert all(n.startswith("photoz.") for n in names[0]) and len(set(names[0])) < len(names[0])  # sites repeat
 
 
-@pytest.mark.parametrize("backend", ["torch", "horovod"])
-def test_fp16_gradscaler_protocol(tmp_path: Path, reference, backend: str) -> None:
-    """fp16 + GradScaler (with Horovod: synchronize / unscale / skip_synchronize) trains like fp32."""
+@pytest.mark.parametrize("backend, channels_last", [("torch", False), ("horovod", False), ("horovod", True)])
+def test_fp16_gradscaler_protocol(tmp_path: Path, reference, backend: str, channels_last: bool) -> None:
+    """fp16 + GradScaler (with Horovod: synchronize / unscale / skip_synchronize) trains like fp32; with
+    channels_last, Horovod's explicit synchronize hands the gradients back in their own layout."""
     if backend == "horovod":
         require_horovod()
     out = tmp_path / "fp16.pt"
-    args = ["--backend", backend, "--mode", "sharded", "--steps", "3", "--precision", "fp16", "--out", str(out)]
+    args = ["--backend", backend, "--mode", "sharded", "--steps", "3", "--precision", "fp16",
+            "--channels-last", str(channels_last).lower(), "--out", str(out)]
     if backend == "horovod":
         rc, log = run_horovod("equivalence.py", args)
         assert rc == 0, log[-3000:]

@@ -4,7 +4,8 @@ Per view, ONE ``warp_affine`` (rotation + jitter + crop fused, 64x64 output, bil
 followed by one fused arithmetic expression ``view * multiplier + noise * sigma`` (reddening or
 dereddening and the noise scale are per-sample per-band arrays). Raw cutouts, matrices and
 multipliers enter through a batch ``external_source`` reading zero-copy memory-mapped records; on
-the GPU path the raw cutouts move to the GPU first and everything after runs there. DALI draws no
+the GPU path the raw cutouts are staged in pinned (page-locked) buffers, move to the GPU first and
+everything after runs there. DALI draws no
 random numbers itself: all draws come from ``draws.py``, so the pipeline's state is the loader's
 (seed, epoch, position) and resume is exact.
 """
@@ -21,6 +22,11 @@ from photoz_hpc.augment.base import LoaderBase
 from photoz_hpc.augment.source import BatchSource, SourceBatch
 
 
+def _pinned_array(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 numpy array in page-locked host memory (torch's pinned allocator; the array keeps it alive)."""
+    return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+
+
 class _Feeder:
     """Callbacks of the external sources for one pass; batch k = start + DALI iteration."""
 
@@ -34,18 +40,45 @@ class _Feeder:
         # records are copied into zero-bordered buffers (1 pixel) and warped with clamping: a sample
         # outside the image then reads only zero pixels, i.e. exactly the zero fill (the matrices
         # shift by one pixel). Buffers return to the pool once their batch's outputs are out.
+        # GPU: the records are copied into pinned staging buffers instead, so that DALI's host->device
+        # copy runs at DMA speed rather than from pageable memory-mapped pages. A staging buffer is reused
+        # only after the GPU has produced its batch's outputs (so its copy is complete): ``release`` gets
+        # an event recorded after them.
         self.pad = device != "gpu"
-        self._free: list[np.ndarray] = []
+        self.alloc = _pinned_array
+        self._free: list[tuple[np.ndarray, object]] = []
+        # device tensors handed to DALI per iteration (GPU noise fields): alive until their batch is out
+        self._hold: dict[int, list[torch.Tensor]] = {}
+        self._released = 0
 
-    def release(self, buffer: np.ndarray | None) -> None:
+    def release(self, buffer: np.ndarray | None, ready=None) -> None:
+        """The oldest delivered batch is out: its buffer returns to the pool (reusable once ``ready``, a CUDA
+        event, has completed) and the device tensors of its iteration are let go."""
+        self._hold.pop(self._released, None)
+        self._released += 1
         if buffer is not None:
-            self._free.append(buffer)
+            self._free.append((buffer, ready))
+
+    def _buffer(self, shape: tuple[int, ...], alloc) -> np.ndarray:
+        if not self._free:
+            return alloc(shape)
+        buf, ready = self._free.pop()
+        if ready is not None:
+            ready.synchronize()  # long complete by now (prefetch_queue_depth batches later): no stall
+        return buf
 
     def _padded(self, images: list[np.ndarray]) -> np.ndarray:
         h, w, c = images[0].shape
-        buf = self._free.pop() if self._free else np.zeros((len(images), h + 2, w + 2, c), np.float32)
+        buf = self._buffer((len(images), h + 2, w + 2, c), lambda shape: np.zeros(shape, np.float32))
         for i, rec in enumerate(images):
             buf[i, 1:-1, 1:-1] = rec
+        return buf
+
+    def _staged(self, images: list[np.ndarray]) -> np.ndarray:
+        h, w, c = images[0].shape
+        buf = self._buffer((len(images), h, w, c), self.alloc)
+        for i, rec in enumerate(images):
+            buf[i] = rec
         return buf
 
     def _take(self, iteration: int) -> SourceBatch:
@@ -62,9 +95,9 @@ class _Feeder:
 
     def host(self, info) -> list:
         sb = self._take(info.iteration)
-        buffer = self._padded(sb.images) if self.pad else None
+        buffer = self._padded(sb.images) if self.pad else self._staged(sb.images)
         self.delivered.append((sb, buffer))
-        out: list = [sb.images if buffer is None else buffer]
+        out: list = [buffer]
         for v in sb.views:
             matrix = v.matrix
             if self.pad:
@@ -78,24 +111,29 @@ class _Feeder:
             sb = self._take(info.iteration)
             if self.device != "gpu":
                 return sb.views[view].noise
-            return self._gpu_fields(sb, view)
+            out = self._gpu_fields(sb, view)
+            self._hold.setdefault(info.iteration, []).append(out)
+            return out
 
         return fields
 
     def _gpu_fields(self, sb: SourceBatch, view: int) -> torch.Tensor:
-        """Noise fields built on the GPU (table gather); synchronised before DALI copies them."""
+        """Noise fields built on the GPU (table gather). No synchronisation: DALI copies a torch tensor on
+        torch's current stream, after the gather; inputs go up from pinned memory without blocking."""
         spec = self.source.spec
         if spec.noise_method == "table":
             if self._gpu_table is None or self._gpu_table_key != self.source.table.key:
-                self._gpu_table = torch.from_numpy(self.source.table.table).cuda()
+                self._gpu_table = torch.from_numpy(self.source.table.table).cuda()  # once per epoch
                 self._gpu_table_key = self.source.table.key
-            offsets = torch.from_numpy(sb.views[view].draws.noise_offset).cuda()
+            offsets = _to_gpu(sb.views[view].draws.noise_offset)
             windows = self._gpu_table.unfold(0, spec.field_size, 1)[offsets]
-            out = windows.view(len(offsets), spec.crop, spec.crop, spec.bands)
-        else:
-            out = torch.from_numpy(np.stack(sb.views[view].noise)).cuda()
-        torch.cuda.current_stream().synchronize()
-        return out
+            return windows.view(len(offsets), spec.crop, spec.crop, spec.bands)
+        return _to_gpu(np.stack(sb.views[view].noise))
+
+
+def _to_gpu(a: np.ndarray) -> torch.Tensor:
+    """A host array on the current GPU via pinned memory, non-blocking (no host wait)."""
+    return torch.from_numpy(a).pin_memory().cuda(non_blocking=True)
 
 
 def build_pipeline(feeder: _Feeder, batch_size: int, num_threads: int, prefetch: int, device_id: int | None):
@@ -166,7 +204,7 @@ class DaliLoader(LoaderBase):
                     t = torch.empty(shape, dtype=torch.float32, device=self.torch_device)
                     feed_ndarray(tl.as_tensor(), t, cuda_stream=stream)
                     views.append(t.permute(0, 3, 1, 2))  # (B, C, S, S) view, channels_last strides
-                feeder.release(buffer)
+                feeder.release(buffer, stream.record_event() if gpu else None)
                 yield self.make_batch(sb, views)
         finally:
             del pipe

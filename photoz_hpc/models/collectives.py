@@ -82,7 +82,8 @@ class CommSyncBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         comm = self._comm.obj
         xf = x.float()
-        n_local = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=torch.float32, device=x.device)
+        # the element count is filled in on the device (no host list copied to it: no sync per layer)
+        n_local = xf.new_full((1,), float(x.shape[0] * x.shape[2] * x.shape[3]))
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), n_local])
         if comm is not None and comm.world > 1:
             stats = all_reduce_sum_grad(stats, comm)

@@ -1,6 +1,7 @@
 """Embedding export: the query encoder's ResNet trunk as a small stand-alone file.
 
-``export_encoder`` writes ``{'format', 'model' (ModelConfig as dict), 'state_dict'}``;
+``export_encoder`` writes ``{'format', 'model' (ModelConfig as dict), 'state_dict', 'projection_head'}``
+(the head is absent in files written before it was added);
 ``load_encoder`` rebuilds the ResNet (plain BatchNorm, eval mode) for ``photoz-hpc embed`` and
 fine-tuning. ``embed`` maps (N, 5, S, S) cutouts to (N, feature_dim) representations.
 """
@@ -19,6 +20,7 @@ from photoz_hpc.io_utils import atomic_open
 from photoz_hpc.models.resnet import build_encoder
 
 ENCODER_FORMAT = "photoz-hpc/encoder/1"
+HEAD_PREFIX = "encoder_q.1."
 
 
 def encoder_state_from_moco(moco_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -36,11 +38,15 @@ def export_encoder(source: str | Path | dict, out_path: str | Path, model_cfg=No
     if model_cfg is None:
         model_cfg = source["config"]["model"]
     cfg_dict = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
-    state = encoder_state_from_moco(source["model"])
+    # CPU, contiguous (NCHW) tensors: loadable on any machine, also with weights_only and no map_location
+    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder_state_from_moco(source["model"]).items()}
+    # the query projection head (MLP, keys 0.* / 2.*) too, as paper_import does: `embed` needs it
+    head = {k[len(HEAD_PREFIX):]: v.detach().to("cpu").contiguous() for k, v in source["model"].items()
+            if k.startswith(HEAD_PREFIX)}
     out_path = Path(out_path)
     with atomic_open(out_path, "wb") as fh:
         torch.save({"format": ENCODER_FORMAT, "model": cfg_dict, "state_dict": state,
-                    "step": source.get("step")}, fh)
+                    "step": source.get("step"), **({"projection_head": head} if head else {})}, fh)
     return out_path
 
 

@@ -46,6 +46,16 @@ class _SerialComm:
         return t
 
 
+def seeded_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``randperm(n)`` from a CPU generator seeded with ``seed`` (the same on every rank and device type,
+    so no broadcast is needed and a resumed run reproduces it), on ``device``. A GPU gets it through
+    pinned memory, non-blocking: no host synchronisation in the middle of the forward pass."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    if device.type == "cuda":
+        return perm.pin_memory().to(device, non_blocking=True)
+    return perm.to(device)
+
+
 class MoCo(nn.Module):
     def __init__(
         self,
@@ -114,8 +124,7 @@ class MoCo(nn.Module):
         comm = self.comm
         b = x.shape[0]
         x_all = comm.allgather(x.contiguous())
-        g = torch.Generator().manual_seed(int(seed))
-        perm = torch.randperm(x_all.shape[0], generator=g).to(x.device)
+        perm = seeded_permutation(x_all.shape[0], seed, x.device)
         unperm = torch.argsort(perm)
         mine = perm.view(comm.world, b)[comm.rank]
         return x_all[mine], unperm
@@ -138,8 +147,7 @@ class MoCo(nn.Module):
             k = F.normalize(self.encoder_k(x).float(), dim=1)
             return self.batch_unshuffle(k, unperm)
         if self.bn_splits > 1:
-            g = torch.Generator().manual_seed(int(shuffle_seed))
-            perm = torch.randperm(im_k.shape[0], generator=g).to(im_k.device)
+            perm = seeded_permutation(im_k.shape[0], shuffle_seed, im_k.device)
             k = F.normalize(self.encoder_k(im_k[perm]).float(), dim=1)
             return k[torch.argsort(perm)]
         return F.normalize(self.encoder_k(im_k).float(), dim=1)

@@ -26,6 +26,56 @@ ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 }
 
 
+class _SplitBNChannelsLast(torch.autograd.Function):
+    """Training-mode split BatchNorm of a channels_last input without leaving channels_last.
+
+    The NHWC storage of (N, C, H, W) viewed as ``x5`` = (N/S, S, H, W, C) is free (row i = j*S + s), so the
+    statistics of sub-batch s and channel c are a reduction of ``x5`` over dims (0, 2, 3); the
+    normalisation is one fused multiply-add with per-(s, c) scale and shift, written NHWC. Statistics and
+    coefficients are fp32 also for bf16/fp16 activations. The backward is BatchNorm's, per (s, c).
+    Returns (y5, mean, biased var), mean and var of shape (1, S, 1, 1, C).
+    """
+
+    DIMS = (0, 2, 3)
+
+    @staticmethod
+    def forward(ctx, x5, weight, bias, eps):
+        dims, count = _SplitBNChannelsLast.DIMS, x5.shape[0] * x5.shape[2] * x5.shape[3]
+        if x5.dtype == torch.float32:
+            var, mean = torch.var_mean(x5, dim=dims, correction=0, keepdim=True)
+        else:  # accumulate in fp32 without an fp32 copy of the activations
+            mean = x5.sum(dims, keepdim=True, dtype=torch.float32) / count
+            sq = torch.linalg.vector_norm(x5, 2, dims, keepdim=True, dtype=torch.float32).square()
+            var = (sq / count - mean.square()).clamp_min(0.0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.float()
+        shift = -mean * scale if bias is None else bias.float() - mean * scale
+        y = torch.empty_like(x5)
+        torch.addcmul(shift, x5, scale, out=y)
+        ctx.save_for_backward(x5, mean, invstd, weight)
+        ctx.count, ctx.bias_dtype = count, None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar):
+        x5, mean, invstd, weight = ctx.saved_tensors
+        dims, n = _SplitBNChannelsLast.DIMS, ctx.count
+        sum_g = gy.sum(dims, keepdim=True, dtype=torch.float32)
+        # sum g (x - mean): the products in fp32 (an fp32 addend makes addcmul upcast g and x on the fly;
+        # bf16 products would spoil the sums), not an fp32 copy of g
+        prod = gy * x5 if gy.dtype == x5.dtype == torch.float32 else torch.addcmul(torch.zeros_like(mean), gy, x5)
+        dot = prod.sum(dims, keepdim=True) - mean * sum_g
+        a = invstd if weight is None else invstd * weight.float()
+        k = dot * invstd.square() / n
+        # dx = a (g - sum_g / n - (x - mean) k) = a g - a k x + a (mean k - sum_g / n)
+        gx = torch.empty_like(x5)
+        torch.addcmul(torch.addcmul(a * (mean * k - sum_g / n), x5, -a * k), gy, a, out=gx)
+        gw = (dot * invstd).sum((0, 1, 2, 3)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_g.sum((0, 1, 2, 3)).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are computed per sub-batch (MoCo's single-GPU ``SplitBatchNorm``).
 
@@ -34,6 +84,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     with its own mean/variance; the running statistics are updated with the average of the sub-batch
     updates. In eval mode it is exactly ``nn.BatchNorm2d`` (running statistics). Parameters, buffers and
     state-dict keys are those of ``nn.BatchNorm2d``, so checkpoints and exported encoders are unchanged.
+    A channels_last input stays channels_last (``_SplitBNChannelsLast``): the reshape above cannot be a
+    view of NHWC memory, and copying to NCHW and back around every BatchNorm would cost two full passes.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kw) -> None:
@@ -55,6 +107,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return self._forward_channels_last(x, factor, track)
         rm = self.running_mean.repeat(s) if track else None
         rv = self.running_var.repeat(s) if track else None
         weight = self.weight.repeat(s) if self.affine else None
@@ -65,6 +119,21 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.copy_(rm.view(s, c).mean(0))
                 self.running_var.copy_(rv.view(s, c).mean(0))
         return out.reshape(n, c, h, w)
+
+    def _forward_channels_last(self, x: torch.Tensor, factor: float, track: bool) -> torch.Tensor:
+        s = self.num_splits
+        n, c, h, w = x.shape
+        count = (n // s) * h * w
+        if count < 2:
+            raise ValueError(f"split BatchNorm: expected more than 1 value per channel in training, got {count}")
+        x5 = x.permute(0, 2, 3, 1).view(n // s, s, h, w, c)
+        y5, mean, var = _SplitBNChannelsLast.apply(x5, self.weight, self.bias, self.eps)
+        if track:
+            with torch.no_grad():  # the average of the S sub-batch updates, as in the NCHW path
+                self.running_mean.mul_(1 - factor).add_(mean.view(s, c).mean(0).to(self.running_mean.dtype), alpha=factor)
+                unbiased = var.view(s, c).mean(0) * (count / (count - 1))
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        return y5.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:

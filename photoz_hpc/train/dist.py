@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -48,6 +49,45 @@ def cuda_device_index(local_rank: int) -> int:
     if n < 1:
         raise PhotozError("CUDA was requested but no CUDA device is visible to this process")
     return local_rank % n
+
+
+def horovod_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is contiguous, else a contiguous view of the same memory: a channels_last 4-d tensor
+    (conv weights and their gradients in a channels_last model) permuted to its NHWC storage order.
+    Horovod's ops need contiguous tensors and write their results in place, so a view (unlike a copy)
+    receives the result, and no step pays for a layout copy."""
+    if t.is_contiguous():
+        return t
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1)
+    raise PhotozError(f"Horovod needs contiguous tensors; got shape {tuple(t.shape)} with strides {t.stride()}")
+
+
+class HorovodViews:
+    """Horovod ``Compression`` that hands gradients over as ``horovod_view``s and restores their shape
+    (``DistributedOptimizer.synchronize`` sets ``p.grad`` to ``decompress(output)``: the same memory)."""
+
+    @staticmethod
+    def compress(tensor: torch.Tensor):
+        view = horovod_view(tensor)
+        return view, view is not tensor
+
+    @staticmethod
+    def decompress(tensor: torch.Tensor, permuted: bool) -> torch.Tensor:
+        return tensor.permute(0, 3, 1, 2) if permuted else tensor
+
+
+_DIST_FILE = __file__
+
+
+def call_site(skip: str = _DIST_FILE) -> str:
+    """``module.function.line`` of the nearest caller outside the file ``skip`` (a stable collective name)."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename == skip:
+        f = f.f_back
+    if f is None:
+        return "unknown"
+    return f"{os.path.splitext(os.path.basename(f.f_code.co_filename))[0]}.{f.f_code.co_name}.{f.f_lineno}"
 
 
 def horovod_available() -> bool:
@@ -297,7 +337,6 @@ class HorovodComm(Comm):
                 "PHOTOZ_SRUN_MPI, default pmix), use mpirun/horovodrun, or dist.backend=torch")
         if device_type == "cuda":
             torch.cuda.set_device(cuda_device_index(self.local_rank))
-        self._n = 0
         self._start_heartbeat(timeout_s)
 
     def _kv_url(self, key: str) -> str:
@@ -316,21 +355,34 @@ class HorovodComm(Comm):
         except urllib.error.HTTPError:
             return None
 
-    def _name(self, kind: str) -> str:
-        self._n += 1  # every rank issues the same sequence of collectives, so names match
-        return f"photoz.{kind}.{self._n}"
+    @staticmethod
+    def _name(kind: str, t: torch.Tensor | None = None, gather: bool = False) -> str:
+        """The same name for every call from one call site and tensor signature (shape -- without the first
+        dimension for gathers, which may differ between ranks -- and dtype), so that Horovod's response cache
+        knows the collective from the second step on instead of negotiating it afresh each time. Every rank
+        issues the same sequence of these synchronous collectives, so names match across ranks and one name
+        is never in flight twice."""
+        sig = ""
+        if t is not None:
+            shape = t.shape[1:] if gather else t.shape
+            sig = "." + "x".join(map(str, shape)) + "." + str(t.dtype).split(".")[-1]
+        return f"photoz.{kind}.{call_site()}{sig}"
 
     def allreduce(self, t, op="sum"):
         hvd = self.hvd
         t = t.detach().contiguous()
         if op in ("max", "min"):  # via allgather: portable across Horovod builds and dtypes
-            g = self.allgather(t.unsqueeze(0))
+            g = self._allgather(t.unsqueeze(0), f"allreduce_{op}")
             return g.amax(0) if op == "max" else g.amin(0)
         hop = hvd.Sum if op == "sum" else hvd.Average
-        return self._timed(hvd.allreduce, t, op=hop, name=self._name("allreduce"))
+        return self._timed(hvd.allreduce, t, op=hop, name=self._name("allreduce", t))
 
     def allgather(self, t):
-        return self._timed(self.hvd.allgather, t.detach().contiguous(), name=self._name("allgather"))
+        return self._allgather(t, "allgather")
+
+    def _allgather(self, t, kind):
+        t = t.detach().contiguous()
+        return self._timed(self.hvd.allgather, t, name=self._name(kind, t, gather=True))
 
     def allgather_object(self, obj):
         return self._timed(self.hvd.allgather_object, obj, name=self._name("allgather_object"))
@@ -340,10 +392,12 @@ class HorovodComm(Comm):
 
     def wrap_optimizer(self, optimizer, model):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=named, op=self.hvd.Average)
+        # channels_last gradients reach Horovod as contiguous views of their own memory (HorovodViews)
+        return self.hvd.DistributedOptimizer(optimizer, named_parameters=named, op=self.hvd.Average,
+                                             compression=HorovodViews)
 
     def broadcast_state(self, model, optimizer, ignore_buffers):
-        state = {k: v for k, v in model.state_dict().items() if k not in ignore_buffers}
+        state = {k: horovod_view(v) for k, v in model.state_dict().items() if k not in ignore_buffers}
         self.hvd.broadcast_parameters(state, root_rank=0)
         # hvd.broadcast_optimizer_state initialises an empty state by stepping with zero gradients,
         # which applies weight decay and seeds momentum buffers: only broadcast a non-empty state.

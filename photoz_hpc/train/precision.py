@@ -1,8 +1,9 @@
 """Mixed precision with torch.amp, and the one backward/step protocol (GradScaler x Horovod).
 
-auto: bf16 autocast on GPUs that support it, else fp32 (CPU runs fp32 unless bf16 is asked for,
-since CPU bf16 is slower on most hosts). fp16 uses a GradScaler (meant for GPUs; allowed on CPU). The MoCo loss, logits and queue
-stay fp32 regardless (``MoCo.forward`` leaves autocast for them).
+auto: bf16 autocast on GPUs that compute bf16 natively (compute capability >= 8: A100, H100, ...), fp16 +
+GradScaler on older GPUs (V100, T4: their bf16 is emulated and slow), fp32 on CPU (CPU bf16 is slower on
+most hosts; ask for it explicitly). fp16 uses a GradScaler (meant for GPUs; allowed on CPU). The MoCo loss,
+logits and queue stay fp32 regardless (``MoCo.forward`` leaves autocast for them).
 """
 
 from __future__ import annotations
@@ -34,17 +35,29 @@ class Precision:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
 
+def native_bf16_supported() -> bool:
+    """Whether the current GPU computes bf16 natively. ``torch.cuda.is_bf16_supported()`` alone also
+    counts emulated bf16 (V100, T4), which is several times slower than fp16 there."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # an older torch without the argument: native from compute capability 8.0 (Ampere)
+        return torch.cuda.get_device_capability()[0] >= 8
+
+
 def resolve_precision(requested: str, device: torch.device) -> Precision:
     dev = device.type
     if requested == "auto":
-        bf16_ok = dev == "cuda" and torch.cuda.is_bf16_supported()
-        requested = "bf16" if bf16_ok else "fp32"
+        requested = "fp32" if dev != "cuda" else ("bf16" if native_bf16_supported() else "fp16")
     if requested == "fp16":
         if dev == "cpu":  # works (tests use it for the GradScaler protocol) but is slow
             log.warning("train.precision 'fp16' on CPU is slow; prefer 'bf16' or 'fp32' there")
         return Precision("fp16", dev, torch.amp.GradScaler(dev))
-    if requested == "bf16" and dev == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
+    if requested == "bf16" and dev == "cuda" and not native_bf16_supported():
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
+        log.warning("train.precision 'bf16': this GPU only emulates bf16 (slow); 'fp16' or 'auto' is faster")
     if requested not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision '{requested}' is not one of ['auto', 'fp32', 'bf16', 'fp16']")
     return Precision(requested, dev)

@@ -67,9 +67,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def use_channels_last(cfg, device: torch.device, comm: Comm) -> bool:
-    """Whether the network runs channels_last (``model.channels_last``)."""
-    return device.type == "cuda" and bool(cfg.model.channels_last)
+def prepare_device(device: torch.device) -> None:
+    """A GPU run (any backend, ``none`` too): make ``device`` the current CUDA device, on which the loaders
+    allocate, and let cuDNN pick the fastest kernels for training's fixed shapes. A CPU run: nothing."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+
+
+def use_channels_last(cfg, device: torch.device, comm: Comm | None = None) -> bool:
+    """Whether the network runs channels_last: ``model.channels_last`` 'auto' on GPUs only, true/false on
+    every device and backend (Horovod is handed contiguous NHWC-ordered views of channels_last tensors, dist.py)."""
+    setting = cfg.model.channels_last
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def memory_format_name(channels_last: bool) -> str:
+    """What the run's log line and summary call the memory format."""
+    return "channels_last" if channels_last else "contiguous"
 
 
 def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]]) -> dict[str, Any]:
@@ -78,6 +94,7 @@ def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]]) -
     try:
         env = detect_env()
         device = resolve_device(cfg.train.device, env.local_rank)
+        prepare_device(device)
         threads = set_cpu_threads(cfg, device)
         log.debug("torch intra-op threads: %d", threads)
         own = comm is None

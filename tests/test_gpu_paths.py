@@ -1,0 +1,542 @@
+"""GPU-only code paths, checked on the CPU wherever a CPU can show the defect (issue 13), plus a few
+CUDA tests that ``benchmarks/gpu_check.sh`` runs on a GPU machine (skipped here).
+
+Covered: the memory-format and precision choices, device set-up, Horovod with channels_last tensors and
+its collective names, split BatchNorm staying channels_last, SyncBN without host copies, no host
+synchronisation in a training step and metrics read one step late by the loop, the exported encoder
+(CPU, contiguous, loadable anywhere), and the DALI GPU path's pinned staging buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from dist_scripts.launch import REPO, require_horovod
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from photoz_hpc.config import ROOTS, load_config
+from photoz_hpc.errors import ConfigError
+from photoz_hpc.train import precision as precision_mod
+from photoz_hpc.train.dist import Comm, HorovodComm, HorovodViews, horovod_view
+from photoz_hpc.train.pretrain import Trainer
+from photoz_hpc.train.runtime import prepare_device, use_channels_last
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def _tiny_cfg(*more: str):
+    return load_config(None, ["model.arch=resnet18", "model.width=4", "model.embed_dim=16", "moco.queue_size=32",
+                              "loader.batch_size=8", "optim.batch_ref=8", "optim.lr=0.1", "moco.bn_splits=4", *more])
+
+
+# ---------------------------------------------------------------------- choices: memory format, precision, device
+
+
+@pytest.mark.parametrize("setting, on_cpu, on_gpu", [("auto", False, True), (True, True, True), (False, False, False)])
+def test_channels_last_setting(setting, on_cpu: bool, on_gpu: bool) -> None:
+    cfg = SimpleNamespace(model=SimpleNamespace(channels_last=setting))
+    assert use_channels_last(cfg, CPU) is on_cpu and use_channels_last(cfg, GPU) is on_gpu
+
+
+def test_shipped_configs_keep_their_memory_format() -> None:
+    for name, root, expected in (("pretrain", "pretrain", "auto"), ("finetune", "finetune", "auto"),
+                                 ("demo", "pretrain", False)):
+        assert load_config(REPO / "configs" / f"{name}.yaml", root=ROOTS[root]).model.channels_last == expected, name
+
+
+def _fake_gpu(monkeypatch, native: bool, emulated: bool) -> None:
+    """A GPU whose bf16 is native, emulated only (V100, T4: is_bf16_supported() is True by default), or absent."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or (including_emulation and emulated)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+
+
+def test_auto_precision_takes_native_bf16_only(monkeypatch, caplog) -> None:
+    _fake_gpu(monkeypatch, native=False, emulated=True)
+    assert not precision_mod.native_bf16_supported()
+    p = precision_mod.resolve_precision("auto", GPU)
+    assert p.name == "fp16" and p.scaler is not None  # not slow emulated bf16
+    with caplog.at_level(logging.WARNING):
+        assert precision_mod.resolve_precision("bf16", GPU).name == "bf16"  # asked for: allowed, with a warning
+    assert "emulates bf16" in caplog.text
+    _fake_gpu(monkeypatch, native=True, emulated=True)
+    assert precision_mod.native_bf16_supported()
+    p = precision_mod.resolve_precision("auto", GPU)
+    assert p.name == "bf16" and p.scaler is None
+    _fake_gpu(monkeypatch, native=False, emulated=False)
+    with pytest.raises(ConfigError, match="not supported by this GPU"):
+        precision_mod.resolve_precision("bf16", GPU)
+    assert precision_mod.resolve_precision("auto", CPU).name == "fp32"
+
+
+def test_prepare_device_only_touches_cuda_for_gpu_runs(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    prepare_device(CPU)
+    assert calls == [] and torch.backends.cudnn.benchmark is False
+    prepare_device(torch.device("cuda", 1))  # every backend, 'none' included
+    assert calls == [torch.device("cuda", 1)] and torch.backends.cudnn.benchmark is True
+
+
+# ---------------------------------------------------------------------- Horovod with channels_last tensors
+
+
+def test_horovod_views_share_memory_and_round_trip() -> None:
+    w = torch.nn.Conv2d(5, 8, 3).weight.detach().contiguous(memory_format=torch.channels_last)
+    assert not w.is_contiguous()  # what Horovod refused ('Tensor is required to be contiguous')
+    v = horovod_view(w)
+    assert v.is_contiguous() and v.data_ptr() == w.data_ptr()
+    v.add_(1.0)  # Horovod writes results in place: the view's writes land in the weight
+    torch.testing.assert_close(w, v.permute(0, 3, 1, 2))
+    out, ctx = HorovodViews.compress(w)
+    assert ctx is True and out.is_contiguous()
+    grad = w.clone()
+    grad.set_(HorovodViews.decompress(out, ctx))  # what DistributedOptimizer.synchronize does
+    assert grad.shape == w.shape and grad.stride() == w.stride() and grad.data_ptr() == w.data_ptr()
+    plain = torch.zeros(3, 4)
+    assert horovod_view(plain) is plain and HorovodViews.compress(plain) == (plain, False)
+    with pytest.raises(Exception, match="contiguous"):
+        horovod_view(torch.zeros(4, 6)[:, ::2])
+
+
+def test_horovod_one_process_channels_last_broadcast(tmp_path: Path) -> None:
+    """The issue's reproduction: one process, a channels_last model, Horovod's parameter broadcast."""
+    require_horovod()
+    code = textwrap.dedent("""
+        import torch
+        from photoz_hpc.train.dist import init_comm
+        comm = init_comm("horovod", 30.0, "cpu")
+        model = torch.nn.Sequential(torch.nn.Conv2d(5, 8, 3), torch.nn.BatchNorm2d(8)).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        comm.broadcast_state(model, opt, [])
+        opt = comm.wrap_optimizer(opt, model)
+        model(torch.randn(4, 5, 9, 9).contiguous(memory_format=torch.channels_last)).sum().backward()
+        opt.step()
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        comm.shutdown()
+        print("HOROVOD-CL-OK")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "HOROVOD-CL-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+class _FakeHvd:
+    Sum, Average = "sum", "average"
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def allreduce(self, t, op=None, name=None):
+        self.names.append(name)
+        return t.clone()
+
+    def allgather(self, t, name=None):
+        self.names.append(name)
+        return t.clone()
+
+
+def _fake_horovod_comm() -> HorovodComm:
+    comm = object.__new__(HorovodComm)  # the collectives only, without hvd.init()
+    Comm.__init__(comm)
+    comm.hvd, comm.world = _FakeHvd(), 2
+    return comm
+
+
+def test_horovod_collective_names_are_stable_per_call_site() -> None:
+    """A name per call site and tensor signature, the same at every step (Horovod's response cache); the old
+    names carried a running counter, so no step ever repeated one."""
+    comm = _fake_horovod_comm()
+    x, y = torch.zeros(4), torch.zeros(2, 3)
+    for _ in range(3):
+        comm.allreduce(x)
+        comm.allreduce(y)  # another site
+        comm.allgather(y)
+        comm.allreduce(x, "max")
+    steps = [comm.hvd.names[i:i + 4] for i in range(0, 12, 4)]
+    assert steps[0] == steps[1] == steps[2]
+    assert len(set(steps[0])) == 4 and all(n.startswith("photoz.") for n in steps[0])
+    assert "test_gpu_paths" in steps[0][0] and "allreduce_max" in steps[0][3]
+    comm.allreduce(torch.zeros(5))  # same site as no other: a new name; shapes are part of it
+    assert comm.hvd.names[-1] not in steps[0]
+
+
+# ---------------------------------------------------------------------- split BatchNorm and SyncBN
+
+
+class _Ops(TorchDispatchMode):
+    """Records every aten op (name, output numel) that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        numel = out.numel() if isinstance(out, torch.Tensor) else 0
+        self.ops.append((func.overloadpacket.__name__, numel))
+        return out
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, None)])
+def test_split_bn_stays_channels_last(dtype, tol) -> None:
+    """Same outputs, gradients and running statistics as the NCHW path, the output channels_last, and no
+    copy of the activations (the NCHW path copies to NCHW and back: see the negative control)."""
+    from photoz_hpc.models.resnet import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(16, 4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = (torch.randn(32, 16, 9, 7) * 2 + 0.5).to(dtype)
+    g = torch.randn(32, 16, 9, 7).to(dtype)
+    ref = copy.deepcopy(bn).double()
+    xr = x.double().requires_grad_()
+    yr = ref(xr)
+    yr.backward(g.double())
+    results = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        b = copy.deepcopy(bn)
+        xi = x.contiguous(memory_format=fmt).detach().requires_grad_()
+        gi = g.contiguous(memory_format=fmt)
+        with _Ops() as rec:
+            y = b(xi)
+            y.backward(gi)
+        copies = [op for op, n in rec.ops if op in ("copy_", "clone", "_to_copy", "contiguous") and n >= x.numel()]
+        results[fmt] = (y, xi.grad, b, copies)
+    y, gx, b, copies = results[torch.channels_last]
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() and y.dtype == dtype
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    assert copies == [] and results[torch.contiguous_format][3] == []  # NCHW input: a free reshape
+    for y, gx, b, _ in results.values():
+        atol = tol if tol is not None else 0.03  # bf16 activations: ~3 significant digits
+        torch.testing.assert_close(y.double(), yr, atol=atol, rtol=atol)
+        torch.testing.assert_close(gx.double(), xr.grad, atol=atol, rtol=atol)
+        torch.testing.assert_close(b.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(b.bias.grad.double(), ref.bias.grad, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(b.running_mean.double(), ref.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.running_var.double(), ref.running_var, rtol=1e-4, atol=1e-5)
+
+
+def test_split_bn_nchw_path_would_copy_channels_last_input() -> None:
+    """Negative control for the test above: the reference reshape of a channels_last input is a copy."""
+    x = torch.randn(32, 16, 9, 7).contiguous(memory_format=torch.channels_last)
+    with _Ops() as rec:
+        x.reshape(8, 4 * 16, 9, 7)
+    assert any(op in ("clone", "copy_") and n == x.numel() for op, n in rec.ops), rec.ops
+
+
+def test_sync_bn_count_is_built_on_the_device() -> None:
+    """No Python-list -> tensor per BatchNorm call (on a GPU: a host->device copy and a sync per layer)."""
+    from photoz_hpc.models.collectives import CommSyncBatchNorm
+
+    bn = CommSyncBatchNorm(8)
+    x = torch.randn(4, 8, 5, 5)
+    with _Ops() as rec:
+        y = bn(x)
+    assert "lift_fresh" not in {op for op, _ in rec.ops}
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, eps=bn.eps),
+                               atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- no host synchronisation in a step
+
+_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "lift_fresh", "equal",
+             "allclose", "unique", "_unique2"}
+
+
+class HostSyncs:
+    """Counts what would be a device->host synchronisation on a GPU: Python-level reads of tensor values
+    (``.item()``, ``.tolist()``, ``.cpu()``, ``float()``, ``bool()``...) and dispatcher ops that read data on
+    the host (``_local_scalar_dense``, ``nonzero``...) or turn host data into a tensor (``lift_fresh``:
+    ``torch.tensor(list)``, a host->device copy on a GPU)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.events: list[str] = []
+        self.active = False
+        for name in _READS:
+            original = getattr(torch.Tensor, name)
+
+            def patched(t, *a, _name=name, _orig=original, **kw):
+                if self.active:
+                    self.events.append(f"read:{_name}")
+                return _orig(t, *a, **kw)
+
+            monkeypatch.setattr(torch.Tensor, name, patched)
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                op = func.overloadpacket.__name__
+                if outer.active and op in _SYNC_OPS:
+                    outer.events.append(f"op:{op}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("bn_mode, channels_last", [("shuffle", False), ("shuffle", True), ("sync", False),
+                                                     ("sync", True), ("none", False)])
+def test_train_step_has_no_host_sync(monkeypatch, bn_mode: str, channels_last: bool) -> None:
+    tr = Trainer(_tiny_cfg(f"moco.bn_mode={bn_mode}", f"model.channels_last={str(channels_last).lower()}"), Comm(),
+                 CPU, steps_per_epoch=10)
+    x = torch.randn(8, 5, 16, 16)
+    tr.train_step(x, x.flip(-1))  # warm-up (first-call set-up is not the hot loop)
+    syncs = HostSyncs(monkeypatch)
+    with syncs:
+        for _ in range(3):
+            res = tr.train_step(x, x.flip(-1))
+    assert syncs.events == [], syncs.events
+    assert isinstance(res["loss"], torch.Tensor) and tr.memory_format == ("channels_last" if channels_last else "contiguous")
+
+
+def test_host_sync_counter_sees_the_old_sync_bn_and_metric_reads(monkeypatch) -> None:
+    """Negative control: the counter catches a Python-list tensor and a per-step metric read."""
+    syncs = HostSyncs(monkeypatch)
+    with syncs:
+        torch.tensor([3.0])
+        float(torch.ones(2).sum())
+        torch.ones(2).cpu()
+    assert syncs.events == ["op:lift_fresh", "read:__float__", "op:_local_scalar_dense", "read:cpu"]
+
+
+def test_seeded_permutation_reaches_a_gpu_without_blocking(monkeypatch) -> None:
+    """The key shuffle's permutation: same values as on the CPU, pinned and copied non-blocking to a GPU."""
+    from photoz_hpc.models.moco import seeded_permutation
+
+    cpu_perm = seeded_permutation(16, 7, CPU)
+    assert torch.equal(cpu_perm, torch.randperm(16, generator=torch.Generator().manual_seed(7)))
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **kw: calls.append(("to", a, kw)) or t)
+    gpu_perm = seeded_permutation(16, 7, GPU)
+    assert calls == ["pin", ("to", (GPU,), {"non_blocking": True})]
+    assert torch.equal(gpu_perm, cpu_perm)
+
+
+class _SyntheticLoader:
+    """In-memory pretraining batches (the loader contract: len, set_epoch, state, iteration)."""
+
+    def __init__(self, n: int, batch: int, crop: int) -> None:
+        self.n, self.batch, self.crop, self.epoch = n, batch, crop, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.epoch)
+        for _ in range(self.n):
+            x = torch.randn(self.batch, 5, self.crop, self.crop, generator=g)
+            yield {"view1": x, "view2": x.flip(-1)}
+
+
+def test_loop_reads_each_steps_metrics_one_step_late(monkeypatch, tmp_path: Path) -> None:
+    """Within the loop no step is read back while it runs, and step k's reduced metrics are read only after
+    step k + 1 has been issued: nothing is read in the window after step 1, one read after every later step
+    (the previous step's), and the last step is read after the loop."""
+    from photoz_hpc.train.pretrain import run_pretrain
+
+    steps = 7
+    cfg = _tiny_cfg(f"out_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "train.checkpoint_every=100000",
+                    "train.progress=false", "train.tensorboard=false", "train.log_every=1", "dist.backend=none")
+    syncs = HostSyncs(monkeypatch)
+    inner = Trainer.train_step
+
+    def timed_step(self, v1, v2):
+        syncs.events.append(f"start:{self.step + 1}")
+        out = inner(self, v1, v2)
+        syncs.events.append(f"end:{self.step}")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    with syncs:
+        s = run_pretrain(cfg, loader=_SyntheticLoader(5, 8, 16), comm=Comm())
+    assert s["steps"] == steps  # on a GPU machine (the GPU check) the same run goes to the GPU, channels_last
+    assert s["memory_format"] == ("channels_last" if torch.cuda.is_available() else "contiguous")
+    ev = syncs.events
+    windows: dict[int, list[str]] = {}  # what happens after step k ends and before step k + 1 starts
+    current = None
+    for e in ev[ev.index("start:1"):]:
+        if e.startswith("start:"):
+            current = None
+        elif e.startswith("end:"):
+            current = int(e[4:])
+            windows[current] = []
+        elif current is None:
+            pytest.fail(f"a host read inside a training step: {e} ({ev})")
+        else:
+            windows[current].append(e)
+    assert windows[1] == [], windows  # step 1's own values are not read right after it ...
+    assert all(windows[k] == ["read:tolist"] for k in range(2, steps)), windows  # ... but after step 2, etc.
+    assert windows[steps][:2] == ["read:tolist", "read:tolist"], windows[steps]  # step 6, then 7 after the loop
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == steps  # every step still logged (log_every=1), in order
+
+
+# ---------------------------------------------------------------------- exported encoder
+
+
+def test_exported_encoder_is_cpu_contiguous_and_loads_anywhere(tmp_path: Path) -> None:
+    """Exported from a channels_last model: every tensor contiguous on the CPU, so the file loads with
+    ``torch.load`` alone (no map_location, weights_only) and into a plain CPU encoder."""
+    from photoz_hpc.models.export import embed, export_encoder, load_encoder
+
+    tr = Trainer(_tiny_cfg("model.channels_last=true"), Comm(), CPU, steps_per_epoch=10)
+    assert not tr.model.encoder.conv1.weight.is_contiguous()  # what used to be written as is
+    path = export_encoder({"model": tr.model.state_dict(), "step": 0, "config": {"model": vars(tr.cfg.model)}},
+                          tmp_path / "encoder.pt")
+    blob = torch.load(path, weights_only=True)
+    assert blob["state_dict"] and all(t.device.type == "cpu" and t.is_contiguous() for t in blob["state_dict"].values())
+    enc = load_encoder(path)
+    assert embed(enc, torch.randn(3, 5, 16, 16)).shape == (3, enc.feature_dim)
+
+
+# ---------------------------------------------------------------------- DALI GPU path: pinned staging
+
+
+class _Event:
+    def __init__(self) -> None:
+        self.waited = 0
+
+    def synchronize(self) -> None:
+        self.waited += 1
+
+
+def _fake_source(n_batches: int = 4, b: int = 3, size: int = 6):
+    from photoz_hpc.augment.source import SourceBatch, ViewInputs
+
+    rng = np.random.default_rng(0)
+    batches = [[rng.random((size, size, 5), dtype=np.float32) for _ in range(b)] for _ in range(n_batches)]
+
+    class Source:
+        spec = SimpleNamespace(n_views=2, noise=False)
+
+        def __len__(self) -> int:
+            return n_batches
+
+        def batch(self, k):
+            view = ViewInputs(draws=None, matrix=np.zeros((b, 2, 3), np.float32), mult=np.ones((b, 1, 1, 5), np.float32),
+                              sigma=None, noise=None)
+            return SourceBatch(index=np.arange(b), valid=np.ones(b, bool), images=batches[k], views=[view, view])
+
+    return Source(), batches
+
+
+def test_dali_gpu_feeder_stages_records_in_a_reused_pinned_pool() -> None:
+    """GPU path: records go to DALI as one dense staging buffer from the pinned pool (not pageable memory-mapped
+    pages); a buffer is reused only after the event of its batch's outputs has completed."""
+    from photoz_hpc.augment.dali_pipeline import _Feeder
+
+    source, batches = _fake_source()
+    feeder = _Feeder(source, 0, "gpu")
+    allocated = []
+    feeder.alloc = lambda shape: allocated.append(shape) or np.zeros(shape, np.float32)  # no CUDA here
+    outs = [feeder.host(SimpleNamespace(iteration=i))[0] for i in range(2)]  # DALI prefetches two
+    assert allocated == [(3, 6, 6, 5), (3, 6, 6, 5)]
+    for out, recs in zip(outs, batches, strict=False):
+        assert isinstance(out, np.ndarray) and out.flags.c_contiguous and np.array_equal(out, np.stack(recs))
+    ev = _Event()
+    _, buffer = feeder.delivered.popleft()
+    feeder.release(buffer, ev)
+    third = feeder.host(SimpleNamespace(iteration=2))[0]
+    assert third is buffer and ev.waited == 1 and len(allocated) == 2  # reused after its event
+    assert np.array_equal(third, np.stack(batches[2]))
+    cpu = _Feeder(source, 0, "cpu")  # the CPU path keeps its zero-bordered buffers
+    assert cpu.host(SimpleNamespace(iteration=0))[0].shape == (3, 8, 8, 5)
+
+
+# ---------------------------------------------------------------------- CUDA (run by benchmarks/gpu_check.sh)
+
+
+@CUDA
+def test_cuda_train_step_has_no_host_sync() -> None:
+    prepare_device(GPU)
+    tr = Trainer(_tiny_cfg(), Comm(), GPU, steps_per_epoch=10)
+    assert tr.channels_last and tr.precision.name == ("bf16" if precision_mod.native_bf16_supported() else "fp16")
+    if tr.precision.scaler is not None:
+        pytest.skip("fp16 + GradScaler: torch's scaler.step reads found_inf on the host once per step")
+    x = torch.randn(8, 5, 16, 16, device=GPU).contiguous(memory_format=torch.channels_last)
+    tr.train_step(x, x.flip(-1))  # warm-up: cuDNN autotuning, allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            res = tr.train_step(x, x.flip(-1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(res["loss"]).item()
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_split_bn_channels_last_matches_nchw(dtype) -> None:
+    from photoz_hpc.models.resnet import SplitBatchNorm2d
+
+    bn = SplitBatchNorm2d(64, 8).to(GPU)
+    x = torch.randn(64, 64, 16, 16, device=GPU, dtype=dtype)
+    g = torch.randn_like(x)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        b = copy.deepcopy(bn)
+        xi = x.contiguous(memory_format=fmt).detach().requires_grad_()
+        y = b(xi)
+        assert y.is_contiguous(memory_format=fmt)
+        y.backward(g.contiguous(memory_format=fmt))
+        outs.append((y.float(), xi.grad.float(), b.weight.grad, b.running_var))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, b in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@CUDA
+def test_cuda_exported_encoder_loads_on_cpu(tmp_path: Path) -> None:
+    from photoz_hpc.models.export import export_encoder
+
+    tr = Trainer(_tiny_cfg(), Comm(), GPU, steps_per_epoch=10)
+    path = export_encoder({"model": tr.model.state_dict(), "step": 0, "config": {"model": vars(tr.cfg.model)}},
+                          tmp_path / "encoder.pt")
+    blob = torch.load(path, weights_only=True)  # no map_location: CPU tensors in the file
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in blob["state_dict"].values())
+
+
+@CUDA
+def test_cuda_pinned_staging_buffer_is_page_locked() -> None:
+    from photoz_hpc.augment.dali_pipeline import _pinned_array
+
+    a = _pinned_array((2, 3, 4))
+    assert torch.from_numpy(a).is_pinned()
