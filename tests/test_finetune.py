@@ -130,7 +130,7 @@ def test_backbone_lr_is_ten_times_smaller_and_a_probe_freezes_the_trunk(tmp_path
     loader = finetune_loaders(task.cfg, task.comm, task.data)[0]
     loader.set_epoch(0)
     trunk_before = task.model.encoder.conv1.weight.detach().clone()
-    task.train_step(next(iter(loader)))
+    task.train_batch(next(iter(loader)))
     groups = {g["name"]: g for g in task.optimizer.param_groups}
     assert groups["backbone"]["lr"] == pytest.approx(0.1 * groups["head"]["lr"]) and groups["head"]["lr"] > 0
     assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in task.model.encoder.parameters()}
@@ -139,7 +139,7 @@ def test_backbone_lr_is_ten_times_smaller_and_a_probe_freezes_the_trunk(tmp_path
     probe = _task(ft_config(data, tmp_path / "b", "finetune.freeze_backbone=true"))
     before = {k: v.clone() for k, v in probe.model.encoder.state_dict().items()}
     head_before = probe.model.head.weight.detach().clone()
-    probe.train_step(next(iter(loader)))
+    probe.train_batch(next(iter(loader)))
     for k, v in probe.model.encoder.state_dict().items():  # weights and BatchNorm statistics
         assert torch.equal(v, before[k]), k
     assert not torch.equal(probe.model.head.weight, head_before)

@@ -14,7 +14,8 @@ from photoz_hpc.train.checkpoint import find_latest_valid, list_checkpoints, loa
 from photoz_hpc.train.dist import Comm, cuda_device_index, init_comm
 from photoz_hpc.train.optim import LARS, build_optimizer, lr_at
 from photoz_hpc.train.precision import resolve_precision
-from photoz_hpc.train.pretrain import Trainer, local_queue_ptr, resolve_device
+from photoz_hpc.train.pretrain import Trainer, local_queue_ptr
+from photoz_hpc.train.runtime import resolve_device
 from photoz_hpc.train.signals import Watchdog
 
 

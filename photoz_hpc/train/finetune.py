@@ -174,10 +174,10 @@ class FinetuneTask:
             self.model.encoder.eval()  # a probe keeps the pretrained BatchNorm statistics
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        x = x.to(self.device, non_blocking=True)  # the stated format also for a loader's channels_last views
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def train_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         cfg = self.cfg
         lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, self.global_batch, cfg.optim)
         set_lr(self.optimizer, lr)

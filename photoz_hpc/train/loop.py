@@ -50,7 +50,7 @@ class Task(Protocol):
 
     def describe(self) -> str: ...  # one log line: model, precision, memory format, device
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def train_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One optimisation step; returns ``{'loss': device tensor, 'metrics': {name: device scalar}, ...floats}``."""
         ...
 
@@ -129,7 +129,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
             return False
         step, reduced, host = pending
         pending = None
-        values = (reduced.cpu() / world).tolist()
+        values = (reduced / world).tolist()  # the one host read of the step
         loss, stop = values[0], values[-1] > 0
         if not np.isfinite(loss):
             raise PhotozError(f"loss became {loss} at step {step}; lower optim.lr or use fp32/bf16")
@@ -156,7 +156,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                     break
                 t1 = time.perf_counter()
                 c0 = comm.comm_seconds
-                res = task.train_step(batch)
+                res = task.train_batch(batch)
                 names = list(res.get("metrics", {}))
                 local = torch.stack([res["loss"].detach().reshape(()).to(torch.float64),
                                      *(res["metrics"][n].detach().reshape(()).to(torch.float64) for n in names),
@@ -187,13 +187,14 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                 if preempted:
                     break
                 if step % spe == 0:  # the epoch's last step: validate before the checkpoint
-                    preempted = drain() or preempted
                     epoch += 1
                     values = task.end_of_epoch(epoch - 1)
                     if values and rank0:
                         metrics.log(step, {"epoch": epoch - 1, **values})
                 if step % cfg.train.checkpoint_every == 0 and step < total:
-                    last_ckpt, saved_step = _save(task, loader, ckdir, cfg), step
+                    preempted = drain() or preempted  # a checkpoint only of a step whose loss was finite
+                    if not preempted:
+                        last_ckpt, saved_step = _save(task, loader, ckdir, cfg), step
         preempted = drain() or preempted
     except Exception as exc:
         hint = ""

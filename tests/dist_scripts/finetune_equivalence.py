@@ -48,7 +48,7 @@ def main() -> None:
         x = torch.randn(GLOBAL_BATCH, 5, CROP, CROP, generator=g)
         z_bin = torch.randint(0, 180, (GLOBAL_BATCH,), generator=g)
         rows = slice(rank, None, world) if world > 1 else slice(None)
-        res = task.train_step({"image": x[rows], "z_bin": z_bin[rows]})
+        res = task.train_batch({"image": x[rows], "z_bin": z_bin[rows]})
         loss = comm.allreduce(res["loss"].reshape(1), "mean")
         records.append({"loss": float(loss), "lr": [g["lr"] for g in task.optimizer.param_groups],
                         "weights": torch.cat([p.detach().flatten() for p in task.model.parameters()]).clone()})
