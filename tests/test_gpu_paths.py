@@ -70,6 +70,8 @@ def test_auto_precision_takes_native_bf16_only(monkeypatch, caplog) -> None:
     assert not precision_mod.native_bf16_supported()
     p = precision_mod.resolve_precision("auto", GPU)
     assert p.name == "fp16" and p.scaler is not None  # not slow emulated bf16
+    # setup_logging (run by earlier tests in the session) stops propagation to the root logger caplog watches
+    monkeypatch.setattr(logging.getLogger("photoz_hpc"), "propagate", True)
     with caplog.at_level(logging.WARNING):
         assert precision_mod.resolve_precision("bf16", GPU).name == "bf16"  # asked for: allowed, with a warning
     assert "emulates bf16" in caplog.text
