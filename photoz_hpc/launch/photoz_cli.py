@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/finetune.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.init=runs/pretrain/encoder.pt "
                    "finetune.label_fraction=0.125")
+    p.add_argument("--sweep", default=None, help="a label-fraction sweep file (configs/sweep.yaml): run its task "
+                   "--task-id into RUNS_DIR/<method>/<fraction>/<seed>/ (see photoz-hpc sweep-plan)")
+    p.add_argument("--task-id", default=None, help="with --sweep: the task number N, or 'all' (one after another)")
     p.set_defaults(func=_finetune)
     e = subparsers.add_parser(
         "evaluate",
@@ -65,10 +68,17 @@ def finetune_and_evaluate(cfg) -> dict:
 
 def _finetune(args: argparse.Namespace) -> int:
     from photoz_hpc.config import FinetuneRunConfig, load_config
+    from photoz_hpc.errors import ConfigError
     from photoz_hpc.logs import setup_logging
     from photoz_hpc.train.dist import detect_env
     from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
 
+    if args.sweep:
+        from photoz_hpc.launch.sweep import run_sweep_command
+
+        return run_sweep_command(args)
+    if args.task_id is not None:
+        raise ConfigError("--task-id needs --sweep FILE")
     cfg = load_config(args.config, args.overrides, root=FinetuneRunConfig)
     setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)
     PreemptionFlag().install()

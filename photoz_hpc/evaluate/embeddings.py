@@ -1,0 +1,297 @@
+"""``embed``: L2-normalised embeddings of every galaxy of a prepared dataset, on all ranks, streamed to disk.
+
+The representation is the MoCo query encoder's projection output (``model.embed_dim``, 128 in the paper:
+what the contrastive loss compares) or, with ``feature='trunk'``, the ResNet's pooled feature (2048-d for
+a ResNet-50), also L2-normalised, so a dot product is the cosine similarity either way. Images go
+through the ``eval`` pipeline (dereddened, centre crop, no augmentation).
+
+Ranks: the eval sampler gives rank r the contiguous block r of the dataset ids, padded so that every
+rank runs the same number of batches; padding rows are dropped, so each galaxy is embedded exactly once.
+Each rank streams its block into its own ``.npy`` memory map (never the whole set in one process), and
+rank 0 writes ``index.json`` last, after checking that the blocks tile ``0..N-1``:
+
+    EMB/index.json              format, dataset (path, fingerprint, N), feature, dim, checkpoint, parts
+    EMB/part-00000.npy          (n_0, dim) float32, rows in dataset-id order
+    EMB/part-00000.ids.npy      (n_0,) [('index', i8), ('ObjID', i8)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from photoz_hpc.config import Config, apply_overrides, config_from_dict
+from photoz_hpc.data.dataset import ShardedDataset, open_dataset
+from photoz_hpc.errors import DatasetError, PhotozError
+from photoz_hpc.io_utils import atomic_write_json
+from photoz_hpc.logs import get_logger
+from photoz_hpc.models.export import ENCODER_FORMAT, HEAD_PREFIX, encoder_state_from_moco
+from photoz_hpc.models.resnet import build_encoder
+from photoz_hpc.train.checkpoint import checkpoint_task
+
+log = get_logger(__name__)
+
+EMBED_FORMAT = "photoz-hpc/embeddings/1"
+INDEX_NAME = "index.json"
+FEATURES = ("projection", "trunk")
+ID_DTYPE = np.dtype([("index", "<i8"), ("ObjID", "<i8")])
+
+
+class Embedder(nn.Module):
+    """ResNet trunk (+ the MoCo projection MLP) -> L2-normalised (B, dim) embeddings."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    @property
+    def dim(self) -> int:
+        return self.head[-1].out_features if self.head is not None else self.trunk.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        if self.head is not None:
+            h = self.head(h)
+        return F.normalize(h.float(), dim=1)
+
+
+def _mlp(state: dict[str, torch.Tensor], where: str) -> nn.Sequential:
+    try:
+        hidden, feat = state["0.weight"].shape
+        dim = state["2.weight"].shape[0]
+    except (KeyError, ValueError):
+        raise PhotozError(f"{where}: the projection head has unexpected keys {sorted(state)[:6]}") from None
+    head = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+    head.load_state_dict(state)
+    return head
+
+
+def load_embedder(path: str | Path, feature: str = "projection") -> tuple[Embedder, dict[str, Any]]:
+    """The network of a MoCo checkpoint or an ``encoder.pt`` (eval mode) and the config values it carries
+    (the full pretraining config of a checkpoint; only ``model`` of an export)."""
+    path = Path(path)
+    if feature not in FEATURES:
+        raise PhotozError(f"feature '{feature}' is not one of {list(FEATURES)}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise PhotozError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
+        values, trunk_state, head_state = {"model": blob["model"]}, blob["state_dict"], blob.get("projection_head")
+    elif checkpoint_task(blob) == "pretrain":
+        values, trunk_state = blob["config"], encoder_state_from_moco(blob["model"])
+        head_state = {k[len(HEAD_PREFIX):]: v for k, v in blob["model"].items() if k.startswith(HEAD_PREFIX)}
+    elif checkpoint_task(blob) == "finetune":
+        raise PhotozError(f"{path} is a fine-tuning checkpoint: embeddings come from a MoCo pretraining checkpoint "
+                          "or its encoder.pt")
+    else:
+        raise PhotozError(f"{path} is neither a MoCo pretraining checkpoint nor an encoder export")
+    trunk = build_encoder(SimpleNamespace(**values["model"]))
+    try:
+        trunk.load_state_dict(trunk_state)
+    except RuntimeError as exc:
+        raise PhotozError(f"{path}: the encoder weights do not fit {values['model']} ({exc})") from None
+    head = None
+    if feature == "projection":
+        if not head_state:
+            raise PhotozError(f"{path} has no projection head (an encoder.pt exported before heads were kept): "
+                              "re-export it from its checkpoint (photoz-hpc export-encoder CKPT OUT), embed the "
+                              "checkpoint itself, or use --feature trunk")
+        head = _mlp(head_state, str(path))
+    return Embedder(trunk, head).eval(), values
+
+
+def dataset_fingerprint(dataset: ShardedDataset) -> str:
+    """A short hash of the dataset's content (every shard's checksums and counts, from its manifest)."""
+    shards = [[s.get("sha256"), s.get("meta_sha256"), s["count"]] for s in dataset.shards]
+    text = json.dumps({"shape": list(dataset.image_shape), "shards": shards}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def block(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of the dataset ids rank ``rank`` embeds (the eval sampler's contiguous block)."""
+    per = -(-n // world)
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def _part_names(rank: int) -> tuple[str, str]:
+    return f"part-{rank:05d}.npy", f"part-{rank:05d}.ids.npy"
+
+
+@torch.no_grad()
+def _embed_block(net: Embedder, loader, dataset: ShardedDataset, out: Path, rank: int, world: int,
+                 device: torch.device, autocast) -> dict[str, Any]:
+    lo, hi = block(len(dataset), rank, world)
+    vec_name, ids_name = _part_names(rank)
+    tmp_vec, tmp_ids = out / f".{vec_name}.tmp", out / f".{ids_name}.tmp"
+    vec = np.lib.format.open_memmap(tmp_vec, mode="w+", dtype=np.float32, shape=(hi - lo, net.dim))
+    ids = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=ID_DTYPE, shape=(hi - lo,))
+    objid = dataset.meta["ObjID"]
+    pos = 0
+    loader.set_epoch(0)
+    for batch in loader:
+        keep = batch["valid"].cpu().numpy().astype(bool)
+        index = batch["index"].cpu().numpy()[keep]
+        if len(index) == 0:
+            continue
+        if not np.array_equal(index, np.arange(lo + pos, lo + pos + len(index))):
+            raise PhotozError(f"rank {rank}: the eval loader delivered ids {index[:4]}..., expected {lo + pos}...")
+        with autocast():
+            z = net(batch["image"].to(device, non_blocking=True))
+        vec[pos:pos + len(index)] = z[torch.from_numpy(keep).to(z.device)].float().cpu().numpy()
+        ids["index"][pos:pos + len(index)] = index
+        ids["ObjID"][pos:pos + len(index)] = objid[index]
+        pos += len(index)
+    if pos != hi - lo:
+        raise PhotozError(f"rank {rank}: embedded {pos} galaxies, its block [{lo}, {hi}) has {hi - lo}")
+    vec.flush()
+    ids.flush()
+    del vec, ids
+    os.replace(tmp_vec, out / vec_name)
+    os.replace(tmp_ids, out / ids_name)
+    return {"rank": rank, "file": vec_name, "ids": ids_name, "first": lo, "count": hi - lo}
+
+
+def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, feature: str = "projection",
+                  overrides: list[str] | None = None) -> dict[str, Any]:
+    """The ``embed`` command on this rank (every rank calls it); returns the index (same on every rank)."""
+    from photoz_hpc.augment.loaders import build_loader
+    from photoz_hpc.train.precision import resolve_precision
+    from photoz_hpc.train.runtime import run_with_comm
+
+    net, values = load_embedder(checkpoint, feature)
+    cfg = config_from_dict(apply_overrides(values, list(overrides or []), Config), Config)
+    out = Path(out)
+
+    def body(cfg, comm, device, flag):
+        dataset = open_dataset(data)
+        if comm.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / INDEX_NAME).unlink(missing_ok=True)  # incomplete until the new index is written
+        comm.allgather_object(None)  # barrier: no rank writes a part before the old index is gone
+        loader = build_loader(cfg, dataset, "eval", comm.rank, comm.world, cfg.seed)
+        model = net.to(device)
+        autocast = resolve_precision(cfg.train.precision, device).autocast
+        part = _embed_block(model, loader, dataset, out, comm.rank, comm.world, device, autocast)
+        parts = comm.allgather_object(part)
+        index = {"format": EMBED_FORMAT, "dataset": str(dataset.root), "fingerprint": dataset_fingerprint(dataset),
+                 "n": len(dataset), "dim": model.dim, "feature": feature, "normalised": True, "dtype": "float32",
+                 "checkpoint": str(checkpoint), "model": dataclasses.asdict(cfg.model), "pipeline": "eval",
+                 "crop_size": cfg.augment.crop_size, "world_size": comm.world, "parts": parts}
+        if comm.rank == 0:
+            expect = 0
+            for p in parts:
+                if p["first"] != expect:
+                    raise PhotozError(f"embedding parts do not tile the dataset: part {p['file']} starts at {p['first']}, "
+                                      f"expected {expect}")
+                expect += p["count"]
+            if expect != len(dataset):
+                raise PhotozError(f"embedding parts cover {expect} of {len(dataset)} galaxies")
+            atomic_write_json(out / INDEX_NAME, index)
+            log.info("embedded %d galaxies (%s, %d-d) on %d ranks -> %s", len(dataset), feature, model.dim,
+                     comm.world, out)
+        comm.allgather_object(None)  # every rank returns once the index exists
+        return index
+
+    return run_with_comm(cfg, None, body)
+
+
+class Embeddings:
+    """Read side of an ``embed`` output: memory-mapped parts, never loaded whole unless asked."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        path = self.root / INDEX_NAME
+        if not path.is_file():
+            raise DatasetError(f"{self.root}: not an embedding directory ({INDEX_NAME} is missing; an interrupted "
+                               "embed leaves none: run it again)")
+        try:
+            self.index = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{path}: unreadable ({exc})") from None
+        if self.index.get("format") != EMBED_FORMAT:
+            raise DatasetError(f"{path}: not a photoz-hpc embedding index (format {self.index.get('format')!r})")
+        self.n, self.dim = int(self.index["n"]), int(self.index["dim"])
+        self.parts, ids = [], []
+        for p in self.index["parts"]:
+            try:
+                vec = np.load(self.root / p["file"], mmap_mode="r")
+                pid = np.load(self.root / p["ids"], mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{self.root}: embedding part {p['file']} is unreadable ({exc})") from None
+            if vec.shape != (p["count"], self.dim) or len(pid) != p["count"]:
+                raise DatasetError(f"{self.root}: part {p['file']} has shape {vec.shape}, the index says "
+                                   f"({p['count']}, {self.dim})")
+            self.parts.append(vec)
+            ids.append(np.asarray(pid))
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, ID_DTYPE)
+        if len(self.ids) != self.n or not np.array_equal(self.ids["index"], np.arange(self.n)):
+            raise DatasetError(f"{self.root}: the parts do not hold each of the {self.n} galaxies once, in order")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunks(self, size: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 rows) blocks in order, read from the memory maps."""
+        start = 0
+        for part in self.parts:
+            for lo in range(0, len(part), size):
+                rows = np.array(part[lo:lo + size], dtype=np.float32)  # a writable copy of one block
+                yield start + lo, rows
+            start += len(part)
+
+    def rows(self, positions) -> np.ndarray:
+        """The embeddings of the given rows (dataset ids)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts = np.cumsum([0] + [len(p) for p in self.parts])
+        out = np.empty((len(positions), self.dim), dtype=np.float32)
+        for k, i in enumerate(positions):
+            j = int(np.searchsorted(starts, i, side="right") - 1)
+            out[k] = self.parts[j][i - starts[j]]
+        return out
+
+    def vectors(self) -> np.ndarray:
+        """All embeddings in one (n, dim) array (what an in-memory index needs)."""
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in self.parts]) if self.parts else \
+            np.zeros((0, self.dim), np.float32)
+
+    def check_dataset(self, dataset: ShardedDataset) -> None:
+        """The dataset must be the one these embeddings were computed from."""
+        fp = dataset_fingerprint(dataset)
+        if fp != self.index["fingerprint"] or len(dataset) != self.n:
+            raise DatasetError(f"embeddings {self.root} were computed from dataset {self.index['dataset']} "
+                               f"({self.n} galaxies, fingerprint {self.index['fingerprint']}), not from {dataset.root} "
+                               f"({len(dataset)} galaxies, fingerprint {fp}): embed that dataset first")
+
+    def dataset(self, path: str | Path | None = None) -> ShardedDataset:
+        """The dataset (``path``, default the one recorded in the index), checked against the embeddings."""
+        ds = open_dataset(path or self.index["dataset"])
+        self.check_dataset(ds)
+        return ds
+
+    def lookup(self, ids, by: str = "index") -> np.ndarray:
+        """Row positions of dataset ids (``by='index'``) or SDSS ObjIDs (``by='objid'``); unknown ones are an error."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if by == "index":
+            bad = ids[(ids < 0) | (ids >= self.n)]
+            if len(bad):
+                raise PhotozError(f"galaxy id(s) {bad[:5].tolist()} are not in 0..{self.n - 1} of {self.root}")
+            return ids
+        order = np.argsort(self.ids["ObjID"], kind="stable")
+        sorted_obj = self.ids["ObjID"][order]
+        at = np.clip(np.searchsorted(sorted_obj, ids), 0, max(self.n - 1, 0))
+        found = sorted_obj[at] == ids if self.n else np.zeros(len(ids), bool)
+        if not found.all():
+            raise PhotozError(f"ObjID(s) {ids[~found][:5].tolist()} are not in {self.root}")
+        return order[at]

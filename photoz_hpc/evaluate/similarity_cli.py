@@ -1,0 +1,134 @@
+"""``photoz-hpc embed``, ``search`` and ``anomalies``: embeddings of a survey, similar galaxies, unusual ones."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    e = subparsers.add_parser(
+        "embed", help="L2-normalised embeddings of every galaxy of a dataset (all ranks, streamed to disk)",
+        description="Embed every galaxy of a prepared dataset with a MoCo checkpoint or an encoder.pt: the "
+        "projection output (model.embed_dim, 128 in the paper) or the trunk's pooled feature, L2-normalised, on "
+        "the eval pipeline (dereddened, centre crop). Launch like training (srun/torchrun/horovodrun) to use "
+        "several ranks; each galaxy is embedded once. Writes EMB/index.json and one .npy part per rank.")
+    e.add_argument("--checkpoint", required=True, help="MoCo checkpoint (checkpoints/ckpt_*.pt) or encoder.pt")
+    e.add_argument("--data", required=True, help="prepared dataset directory")
+    e.add_argument("--out", required=True, help="output directory EMB")
+    e.add_argument("--feature", choices=("projection", "trunk"), default="projection",
+                   help="projection: the MoCo head's output (default); trunk: the ResNet's pooled feature")
+    e.add_argument("overrides", nargs="*", help="loader/augment/train/dist overrides, e.g. loader.batch_size=512 "
+                   "loader.device=cpu augment.crop_size=64 (an encoder.pt carries no augment settings)")
+    e.set_defaults(func=_embed)
+
+    s = subparsers.add_parser(
+        "search", help="the most similar galaxies to query galaxies (dot product of embeddings), with a figure",
+        description="Top-k most similar galaxies by dot product of the embeddings (exact; faiss when installed, "
+        "else torch), written to EMB/search/ (or --out) as CSV and as a figure of asinh RGB cutouts with redshifts "
+        "(the paper's Figure 1).")
+    s.add_argument("emb", help="embedding directory written by embed")
+    s.add_argument("--query", required=True, nargs="+", type=int, help="query galaxy ids (dataset index, or ObjID with --objid)")
+    s.add_argument("--objid", action="store_true", help="--query values are SDSS ObjIDs")
+    s.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    _common(s)
+    s.set_defaults(func=_search)
+
+    a = subparsers.add_parser(
+        "anomalies", help="the most unusual galaxies: 1 - mean similarity to their k nearest neighbours",
+        description="Score every galaxy by 1 - mean similarity to its k nearest neighbours (itself excluded); "
+        "write every score (anomaly_scores.csv), the --top most unusual (top.csv) and their cutouts.")
+    a.add_argument("emb", help="embedding directory written by embed")
+    a.add_argument("--top", type=int, default=50, help="how many to list and draw (default 50)")
+    a.add_argument("--k", type=int, default=10, help="neighbours in the score (default 10)")
+    _common(a)
+    a.set_defaults(func=_anomalies)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="the dataset (default: the one recorded by embed; it must be the same)")
+    p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto", help="search backend (default auto)")
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--crop", type=int, default=64, help="central crop of the drawn cutouts in pixels (default 64)")
+    p.add_argument("--no-figure", action="store_true", help="skip the figure")
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from photoz_hpc.evaluate.embeddings import embed_dataset
+    from photoz_hpc.train.dist import detect_env
+
+    index = embed_dataset(args.checkpoint, args.data, args.out, args.feature, args.overrides)
+    if detect_env().rank == 0:
+        print(json.dumps({k: index[k] for k in ("dataset", "n", "dim", "feature", "world_size")} | {"out": args.out},
+                         indent=2))
+    return 0
+
+
+def _write_rows(path: Path, header: list[str], rows: list[list]) -> None:
+    from photoz_hpc.io_utils import atomic_open
+
+    with atomic_open(path, "w") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from photoz_hpc.evaluate.embeddings import Embeddings
+    from photoz_hpc.evaluate.similarity import knn, plot_search, resolve_backend
+
+    emb = Embeddings(args.emb)
+    dataset = emb.dataset(args.data)
+    q = emb.lookup(args.query, "objid" if args.objid else "index")
+    backend = resolve_backend(args.backend)
+    sims, rows = knn(emb, emb.rows(q), args.k, query_rows=q, backend=backend)
+    out = Path(args.out) if args.out else emb.root / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    z, obj = dataset.meta["specz_redshift"], emb.ids["ObjID"]
+    table = [[int(qi), int(obj[qi]), rank + 1, int(r), int(obj[r]), f"{s:.6f}", float(z[r])]
+             for qi, s_row, r_row in zip(q, sims, rows, strict=True)
+             for rank, (s, r) in enumerate(zip(s_row, r_row, strict=True))]
+    _write_rows(out / "search.csv", ["query", "query_ObjID", "rank", "index", "ObjID", "similarity", "z_spec"], table)
+    result = {"backend": backend, "k": args.k, "csv": str(out / "search.csv"),
+              "queries": [{"query": int(qi), "z_spec": float(z[qi]),
+                           "neighbours": [{"index": int(r), "similarity": float(s), "z_spec": float(z[r])}
+                                          for s, r in zip(s_row, r_row, strict=True)]}
+                          for qi, s_row, r_row in zip(q, sims, rows, strict=True)]}
+    if not args.no_figure:
+        result["figure"] = str(plot_search(dataset, q, sims, rows, out / "search.png", args.crop))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _anomalies(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from photoz_hpc.errors import PhotozError
+    from photoz_hpc.evaluate.embeddings import Embeddings
+    from photoz_hpc.evaluate.similarity import anomaly_scores, plot_anomalies, resolve_backend
+
+    if args.top < 1:
+        raise PhotozError(f"--top must be >= 1, got {args.top}")
+    emb = Embeddings(args.emb)
+    dataset = emb.dataset(args.data)
+    backend = resolve_backend(args.backend)
+    scores = anomaly_scores(emb, args.k, backend)
+    order = np.argsort(-scores, kind="stable")
+    top = order[: args.top]
+    out = Path(args.out) if args.out else emb.root / "anomalies"
+    out.mkdir(parents=True, exist_ok=True)
+    z, obj = dataset.meta["specz_redshift"], emb.ids["ObjID"]
+    rank_of = np.empty(len(order), np.int64)
+    rank_of[order] = np.arange(1, len(order) + 1)
+    _write_rows(out / "anomaly_scores.csv", ["index", "ObjID", "score", "rank", "z_spec"],
+                [[i, int(obj[i]), f"{scores[i]:.6f}", int(rank_of[i]), float(z[i])] for i in range(len(scores))])
+    _write_rows(out / "top.csv", ["rank", "index", "ObjID", "score", "z_spec"],
+                [[n + 1, int(i), int(obj[i]), f"{scores[i]:.6f}", float(z[i])] for n, i in enumerate(top)])
+    result = {"backend": backend, "k": args.k, "n": len(scores), "scores": str(out / "anomaly_scores.csv"),
+              "top": [{"rank": n + 1, "index": int(i), "score": float(scores[i])} for n, i in enumerate(top)]}
+    if not args.no_figure:
+        result["figure"] = str(plot_anomalies(dataset, top, scores, out / "anomalies.png", args.crop))
+    print(json.dumps(result, indent=2))
+    return 0
