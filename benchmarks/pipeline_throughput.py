@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--pipeline", default="pretrain", choices=["pretrain", "finetune", "eval"])
+    from photoz_hpc.augment.pipelines import PIPELINES
+
+    ap.add_argument("--pipeline", default="pretrain", choices=list(PIPELINES))
     ap.add_argument("--devices", default="auto", help="cpu, gpu, or auto (cpu plus gpu when present)")
     ap.add_argument("--cold", action="store_true", help="include the first-read CRC check of every record (epoch 0)")
     ap.add_argument("--json", type=Path)

@@ -49,7 +49,10 @@ class AugmentConfig:
 
     ``reddening``/``rotation``/``jitter``/``noise`` switch the pretraining augmentations (rotation and
     jitter also apply to fine-tuning); ``deredden`` switches the correction by the galaxy's own SFD
-    E(B-V) in the fine-tuning and evaluation pipelines. See docs/augmentations.md.
+    E(B-V) in the fine-tuning and evaluation pipelines, ``pretrain_deredden`` the same correction before
+    the pretraining reddening (off: reddening on top of the observed image, which is what the paper
+    describes). Which
+    pipeline may apply what: ``photoz_hpc.augment.pipelines``. See docs/augmentations.md.
     """
 
     reddening: bool = True
@@ -66,6 +69,7 @@ class AugmentConfig:
     noise_method: Literal["table", "fresh"] = "table"
     noise_table_size: int = 4194304
     deredden: bool = True
+    pretrain_deredden: bool = False
 
     def __post_init__(self) -> None:
         _check_range("augment.ebv_min", self.ebv_min, 0.0)
@@ -396,7 +400,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _resolve_key(key: str, root: type = Config) -> list[str]:
+def resolve_key(key: str, root: type = Config) -> list[str]:
     """Map a dotted or bare key to its path in ``root``; bare keys must be unambiguous."""
     if "." in key:
         return key.split(".")
@@ -416,7 +420,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str], root: type = C
     out = yaml.safe_load(yaml.safe_dump(values)) or {}
     for text in overrides:
         key, value = _parse_override(text)
-        path = _resolve_key(key, root)
+        path = resolve_key(key, root)
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -434,7 +438,7 @@ def _override_paths(overrides: list[str], root: type) -> dict[str, str]:
     paths = {}
     for text in overrides:
         try:
-            paths[".".join(_resolve_key(_parse_override(text)[0], root))] = text
+            paths[".".join(resolve_key(_parse_override(text)[0], root))] = text
         except ConfigError:
             continue
     return paths

@@ -1,4 +1,5 @@
-"""Augmentation pipelines: DALI vs reference on the same draws, statistics, sharding, resume, errors, CLI."""
+"""Augmentation pipelines: DALI vs reference on the same draws, the geometry against independent oracles
+(numpy.rot90, scipy.ndimage.rotate), the pipeline table, statistics, sharding, resume, errors, CLI."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from conftest import write_release_h5
 
 from photoz_hpc.augment import draws as dr
 from photoz_hpc.augment.loaders import build_loader
+from photoz_hpc.augment.pipelines import PIPELINES, Pipeline, markdown_table
 from photoz_hpc.augment.reference import augment_batch
 from photoz_hpc.augment.sampler import PAD_ID, plan_epoch
 from photoz_hpc.config import load_config
@@ -24,7 +26,8 @@ from photoz_hpc.errors import ConfigError, DatasetError
 
 #: benchmarks/gpu_check.sh runs these tests on the GPU path with PHOTOZ_AUGMENT_DEVICE=gpu.
 DEVICE = os.environ.get("PHOTOZ_AUGMENT_DEVICE", "cpu")
-VIEW_KEYS = {"pretrain": ("view1", "view2"), "finetune": ("image",), "eval": ("image",)}
+VIEW_KEYS = {name: p.view_keys for name, p in PIPELINES.items()}
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "augmentations.md"
 
 
 def _store(root: Path, n: int, size: int, unlabeled: int = 0) -> Path:
@@ -82,7 +85,7 @@ def test_dali_matches_reference_on_same_draws(ds107, pipeline):
 
 
 @pytest.mark.parametrize("pipeline", ["pretrain", "finetune"])
-def test_reddening_and_crop_are_exact_without_rotation(ds107, pipeline):
+def test_flux_factors_and_crop_are_exact_without_rotation(ds107, pipeline):
     cfg = cfg_of("augment.rotation=false", "augment.noise=false")
     loader = build_loader(cfg, ds107, pipeline, seed=1)
     batch = next(iter(loader))
@@ -109,6 +112,104 @@ def test_sizes_come_from_manifest_and_config(ds48):
         got = batch[VIEW_KEYS[pipeline][0]]
         assert got.shape == (5, 5, 32, 32)
         assert (got - want[0]).abs().max() <= 1e-4 * want[0].abs().max()
+
+
+# ----------------------------------------------------------------------------- geometry: independent oracles
+# Views drawn with angles (and jitter shifts) we set, with reddening, dereddening and noise off, against
+# numpy.rot90 and scipy.ndimage.rotate of the stored records. Rotation sense: a view of angle a shows the
+# cutout rotated counter-clockwise by a as displayed with row 0 at the top, i.e. np.rot90(crop, k) for
+# a = 90k degrees (docs/augmentations.md, Geometry).
+
+GEOMETRY_ONLY = ("augment.reddening=false", "augment.deredden=false", "augment.noise=false")
+
+
+@pytest.fixture
+def force_draws(monkeypatch):
+    """``force_draws(degrees, shift)``: every batch's draws get these angles (and (dx, dy) shifts),
+    functions of (n samples, view number); the backends then run on them as on any draw."""
+
+    def force(degrees, shift=None):
+        real = dr.draw_views
+
+        def forced(spec, rng, n, ebv_sfd=None):
+            views = real(spec, rng, n, ebv_sfd)
+            for v, view in enumerate(views):
+                view.angle = np.radians(np.asarray(degrees(n, v), dtype=np.float64))
+                if shift is not None:
+                    view.shift = np.asarray(shift(n, v), dtype=np.int64)
+            return views
+
+        monkeypatch.setattr(dr, "draw_views", forced)
+
+    return force
+
+
+def _quarter_turns(n: int, v: int) -> np.ndarray:
+    return 90.0 * ((np.arange(n) + v) % 4)
+
+
+def _records_chw(ds, ids) -> np.ndarray:
+    return ds.images_hwc(ids).transpose(0, 3, 1, 2).astype(np.float64)
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+@pytest.mark.parametrize("store, crop", [("ds107", 63), ("ds48", 32)])
+def test_right_angle_views_are_rot90_of_the_centre_crop(request, force_draws, backend, store, crop):
+    """(W - S) even: the crop is centred on the rotation centre, so a quarter turn is exactly np.rot90."""
+    ds = request.getfixturevalue(store)
+    force_draws(_quarter_turns)
+    cfg = cfg_of(f"augment.crop_size={crop}", "augment.jitter=false", *GEOMETRY_ONLY, backend=backend)
+    batch = next(iter(build_loader(cfg, ds, "pretrain", seed=2)))
+    crops = _raw_crop(ds, batch["index"].cpu().numpy(), crop)
+    for v, key in enumerate(("view1", "view2")):
+        got = batch[key].cpu().numpy()
+        for i, turns in enumerate((np.arange(len(got)) + v) % 4):
+            want = np.rot90(crops[i], turns, axes=(1, 2))
+            np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"{key} {i}")
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_default_crop_of_107_pixel_cutouts_turns_about_the_cutout_centre(ds107, force_draws, backend):
+    """64 of 107 pixels: the crop (rows/cols 21..84, centre 53.0) is half a pixel up-left of the rotation
+    centre (53.5), as in the authors' loader; a quarter turn is np.rot90 of the window turned with it."""
+    force_draws(_quarter_turns)
+    batch = next(iter(build_loader(cfg_of("augment.jitter=false", *GEOMETRY_ONLY, backend=backend), ds107, "pretrain", seed=2)))
+    records = _records_chw(ds107, batch["index"].cpu().numpy())
+    window = {0: (21, 21), 1: (21, 22), 2: (22, 22), 3: (22, 21)}  # quarter turns -> (first row, first column)
+    for v, key in enumerate(("view1", "view2")):
+        got = batch[key].cpu().numpy()
+        for i, turns in enumerate((np.arange(len(got)) + v) % 4):
+            r0, c0 = window[turns]
+            want = np.rot90(records[i, :, r0 : r0 + 64, c0 : c0 + 64], turns, axes=(1, 2))
+            np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"{key} {i}")
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_any_angle_and_jitter_match_scipy_rotate(ds107, force_draws, backend):
+    """Angle a and shift (dx, dy): the crop at ((W-S)//2 + dx, (H-S)//2 + dy) of the cutout rotated by a about
+    its centre, bilinear, zero outside (scipy.ndimage.rotate, order 1, 'grid-constant'). Shifts of +-7 at 45
+    degrees reach past the cutout, so the zero fill is checked too."""
+    ndimage = pytest.importorskip("scipy.ndimage")  # in the sim extra, which launch/setup_env.sh installs
+    degrees = np.array([17.3, 45.0, 123.4, 200.0, 301.7, 45.0, 359.9, 88.8])
+    shifts = np.array([[0, 0], [7, 7], [-7, 3], [2, -7], [-5, -5], [-7, 7], [1, 0], [7, -7]])
+    force_draws(lambda n, v: np.resize(degrees + 31.0 * v, n), lambda n, v: np.resize(np.roll(shifts, v, axis=0), (n, 2)))
+    batch = next(iter(build_loader(cfg_of(*GEOMETRY_ONLY, backend=backend), ds107, "pretrain", seed=2)))
+    records = ds107.images_hwc(batch["index"].cpu().numpy()).astype(np.float64)
+    zero_filled = 0
+    for v, key in enumerate(("view1", "view2")):
+        got = batch[key].cpu().numpy()
+        for i in range(len(got)):
+            turned = ndimage.rotate(records[i], np.resize(degrees + 31.0 * v, len(got))[i], axes=(1, 0),
+                                    reshape=False, order=1, mode="grid-constant", cval=0.0)
+            dx, dy = np.resize(np.roll(shifts, v, axis=0), (len(got), 2))[i]
+            want = turned[21 + dy : 85 + dy, 21 + dx : 85 + dx].transpose(2, 0, 1)
+            # DALI's CPU warp is off by up to ~1e-3 of a pixel's step (float32 coordinates), the reference by
+            # ~1e-4; half a pixel off or the wrong sense is off by 10-100% of the image's scale
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-4 * scale, err_msg=f"{key} {i}")
+            assert np.abs(got[i] - want).mean() < 1e-5 * scale
+            zero_filled += int((want == 0).all(axis=0).sum())
+    assert zero_filled > 0  # some output pixels came from outside the cutout
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -158,6 +259,44 @@ def test_dereddening_uses_each_galaxys_sfd_ebv(ds107):
     np.testing.assert_allclose(batch["image"].cpu().numpy(), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_pretrain_deredden_then_redden(ds107, backend):
+    """augment.pretrain_deredden: the same reddening draws, applied after dividing out the galaxy's own SFD
+    E(B-V), in one fused factor 10**(-0.4 R (E - E_sfd)) per sample and band."""
+    geometry = ("augment.rotation=false", "augment.jitter=false", "augment.noise=false")
+    observed = build_loader(cfg_of(*geometry, backend=backend), ds107, "pretrain", seed=4)
+    dereddened = build_loader(cfg_of(*geometry, "augment.pretrain_deredden=true", backend=backend), ds107, "pretrain", seed=4)
+    assert not observed.source.spec.deredden and dereddened.source.spec.deredden  # off by default
+    for k, (a, b) in enumerate(zip(observed, dereddened, strict=True)):
+        ids = a["index"].cpu().numpy()
+        assert np.array_equal(ids, b["index"].cpu().numpy())
+        ebv_sfd = ds107.meta["ebv_sfd"][ids]
+        factor = 10 ** (0.4 * np.outer(ebv_sfd, R_SF11))[:, :, None, None]
+        for v, key in enumerate(("view1", "view2")):
+            np.testing.assert_allclose(b[key].cpu().numpy(), a[key].cpu().numpy() * factor, rtol=2e-6)
+            red, fused = observed.source.batch(k).views[v], dereddened.source.batch(k).views[v]
+            np.testing.assert_array_equal(fused.draws.ebv, red.draws.ebv - ebv_sfd)  # one E(B-V) per sample
+            assert fused.mult.shape == (len(ids), 1, 1, 5)
+    # without reddening it is the fine-tuning correction alone
+    batch = next(iter(build_loader(cfg_of(*geometry, "augment.reddening=false", "augment.pretrain_deredden=true",
+                                          backend=backend), ds107, "pretrain", seed=4)))
+    ids = batch["index"].cpu().numpy()
+    want = _raw_crop(ds107, ids, 64) * 10 ** (0.4 * np.outer(ds107.meta["ebv_sfd"][ids], R_SF11))[:, :, None, None]
+    np.testing.assert_allclose(batch["view1"].cpu().numpy(), want, rtol=1e-6)
+
+
+def test_noise_mad_is_the_raw_mad_of_every_pixel_of_every_full_cutout(ds107):
+    """The noise unit: median(|x - median|) per band over all records at full size (107x107), unscaled."""
+    pixels = ds107.images_hwc(np.arange(len(ds107))).reshape(-1, 5).astype(np.float64)
+    mad = np.median(np.abs(pixels - np.median(pixels, axis=0)), axis=0)
+    spec = build_loader(cfg_of(), ds107, "pretrain").source.spec
+    np.testing.assert_allclose(spec.mad, mad, rtol=1e-6)
+    np.testing.assert_allclose(dr.noise_sigmas(spec, np.array([1.0, 2.0])), np.outer([1.0, 2.0], mad), rtol=1e-6)
+    crop = _raw_crop(ds107, np.arange(len(ds107)), 64).transpose(0, 2, 3, 1).reshape(-1, 5)
+    crop_mad = np.median(np.abs(crop - np.median(crop, axis=0)), axis=0)
+    assert np.abs(crop_mad / spec.mad - 1).max() > 100e-6  # the crop's MAD would fail the first check
+
+
 def test_noise_std_is_scale_times_mad(ds107):
     cfg = cfg_of("augment.rotation=false", "augment.jitter=false", "augment.reddening=false", batch=20)
     loader = build_loader(cfg, ds107, "pretrain", seed=11)
@@ -176,6 +315,60 @@ def test_noise_std_is_scale_times_mad(ds107):
     scales = np.concatenate(scales)
     assert 0.97 <= scales.min() and scales.max() <= 3.03 and scales.std() > 0.3
     assert not np.allclose(scales[: len(scales) // 2], scales[len(scales) // 2 :])
+
+
+# ----------------------------------------------------------------------------- the pipeline table
+
+
+def test_docs_pipeline_table_is_the_table():
+    assert markdown_table() in DOCS.read_text(), "regenerate the table: python -m photoz_hpc.augment.pipelines"
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_batches_carry_the_tables_keys(ds107, backend, pipeline):
+    p = PIPELINES[pipeline]
+    loader = build_loader(cfg_of(backend=backend), ds107, pipeline)
+    batch = next(iter(loader))
+    assert tuple(batch) == p.keys
+    dtypes = {"z_bin": torch.int64, "redshift": torch.float32, "index": torch.int64, "valid": torch.bool}
+    for key, value in batch.items():
+        assert value.dtype == dtypes.get(key, torch.float32) and len(value) == 8, key
+    z = ds107.meta["specz_redshift"]
+    pool = np.flatnonzero(np.isfinite(z)) if p.labeled_only else np.arange(len(ds107))
+    n = len(pool) // 8 if p.training else -(-len(pool) // 8)
+    assert len(loader) == n
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_a_new_pipeline_is_one_table_entry(ds107, monkeypatch, backend):
+    """E.g. test-time augmentation for prediction: every sample once, in order, two rotated views."""
+    tta = Pipeline("tta", 2, training=False, labeled_only=False, augmentations=("rotation",),
+                   deredden_switch="deredden", view_keys=("view1", "view2"))
+    monkeypatch.setitem(PIPELINES, "tta", tta)
+    loader = build_loader(cfg_of(backend=backend), ds107, "tta", seed=1)
+    spec = loader.source.spec
+    assert spec.rotation and spec.deredden and not (spec.jitter or spec.reddening or spec.noise)
+    batches = list(loader)
+    assert all(tuple(b) == tta.keys for b in batches)
+    ids = np.concatenate([b["index"][b["valid"]].cpu().numpy() for b in batches])
+    assert list(ids) == list(range(len(ds107)))
+    oracle = augment_batch(loader.source.batch(0), 64, loader.torch_device)
+    for key, want in zip(tta.view_keys, oracle, strict=True):
+        assert (batches[0][key] - want).abs().max() <= 1e-4 * want.abs().max()
+    assert not torch.allclose(batches[0]["view1"], batches[0]["view2"])
+
+
+def test_pipeline_entries_are_checked():
+    with pytest.raises(ValueError, match="augment.dereden is not an AugmentConfig field"):
+        Pipeline("x", 1, training=False, labeled_only=False, augmentations=(), deredden_switch="dereden", view_keys=("image",))
+    with pytest.raises(ValueError, match="1 view keys for 2 views"):
+        Pipeline("x", 2, training=True, labeled_only=False, augmentations=(), deredden_switch="deredden", view_keys=("image",))
+    with pytest.raises(ValueError, match="labels need labeled_only"):
+        Pipeline("x", 1, training=True, labeled_only=False, augmentations=(), deredden_switch="deredden",
+                 view_keys=("image",), label_keys=("z_bin",))
+    with pytest.raises(ConfigError, match="unknown pipeline 'tta'"):
+        dr.resolve_spec(load_config().augment, {"image_shape": [107, 107, 5]}, "tta")
 
 
 # ----------------------------------------------------------------------------- sharding and resume

@@ -106,11 +106,23 @@ def test_queue_size_must_divide() -> None:
         tiny(queue_size=30, batch_size=8)
 
 
-def test_loss_and_logits_stay_fp32_under_bf16_autocast() -> None:
+def test_loss_and_logits_stay_fp32_under_bf16_autocast(monkeypatch) -> None:
+    import photoz_hpc.models.moco as moco_module
+
+    seen = {}
+    real = moco_module.infonce_replicated
+
+    def spy(q, k, queue, temperature):  # the logits are q @ queue, computed in this context
+        seen.update(q=q.dtype, k=k.dtype, logits=(q @ queue).dtype, autocast=torch.is_autocast_enabled("cpu"))
+        return real(q, k, queue, temperature)
+
+    monkeypatch.setattr(moco_module, "infonce_replicated", spy)
     m = tiny()
     x = torch.randn(8, 5, 12, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.encoder_q(x).dtype == torch.bfloat16  # autocast does reach the encoders
         out = m(x, x)
+    assert seen == {"q": torch.float32, "k": torch.float32, "logits": torch.float32, "autocast": False}
     assert out["loss"].dtype == torch.float32 and m.queue.dtype == torch.float32
     out["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.encoder_q.parameters())
@@ -127,6 +139,16 @@ def test_build_moco_from_config_and_bad_modes() -> None:
         load_config(None, ["moco.bn_mode=group"])
     with pytest.raises(ConfigError, match="batch"):
         m(torch.randn(4, 5, 8, 8), torch.randn(4, 5, 8, 8))
+    # bad modes that get past the config (set after validation, or MoCo built directly) reach MoCo's own check
+    enc = ResNet("resnet18", width=4)
+    for kw, match in ((dict(queue_mode="allgather"), "queue_mode 'allgather'"), (dict(bn_mode="group"), "bn_mode 'group'")):
+        with pytest.raises(ConfigError, match=match):
+            MoCo(enc, enc.feature_dim, dim=16, queue_size=32, batch_size=8, **kw)
+    for key, value in (("queue_mode", "allgather"), ("bn_mode", "group")):
+        bad = load_config(None, ["model.arch=resnet18", "model.width=4", "moco.queue_size=64", "loader.batch_size=8"])
+        setattr(bad.moco, key, value)
+        with pytest.raises(ConfigError, match=f"moco.{key} '{value}'"):
+            build_moco(bad)
 
 
 # ---------------------------------------------------------------- single-process shuffle-BN (split BN)
@@ -235,7 +257,7 @@ def test_bad_bn_splits_rejected() -> None:
         load_config(None, ["moco.bn_splits=0"])
 
 
-def test_split_bn_training_step_runs_and_learns() -> None:
+def test_split_bn_training_step_has_finite_gradients_and_enqueues() -> None:
     cfg = load_config(None, ["model.arch=resnet18", "model.width=4", "moco.queue_size=32", "loader.batch_size=8",
                              "moco.bn_splits=2"])
     m = build_moco(cfg)

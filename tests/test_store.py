@@ -60,7 +60,7 @@ def test_round_trip_is_bit_exact_with_metadata(release_h5, tmp_path):
     assert not (tmp_path / "ds.partial").exists()
 
 
-def test_shard_plan_spans_files_and_is_rank_independent(release_h5):
+def test_shard_plan_cuts_consecutive_rows_across_files(release_h5):
     from photoz_hpc.data.hdf5_source import validate_source
 
     srcs = [validate_source(release_h5("a.h5", 5)), validate_source(release_h5("b.h5", 7))]

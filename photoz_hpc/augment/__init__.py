@@ -1,5 +1,6 @@
 """Augmentations and data loaders: DALI pipelines and their plain-PyTorch reference.
 
-``photoz_hpc.augment.loaders.build_loader`` is the entry point; draws live in ``draws``, sharding
-in ``sampler``, the host side in ``source``, the backends in ``dali_pipeline`` and ``reference``.
+``photoz_hpc.augment.loaders.build_loader`` is the entry point; the pipelines are described in
+``pipelines``, draws live in ``draws``, sharding in ``sampler``, the host side in ``source``, the
+backends in ``dali_pipeline`` and ``reference``.
 """

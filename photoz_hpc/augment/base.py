@@ -1,4 +1,5 @@
-"""What both loaders share: epoch/position bookkeeping, exact resume, and the batch dict layout.
+"""What both loaders share: epoch/position bookkeeping, exact resume, and the batch dict
+(its keys: ``pipelines.Pipeline.keys``).
 
 A loader's whole random state is (seed, epoch, position): every batch is a pure function of them
 (see ``source.py``), so ``state_dict`` is three integers plus a consistency check, and a resumed
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from photoz_hpc.augment.pipelines import Pipeline
 from photoz_hpc.augment.source import BatchSource, SourceBatch
 from photoz_hpc.errors import ConfigError
 
@@ -30,7 +32,7 @@ class LoaderBase:
         self._start = 0
 
     @property
-    def pipeline(self) -> str:
+    def pipeline(self) -> Pipeline:
         return self.source.spec.pipeline
 
     def set_epoch(self, epoch: int) -> None:
@@ -42,16 +44,17 @@ class LoaderBase:
         return len(self.source)
 
     def state_dict(self) -> dict:
-        s = self.source
+        source = self.source
         return {
-            "epoch": self.epoch, "batch": self.position, "seed": s.seed, "rank": s.rank, "world_size": s.world_size,
-            "batch_size": s.batch_size, "pipeline": self.pipeline,
+            "epoch": self.epoch, "batch": self.position, "seed": source.seed, "rank": source.rank,
+            "world_size": source.world_size, "batch_size": source.batch_size, "pipeline": self.pipeline.name,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next iteration starts at ``state['batch']`` of ``state['epoch']``."""
-        s = self.source
-        for key, have in (("seed", s.seed), ("world_size", s.world_size), ("batch_size", s.batch_size), ("pipeline", self.pipeline)):
+        source = self.source
+        for key, have in (("seed", source.seed), ("world_size", source.world_size), ("batch_size", source.batch_size),
+                          ("pipeline", self.pipeline.name)):
             if key in state and state[key] != have:
                 raise ConfigError(f"loader state has {key}={state[key]!r} but this loader has {have!r}: cannot resume exactly")
         self.epoch = int(state["epoch"])
@@ -68,18 +71,13 @@ class LoaderBase:
     def _iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def make_batch(self, sb: SourceBatch, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The contract's dict for this pipeline from the augmented views (B, C, S, S)."""
-        dev = self.torch_device
-        out: dict[str, torch.Tensor] = {}
-        if self.pipeline == "pretrain":
-            out["view1"], out["view2"] = views
-        else:
-            out["image"] = views[0]
-        if self.pipeline == "finetune":
-            out["z_bin"] = torch.from_numpy(sb.z_bin).to(dev)
-            out["redshift"] = torch.from_numpy(sb.redshift).to(dev)
-        out["index"] = torch.from_numpy(np.ascontiguousarray(sb.index, dtype=np.int64)).to(dev)
-        if self.pipeline == "eval":
-            out["valid"] = torch.from_numpy(np.ascontiguousarray(sb.valid)).to(dev)
+    def make_batch(self, source_batch: SourceBatch, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pipeline's batch dict (``Pipeline.keys``) from the augmented views (B, C, S, S)."""
+        device, pipeline = self.torch_device, self.pipeline
+        out: dict[str, torch.Tensor] = dict(zip(pipeline.view_keys, views, strict=True))
+        for key in pipeline.label_keys:
+            out[key] = torch.from_numpy(source_batch.labels[key]).to(device)
+        out["index"] = torch.from_numpy(np.ascontiguousarray(source_batch.index, dtype=np.int64)).to(device)
+        if not pipeline.training:
+            out["valid"] = torch.from_numpy(np.ascontiguousarray(source_batch.valid)).to(device)
         return out

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from photoz_hpc.augment.pipelines import PIPELINES, Pipeline
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "augment",
         help="render augmented views of a dataset (PNG grid or .npz)",
         description="Run a loader pipeline on the first samples of a dataset and save the views: a PNG of RGB "
-        "cutouts (pretrain: view pairs side by side) or, for --out *.npz, arrays 'views' and 'ids'.",
+        "cutouts (several views of a sample side by side) or, for --out *.npz, arrays 'views' and 'ids'.",
     )
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. augment.noise=false)")
     p.add_argument("--data", help="dataset directory (default: data.path of the config)")
-    p.add_argument("--pipeline", choices=["pretrain", "finetune", "eval"], default="pretrain")
+    p.add_argument("--pipeline", choices=list(PIPELINES), default="pretrain")
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--out", required=True, help="output .png or .npz")
     p.add_argument("--config", help="YAML config file")
@@ -46,29 +48,28 @@ def _augment(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n {args.n} is more than the {args.pipeline} pipeline's {len(ds)} usable samples")
     loader.set_epoch(args.epoch)
     batch = next(iter(loader))
-    keep = batch["valid"].numpy() if "valid" in batch else np.ones(args.n, bool)
+    pipeline = loader.pipeline
+    keep = np.ones(args.n, bool) if pipeline.training else batch["valid"].numpy()
     ids = batch["index"].numpy()[keep]
-    if args.pipeline == "pretrain":
-        views = np.stack([batch["view1"].numpy(), batch["view2"].numpy()], axis=1)[keep]
-    else:
-        views = batch["image"].contiguous().numpy()[keep]
-    views = np.ascontiguousarray(views, dtype=np.float32)
+    views = [batch[key].contiguous().numpy() for key in pipeline.view_keys]
+    views = np.stack(views, axis=1) if pipeline.n_views > 1 else views[0]  # (n, [views,] 5, S, S)
+    views = np.ascontiguousarray(views[keep], dtype=np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":
         np.savez(out, views=views, ids=ids.astype(np.int64))
     else:
-        _save_png(views, ids, args.pipeline, out)
+        _save_png(views, ids, pipeline, out)
     print(out)
     return 0
 
 
-def _save_png(views, ids, pipeline: str, out) -> None:
-    """Grid of RGB cutouts via photoz_hpc.viz (pretrain: view 1 and view 2 of a sample side by side)."""
+def _save_png(views, ids, pipeline: Pipeline, out) -> None:
+    """Grid of RGB cutouts via photoz_hpc.viz (several views of a sample side by side)."""
     from photoz_hpc.viz import save_grid
 
-    if pipeline == "pretrain":
+    if pipeline.n_views > 1:
         images = views.reshape(-1, *views.shape[2:])
-        labels = [f"{i} v{v + 1}" for i in ids for v in range(2)]
+        labels = [f"{i} v{v + 1}" for i in ids for v in range(pipeline.n_views)]
     else:
         images, labels = views, [str(i) for i in ids]
     save_grid(images, labels, out, ncols=8)

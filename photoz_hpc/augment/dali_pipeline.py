@@ -94,11 +94,11 @@ class _Feeder:
         return entry[0]
 
     def host(self, info) -> list:
-        sb = self._take(info.iteration)
-        buffer = self._padded(sb.images) if self.pad else self._staged(sb.images)
-        self.delivered.append((sb, buffer))
+        source_batch = self._take(info.iteration)
+        buffer = self._padded(source_batch.images) if self.pad else self._staged(source_batch.images)
+        self.delivered.append((source_batch, buffer))
         out: list = [buffer]
-        for v in sb.views:
+        for v in source_batch.views:
             matrix = v.matrix
             if self.pad:
                 matrix = matrix.copy()
@@ -108,16 +108,16 @@ class _Feeder:
 
     def noise(self, view: int):
         def fields(info):
-            sb = self._take(info.iteration)
+            source_batch = self._take(info.iteration)
             if self.device != "gpu":
-                return sb.views[view].noise
-            out = self._gpu_fields(sb, view)
+                return source_batch.views[view].noise
+            out = self._gpu_fields(source_batch, view)
             self._hold.setdefault(info.iteration, []).append(out)
             return out
 
         return fields
 
-    def _gpu_fields(self, sb: SourceBatch, view: int) -> torch.Tensor:
+    def _gpu_fields(self, source_batch: SourceBatch, view: int) -> torch.Tensor:
         """Noise fields built on the GPU (table gather). No synchronisation: DALI copies a torch tensor on
         torch's current stream, after the gather; inputs go up from pinned memory without blocking."""
         spec = self.source.spec
@@ -125,10 +125,10 @@ class _Feeder:
             if self._gpu_table is None or self._gpu_table_key != self.source.table.key:
                 self._gpu_table = torch.from_numpy(self.source.table.table).cuda()  # once per epoch
                 self._gpu_table_key = self.source.table.key
-            offsets = _to_gpu(sb.views[view].draws.noise_offset)
+            offsets = _to_gpu(source_batch.views[view].draws.noise_offset)
             windows = self._gpu_table.unfold(0, spec.field_size, 1)[offsets]
             return windows.view(len(offsets), spec.crop, spec.crop, spec.bands)
-        return _to_gpu(np.stack(sb.views[view].noise))
+        return _to_gpu(np.stack(source_batch.views[view].noise))
 
 
 def _to_gpu(a: np.ndarray) -> torch.Tensor:
@@ -198,13 +198,13 @@ class DaliLoader(LoaderBase):
         try:
             for _ in range(n):
                 outs = pipe.run()
-                sb, buffer = feeder.delivered.popleft()
+                source_batch, buffer = feeder.delivered.popleft()
                 views = []
                 for tl in outs:
                     t = torch.empty(shape, dtype=torch.float32, device=self.torch_device)
                     feed_ndarray(tl.as_tensor(), t, cuda_stream=stream)
                     views.append(t.permute(0, 3, 1, 2))  # (B, C, S, S) view, channels_last strides
                 feeder.release(buffer, stream.record_event() if gpu else None)
-                yield self.make_batch(sb, views)
+                yield self.make_batch(source_batch, views)
         finally:
             del pipe

@@ -8,20 +8,25 @@ from NumPy generators keyed by (seed, epoch, rank, batch), so a loader's state i
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from photoz_hpc.augment.pipelines import Pipeline, get_pipeline
 from photoz_hpc.config import AugmentConfig
 from photoz_hpc.constants import R_SF11
 from photoz_hpc.errors import ConfigError, DatasetError
 
-PIPELINES = ("pretrain", "finetune", "eval")
-#: Views per sample of each pipeline (MoCo needs a query and a key view).
-N_VIEWS = {"pretrain": 2, "finetune": 1, "eval": 1}
-# Stream tags keep the generators of different purposes independent.
-_TAG_DRAWS, _TAG_TABLE, _TAG_FRESH, _TAG_SHUFFLE = 0, 1, 2, 3
+
+class StreamTag(enum.IntEnum):
+    """The first key of every loader generator: streams of different purposes never overlap."""
+
+    DRAWS = 0  # per-batch augmentation draws (source.py)
+    NOISE_TABLE = 1  # the per-epoch noise table
+    FRESH_NOISE = 2  # per-batch noise fields of ``noise_method=fresh``
+    SHUFFLE = 3  # the per-epoch permutation of the sample pool (sampler.py)
 
 
 def generator(seed: int, *key: int) -> np.random.Generator:
@@ -33,7 +38,7 @@ def generator(seed: int, *key: int) -> np.random.Generator:
 class AugmentSpec:
     """Everything an augmentation backend needs, resolved from the config and the dataset manifest."""
 
-    pipeline: str
+    pipeline: Pipeline
     in_hw: tuple[int, int]
     bands: int
     crop: int
@@ -52,7 +57,7 @@ class AugmentSpec:
 
     @property
     def n_views(self) -> int:
-        return N_VIEWS[self.pipeline]
+        return self.pipeline.n_views
 
     @property
     def field_size(self) -> int:
@@ -60,20 +65,20 @@ class AugmentSpec:
         return self.crop * self.crop * self.bands
 
 
-def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str, where: str = "dataset") -> AugmentSpec:
-    """Check the config against the dataset's image shape and statistics; clear errors, no silent clipping."""
+def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str | Pipeline, where: str = "dataset") -> AugmentSpec:
+    """Check the config against the dataset's image shape and statistics; clear errors, no silent clipping.
+
+    An augmentation is on where the pipeline allows it (``pipelines.PIPELINES``) and its switch is on."""
     from photoz_hpc.data.dataset import pixel_stats
 
-    if pipeline not in PIPELINES:
-        raise ConfigError(f"unknown pipeline '{pipeline}' (choose one of {list(PIPELINES)})")
+    pipeline = get_pipeline(pipeline)
     shape = manifest.get("image_shape")
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3):
         raise DatasetError(f"{where}: manifest image_shape must be [H, W, C], got {shape!r}")
     height, width, bands = (int(v) for v in shape)
     if bands != len(R_SF11):
         raise DatasetError(f"{where}: images have {bands} bands, the augmentations need {len(R_SF11)} (ugriz)")
-    train = pipeline != "eval"
-    jitter = aug.jitter and train
+    jitter = aug.jitter and pipeline.allows("jitter")
     reach = aug.crop_size + (2 * aug.jitter_max if jitter else 0)
     if reach > min(height, width):
         what = f"crop {aug.crop_size}" + (f" + 2 x jitter {aug.jitter_max}" if jitter else "")
@@ -81,7 +86,7 @@ def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str, where: str =
             f"augment.crop_size={aug.crop_size} does not fit the {height}x{width} images of {where}: "
             f"{what} = {reach} pixels > {min(height, width)}; lower augment.crop_size or augment.jitter_max"
         )
-    noise = aug.noise and pipeline == "pretrain"
+    noise = aug.noise and pipeline.allows("noise")
     mad = None
     if noise:
         mad = pixel_stats(manifest, where)["mad"]
@@ -93,10 +98,10 @@ def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str, where: str =
         in_hw=(height, width),
         bands=bands,
         crop=aug.crop_size,
-        reddening=aug.reddening and pipeline == "pretrain",
+        reddening=aug.reddening and pipeline.allows("reddening"),
         ebv_range=(aug.ebv_min, aug.ebv_max),
-        deredden=aug.deredden and pipeline != "pretrain",
-        rotation=aug.rotation and train,
+        deredden=getattr(aug, pipeline.deredden_switch),
+        rotation=aug.rotation and pipeline.allows("rotation"),
         rotation_max=math.radians(aug.rotation_max_deg),
         jitter=jitter,
         jitter_max=aug.jitter_max,
@@ -112,7 +117,7 @@ def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str, where: str =
 class ViewDraws:
     """The random draws of one view of a batch (disabled augmentations hold their identity values)."""
 
-    ebv: np.ndarray  # (B,) reddening E(B-V) (pretrain) or the galaxy's SFD E(B-V) (dereddening)
+    ebv: np.ndarray  # (B,) net E(B-V) added: the reddening draw minus the galaxy's SFD E(B-V) where dereddened
     angle: np.ndarray  # (B,) radians
     shift: np.ndarray  # (B, 2) int64, (dx, dy) offset of the crop centre
     scale: np.ndarray  # (B,) noise sigma in units of the band MAD (0 when noise is off)
@@ -120,8 +125,9 @@ class ViewDraws:
 
 
 def draw_views(spec: AugmentSpec, rng: np.random.Generator, n: int, ebv_sfd: np.ndarray | None = None) -> list[ViewDraws]:
-    """Draw every view of ``n`` samples. All quantities are always drawn, in a fixed order, so that
-    switching one augmentation off leaves the others' draws unchanged."""
+    """Draw every view of ``n`` samples (``ebv_sfd``: their own SFD E(B-V), needed where ``spec.deredden``).
+    All quantities are always drawn, in a fixed order, so that switching one augmentation off leaves
+    the others' draws unchanged."""
     views = []
     half = spec.noise_table_size // 2
     for v in range(spec.n_views):
@@ -131,13 +137,9 @@ def draw_views(spec: AugmentSpec, rng: np.random.Generator, n: int, ebv_sfd: np.
         scale = rng.uniform(*spec.noise_scale, n)
         # View v reads only the v-th half of the table: the two views of one galaxy never share noise.
         offset = v * half + rng.integers(0, max(half - spec.field_size, 0) + 1, size=n, dtype=np.int64)
-        if spec.pipeline != "pretrain":
-            ebv = np.zeros(n) if (ebv_sfd is None or not spec.deredden) else np.asarray(ebv_sfd, np.float64)
-        elif not spec.reddening:
-            ebv = np.zeros(n)
         views.append(
             ViewDraws(
-                ebv=ebv,
+                ebv=net_ebv(spec, ebv, ebv_sfd),
                 angle=angle if spec.rotation else np.zeros(n),
                 shift=shift if spec.jitter else np.zeros((n, 2), np.int64),
                 scale=scale if spec.noise else np.zeros(n),
@@ -147,14 +149,28 @@ def draw_views(spec: AugmentSpec, rng: np.random.Generator, n: int, ebv_sfd: np.
     return views
 
 
+def net_ebv(spec: AugmentSpec, reddening: np.ndarray, ebv_sfd: np.ndarray | None) -> np.ndarray:
+    """The one E(B-V) per sample that a view adds: the reddening draw (0 where off) minus the galaxy's
+    own SFD E(B-V) where the pipeline dereddens (``Pipeline.deredden_switch``): deredden, then redden,
+    in one factor. Negative: a net dereddening."""
+    added = reddening if spec.reddening else np.zeros(len(reddening))
+    if not spec.deredden:
+        return added
+    if ebv_sfd is None:
+        raise ValueError(f"the {spec.pipeline.name} pipeline dereddens: the galaxies' ebv_sfd is needed")
+    return added - np.asarray(ebv_sfd, np.float64)
+
+
 def band_multipliers(spec: AugmentSpec, ebv: np.ndarray) -> np.ndarray:
-    """Per-sample per-band flux factors (B, C) float32: 10**(-0.4 R E) to redden, 10**(+0.4 R E) to deredden."""
-    sign = -1.0 if spec.pipeline == "pretrain" else 1.0
-    return (10.0 ** (sign * 0.4 * np.outer(ebv, R_SF11))).astype(np.float32)
+    """Per-sample per-band flux factors (B, C) float32 = 10**(-0.4 R E) for the net E(B-V) E of ``net_ebv``."""
+    return (10.0 ** (-0.4 * np.outer(ebv, R_SF11))).astype(np.float32)
 
 
 def noise_sigmas(spec: AugmentSpec, scale: np.ndarray) -> np.ndarray:
-    """Per-sample per-band noise sigma (B, C) float32 = scale x MAD[band]."""
+    """Per-sample per-band noise sigma (B, C) float32 = scale x MAD[band].
+
+    MAD is the manifest's ``pixel_stats.mad``: the raw median(|x - median|) of each band over every
+    pixel of every full cutout in the store (not scaled by 1.4826, not measured on the crop)."""
     if spec.mad is None:
         return np.zeros((len(scale), spec.bands), np.float32)
     return (np.outer(scale, spec.mad)).astype(np.float32)
@@ -191,13 +207,13 @@ class NoiseTable:
     def __init__(self, spec: AugmentSpec, seed: int, epoch: int, rank: int) -> None:
         self.spec = spec
         self.key = (seed, epoch, rank)
-        self.table = generator(seed, _TAG_TABLE, epoch, rank).standard_normal(spec.noise_table_size, dtype=np.float32)
+        self.table = generator(seed, StreamTag.NOISE_TABLE, epoch, rank).standard_normal(spec.noise_table_size, dtype=np.float32)
 
     def fields(self, offsets: np.ndarray, batch: int, view: int) -> list[np.ndarray]:
         """Per-sample (S, S, C) standard-normal fields, zero-copy views for the table method."""
         s, c, n = self.spec.crop, self.spec.bands, self.spec.field_size
         if self.spec.noise_method == "fresh":
             seed, epoch, rank = self.key
-            rng = generator(seed, _TAG_FRESH, epoch, rank, batch, view)
+            rng = generator(seed, StreamTag.FRESH_NOISE, epoch, rank, batch, view)
             return list(rng.standard_normal((len(offsets), s, s, c), dtype=np.float32))
         return [self.table[o : o + n].reshape(s, s, c) for o in offsets]

@@ -31,7 +31,7 @@ def build_loader(
     ids=None,
     batch_size: int | None = None,
 ) -> LoaderBase:
-    """A loader of ``pipeline`` ('pretrain' | 'finetune' | 'eval') batches for this rank.
+    """A loader of ``pipeline`` batches for this rank (a name of ``pipelines.PIPELINES``: 'pretrain' | 'finetune' | 'eval').
 
     ``cfg.loader.backend``: 'dali', 'reference' or 'auto' (DALI when installed); ``device``
     (default ``cfg.loader.device``): 'cpu' or 'gpu' (tensors are delivered there). ``ids`` restricts the

@@ -56,20 +56,21 @@ def apply_view(
     return out
 
 
-def _raw(sb: SourceBatch) -> dict:
+def _raw(source_batch: SourceBatch) -> dict:
     """A SourceBatch as tensors (what DataLoader workers hand to the main process)."""
     views = []
-    for v in sb.views:
+    for v in source_batch.views:
         view = {"matrix": torch.from_numpy(v.matrix), "mult": torch.from_numpy(np.ascontiguousarray(v.mult[:, 0, 0, :]))}
         if v.sigma is not None:
             view["sigma"] = torch.from_numpy(np.ascontiguousarray(v.sigma[:, 0, 0, :]))
             view["noise"] = torch.from_numpy(np.stack(v.noise))
         views.append(view)
-    return {"images": torch.from_numpy(np.stack(sb.images)), "views": views, "sb": _labels_only(sb)}
+    images = torch.from_numpy(np.stack(source_batch.images))
+    return {"images": images, "views": views, "source_batch": _labels_only(source_batch)}
 
 
-def _labels_only(sb: SourceBatch) -> SourceBatch:
-    return SourceBatch(index=sb.index, valid=sb.valid, images=[], views=[], z_bin=sb.z_bin, redshift=sb.redshift)
+def _labels_only(source_batch: SourceBatch) -> SourceBatch:
+    return SourceBatch(index=source_batch.index, valid=source_batch.valid, images=[], views=[], labels=source_batch.labels)
 
 
 def augment_raw(raw: dict, size: int, device: torch.device) -> list[torch.Tensor]:
@@ -82,9 +83,9 @@ def augment_raw(raw: dict, size: int, device: torch.device) -> list[torch.Tensor
     return outs
 
 
-def augment_batch(sb: SourceBatch, size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def augment_batch(source_batch: SourceBatch, size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """The oracle: the reference output of one SourceBatch."""
-    return augment_raw(_raw(sb), size, torch.device(device))
+    return augment_raw(_raw(source_batch), size, torch.device(device))
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -116,4 +117,4 @@ class ReferenceLoader(LoaderBase):
             num_workers=self.num_workers, pin_memory=self.device == "gpu", collate_fn=lambda x: x, **extra,
         )
         for raw in loader:
-            yield self.make_batch(raw["sb"], augment_raw(raw, self.source.spec.crop, self.torch_device))
+            yield self.make_batch(raw["source_batch"], augment_raw(raw, self.source.spec.crop, self.torch_device))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from photoz_hpc.augment.draws import _TAG_SHUFFLE, generator
+from photoz_hpc.augment.draws import StreamTag, generator
 
 PAD_ID = -1
 
@@ -46,7 +46,7 @@ def plan_epoch(
     pool = np.asarray(pool, dtype=np.int64)
     n_batches = batches_per_epoch(len(pool), batch_size, world_size, train)
     if train:
-        perm = pool[generator(seed, _TAG_SHUFFLE, epoch).permutation(len(pool))]
+        perm = pool[generator(seed, StreamTag.SHUFFLE, epoch).permutation(len(pool))]
         mine = perm[rank::world_size][: n_batches * batch_size]
         ids = mine.reshape(n_batches, batch_size)
         return EpochPlan(ids, np.ones_like(ids, dtype=bool))

@@ -8,22 +8,22 @@ noise fields from ``draws``. Records are CRC-checked the first time this process
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from photoz_hpc.augment import draws as dr
+from photoz_hpc.augment import draws
+from photoz_hpc.augment.pipelines import LABELS, Pipeline
 from photoz_hpc.augment.sampler import EpochPlan, plan_epoch
 from photoz_hpc.data.dataset import ShardedDataset
 from photoz_hpc.errors import DatasetError
-from photoz_hpc.redshift_grid import redshift_bins
 
 
 @dataclass
 class ViewInputs:
     """What a backend needs to produce one view of a batch (HWC order, float32)."""
 
-    draws: dr.ViewDraws
+    draws: draws.ViewDraws
     matrix: np.ndarray  # (B, 2, 3) destination-to-source
     mult: np.ndarray  # (B, 1, 1, C)
     sigma: np.ndarray | None  # (B, 1, 1, C), None without noise
@@ -38,8 +38,7 @@ class SourceBatch:
     valid: np.ndarray  # (B,) bool
     images: list[np.ndarray]  # B records (H, W, C) float32
     views: list[ViewInputs]
-    z_bin: np.ndarray | None = None
-    redshift: np.ndarray | None = None
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # the pipeline's label_keys, (B,) each
 
 
 class RecordReader:
@@ -54,25 +53,25 @@ class RecordReader:
         return [self.dataset.image_hwc(int(i), self.verify) for i in ids]
 
 
-def pipeline_pool(dataset: ShardedDataset, pipeline: str) -> np.ndarray:
-    """Dataset ids a pipeline may use: fine-tuning needs a spectroscopic redshift."""
-    if pipeline != "finetune":
+def pipeline_pool(dataset: ShardedDataset, pipeline: Pipeline) -> np.ndarray:
+    """Dataset ids a pipeline may use: all, or those with a spectroscopic redshift (``labeled_only``)."""
+    if not pipeline.labeled_only:
         return np.arange(len(dataset), dtype=np.int64)
     pool = np.flatnonzero(np.isfinite(dataset.meta["specz_redshift"])).astype(np.int64)
     if len(pool) == 0:
-        raise DatasetError(f"{dataset.root}: no sample has a spectroscopic redshift; cannot fine-tune")
+        raise DatasetError(f"{dataset.root}: no sample has a spectroscopic redshift; the {pipeline.name} pipeline needs labels")
     return pool
 
 
-def restrict_pool(dataset: ShardedDataset, pipeline: str, ids: np.ndarray) -> np.ndarray:
+def restrict_pool(dataset: ShardedDataset, pipeline: Pipeline, ids: np.ndarray) -> np.ndarray:
     """An explicit id list (a label subset, a validation split), checked against the dataset."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 1 or len(ids) == 0:
-        raise DatasetError(f"{dataset.root}: the {pipeline} id list is empty or not 1-d")
+        raise DatasetError(f"{dataset.root}: the {pipeline.name} id list is empty or not 1-d")
     if ids.min() < 0 or ids.max() >= len(dataset):
-        raise DatasetError(f"{dataset.root}: {pipeline} ids outside [0, {len(dataset)})")
-    if pipeline == "finetune" and not np.isfinite(dataset.meta["specz_redshift"][ids]).all():
-        raise DatasetError(f"{dataset.root}: some fine-tuning ids have no spectroscopic redshift")
+        raise DatasetError(f"{dataset.root}: {pipeline.name} ids outside [0, {len(dataset)})")
+    if pipeline.labeled_only and not np.isfinite(dataset.meta["specz_redshift"][ids]).all():
+        raise DatasetError(f"{dataset.root}: some {pipeline.name} ids have no spectroscopic redshift")
     return ids
 
 
@@ -80,17 +79,17 @@ class BatchSource:
     """Batches of one rank and epoch, as pure functions of the batch number."""
 
     def __init__(
-        self, dataset: ShardedDataset, spec: dr.AugmentSpec, batch_size: int, rank: int, world_size: int, seed: int,
+        self, dataset: ShardedDataset, spec: draws.AugmentSpec, batch_size: int, rank: int, world_size: int, seed: int,
         reader: RecordReader | None = None, ids: np.ndarray | None = None,
     ) -> None:
         self.dataset, self.spec, self.batch_size = dataset, spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.pool = pipeline_pool(dataset, spec.pipeline) if ids is None else restrict_pool(dataset, spec.pipeline, ids)
         self.reader = reader or RecordReader(dataset)
-        self.train = spec.pipeline != "eval"
+        self.train = spec.pipeline.training
         self.epoch = -1
         self.plan: EpochPlan | None = None
-        self.table: dr.NoiseTable | None = None
+        self.table: draws.NoiseTable | None = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,7 +97,7 @@ class BatchSource:
             return
         self.epoch = epoch
         self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train)
-        self.table = dr.NoiseTable(self.spec, self.seed, epoch, self.rank) if self.spec.noise else None
+        self.table = draws.NoiseTable(self.spec, self.seed, epoch, self.rank) if self.spec.noise else None
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -108,19 +107,15 @@ class BatchSource:
         index, valid = self.plan.ids[k], self.plan.valid[k]
         read_ids = np.where(valid, index, index[valid][0] if valid.any() else 0)
         meta = self.dataset.meta
-        rng = dr.generator(self.seed, dr._TAG_DRAWS, self.epoch, self.rank, k)
-        ebv_sfd = meta["ebv_sfd"][read_ids] if spec.pipeline != "pretrain" else None
+        rng = draws.generator(self.seed, draws.StreamTag.DRAWS, self.epoch, self.rank, k)
+        ebv_sfd = meta["ebv_sfd"][read_ids] if spec.deredden else None
         views = []
-        for v, d in enumerate(dr.draw_views(spec, rng, len(index), ebv_sfd)):
-            mult = dr.band_multipliers(spec, d.ebv)[:, None, None, :]
+        for v, view in enumerate(draws.draw_views(spec, rng, len(index), ebv_sfd)):
+            mult = draws.band_multipliers(spec, view.ebv)[:, None, None, :]
             sigma = noise = None
             if spec.noise:
-                sigma = dr.noise_sigmas(spec, d.scale)[:, None, None, :]
-                noise = self.table.fields(d.noise_offset, k, v)
-            views.append(ViewInputs(d, dr.affine_matrices(spec, d.angle, d.shift), mult, sigma, noise))
-        out = SourceBatch(index=index, valid=valid, images=self.reader.records(read_ids), views=views)
-        if spec.pipeline == "finetune":
-            z = meta["specz_redshift"][read_ids]
-            out.redshift = z.astype(np.float32)
-            out.z_bin = redshift_bins(z)
-        return out
+                sigma = draws.noise_sigmas(spec, view.scale)[:, None, None, :]
+                noise = self.table.fields(view.noise_offset, k, v)
+            views.append(ViewInputs(view, draws.affine_matrices(spec, view.angle, view.shift), mult, sigma, noise))
+        labels = {key: LABELS[key](meta["specz_redshift"][read_ids]) for key in spec.pipeline.label_keys}
+        return SourceBatch(index=index, valid=valid, images=self.reader.records(read_ids), views=views, labels=labels)

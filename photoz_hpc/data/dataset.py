@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from photoz_hpc.data import format as fmt
+from photoz_hpc.data import format as store_format
 from photoz_hpc.errors import DatasetError
 
 PIXEL_STATS_KEYS = ("median", "mad")
@@ -23,12 +23,12 @@ PIXEL_STATS_KEYS = ("median", "mad")
 def read_manifest(root: str | Path) -> dict:
     """Load and version-check ``manifest.json``; errors name the directory and the problem."""
     root = Path(root)
-    path = root / fmt.MANIFEST_NAME
+    path = root / store_format.MANIFEST_NAME
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset directory does not exist")
     if not path.is_file():
         hint = " (an unfinished prepare left it incomplete: re-run prepare to finish)" if root.name.endswith(".partial") or (root.with_name(root.name + ".partial")).exists() else ""
-        raise DatasetError(f"{root}: not a prepared dataset, {fmt.MANIFEST_NAME} is missing{hint}")
+        raise DatasetError(f"{root}: not a prepared dataset, {store_format.MANIFEST_NAME} is missing{hint}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -36,15 +36,15 @@ def read_manifest(root: str | Path) -> dict:
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise DatasetError(f"{path}: manifest has no integer 'format_version'")
-    if version > fmt.FORMAT_VERSION:
+    if version > store_format.FORMAT_VERSION:
         raise DatasetError(
-            f"{path}: written by a newer photoz-hpc (format version {version}, this one reads <= {fmt.FORMAT_VERSION}); upgrade photoz-hpc"
+            f"{path}: written by a newer photoz-hpc (format version {version}, this one reads <= {store_format.FORMAT_VERSION}); upgrade photoz-hpc"
         )
     for key in ("image_shape", "shards", "count", "layout"):
         if key not in manifest:
             raise DatasetError(f"{path}: manifest lacks '{key}'")
-    if manifest["layout"] != fmt.LAYOUT:
-        raise DatasetError(f"{path}: unsupported layout '{manifest['layout']}' (expected {fmt.LAYOUT})")
+    if manifest["layout"] != store_format.LAYOUT:
+        raise DatasetError(f"{path}: unsupported layout '{manifest['layout']}' (expected {store_format.LAYOUT})")
     return manifest
 
 
@@ -69,7 +69,7 @@ class ShardedDataset:
         self.root = Path(root).resolve()
         self.manifest = read_manifest(self.root)
         self.image_shape: tuple[int, int, int] = tuple(self.manifest["image_shape"])
-        self.record_bytes = fmt.record_bytes(*self.image_shape)
+        self.record_bytes = store_format.record_bytes(*self.image_shape)
         self.verify_records = verify_records
         self.shards = self.manifest["shards"]
         counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
@@ -101,10 +101,10 @@ class ShardedDataset:
                     part = np.load(path, allow_pickle=False)
                 except (OSError, ValueError) as exc:
                     raise DatasetError(f"{path}: unreadable metadata ({exc})") from None
-                if part.dtype != fmt.META_DTYPE or len(part) != shard["count"]:
+                if part.dtype != store_format.META_DTYPE or len(part) != shard["count"]:
                     raise DatasetError(f"{path}: metadata has {len(part)} rows of {part.dtype}, expected {shard['count']}")
                 parts.append(part)
-            self._meta = np.concatenate(parts) if parts else np.zeros(0, fmt.META_DTYPE)
+            self._meta = np.concatenate(parts) if parts else np.zeros(0, store_format.META_DTYPE)
         return self._meta
 
     def pixel_stats(self) -> dict[str, np.ndarray]:
@@ -123,7 +123,7 @@ class ShardedDataset:
         if shard not in self._images:
             info = self.shards[shard]
             self._images[shard] = np.memmap(
-                self.root / info["file"], dtype=fmt.IMAGE_DTYPE, mode="r", shape=(info["count"], *self.image_shape)
+                self.root / info["file"], dtype=store_format.IMAGE_DTYPE, mode="r", shape=(info["count"], *self.image_shape)
             )
         return self._images[shard]
 
@@ -154,7 +154,7 @@ class ShardedDataset:
         image = np.ascontiguousarray(self.image_hwc(index).transpose(2, 0, 1))
         row = self.meta[index]
         item: dict[str, Any] = {"image": image, "index": int(index % len(self))}
-        for key in fmt.PUBLIC_META_FIELDS:
+        for key in store_format.PUBLIC_META_FIELDS:
             value = row[key]
             item[key] = value.copy() if isinstance(value, np.ndarray) else value.item()
         return item

@@ -80,8 +80,8 @@ def validate_source(path: str | os.PathLike) -> SourceFile:
             elif kind != "f":
                 raise InputDataError(f"{path}: '{key}' has dtype {ds.dtype}, expected floating point")
         height, width = images.shape[2], images.shape[3]
-    st = os.stat(path)
-    return SourceFile(path, n, height, width, bool(labels_present), st.st_size, st.st_mtime_ns)
+    file_stat = os.stat(path)
+    return SourceFile(path, n, height, width, bool(labels_present), file_stat.st_size, file_stat.st_mtime_ns)
 
 
 def _as_int64(path: str, key: str, values: np.ndarray) -> np.ndarray:

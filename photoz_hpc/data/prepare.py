@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from photoz_hpc.constants import BANDS, N_BANDS, R_DR12, sfd_ebv
-from photoz_hpc.data import format as fmt
+from photoz_hpc.data import format as store_format
 from photoz_hpc.data.comm import get_comm
 from photoz_hpc.data.hdf5_source import SourceFile, bad_rows, open_source, read_rows, validate_source
 from photoz_hpc.data.stats import exact_median_mad
@@ -60,7 +60,7 @@ def plan_shards(sources: list[SourceFile], samples_per_shard: int) -> list[Shard
 
 
 def _meta_rows(src_index: int, start: int, rows: dict[str, np.ndarray], keep: np.ndarray) -> np.ndarray:
-    meta = np.zeros(int(keep.sum()), dtype=fmt.META_DTYPE)
+    meta = np.zeros(int(keep.sum()), dtype=store_format.META_DTYPE)
     for key in ("specz_redshift", "specz_redshift_err", "e_bv", "ra", "dec", "ObjID", "specObjID"):
         meta[key] = rows[key][keep]
     meta["ebv_sfd"] = sfd_ebv(meta["e_bv"])
@@ -71,7 +71,7 @@ def _meta_rows(src_index: int, start: int, rows: dict[str, np.ndarray], keep: np
 
 def write_shard(out: Path, plan: ShardPlan, sources: list[SourceFile], policy: str, chunk_rows: int) -> dict:
     """Write one shard's ``.bin`` and ``.meta.npy`` atomically, then its JSON commit marker."""
-    stem = fmt.shard_stem(plan.index)
+    stem = store_format.shard_stem(plan.index)
     metas, skipped = [], []
     sha = hashlib.sha256()
     with atomic_open(out / f"{stem}.bin", "wb") as fh:
@@ -100,7 +100,7 @@ def write_shard(out: Path, plan: ShardPlan, sources: list[SourceFile], policy: s
                     sha.update(data)
                     fh.write(data)
                     metas.append(meta)
-    meta_all = np.concatenate(metas) if metas else np.zeros(0, dtype=fmt.META_DTYPE)
+    meta_all = np.concatenate(metas) if metas else np.zeros(0, dtype=store_format.META_DTYPE)
     with atomic_open(out / f"{stem}.meta.npy", "wb") as fh:
         np.save(fh, meta_all, allow_pickle=False)
     record = {
@@ -120,7 +120,7 @@ def write_shard(out: Path, plan: ShardPlan, sources: list[SourceFile], policy: s
 
 def _load_committed(out: Path, plan: ShardPlan, record_size: int) -> dict | None:
     """The shard's commit record if it is complete and matches the plan, else None (redo it)."""
-    marker = out / f"{fmt.shard_stem(plan.index)}.json"
+    marker = out / f"{store_format.shard_stem(plan.index)}.json"
     if not marker.is_file():
         return None
     try:
@@ -137,19 +137,19 @@ def shard_blocks(root: Path, records: list[dict], shape: tuple[int, int, int], r
     """A re-iterable source of (n, H, W, C) float32 blocks over the given shards (memory-mapped)."""
 
     def blocks():
-        for rec in records:
-            if rec["count"] == 0:
+        for shard in records:
+            if shard["count"] == 0:
                 continue
-            mm = np.memmap(root / rec["file"], dtype=fmt.IMAGE_DTYPE, mode="r", shape=(rec["count"], *shape))
-            for i in range(0, rec["count"], rows_per_block):
-                yield np.asarray(mm[i : i + rows_per_block])
+            images = np.memmap(root / shard["file"], dtype=store_format.IMAGE_DTYPE, mode="r", shape=(shard["count"], *shape))
+            for i in range(0, shard["count"], rows_per_block):
+                yield np.asarray(images[i : i + rows_per_block])
 
     return blocks
 
 
 def _plan_fingerprint(sources: list[SourceFile], samples_per_shard: int, policy: str) -> dict:
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": store_format.FORMAT_VERSION,
         "samples_per_shard": samples_per_shard,
         "bad_rows": policy,
         "inputs": [s.fingerprint() for s in sources],
@@ -173,7 +173,7 @@ def prepare(
         raise PhotozError("prepare needs at least one input HDF5 file")
     out = Path(out).resolve()
     staging = out.with_name(out.name + ".partial")
-    if (out / fmt.MANIFEST_NAME).exists():
+    if (out / store_format.MANIFEST_NAME).exists():
         if not overwrite:
             raise PhotozError(f"{out}: a prepared dataset already exists (use --overwrite to replace it)")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -186,7 +186,7 @@ def prepare(
         raise InputDataError(f"inputs have different image sizes {sorted(shapes)}: {[s.path for s in sources]}")
     height, width = shapes.pop()
     shape = (height, width, N_BANDS)
-    record_size = fmt.record_bytes(*shape)
+    record_size = store_format.record_bytes(*shape)
     plans = plan_shards(sources, samples_per_shard)
     fingerprint = _plan_fingerprint(sources, samples_per_shard, bad_row_policy)
 
@@ -253,7 +253,7 @@ def prepare(
         try:
             shards = sorted((r for part in all_records for r in part), key=lambda r: r["index"])
             manifest = build_manifest(sources, shards, shape, samples_per_shard, bad_row_policy, median, mad)
-            atomic_write_json(staging / fmt.MANIFEST_NAME, manifest)
+            atomic_write_json(staging / store_format.MANIFEST_NAME, manifest)
             _publish(staging, out)
             log.info("prepared %d samples in %d shards at %s", manifest["count"], len(shards), out)
         except OSError as exc:
@@ -268,13 +268,13 @@ def build_manifest(sources, shards, shape, samples_per_shard, policy, median, ma
     skipped = [s for r in shards for s in r["skipped"]]
     return {
         "format": "photoz-hpc-shards",
-        "format_version": fmt.FORMAT_VERSION,
-        "layout": fmt.LAYOUT,
+        "format_version": store_format.FORMAT_VERSION,
+        "layout": store_format.LAYOUT,
         "dtype": "float32",
         "byte_order": "little",
         "image_shape": list(shape),
         "bands": list(BANDS),
-        "record_bytes": fmt.record_bytes(*shape),
+        "record_bytes": store_format.record_bytes(*shape),
         "samples_per_shard": samples_per_shard,
         "count": sum(r["count"] for r in shards),
         "labeled_count": sum(r["labeled"] for r in shards),
@@ -282,7 +282,7 @@ def build_manifest(sources, shards, shape, samples_per_shard, policy, median, ma
         "skipped": skipped,
         "bad_rows": policy,
         "r_dr12": R_DR12.tolist(),
-        "meta_fields": list(fmt.META_DTYPE.names),
+        "meta_fields": list(store_format.META_DTYPE.names),
         "inputs": [{"path": s.path, "rows": s.rows, "labeled": s.labeled} for s in sources],
         "shards": [
             {k: r[k] for k in ("file", "meta", "count", "labeled", "sha256", "meta_sha256")} for r in shards

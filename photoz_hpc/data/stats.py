@@ -4,7 +4,7 @@ An exact median of ~10^10 pixels cannot be sorted in memory, so it is found by r
 the float32 bit patterns: a 65,536-bin histogram of the top 16 bits locates the bin holding the
 k-th value, a second histogram of the low 16 bits inside that bin pins it exactly. Histograms are
 integer counts, so summing them across MPI ranks gives bit-identical results to a serial run.
-MAD = median(|x - median|) uses the same two passes on the deviations.
+MAD = median(|x - median|) (raw: no 1.4826 factor) uses the same two passes on the deviations.
 
 ``median`` follows ``numpy.median`` (mean of the two middle values for an even count, in
 float64). Deviations are ``float32(|float64(x) - median|)``.
