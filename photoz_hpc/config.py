@@ -444,21 +444,25 @@ def _override_paths(overrides: list[str], root: type) -> dict[str, str]:
     return paths
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file's top-level mapping (empty file: {}); errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{p}' must contain a mapping at top level")
+    return values
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, root: type = Config) -> Any:
     """Load ``path`` (YAML, optional) and apply overrides into a ``root`` config; a ``ConfigError`` names
     the key and where its value came from (the file, or the command-line override that set it)."""
     overrides = list(overrides or [])
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file '{p}' must contain a mapping at top level")
+    values: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     try:
         merged = apply_overrides(values, overrides, root)
     except ConfigError as exc:

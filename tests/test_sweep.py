@@ -88,7 +88,7 @@ def test_each_task_gets_its_method_fraction_and_seed_and_the_same_validation_spl
     ({"overrides": ["subset_seed=3"]}, "must not set 'finetune.subset_seed'"),
     ({"overrides": ["optim.nope=1"]}, "unknown config key 'optim.nope'"),
     ({"overrides": ["optim.lr=-1"]}, "optim.lr"),
-    ({"finetune_config": "nowhere.yaml"}, "finetune_config 'nowhere.yaml' does not exist"),
+    ({"finetune_config": "nowhere.yaml"}, "finetune_config: config file 'nowhere.yaml' does not exist"),
 ])
 def test_bad_sweep_files_give_clear_errors_naming_the_file(tmp_path, change, message):
     path = write_sweep(tmp_path / "bad.yaml", **change)

@@ -67,11 +67,9 @@ def finetune_and_evaluate(cfg) -> dict:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from photoz_hpc.config import FinetuneRunConfig, load_config
+    from photoz_hpc.config import FinetuneRunConfig
     from photoz_hpc.errors import ConfigError
-    from photoz_hpc.logs import setup_logging
-    from photoz_hpc.train.dist import detect_env
-    from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
+    from photoz_hpc.train.cli import run_training_command
 
     if args.sweep:
         from photoz_hpc.launch.sweep import run_sweep_command
@@ -79,14 +77,7 @@ def _finetune(args: argparse.Namespace) -> int:
         return run_sweep_command(args)
     if args.task_id is not None:
         raise ConfigError("--task-id needs --sweep FILE")
-    cfg = load_config(args.config, args.overrides, root=FinetuneRunConfig)
-    setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)
-    PreemptionFlag().install()
-    summary = finetune_and_evaluate(cfg)
-    ignore_preemption()
-    if detect_env().rank == 0:
-        print(json.dumps(summary, indent=2))
-    return EXIT_PREEMPTED if summary["preempted"] else 0
+    return run_training_command(args, FinetuneRunConfig, finetune_and_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

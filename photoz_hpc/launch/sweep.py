@@ -31,7 +31,14 @@ from typing import Any
 
 import yaml
 
-from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_dict, config_to_dict, resolve_key
+from photoz_hpc.config import (
+    FinetuneRunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    read_yaml_mapping,
+    resolve_key,
+)
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.logs import get_logger
 
@@ -171,15 +178,10 @@ def plan(sweep: Sweep) -> list[SweepTask]:
 
 
 def _base_values(sweep: Sweep) -> dict[str, Any]:
-    path = Path(sweep.finetune_config)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {sweep.path}: finetune_config '{path}' does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {sweep.path}: finetune_config {path} is not valid YAML: {exc}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"sweep file {sweep.path}: finetune_config {path} must contain a mapping")
+        values = read_yaml_mapping(sweep.finetune_config)
+    except ConfigError as exc:
+        raise ConfigError(f"sweep file {sweep.path}: finetune_config: {exc}") from None
     try:
         return apply_overrides(values, list(sweep.overrides), FinetuneRunConfig)
     except ConfigError as exc:

@@ -23,23 +23,31 @@ def register(subparsers) -> None:
     e.set_defaults(func=_export)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_training_command(args: argparse.Namespace, root: type, run) -> int:
+    """What every training command does around ``run(cfg) -> summary``: config, logging, the pre-emption
+    handler from the start, the summary on rank 0, exit 75 when pre-empted."""
     from photoz_hpc.config import load_config
     from photoz_hpc.logs import setup_logging
     from photoz_hpc.train.dist import detect_env
-    from photoz_hpc.train.pretrain import run_pretrain
     from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, root=root)
     setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)
-    PreemptionFlag().install()  # what run_pretrain restores on return: no gap in which a signal kills us
-    summary = run_pretrain(cfg)
+    PreemptionFlag().install()  # what the run restores on return: no gap in which a signal kills us
+    summary = run(cfg)
     # Done (checkpoint and summary written): a late SIGTERM -- e.g. srun --kill-on-bad-exit terminating this
     # rank because a peer already exited 75 -- must not turn this rank's exit code into 143 (no requeue).
     ignore_preemption()
     if detect_env().rank == 0:
         print(json.dumps(summary, indent=2))
     return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from photoz_hpc.config import Config
+    from photoz_hpc.train.pretrain import run_pretrain
+
+    return run_training_command(args, Config, run_pretrain)
 
 
 def _export(args: argparse.Namespace) -> int:
