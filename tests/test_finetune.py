@@ -21,9 +21,8 @@ from photoz_hpc.data.prepare import prepare
 from photoz_hpc.data.splits import holdout_split, nested_subset
 from photoz_hpc.errors import ConfigError, DatasetError, PhotozError
 from photoz_hpc.evaluate.run import load_network
-from photoz_hpc.models.export import export_encoder
 from photoz_hpc.models.moco import build_moco
-from photoz_hpc.train.checkpoint import save_checkpoint
+from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
 from photoz_hpc.train.dist import Comm
 from photoz_hpc.train.finetune import FinetuneTask, finetune_loaders, run_finetune, select_data
 
@@ -114,7 +113,7 @@ def _moco_checkpoint(tmp_path: Path, data: Path) -> tuple[Path, dict[str, torch.
 
 def test_init_from_moco_checkpoint_from_encoder_export_and_from_scratch(tmp_path, data):
     ckpt, trunk = _moco_checkpoint(tmp_path, data)
-    enc = export_encoder(ckpt, tmp_path / "encoder.pt")
+    enc = export_checkpoint_encoder(ckpt, tmp_path / "encoder.pt")
     for init in (ckpt, enc):
         net = _task(ft_config(data, tmp_path / "a", f"finetune.init={init}")).model
         for k, v in trunk.items():

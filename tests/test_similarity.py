@@ -28,9 +28,8 @@ from photoz_hpc.data.prepare import prepare
 from photoz_hpc.errors import DatasetError, PhotozError
 from photoz_hpc.evaluate.embeddings import Embeddings, embed_dataset, load_embedder
 from photoz_hpc.evaluate.similarity import anomaly_scores, faiss_available, knn
-from photoz_hpc.models.export import export_encoder
 from photoz_hpc.models.moco import build_moco
-from photoz_hpc.train.checkpoint import save_checkpoint
+from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
 
 N_GAL, N_COPY, SIZE = 40, 8, 33
 COPIES = np.arange(N_GAL, N_GAL + N_COPY)  # copy of galaxy i (i < N_COPY) at N_GAL + i
@@ -167,7 +166,7 @@ def test_embeddings_of_another_dataset_are_refused(world, tmp_path, capsys):
 
 
 def test_encoder_export_keeps_the_projection_head(world, tmp_path):
-    enc = export_encoder(world["ckpt"], tmp_path / "encoder.pt")
+    enc = export_checkpoint_encoder(world["ckpt"], tmp_path / "encoder.pt")
     embed_dataset(enc, world["data"], tmp_path / "from_export", "projection", EMBED_OV)
     np.testing.assert_allclose(Embeddings(tmp_path / "from_export").vectors(),
                                Embeddings(world["emb"]["projection"]).vectors(), atol=1e-6)

@@ -20,9 +20,8 @@ from photoz_hpc.config import Config, load_config
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.evaluate.sweep_report import labels_needed, write_sweep_report
 from photoz_hpc.launch.sweep import PAPER_FRACTIONS, load_sweep, plan, task_configs
-from photoz_hpc.models.export import export_encoder
 from photoz_hpc.models.moco import build_moco
-from photoz_hpc.train.checkpoint import save_checkpoint
+from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=resnet18", "model.width=8", "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=16",
@@ -116,7 +115,7 @@ def _encoder(tmp_path: Path, data: Path) -> Path:
                              f"data.path={data}", "seed=11"], root=Config)
     ckpt = save_checkpoint(tmp_path / "ck", 1, {"task": "pretrain", "model": build_moco(cfg).state_dict(),
                                                 "config": dataclasses.asdict(cfg)})
-    return export_encoder(ckpt, tmp_path / "encoder.pt")
+    return export_checkpoint_encoder(ckpt, tmp_path / "encoder.pt")
 
 
 def test_resubmission_skips_finished_resumes_killed_and_refuses_changed(tmp_path, capsys):

@@ -29,25 +29,35 @@ def encoder_state_from_moco(moco_state: dict[str, torch.Tensor]) -> dict[str, to
     return {k[len(prefix):]: v for k, v in moco_state.items() if k.startswith(prefix)}
 
 
-def export_encoder(source: str | Path | dict, out_path: str | Path, model_cfg=None) -> Path:
-    """Export from a checkpoint path (or loaded checkpoint dict) to ``out_path``; returns it."""
-    if not isinstance(source, dict):
-        from photoz_hpc.train.checkpoint import load_checkpoint
-
-        source = load_checkpoint(source)
-    if model_cfg is None:
-        model_cfg = source["config"]["model"]
-    cfg_dict = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # CPU, contiguous (NCHW) tensors: loadable on any machine, also with weights_only and no map_location
-    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder_state_from_moco(source["model"]).items()}
-    # the query projection head (MLP, keys 0.* / 2.*) too, as paper_import does: `embed` needs it
-    head = {k[len(HEAD_PREFIX):]: v.detach().to("cpu").contiguous() for k, v in source["model"].items()
-            if k.startswith(HEAD_PREFIX)}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_encoder(trunk_state: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor] | None, model_cfg,
+                 out_path: str | Path, step: int | None = None) -> Path:
+    """Write the encoder file atomically: the trunk (``load_encoder``) and the query projection head
+    (``embed``'s 128-d output; keys 0.* / 2.*), if given."""
+    cfg_dict = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
     out_path = Path(out_path)
+    blob = {"format": ENCODER_FORMAT, "model": cfg_dict, "state_dict": _cpu(trunk_state), "step": step}
+    if head_state:
+        blob["projection_head"] = _cpu(head_state)
     with atomic_open(out_path, "wb") as fh:
-        torch.save({"format": ENCODER_FORMAT, "model": cfg_dict, "state_dict": state,
-                    "step": source.get("step"), **({"projection_head": head} if head else {})}, fh)
+        torch.save(blob, fh)
     return out_path
+
+
+def export_moco_encoder(moco, model_cfg, out_path: str | Path, step: int | None = None) -> Path:
+    """Export a live ``MoCo`` module's query trunk (``MoCo.encoder``) and projection head."""
+    return save_encoder(moco.encoder.state_dict(), moco.encoder_q[1].state_dict(), model_cfg, out_path, step)
+
+
+def export_encoder(source: dict, out_path: str | Path, model_cfg=None) -> Path:
+    """Export from a loaded pretraining checkpoint dict (``model`` = MoCo state dict, ``config``)."""
+    model_cfg = source["config"]["model"] if model_cfg is None else model_cfg
+    head = {k[len(HEAD_PREFIX):]: v for k, v in source["model"].items() if k.startswith(HEAD_PREFIX)}
+    return save_encoder(encoder_state_from_moco(source["model"]), head, model_cfg, out_path, source.get("step"))
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

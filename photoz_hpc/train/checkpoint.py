@@ -93,3 +93,10 @@ def find_latest_valid(directory: str | Path, task: str | None = None) -> tuple[P
         except PhotozError as exc:
             log.warning("skipping %s", exc)
     return None, None
+
+
+def export_checkpoint_encoder(path: str | Path, out_path: str | Path) -> Path:
+    """``export-encoder``: the encoder file of a pretraining checkpoint (another kind is an error)."""
+    from photoz_hpc.models.export import export_encoder
+
+    return export_encoder(load_checkpoint(path, "pretrain"), out_path)

@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from photoz_hpc.models.export import export_encoder
+    from photoz_hpc.train.checkpoint import export_checkpoint_encoder
 
-    print(export_encoder(args.checkpoint, args.out))
+    print(export_checkpoint_encoder(args.checkpoint, args.out))
     return 0

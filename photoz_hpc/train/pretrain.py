@@ -17,7 +17,7 @@ import torch
 from photoz_hpc.config import Config
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.logs import get_logger
-from photoz_hpc.models.export import export_encoder
+from photoz_hpc.models.export import export_moco_encoder
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.momentum import momentum_at
 from photoz_hpc.models.queue import shard_queue, unshard_queue
@@ -108,9 +108,7 @@ class Trainer:
         """Export the encoder (rank 0; not after a pre-emption, whose run continues)."""
         encoder_path = None
         if self.comm.rank == 0 and self.cfg.train.export_encoder and not preempted:
-            encoder_path = export_encoder({"model": self.model.state_dict(), "step": self.step,
-                                           "config": {"model": dataclasses.asdict(self.cfg.model)}},
-                                          out_dir / "encoder.pt")
+            encoder_path = export_moco_encoder(self.model, self.cfg.model, out_dir / "encoder.pt", self.step)
         return {"precision": self.precision.name, "memory_format": self.memory_format,
                 "encoder": str(encoder_path) if encoder_path else None}
 
