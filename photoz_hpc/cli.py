@@ -22,7 +22,8 @@ COMMAND_MODULES = (
     "photoz_hpc.augment.cli",
     "photoz_hpc.models.cli",
     "photoz_hpc.train.cli",
-    "photoz_hpc.launch.photoz_cli",
+    "photoz_hpc.launch.photoz_cli", "photoz_hpc.launch.sweep", "photoz_hpc.evaluate.similarity_cli",
+    "photoz_hpc.evaluate.cli",
     "photoz_hpc.launch.quickstart",
 )
 

@@ -74,3 +74,55 @@ def summarize_pdfs(probs, edges: np.ndarray | None = None, atol: float = 1e-4,
         var = p @ (centres**2 + widths**2 / 12.0) - out["z_phot"] ** 2
         out["pdf_std"] = np.sqrt(np.maximum(var, 0.0))
     return out
+
+
+# ---------------------------------------------------------------------- catalogue summaries (added for predict)
+
+#: the central 95% interval: the 2.5th and 97.5th percentiles (+-2 sigma of a Gaussian, to 0.05).
+LO95, HI95 = 0.025, 0.975
+#: half-width of the odds window in units of (1 + z_mode): the eta threshold's scale of a good photo-z.
+ODDS_HALF_WIDTH = 0.03
+
+
+def pdf_quantiles(probs, qs, edges: np.ndarray | None = None, atol: float = 1e-4) -> np.ndarray:
+    """(N, len(qs)) quantiles of each row's piecewise-constant density (the percentile rule above)."""
+    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    p = check_probs(probs, edges, atol)
+    p = p / p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p, axis=1)
+    return np.stack([_percentile(p, cdf, edges, float(q)) for q in qs], axis=1)
+
+
+def pdf_cdf_at(probs, z, edges: np.ndarray | None = None, atol: float = 1e-4) -> np.ndarray:
+    """CDF of row i's piecewise-constant density at ``z[i]`` (piecewise linear; 0 below the grid, 1 above).
+    With ``z`` = z_spec this is the PIT value."""
+    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    p = check_probs(probs, edges, atol)
+    p = p / p.sum(axis=1, keepdims=True)
+    z = np.asarray(z, dtype=np.float64).ravel()
+    if z.size != p.shape[0]:
+        raise ValueError(f"z has {z.size} values for {p.shape[0]} pdfs")
+    return _cdf_at(p, np.cumsum(p, axis=1), edges, z)
+
+
+def _cdf_at(p: np.ndarray, cdf: np.ndarray, edges: np.ndarray, z: np.ndarray) -> np.ndarray:
+    k = np.clip(np.searchsorted(edges, z, side="right") - 1, 0, p.shape[1] - 1)
+    rows = np.arange(p.shape[0])
+    frac = np.clip((z - edges[k]) / (edges[k + 1] - edges[k]), 0.0, 1.0)
+    return np.clip(cdf[rows, k] - p[rows, k] + frac * p[rows, k], 0.0, 1.0)
+
+
+def summarize_catalogue(probs, edges: np.ndarray | None = None, atol: float = 1e-4) -> dict[str, np.ndarray]:
+    """``summarize_pdfs`` plus ``z_median``, the 95% interval ``z_lo95``/``z_hi95`` and ``odds``: the
+    probability within +-``ODDS_HALF_WIDTH`` (1 + z_mode) of the mode (bins cut by the window count pro rata)."""
+    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    out = summarize_pdfs(probs, edges, atol)
+    p = check_probs(probs, edges, atol)
+    p = p / p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p, axis=1)
+    out["z_median"] = _percentile(p, cdf, edges, 0.5)
+    out["z_lo95"] = _percentile(p, cdf, edges, LO95)
+    out["z_hi95"] = _percentile(p, cdf, edges, HI95)
+    half = ODDS_HALF_WIDTH * (1.0 + out["z_mode"])
+    out["odds"] = _cdf_at(p, cdf, edges, out["z_mode"] + half) - _cdf_at(p, cdf, edges, out["z_mode"] - half)
+    return out

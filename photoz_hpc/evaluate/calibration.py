@@ -1,0 +1,275 @@
+"""Are the pdfs honest? PIT, interval coverage and reliability on labeled galaxies, and a post-hoc temperature.
+
+* PIT_i = CDF_i(z_spec,i) of the piecewise-constant pdf (``pdfs.pdf_cdf_at``). Pdfs that are exactly
+  right give PIT ~ U(0, 1): a flat histogram; overconfident ones pile up at 0 and 1 (U shape),
+  underconfident ones in the middle. ``ks`` = max |ECDF(PIT) - u|.
+* Coverage: the fraction of galaxies whose z_spec lies in the central 68% (95%) interval, i.e. with
+  PIT in [0.16, 0.84] ([0.025, 0.975]); nominal is 0.68 (0.95).
+* Reliability: the coverage of the central interval at every credibility level c (honest: on the
+  diagonal), and the catalogue's ``odds`` against the fraction of galaxies whose z_spec lies in the
+  odds window (per odds bin; honest: on the diagonal).
+* Temperature: p_T proportional to p^(1/T) (logits / T), one scalar fitted by minimising the mean
+  negative log-likelihood of the z_spec bin on a calibration split, then reported on a disjoint
+  evaluation split. The NLL is convex in 1/T, so a golden-section search finds the global minimum.
+
+Everything here works on log-probabilities (N, n_bins): a float32 softmax underflows to 0 far from
+the peak, and a temperature > 1 must see those tails.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from photoz_hpc.evaluate.pdfs import HI68, HI95, LO68, LO95, ODDS_HALF_WIDTH, pdf_cdf_at, summarize_catalogue
+from photoz_hpc.io_utils import atomic_path
+from photoz_hpc.redshift_grid import redshift_bins, z_bin_edges
+
+#: PIT histogram bins, credibility levels of the reliability curve, odds bins of the odds reliability.
+PIT_BINS = 20
+CREDIBILITY_LEVELS = tuple(round(c, 2) for c in np.linspace(0.05, 0.95, 19))
+ODDS_BINS = 10
+#: RAIL's PIT outlier convention: PIT below 1e-4 or above 1 - 1e-4 (expected rate 2e-4 when honest).
+PIT_OUTLIER_EPS = 1e-4
+#: search range of the temperature.
+T_RANGE = (0.05, 20.0)
+
+
+def softmax_log(log_p: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities softmax(log_p / T) row by row (float64); T = 1 just renormalises."""
+    x = np.asarray(log_p, dtype=np.float64) / float(temperature)
+    x = x - x.max(axis=1, keepdims=True)
+    p = np.exp(x)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def pit_values(probs: np.ndarray, z_spec) -> np.ndarray:
+    """PIT of each galaxy: its pdf's CDF at its z_spec (1 above the grid, 0 below)."""
+    return pdf_cdf_at(probs, np.asarray(z_spec, dtype=np.float64), z_bin_edges(np.shape(probs)[1]))
+
+
+def nll(log_p: np.ndarray, z_spec, temperature: float = 1.0) -> float:
+    """Mean -log p_T(bin of z_spec) (z_spec outside the grid counts in the edge bin, as in training)."""
+    x = np.asarray(log_p, dtype=np.float64) / float(temperature)
+    m = x.max(axis=1)
+    lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+    bins = redshift_bins(np.asarray(z_spec, dtype=np.float64))
+    return float(np.mean(lse - x[np.arange(len(x)), bins]))
+
+
+def fit_temperature(log_p: np.ndarray, z_spec, t_range: tuple[float, float] = T_RANGE, tol: float = 1e-6) -> float:
+    """The T in ``t_range`` minimising ``nll`` (golden section on beta = 1/T, where the NLL is convex)."""
+    lo, hi = 1.0 / t_range[1], 1.0 / t_range[0]
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(log_p, z_spec, 1.0 / c), nll(log_p, z_spec, 1.0 / d)
+    while b - a > tol * max(1.0, abs(c)):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(log_p, z_spec, 1.0 / c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(log_p, z_spec, 1.0 / d)
+    return float(1.0 / (0.5 * (a + b)))
+
+
+def calibration_report(probs: np.ndarray, z_spec, log_p: np.ndarray | None = None,
+                       temperature: float = 1.0) -> dict:
+    """PIT histogram and statistics, coverage, reliability curves (and NLL when ``log_p`` is given) as a
+    JSON-ready dict. ``probs``: (N, n_bins) pdfs already at ``temperature`` (recorded, not applied)."""
+    z_spec = np.asarray(z_spec, dtype=np.float64).ravel()
+    pit = pit_values(probs, z_spec)
+    n = pit.size
+    counts, _ = np.histogram(pit, bins=PIT_BINS, range=(0.0, 1.0))
+    ecdf = np.sort(pit)
+    ks = float(max(np.max(np.arange(1, n + 1) / n - ecdf), np.max(ecdf - np.arange(n) / n)))
+    summary = summarize_catalogue(probs, z_bin_edges(np.shape(probs)[1]))
+    half = ODDS_HALF_WIDTH * (1.0 + summary["z_mode"])
+    inside = np.abs(z_spec - summary["z_mode"]) <= half
+    odds_edges = np.linspace(0.0, 1.0, ODDS_BINS + 1)
+    which = np.clip(np.searchsorted(odds_edges, summary["odds"], side="right") - 1, 0, ODDS_BINS - 1)
+    odds_rows = []
+    for b in range(ODDS_BINS):
+        sel = which == b
+        odds_rows.append({"lo": float(odds_edges[b]), "hi": float(odds_edges[b + 1]), "n": int(sel.sum()),
+                          "mean_odds": float(summary["odds"][sel].mean()) if sel.any() else float("nan"),
+                          "fraction_inside": float(inside[sel].mean()) if sel.any() else float("nan")})
+    report = {
+        "n": int(n), "temperature": float(temperature),
+        "pit_hist": {"edges": np.linspace(0.0, 1.0, PIT_BINS + 1).tolist(), "counts": counts.tolist(),
+                     "density": (counts * PIT_BINS / max(n, 1)).tolist()},
+        "pit_ks": ks,
+        "pit_outlier_rate": float(np.mean((pit < PIT_OUTLIER_EPS) | (pit > 1.0 - PIT_OUTLIER_EPS))),
+        "coverage_68": float(np.mean((pit >= LO68) & (pit <= HI68))),
+        "coverage_95": float(np.mean((pit >= LO95) & (pit <= HI95))),
+        "credibility": {"levels": list(CREDIBILITY_LEVELS),
+                        "coverage": [float(np.mean(np.abs(pit - 0.5) <= c / 2)) for c in CREDIBILITY_LEVELS]},
+        "odds_reliability": odds_rows,
+    }
+    if log_p is not None:
+        report["nll"] = nll(log_p, z_spec, temperature)
+    return report
+
+
+def calibrate(log_p: np.ndarray, z_spec, calib: np.ndarray, evaluate: np.ndarray) -> dict:
+    """Fit T on rows ``calib`` only, report before (T = 1) and after on rows ``evaluate`` (disjoint)."""
+    calib, evaluate = np.asarray(calib), np.asarray(evaluate)
+    if len(calib) == 0 or len(evaluate) == 0:
+        raise ValueError("calibration and evaluation splits must both be non-empty")
+    if np.intersect1d(calib, evaluate).size:
+        raise ValueError("the calibration split overlaps the evaluation split")
+    z_spec = np.asarray(z_spec, dtype=np.float64)
+    t = fit_temperature(log_p[calib], z_spec[calib])
+    lp, z = log_p[evaluate], z_spec[evaluate]
+    return {"temperature": t, "n_calib": int(len(calib)), "n_eval": int(len(evaluate)),
+            "nll_calib_before": nll(log_p[calib], z_spec[calib]), "nll_calib_after": nll(log_p[calib], z_spec[calib], t),
+            "before": calibration_report(softmax_log(lp), z, lp, 1.0),
+            "after": calibration_report(softmax_log(lp, t), z, lp, t)}
+
+
+def plot_calibration(path: str | os.PathLike, reports: dict[str, dict], title: str = "") -> Path:
+    """One PNG with the PIT histogram, the credibility curve and the odds reliability of each report
+    (e.g. ``{"before": ..., "after": ...}``), each against its honest reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.8))
+    for k, (label, rep) in enumerate(reports.items()):
+        colour = f"C{k}"
+        edges = np.asarray(rep["pit_hist"]["edges"])
+        axes[0].stairs(rep["pit_hist"]["density"], edges, color=colour, lw=1.5,
+                       label=f"{label} (T={rep['temperature']:.3g}, KS {rep['pit_ks']:.3f})")
+        cov = rep["credibility"]
+        axes[1].plot(cov["levels"], cov["coverage"], marker="o", ms=3, color=colour,
+                     label=f"{label}: 68% {rep['coverage_68']:.3f}, 95% {rep['coverage_95']:.3f}")
+        rows = [r for r in rep["odds_reliability"] if r["n"] > 0]
+        axes[2].plot([r["mean_odds"] for r in rows], [r["fraction_inside"] for r in rows], marker="o", ms=3,
+                     color=colour, label=label)
+    axes[0].axhline(1.0, color="k", lw=0.8, ls="--", label="honest (flat)")
+    axes[0].set(xlabel="PIT", ylabel="density", xlim=(0, 1), title="PIT histogram")
+    for ax in axes[1:]:
+        ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="honest")
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+    axes[1].set(xlabel="credibility of the central interval", ylabel="fraction of z_spec inside", title="coverage")
+    axes[2].set(xlabel=f"odds (mass within $\\pm${ODDS_HALF_WIDTH}(1+z) of the mode)",
+                ylabel="fraction of z_spec in that window", title="odds reliability")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- the calibrate command
+
+#: stream tag of the calibration/evaluation split (independent of fine-tuning's splits for equal seeds).
+_TAG_CALIB = 13
+
+
+def calibration_split(ids: np.ndarray, calib_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) ids, disjoint and sorted: a seed-fixed ``calib_fraction`` of ``ids`` fits T."""
+    ids = np.sort(np.asarray(ids, dtype=np.int64))
+    perm = ids[np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, _TAG_CALIB])).permutation(len(ids))]
+    n_cal = int(round(calib_fraction * len(ids)))
+    if not 0 < calib_fraction < 1 or n_cal < 1 or n_cal >= len(ids):
+        raise ValueError(f"--calib-fraction {calib_fraction} of {len(ids)} labeled galaxies leaves an empty "
+                         "calibration or evaluation split")
+    return np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+
+
+def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: float = 0.5, split_seed: int = 0,
+                  tta: int = 1, batch_size: int = 64, precision: str = "auto", overrides=None) -> dict:
+    """The ``calibrate`` command: the network over labeled galaxies on every rank (gathered: a validation
+    set, not a survey), a temperature fitted on the calibration split, before/after on the evaluation split;
+    rank 0 writes ``calibration.json`` and ``calibration.png`` under ``out_dir``."""
+    import dataclasses
+
+    import torch
+
+    from photoz_hpc.augment.loaders import build_loader
+    from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_dict
+    from photoz_hpc.data.splits import labeled_ids, load_ids
+    from photoz_hpc.errors import DatasetError, PhotozError
+    from photoz_hpc.evaluate.catalogue import batch_log_probs, check_inputs
+    from photoz_hpc.evaluate.run import load_network
+    from photoz_hpc.io_utils import atomic_write_json
+    from photoz_hpc.train.precision import resolve_precision
+    from photoz_hpc.train.runtime import run_with_comm, use_channels_last
+
+    net, cfg, meta = load_network(checkpoint)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), overrides, FinetuneRunConfig), FinetuneRunConfig)
+    (ds,) = check_inputs(net, cfg, [data])
+    ids = load_ids(Path(ids_path)) if ids_path else labeled_ids(ds)
+    z_all = ds.meta["specz_redshift"]
+    if not np.isfinite(z_all[ids]).all():
+        raise DatasetError(f"{ds.root}: {int((~np.isfinite(z_all[ids])).sum())} of the galaxies to calibrate on have "
+                           "no spectroscopic redshift")
+    try:
+        calib_ids, eval_ids = calibration_split(ids, calib_fraction, split_seed)
+    except ValueError as exc:
+        raise PhotozError(str(exc)) from None
+    out_dir = Path(out_dir)
+
+    def body(cfg, comm, device, flag):
+        prec = resolve_precision(precision, device)
+        channels_last = use_channels_last(cfg, device)
+        model = net.to(device).eval()
+        loader = build_loader(cfg, ds, "eval", comm.rank, comm.world, cfg.seed, ids=ids, batch_size=batch_size,
+                              device="gpu" if device.type == "cuda" else "cpu")
+        loader.set_epoch(0)
+        index, valid, logp = [], [], []
+        for batch in loader:
+            index.append(batch["index"].to(device))
+            valid.append(batch["valid"].to(device).to(torch.uint8))
+            logp.append(batch_log_probs(model, batch["image"].to(device), tta, prec.autocast, channels_last))
+        local = [torch.cat(t) for t in (index, valid, logp)]
+        index, valid, logp = ((comm.allgather(t) if comm.world > 1 else t).cpu().numpy() for t in local)
+        keep = valid.astype(bool)
+        order = np.argsort(index[keep], kind="stable")
+        index, logp = index[keep][order], logp[keep][order].astype(np.float64)
+        report = None
+        if comm.rank == 0:
+            # ``index`` is sorted and holds every id once: the rows of each split are found by bisection
+            report = calibrate(logp, z_all[index], np.searchsorted(index, calib_ids), np.searchsorted(index, eval_ids))
+            report.update({"checkpoint": str(checkpoint), "dataset": str(ds.root), "tta": tta,
+                           "calib_fraction": calib_fraction, "split_seed": split_seed, "precision": prec.name,
+                           "source": {k: v for k, v in meta.items() if isinstance(v, (str, int, float)) or v is None}})
+            out_dir.mkdir(parents=True, exist_ok=True)
+            report["figure"] = str(plot_calibration(out_dir / "calibration.png",
+                                                    {"before": report["before"], "after": report["after"]},
+                                                    f"{Path(checkpoint).name}: evaluation split ({len(eval_ids)} galaxies)"))
+            atomic_write_json(out_dir / "calibration.json", report)
+        return comm.broadcast_object(report)
+
+    return run_with_comm(cfg, None, body)
+
+
+def read_temperature(value: str) -> float:
+    """``--temperature``: a number, or a ``calibration.json`` written by ``calibrate``."""
+    import json
+
+    from photoz_hpc.errors import PhotozError
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    path = Path(value)
+    try:
+        return float(json.loads(path.read_text())["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PhotozError(f"--temperature {value!r} is neither a number nor a readable calibration.json ({exc})") from None

@@ -1,0 +1,558 @@
+"""Survey-scale inference: a photo-z catalogue of every galaxy of one or many prepared datasets.
+
+One **part** per input shard (dataset d, shard s). The parts are dealt to Slurm array tasks
+(``block``) and then to ranks in contiguous blocks; each rank streams its parts through the ``eval``
+pipeline (one loader per dataset over the ids of its pending parts, ``rank=0, world_size=1``, so no
+rank ever waits for another), drops the padding rows, and writes each part atomically followed by a
+small done marker holding its sha256. A part whose marker and checksum match is skipped on re-run,
+so a killed or pre-empted run resumes where it stopped and no galaxy is ever written twice.
+
+    CATALOGUE/
+      catalogue.json        the plan: checkpoint sha256, config, bin edges, inputs, columns, parts
+      parts/d000-s00000.parquet (or .h5)   one row per galaxy of input 0, shard 0, in dataset order
+      done/d000-s00000.json marker: rows, sha256, bytes, rank, device, precision, seconds
+      manifest.json         written last, once every part is done: plan + per-part checksums + counts
+
+``manifest.json`` present means complete. ``verify_catalogue`` re-hashes every part and checks
+against the inputs that every galaxy is present exactly once (the merge/verify step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from photoz_hpc.data.dataset import ShardedDataset, open_dataset, read_manifest
+from photoz_hpc.errors import DatasetError, PhotozError
+from photoz_hpc.evaluate.calibration import softmax_log
+from photoz_hpc.evaluate.pdfs import summarize_catalogue
+from photoz_hpc.io_utils import atomic_path, atomic_write_json, sha256_file
+from photoz_hpc.logs import get_logger
+from photoz_hpc.redshift_grid import z_bin_edges
+
+if TYPE_CHECKING:
+    import torch
+
+log = get_logger(__name__)
+
+CATALOGUE_FORMAT = "photoz-hpc/catalogue/1"
+PLAN_NAME, MANIFEST_NAME, PARTS_DIR, DONE_DIR = "catalogue.json", "manifest.json", "parts", "done"
+FORMATS = {"parquet": ".parquet", "hdf5": ".h5"}
+#: catalogue columns in order, with their dtypes; ``pdf`` (n_bins float16) follows when requested.
+COLUMNS: dict[str, str] = {
+    "ObjID": "int64", "ra": "float64", "dec": "float64",
+    "z_phot": "float32", "z_mode": "float32", "z_median": "float32", "z_lo68": "float32", "z_hi68": "float32",
+    "z_lo95": "float32", "z_hi95": "float32", "odds": "float32", "pdf_std": "float32",
+    "z_spec": "float32", "dataset": "int32", "index": "int64",
+}
+PDF_COLUMN, PDF_DTYPE = "pdf", "float16"
+MAX_TTA = 4  # the four exact 90-degree rotations
+#: galaxies per forward pass by default: large on a GPU (no gradients to keep), moderate on a CPU
+#: (a ResNet-50 on 64x64 crops peaks at ~14 MB of fp32 activations per galaxy).
+DEFAULT_BATCH = {"cuda": 512, "cpu": 64}
+#: ``verify_catalogue`` counts ObjIDs that occur in several inputs up to this many rows (8 bytes each in memory).
+MAX_DUPLICATE_CHECK = 200_000_000
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows [start, start + count) of input ``dataset`` (= its shard ``shard``)."""
+
+    dataset: int
+    shard: int
+    start: int
+    count: int
+
+    @property
+    def name(self) -> str:
+        return f"d{self.dataset:03d}-s{self.shard:05d}"
+
+
+# ---------------------------------------------------------------------- plan: parts, blocks, checks
+
+
+def plan_parts(datasets: list[ShardedDataset]) -> list[Part]:
+    """Every (dataset, shard) with at least one galaxy, in input order."""
+    return [Part(d, s, int(ds.offsets[s]), int(ds.offsets[s + 1] - ds.offsets[s]))
+            for d, ds in enumerate(datasets) for s in range(len(ds.shards)) if ds.offsets[s + 1] > ds.offsets[s]]
+
+
+def block(items: list, index: int, count: int) -> list:
+    """Contiguous block ``index`` of ``count`` near-equal blocks of ``items`` (sizes differ by at most 1)."""
+    if count < 1 or not 0 <= index < count:
+        raise PhotozError(f"block {index} of {count} does not exist (need 0 <= index < count)")
+    lo, hi = (index * len(items)) // count, ((index + 1) * len(items)) // count
+    return items[lo:hi]
+
+
+def parse_block(text: str | None) -> tuple[int, int]:
+    """``'I/N'`` (array task I of N) -> (I, N); None -> (0, 1)."""
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise PhotozError(f"--block {text!r} must look like I/N, e.g. 3/16 (Slurm: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)") from None
+    if count < 1 or not 0 <= index < count:
+        raise PhotozError(f"--block {text!r}: task {index} of {count} does not exist (need 0 <= I < N)")
+    return index, count
+
+
+def check_inputs(net, cfg, paths: list[str | Path]) -> list[ShardedDataset]:
+    """Open every input and check it against the network before any work: 5 bands (the stem's input
+    channels) and images that hold the network's ``augment.crop_size`` crop. Errors name the directory."""
+    if not paths:
+        raise PhotozError("no input dataset given (--data DIR [DIR ...])")
+    bands = net.encoder.conv1.in_channels
+    crop = cfg.augment.crop_size
+    out = []
+    for path in paths:
+        manifest = read_manifest(path)
+        shape = manifest.get("image_shape")
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 3):
+            raise DatasetError(f"{path}: manifest image_shape must be [H, W, C], got {shape!r}")
+        h, w, c = (int(v) for v in shape)
+        if c != bands:
+            raise DatasetError(f"{path}: images have {c} bands but the network takes {bands} (ugriz); "
+                               "this dataset was not made for this model")
+        if min(h, w) < crop:
+            raise DatasetError(f"{path}: images are {h}x{w} pixels but the network was trained on {crop}x{crop} "
+                               f"centre crops (augment.crop_size={crop}); they need at least {crop}x{crop}")
+        out.append(open_dataset(path))
+    return out
+
+
+def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def make_plan(checkpoint: Path, cfg, meta: dict, datasets: list[ShardedDataset], fmt: str, with_pdf: bool,
+              tta: int, temperature: float, overrides: list[str]) -> dict[str, Any]:
+    """What the catalogue is (deterministic: array tasks writing it concurrently write the same bytes)."""
+    parts = plan_parts(datasets)
+    columns = list(COLUMNS) + ([PDF_COLUMN] if with_pdf else [])
+    return {
+        "format": CATALOGUE_FORMAT, "file_format": fmt,
+        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint), "model": _json_safe(meta),
+        "config": dataclasses.asdict(cfg), "overrides": list(overrides),
+        "tta": tta, "temperature": float(temperature), "pdf": with_pdf, "pdf_dtype": PDF_DTYPE if with_pdf else None,
+        "bin_edges": z_bin_edges().tolist(), "columns": columns,
+        "column_dtypes": {**COLUMNS, **({PDF_COLUMN: f"{PDF_DTYPE}[{len(z_bin_edges()) - 1}]"} if with_pdf else {})},
+        "inputs": [{"path": str(ds.root), "count": len(ds), "shards": len(ds.shards),
+                    "image_shape": list(ds.image_shape), "manifest_sha256": sha256_file(ds.root / "manifest.json")}
+                   for ds in datasets],
+        "count": int(sum(p.count for p in parts)),
+        "parts": [dataclasses.asdict(p) | {"name": p.name} for p in parts],
+    }
+
+
+#: plan keys that must agree between runs writing into one catalogue (paths may move; loader, dist and
+#: train settings do not change the numbers, the network, its augment section and these options do).
+_PLAN_KEYS = ("format", "file_format", "checkpoint_sha256", "tta", "temperature", "pdf", "bin_edges", "columns",
+              "count", "parts")
+_CONFIG_KEYS = ("model", "augment")
+
+
+def claim_catalogue(root: Path, plan: dict[str, Any]) -> None:
+    """Write the plan, or check that the catalogue under ``root`` was started with the same one."""
+    path = root / PLAN_NAME
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in _PLAN_KEYS if old.get(k) != plan.get(k)]
+        diff += [f"config.{k}" for k in _CONFIG_KEYS if old.get("config", {}).get(k) != plan["config"].get(k)]
+        diff += [f"inputs[{i}]" for i, (a, b) in enumerate(zip(old.get("inputs", []), plan["inputs"], strict=False))
+                 if (a["manifest_sha256"], a["count"]) != (b["manifest_sha256"], b["count"])]
+        if len(old.get("inputs", [])) != len(plan["inputs"]):
+            diff.append("inputs")
+        if diff:
+            raise PhotozError(f"{root} holds a catalogue of another model, input or option ({', '.join(diff)} differ): "
+                              "write to a new --out, or delete it to start again")
+        return
+    (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    (root / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, plan)
+
+
+# ---------------------------------------------------------------------- part files (Parquet or HDF5)
+
+
+def part_path(root: Path, name: str, fmt: str) -> Path:
+    return root / PARTS_DIR / f"{name}{FORMATS[fmt]}"
+
+
+def write_part(path: Path, columns: dict[str, np.ndarray], fmt: str, meta: dict[str, str]) -> None:
+    """One part file, atomically: Parquet (pyarrow; ``pdf`` a fixed-size list of float16) or HDF5 (h5py)."""
+    with atomic_path(path) as tmp:
+        if fmt == "parquet":
+            pa, pq = _pyarrow()
+            arrays = []
+            for values in columns.values():
+                if values.ndim == 2:
+                    flat = pa.array(values.reshape(-1))
+                    arrays.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
+                else:
+                    arrays.append(pa.array(values))
+            table = pa.Table.from_arrays(arrays, names=list(columns)).replace_schema_metadata(meta)
+            pq.write_table(table, tmp)
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w") as fh:
+                for name, values in columns.items():
+                    fh.create_dataset(name, data=values)
+                for key, value in meta.items():
+                    fh.attrs[key] = value
+
+
+def read_part(path: Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Columns of one part file as numpy arrays (``pdf``: (rows, n_bins) float16)."""
+    if path.suffix == ".parquet":
+        _, pq = _pyarrow()
+        table = pq.read_table(path, columns=columns)
+        out = {}
+        for name in table.column_names:
+            col = table.column(name).combine_chunks()
+            if name == PDF_COLUMN:
+                out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            else:
+                out[name] = col.to_numpy(zero_copy_only=False)
+        return out
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        return {k: fh[k][()] for k in (columns or list(fh.keys())) if k in fh}
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PhotozError("the Parquet catalogue needs pyarrow (pip install 'photoz-hpc[catalogue]' or pyarrow); "
+                          "or write HDF5 with --format hdf5") from None
+    return pa, pq
+
+
+def part_done(root: Path, part: Part, fmt: str, check_sha: bool = True) -> dict | None:
+    """The part's marker if the part is finished (marker present, file of the recorded size and sha256)."""
+    marker = root / DONE_DIR / f"{part.name}.json"
+    path = part_path(root, part.name, fmt)
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("rows") != part.count or not path.is_file() or path.stat().st_size != done.get("bytes"):
+        return None
+    if check_sha and sha256_file(path) != done.get("sha256"):
+        log.warning("%s: checksum differs from its done marker: redoing the part", path)
+        return None
+    return done
+
+
+# ---------------------------------------------------------------------- the network over a batch
+
+
+def batch_log_probs(net, x, tta: int = 1, autocast=None, channels_last: bool = False):
+    """(B, n_bins) float32 log of the pdf averaged over ``tta`` 90-degree rotations of ``x`` (B, C, S, S):
+    log mean_r softmax(net(rot90(x, r))), computed by logsumexp so no tail underflows. Cost: ``tta`` forwards."""
+    import torch
+
+    if not 1 <= tta <= MAX_TTA:
+        raise PhotozError(f"--tta {tta}: test-time augmentation averages 1 to {MAX_TTA} exact 90-degree rotations")
+    outs = []
+    with torch.no_grad():
+        for r in range(tta):
+            xr = torch.rot90(x, r, dims=(2, 3)) if r else x
+            if channels_last:
+                xr = xr.contiguous(memory_format=torch.channels_last)
+            with autocast() if autocast is not None else torch.autocast(x.device.type, enabled=False):
+                logits = net(xr)
+            outs.append(torch.log_softmax(logits.float(), dim=1))
+        if tta == 1:
+            return outs[0]
+        return torch.logsumexp(torch.stack(outs), dim=0) - math.log(tta)
+
+
+def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, probs: np.ndarray, with_pdf: bool) -> dict[str, np.ndarray]:
+    """The catalogue columns of galaxies ``index`` of input ``d`` from their (N, n_bins) pdfs."""
+    meta = ds.meta[index]
+    s = summarize_catalogue(probs)
+    cols = {"ObjID": meta["ObjID"], "ra": meta["ra"], "dec": meta["dec"], **s, "z_spec": meta["specz_redshift"],
+            "dataset": np.full(len(index), d), "index": index}
+    out = {k: np.ascontiguousarray(cols[k], dtype=dt) for k, dt in COLUMNS.items()}
+    if with_pdf:
+        out[PDF_COLUMN] = probs.astype(PDF_DTYPE)
+    return out
+
+
+# ---------------------------------------------------------------------- one rank's parts
+
+
+@dataclass
+class PredictOptions:
+    fmt: str = "parquet"
+    with_pdf: bool = False
+    tta: int = 1
+    temperature: float = 1.0
+    batch_size: int = 0  # 0: DEFAULT_BATCH of the device
+    precision: str = "auto"  # bf16 on GPUs with native bf16, fp32 on CPU (train.precision's rules)
+
+
+def write_parts(root: Path, net, cfg, datasets: list[ShardedDataset], parts: list[Part], opts: PredictOptions,
+                device: torch.device, precision, channels_last: bool, loader_device: str, flag=None,
+                rank: int = 0, on_part: Callable[[Part, dict], None] | None = None) -> dict[str, Any]:
+    """Write this rank's unfinished ``parts`` (skipping finished ones), stopping after the current part
+    when ``flag`` is raised. Returns counts and timing."""
+    import torch
+
+    net = net.to(device).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    todo = [p for p in parts if part_done(root, p, opts.fmt) is None]
+    if len(todo) < len(parts):
+        log.info("rank %d: %d of its %d parts are already finished: skipped", rank, len(parts) - len(todo), len(parts))
+    written = rows = 0
+    stopped = False
+    t_start = time.perf_counter()
+    for d in sorted({p.dataset for p in todo}):
+        stream = _stream_parts(net, cfg, datasets[d], [p for p in todo if p.dataset == d], opts, device, precision,
+                               channels_last, loader_device)
+        for part, index, log_p, t_part in stream:
+            done = _finish_part(root, datasets[d], part, index, log_p, opts, rank, device, precision, t_part)
+            written, rows = written + 1, rows + part.count
+            if on_part is not None:
+                on_part(part, done)
+            if flag is not None and flag.raised:
+                stopped = True
+                break
+        stream.close()  # ends the loader's pass (a DALI pipeline is released)
+        if stopped:
+            break
+    seconds = time.perf_counter() - t_start
+    return {"rank": rank, "parts": len(parts), "skipped": len(parts) - len(todo), "written": written, "rows": rows,
+            "seconds": seconds, "rate": rows / seconds if seconds > 0 and rows else 0.0, "stopped": stopped,
+            "remaining": len(todo) - written}
+
+
+def _stream_parts(net, cfg, ds: ShardedDataset, parts: list[Part], opts: PredictOptions, device, precision,
+                  channels_last: bool, loader_device: str):
+    """Yield (part, index, log_p, start time) for ``parts`` of one dataset, in order, from one eval loader
+    over their rows: batches are cut at part boundaries, padding rows dropped before the forward pass."""
+    import torch
+
+    from photoz_hpc.augment.loaders import build_loader
+
+    ids = np.concatenate([np.arange(p.start, p.start + p.count, dtype=np.int64) for p in parts])
+    loader = build_loader(cfg, ds, "eval", 0, 1, cfg.seed, device=loader_device, ids=ids, batch_size=opts.batch_size)
+    loader.set_epoch(0)
+    pending = list(parts)
+    index_buf: list[np.ndarray] = []
+    logp_buf: list[np.ndarray] = []
+    have, t_part = 0, time.perf_counter()
+    for batch in loader:
+        valid = batch["valid"].cpu().numpy().astype(bool)
+        x = batch["image"].to(device, non_blocking=True)
+        if not valid.all():  # the padded last batch
+            x = x[torch.from_numpy(valid).to(x.device)]
+        index_buf.append(batch["index"].cpu().numpy()[valid])
+        logp_buf.append(batch_log_probs(net, x, opts.tta, precision.autocast, channels_last).cpu().numpy())
+        have += int(valid.sum())
+        while pending and have >= pending[0].count:
+            part = pending.pop(0)
+            index, log_p = np.concatenate(index_buf), np.concatenate(logp_buf)
+            index_buf, logp_buf, have = [index[part.count:]], [log_p[part.count:]], have - part.count
+            if not np.array_equal(index[: part.count], np.arange(part.start, part.start + part.count)):
+                raise PhotozError(f"part {part.name}: the loader delivered other galaxies than the shard's rows")
+            yield part, index[: part.count], log_p[: part.count], t_part
+            t_part = time.perf_counter()
+
+
+def _finish_part(root: Path, ds: ShardedDataset, part: Part, index: np.ndarray, log_p: np.ndarray,
+                 opts: PredictOptions, rank: int, device, precision, t0: float) -> dict:
+    probs = softmax_log(log_p, opts.temperature)
+    cols = part_columns(ds, part.dataset, index, probs, opts.with_pdf)
+    path, marker = part_path(root, part.name, opts.fmt), root / DONE_DIR / f"{part.name}.json"
+    marker.unlink(missing_ok=True)  # a part being redone is unfinished until its new marker
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run (only this rank writes this part)
+        stale.unlink(missing_ok=True)
+    write_part(path, cols, opts.fmt, {"photoz_hpc_catalogue": CATALOGUE_FORMAT, "part": part.name})
+    done = {"name": part.name, "dataset": part.dataset, "shard": part.shard, "start": part.start, "rows": part.count,
+            "sha256": sha256_file(path), "bytes": path.stat().st_size, "rank": rank, "host": socket.gethostname(),
+            "device": str(device), "precision": precision.name, "seconds": round(time.perf_counter() - t0, 3)}
+    atomic_write_json(marker, done)
+    log.info("rank %d: part %s: %d galaxies in %.2f s", rank, part.name, part.count, done["seconds"])
+    return done
+
+
+# ---------------------------------------------------------------------- finish, verify, read
+
+
+def finalize(root: str | Path) -> dict[str, Any] | None:
+    """Write ``manifest.json`` if every part of the plan has its marker and file (sizes checked, not hashes);
+    returns the manifest, or None while parts are missing. Concurrent callers write identical manifests."""
+    root = Path(root)
+    plan = json.loads((root / PLAN_NAME).read_text())
+    markers = [n for n in os.listdir(root / DONE_DIR) if n.endswith(".json") and not n.startswith(".")]
+    if len(markers) < len(plan["parts"]):  # one directory listing, not a file per part, while parts are missing
+        return None
+    entries = []
+    for p in plan["parts"]:
+        part = Part(p["dataset"], p["shard"], p["start"], p["count"])
+        done = part_done(root, part, plan["file_format"], check_sha=False)
+        if done is None:
+            return None
+        entries.append({"name": part.name, "file": str(part_path(root, part.name, plan["file_format"]).relative_to(root)),
+                        "dataset": part.dataset, "shard": part.shard, "rows": part.count,
+                        "sha256": done["sha256"], "bytes": done["bytes"]})
+    per_input = [int(sum(e["rows"] for e in entries if e["dataset"] == d)) for d in range(len(plan["inputs"]))]
+    manifest = {k: v for k, v in plan.items() if k != "parts"} | {
+        "complete": True, "count": int(sum(per_input)), "counts_per_input": per_input, "parts": entries}
+    atomic_write_json(root / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def verify_catalogue(root: str | Path, data: list[str | Path] | None = None, write_manifest: bool = True) -> dict[str, Any]:
+    """The merge/verify step: re-hash every part, check that its rows are exactly its shard's galaxies
+    (``index`` = the shard's rows, ObjID = the input's, when the inputs are readable; ``data`` overrides
+    the recorded paths), so every input galaxy appears exactly once; write ``manifest.json`` when all is well."""
+    root = Path(root)
+    if not (root / PLAN_NAME).is_file():
+        raise PhotozError(f"{root}: not a photo-z catalogue ({PLAN_NAME} is missing)")
+    plan = json.loads((root / PLAN_NAME).read_text())
+    fmt = plan["file_format"]
+    paths = [str(p) for p in data] if data else [i["path"] for i in plan["inputs"]]
+    if len(paths) != len(plan["inputs"]):
+        raise PhotozError(f"{root}: the catalogue has {len(plan['inputs'])} inputs, {len(paths)} given")
+    datasets: list[ShardedDataset | None] = []
+    problems: list[str] = []
+    for path, rec in zip(paths, plan["inputs"], strict=True):
+        try:
+            ds = open_dataset(path, verify_records=False)
+            if sha256_file(ds.root / "manifest.json") != rec["manifest_sha256"]:
+                problems.append(f"input {path} is not the dataset the catalogue was made from (manifest differs)")
+            datasets.append(ds)
+        except PhotozError as exc:
+            log.warning("input %s cannot be read (%s): checking the catalogue against its plan only", path, exc)
+            datasets.append(None)
+    missing, rows, objids = [], 0, []
+    for p in plan["parts"]:
+        part = Part(p["dataset"], p["shard"], p["start"], p["count"])
+        if part_done(root, part, fmt, check_sha=True) is None:
+            missing.append(part.name)
+            continue
+        cols = read_part(part_path(root, part.name, fmt), ["ObjID", "dataset", "index"])
+        expect = np.arange(part.start, part.start + part.count)
+        if len(cols["index"]) != part.count or not np.array_equal(cols["index"], expect) or \
+                not (cols["dataset"] == part.dataset).all():
+            problems.append(f"part {part.name}: its rows are not exactly rows {part.start}..{part.start + part.count - 1} "
+                            f"of input {part.dataset}")
+        ds = datasets[part.dataset]
+        if ds is not None and not np.array_equal(cols["ObjID"], ds.meta["ObjID"][part.start: part.start + part.count]):
+            problems.append(f"part {part.name}: ObjIDs differ from input {paths[part.dataset]}")
+        rows += len(cols["index"])
+        if plan["count"] <= MAX_DUPLICATE_CHECK:
+            objids.append(cols["ObjID"])
+    total = plan["count"]
+    for d, ds in enumerate(datasets):
+        if ds is not None and len(ds) != plan["inputs"][d]["count"]:
+            problems.append(f"input {paths[d]} has {len(ds)} galaxies, the plan {plan['inputs'][d]['count']}")
+    if missing:
+        problems.append(f"{len(missing)} of {len(plan['parts'])} parts are missing or unfinished: "
+                        f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    all_ids = np.concatenate(objids) if objids else np.zeros(0, np.int64)
+    report = {"catalogue": str(root), "ok": not problems, "rows": int(rows), "expected": int(total),
+              "parts": len(plan["parts"]), "missing_parts": missing, "problems": problems,
+              "duplicate_objids": int(all_ids.size - np.unique(all_ids).size) if total <= MAX_DUPLICATE_CHECK else None}
+    if report["ok"] and write_manifest:
+        report["manifest"] = str(root / MANIFEST_NAME) if finalize(root) is not None else None
+    return report
+
+
+def read_catalogue(root: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The whole catalogue (every finished part, in plan order) as numpy arrays; for validation-sized
+    catalogues and tests. Survey-sized ones: read ``parts/`` with pyarrow.dataset or part by part."""
+    root = Path(root)
+    plan = json.loads((root / PLAN_NAME).read_text())
+    chunks: dict[str, list[np.ndarray]] = {}
+    for p in plan["parts"]:
+        path = part_path(root, p["name"], plan["file_format"])
+        if (root / DONE_DIR / f"{p['name']}.json").is_file() and path.is_file():
+            for k, v in read_part(path, columns).items():
+                chunks.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path, opts: PredictOptions,
+                block_spec: str | None = None, overrides: list[str] | None = None,
+                on_part: Callable[[Part, dict], None] | None = None) -> dict[str, Any]:
+    """The ``predict`` command on every rank: checks (before any work), plan, this rank's parts, and the
+    manifest once every part of the catalogue is done. ``report['preempted']``: stopped by a signal."""
+    from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_dict
+    from photoz_hpc.evaluate.run import load_network
+    from photoz_hpc.train.precision import resolve_precision
+    from photoz_hpc.train.runtime import run_with_comm, use_channels_last
+
+    if opts.fmt not in FORMATS:
+        raise PhotozError(f"--format {opts.fmt!r} is not one of {sorted(FORMATS)}")
+    if opts.fmt == "parquet":
+        _pyarrow()
+    if not 1 <= opts.tta <= MAX_TTA:
+        raise PhotozError(f"--tta {opts.tta}: test-time augmentation averages 1 to {MAX_TTA} exact 90-degree rotations")
+    if not opts.temperature > 0 or not math.isfinite(opts.temperature):
+        raise PhotozError(f"temperature {opts.temperature} must be a positive number")
+    if opts.batch_size < 0:
+        raise PhotozError(f"--batch-size {opts.batch_size} must be >= 1 (or 0: the device's default)")
+    checkpoint = Path(checkpoint)
+    task, n_tasks = parse_block(block_spec)
+    overrides = list(overrides or [])
+    net, cfg, meta = load_network(checkpoint)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), overrides, FinetuneRunConfig), FinetuneRunConfig)
+    datasets = check_inputs(net, cfg, list(data))
+    root = Path(out)
+    explicit_loader_device = any(o.split("=", 1)[0].strip() == "loader.device" for o in overrides)
+
+    def body(cfg, comm, device, flag):
+        error = None
+        if comm.rank == 0:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                claim_catalogue(root, make_plan(checkpoint, cfg, meta, datasets, opts.fmt, opts.with_pdf, opts.tta,
+                                                opts.temperature, overrides))
+            except (PhotozError, OSError) as exc:
+                error = str(exc)
+        error = comm.broadcast_object(error)
+        if error:
+            raise PhotozError(error)
+        parts = block(block(plan_parts(datasets), task, n_tasks), comm.rank, comm.world)
+        precision = resolve_precision(opts.precision, device)
+        loader_device = cfg.loader.device if explicit_loader_device else ("gpu" if device.type == "cuda" else "cpu")
+        run_opts = dataclasses.replace(opts, batch_size=opts.batch_size or DEFAULT_BATCH.get(device.type, 64))
+        mine = write_parts(root, net, cfg, datasets, parts, run_opts, device, precision, use_channels_last(cfg, device),
+                           loader_device, flag, comm.rank, on_part)
+        ranks = comm.allgather_object(mine)
+        manifest = finalize(root) if comm.rank == 0 else None
+        rows = sum(r["rows"] for r in ranks)
+        seconds = max(r["seconds"] for r in ranks)
+        return {"catalogue": str(root), "block": f"{task}/{n_tasks}", "world_size": comm.world,
+                "device": str(device), "precision": precision.name, "tta": opts.tta, "batch_size": run_opts.batch_size,
+                "parts": sum(r["parts"] for r in ranks), "written": sum(r["written"] for r in ranks),
+                "skipped": sum(r["skipped"] for r in ranks), "rows": rows, "seconds": seconds,
+                "rate": rows / seconds if seconds > 0 else 0.0, "ranks": ranks,
+                "preempted": any(r["remaining"] > 0 for r in ranks),
+                "complete": manifest is not None if comm.rank == 0 else None}
+
+    return run_with_comm(cfg, None, body)

@@ -1,0 +1,62 @@
+"""The catalogue's pdfs as a ``qp`` Ensemble (LSST DESC ``qp-prob``), which RAIL's evaluation stages read.
+
+Parameterisation ``qp.hist`` over the project's bin edges: qp stores a density per bin (p_k / width_k),
+which is exactly our piecewise-constant pdf, so qp's cdf, ppf (median, intervals) and mean agree with
+``pdfs.summarize_catalogue``. Ancillary columns: ObjID, ra, dec, ``zmode`` and ``zmean`` (RAIL's names for
+the point estimates). ``qp`` is an optional dependency, imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from photoz_hpc.errors import PhotozError
+from photoz_hpc.evaluate.catalogue import PDF_COLUMN, PLAN_NAME, read_catalogue
+
+#: ancillary columns of the export: qp/RAIL name -> catalogue column.
+ANCIL = {"ObjID": "ObjID", "ra": "ra", "dec": "dec", "zmode": "z_mode", "zmean": "z_phot"}
+
+
+def _qp():
+    try:
+        import qp
+    except ImportError:
+        raise PhotozError("the qp export needs LSST DESC's qp (pip install qp-prob, or photoz-hpc[dev])") from None
+    return qp
+
+
+def to_ensemble(probs: np.ndarray, edges: np.ndarray, ancil: dict[str, np.ndarray] | None = None):
+    """A ``qp.Ensemble`` of histogram pdfs: row i has probability ``probs[i, k]`` in bin [edges[k], edges[k+1])."""
+    qp = _qp()
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(edges) - 1:
+        raise ValueError(f"probs must be (N, {len(edges) - 1}), got {probs.shape}")
+    probs = probs / probs.sum(axis=1, keepdims=True)  # float16 storage: renormalise before qp
+    return qp.Ensemble(qp.hist, data={"bins": np.asarray(edges, dtype=np.float64), "pdfs": probs}, ancil=ancil)
+
+
+def ensemble_probs(ens) -> np.ndarray:
+    """Back from a ``qp.hist`` Ensemble to (N, n_bins) bin probabilities."""
+    edges = np.asarray(ens.metadata["bins"]).ravel()
+    return np.asarray(ens.objdata["pdfs"]) * np.diff(edges)[None, :]
+
+
+def export_qp(catalogue: str | Path, out: str | Path) -> Path:
+    """Write the pdfs of ``catalogue`` (made with ``--pdf``) as a qp file (format from the suffix, e.g. .hdf5)."""
+    root = Path(catalogue)
+    plan = json.loads((root / PLAN_NAME).read_text())
+    if not plan.get("pdf"):
+        raise PhotozError(f"{root}: the catalogue holds no pdfs; make it with 'photoz-hpc predict --pdf' to export them")
+    cols = read_catalogue(root, [PDF_COLUMN, *ANCIL.values()])
+    if PDF_COLUMN not in cols:
+        raise PhotozError(f"{root}: no finished part to export")
+    ens = to_ensemble(cols[PDF_COLUMN], np.asarray(plan["bin_edges"]), {k: cols[v] for k, v in ANCIL.items()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")  # qp picks the writer from the suffix: keep it on the temporary
+    ens.write_to(str(tmp))
+    tmp.replace(out)
+    return out
