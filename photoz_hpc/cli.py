@@ -15,15 +15,17 @@ from photoz_hpc import __version__
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.logs import setup_logging
 
-#: Command modules in the order they appear in ``--help`` (data -> augment -> train -> evaluate).
+#: Command modules in the order they appear in ``--help`` (the data flow: data -> ... -> evaluate -> launch).
 COMMAND_MODULES = (
     "photoz_hpc.sim.cli",
     "photoz_hpc.data.cli",
     "photoz_hpc.augment.cli",
     "photoz_hpc.models.cli",
     "photoz_hpc.train.cli",
-    "photoz_hpc.launch.photoz_cli", "photoz_hpc.launch.sweep", "photoz_hpc.evaluate.similarity_cli",
     "photoz_hpc.evaluate.cli",
+    "photoz_hpc.evaluate.similarity_cli",
+    "photoz_hpc.launch.photoz_cli",
+    "photoz_hpc.launch.sweep",
     "photoz_hpc.launch.quickstart",
 )
 

@@ -13,7 +13,8 @@ from photoz_hpc.cli import build_parser
 from photoz_hpc.data import open_dataset
 
 COMMANDS = ["synth", "prepare", "verify", "info", "augment", "import-checkpoint", "pretrain", "export-encoder",
-            "finetune", "evaluate", "quickstart", "demo"]
+            "predict", "catalogue-verify", "calibrate", "export-qp", "embed", "search", "anomalies", "finetune",
+            "evaluate", "sweep-plan", "sweep-report", "quickstart", "demo"]
 
 
 def _run(*args, timeout=600):

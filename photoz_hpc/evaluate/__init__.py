@@ -1,6 +1,8 @@
-"""Evaluation outputs of a trained photo-z model: pdf summaries, prediction CSVs and diagnostic plots.
+"""What a trained network says about galaxies: metrics runs, catalogues, calibration, embeddings.
 
-Modules: ``pdfs`` (per-galaxy point estimates and intervals from binned probabilities),
-``predictions`` (atomic CSV writer and reader), ``plots`` (PNG diagnostics). The metrics themselves
-live in ``photoz_hpc.metrics``.
+``run`` (the evaluate command), ``pdfs`` (point estimates and intervals from binned probabilities),
+``predictions`` / ``plots`` (evaluation CSV and figures), ``catalogue`` (survey-scale predict),
+``calibration`` (PIT, coverage, temperature), ``qp_export`` (RAIL), ``embeddings`` / ``similarity``
+(embed, search, anomalies), ``sweep_report`` (the paper's Figure 2). The metrics themselves live in
+``photoz_hpc.metrics``.
 """
