@@ -7,7 +7,7 @@ import os
 import sys
 
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.launch_env import _ENV_SOURCES, detect_env
+from photoz_hpc.launch_env import ENV_SOURCES, detect_env
 
 _ROOT = "photoz_hpc"
 
@@ -26,7 +26,7 @@ def _rank_from_env() -> int:
             return env.rank
     except PhotozError:  # a malformed variable: logging must not fail, fall through to the scan
         pass
-    for _, key, _, _ in _ENV_SOURCES:  # a rank variable without its world size
+    for _, key, _, _ in ENV_SOURCES:  # a rank variable without its world size
         if key in os.environ:
             try:
                 return int(os.environ[key])

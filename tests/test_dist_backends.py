@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from dist_scripts.launch import REPO, make_dataset, require_horovod, run_horovod, run_torch, tiny_overrides
 
-from photoz_hpc.train.dist import detect_env, resolve_backend
+from photoz_hpc.comm.select import resolve_backend
+from photoz_hpc.launch_env import detect_env
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_horovod_refuses_tasks_that_did_not_join_one_job() -> None:
            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="2", PYTHONPATH=str(REPO),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    code = "from photoz_hpc.train.dist import init_comm; init_comm('horovod', 30.0, 'cpu')"
+    code = "from photoz_hpc.comm.select import init_comm; init_comm('horovod', 30.0, 'cpu')"
     p = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "Horovod connected 1 rank(s) but slurm launched 2 tasks" in p.stderr, p.stderr[-3000:]

@@ -15,6 +15,7 @@ import torch
 from conftest import write_release_h5
 from dist_scripts.launch import make_dataset, require_horovod, run_horovod, run_single, run_torch
 
+from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import Config, FinetuneRunConfig, load_config
 from photoz_hpc.data import open_dataset
 from photoz_hpc.data.prepare import prepare
@@ -23,7 +24,6 @@ from photoz_hpc.errors import ConfigError, DatasetError, PhotozError
 from photoz_hpc.evaluate.run import load_network
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
-from photoz_hpc.train.dist import Comm
 from photoz_hpc.train.finetune import FinetuneTask, finetune_loaders, run_finetune, select_data
 
 TINY = ["model.arch=resnet18", "model.width=8", "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=16",

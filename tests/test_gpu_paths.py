@@ -24,10 +24,11 @@ import torch
 from dist_scripts.launch import REPO, require_horovod
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from photoz_hpc.comm.base import Comm
+from photoz_hpc.comm.horovod_comm import HorovodComm, HorovodViews, horovod_view
 from photoz_hpc.config import ROOTS, load_config
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.train import precision as precision_mod
-from photoz_hpc.train.dist import Comm, HorovodComm, HorovodViews, horovod_view
 from photoz_hpc.train.pretrain import Trainer
 from photoz_hpc.train.runtime import prepare_device, use_channels_last
 
@@ -121,7 +122,7 @@ def test_horovod_one_process_channels_last_broadcast(tmp_path: Path) -> None:
     require_horovod()
     code = textwrap.dedent("""
         import torch
-        from photoz_hpc.train.dist import init_comm
+        from photoz_hpc.comm.select import init_comm
         comm = init_comm("horovod", 30.0, "cpu")
         model = torch.nn.Sequential(torch.nn.Conv2d(5, 8, 3), torch.nn.BatchNorm2d(8)).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)

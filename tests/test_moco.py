@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import load_config
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.models.moco import MoCo, build_moco
@@ -21,7 +22,6 @@ from photoz_hpc.models.queue import (
     unshard_queue,
 )
 from photoz_hpc.models.resnet import ResNet, SplitBatchNorm2d, build_encoder
-from photoz_hpc.train.dist import Comm
 
 
 def tiny(**kw) -> MoCo:

@@ -111,7 +111,7 @@ def test_preemption_signal_outside_the_loop_is_handled(tmp_path: Path, data: Pat
     """A signal during start-up stops cleanly (nothing trained: no checkpoint); one during the final save is
     absorbed (the run completes). The previous handler is restored afterwards. A recorder stands in for the
     default action, which would kill the test process."""
-    from photoz_hpc.train.dist import Comm
+    from photoz_hpc.comm.base import Comm
     from photoz_hpc.train.pretrain import _build_loader
 
     out = tmp_path / "run"

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from photoz_hpc.comm.base import Comm
+from photoz_hpc.comm.devices import cuda_device_index
+from photoz_hpc.comm.liveness import Watchdog
+from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import load_config
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.train.checkpoint import find_latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
-from photoz_hpc.train.dist import Comm, cuda_device_index, init_comm
 from photoz_hpc.train.optim import LARS, build_optimizer, lr_at
 from photoz_hpc.train.precision import resolve_precision
 from photoz_hpc.train.pretrain import Trainer, local_queue_ptr
 from photoz_hpc.train.runtime import resolve_device
-from photoz_hpc.train.signals import Watchdog
 
 
 def test_lr_linear_scaling_warmup_and_cosine() -> None:

@@ -33,14 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from photoz_hpc.data.comm import get_comm
+    from photoz_hpc.comm.select import prepare_comm
     from photoz_hpc.data.prepare import prepare
 
     if args.chunk_rows < 1:
         from photoz_hpc.errors import PhotozError
 
         raise PhotozError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
-    comm = get_comm(args.mpi)
+    comm = prepare_comm(args.mpi)
     out = prepare(args.inputs, args.out, args.samples_per_shard, args.bad_rows, args.chunk_rows, args.overwrite, comm)
     if comm.rank == 0:
         print(out)

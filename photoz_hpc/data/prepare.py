@@ -20,7 +20,7 @@ import numpy as np
 
 from photoz_hpc.constants import BANDS, N_BANDS, R_DR12, sfd_ebv
 from photoz_hpc.data import format as store_format
-from photoz_hpc.data.comm import get_comm
+from photoz_hpc.comm.select import prepare_comm
 from photoz_hpc.data.hdf5_source import SourceFile, bad_rows, open_source, read_rows, validate_source
 from photoz_hpc.data.stats import exact_median_mad
 from photoz_hpc.errors import InputDataError, PhotozError
@@ -166,7 +166,7 @@ def prepare(
     comm=None,
 ) -> Path:
     """Convert release HDF5 files into a dataset directory; returns its path. Resumable, MPI-aware."""
-    comm = comm or get_comm("auto")
+    comm = comm or prepare_comm("auto")
     if bad_row_policy not in BAD_ROW_POLICIES:
         raise PhotozError(f"--bad-rows must be one of {BAD_ROW_POLICIES}, got '{bad_row_policy}'")
     if not inputs:
@@ -203,13 +203,13 @@ def prepare(
                 atomic_write_json(plan_file, fingerprint)
         except OSError as exc:
             error = f"{staging}: cannot create staging directory: {exc}"
-    error = comm.bcast(error)
+    error = comm.broadcast_object(error)
     if error:
         raise PhotozError(error)
 
     records, reused = [], 0
     try:
-        for plan in plans[comm.rank :: comm.size]:
+        for plan in plans[comm.rank :: comm.world]:
             record = _load_committed(staging, plan, record_size)
             if record is None:
                 record = write_shard(staging, plan, sources, bad_row_policy, chunk_rows)
@@ -226,8 +226,8 @@ def prepare(
     else:
         bad_input = 0
     # Every rank reaches these collectives, whatever happened on the others: no rank is left waiting.
-    errors = [e for e in comm.gather(error) if e]
-    failed = comm.allreduce_max(2 if bad_input else (1 if error else 0))
+    errors = [e for e in comm.gather_object(error) if e]
+    failed = int(comm.allreduce_array(np.array([2 if bad_input else (1 if error else 0)]), "max")[0])
     if failed == 2:
         if comm.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -240,14 +240,14 @@ def prepare(
     if reused:
         log.info("resumed: %d shard(s) already complete on rank %d", reused, comm.rank)
 
-    count = int(comm.allreduce_sum(np.array([sum(r["count"] for r in records)], dtype=np.int64))[0])
+    count = int(comm.allreduce_array(np.array([sum(r["count"] for r in records)], dtype=np.int64))[0])
     if count == 0:
         if comm.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise InputDataError(f"no usable rows in {[s.path for s in sources]}")
     median, mad = exact_median_mad(shard_blocks(staging, records, shape), N_BANDS, count * height * width, comm)
 
-    all_records = comm.gather(records)
+    all_records = comm.gather_object(records)
     error = ""
     if comm.rank == 0:
         try:
@@ -258,7 +258,7 @@ def prepare(
             log.info("prepared %d samples in %d shards at %s", manifest["count"], len(shards), out)
         except OSError as exc:
             error = f"{out}: could not publish the dataset ({exc}); the finished shards are in {staging}"
-    error = comm.bcast(error)
+    error = comm.broadcast_object(error)
     if error:
         raise PhotozError(error)
     return out

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from photoz_hpc.data.comm import SerialComm
+from photoz_hpc.comm.base import Comm
 
 _BINS = 1 << 16
 BlockSource = Callable[[], Iterable[np.ndarray]]  # yields (n, H, W, bands) float32 blocks
@@ -45,7 +45,7 @@ def _order_statistics(
         for b in range(bands):
             keys = _sortable_keys(transform(block[..., b], b))
             hist_hi[b] += np.bincount((keys >> 16).ravel(), minlength=_BINS)
-    hist_hi = comm.allreduce_sum(hist_hi)
+    hist_hi = comm.allreduce_array(hist_hi)
     cum = np.cumsum(hist_hi, axis=1)
     hi_bin = np.stack([np.searchsorted(cum[b], ranks[b], side="right") for b in range(bands)])
     below = np.where(hi_bin > 0, np.take_along_axis(cum, np.maximum(hi_bin - 1, 0), axis=1), 0)
@@ -60,7 +60,7 @@ def _order_statistics(
                 sel = keys[top == hb]
                 if sel.size:
                     hist_lo[b, hi_bin[b] == hb] += np.bincount(sel & 0xFFFF, minlength=_BINS)
-    hist_lo = comm.allreduce_sum(hist_lo)
+    hist_lo = comm.allreduce_array(hist_lo)
     values = np.empty((bands, n_targets), dtype=np.float64)
     for b in range(bands):
         for j in range(n_targets):
@@ -76,7 +76,7 @@ def exact_median_mad(blocks: BlockSource, bands: int, total_pixels_per_band: int
 
     ``blocks`` is called once per pass (four passes); ``total_pixels_per_band`` is the global count.
     """
-    comm = comm or SerialComm()
+    comm = comm or Comm()
     n = int(total_pixels_per_band)
     if n <= 0:
         raise ValueError("cannot compute pixel statistics of an empty dataset")

@@ -79,7 +79,7 @@ def register(subparsers) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from photoz_hpc.evaluate.calibration import read_temperature
     from photoz_hpc.evaluate.catalogue import PredictOptions, run_predict
-    from photoz_hpc.train.dist import detect_env
+    from photoz_hpc.launch_env import detect_env
     from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
 
     opts = PredictOptions(fmt=args.format, with_pdf=args.pdf, tta=args.tta,
@@ -111,7 +111,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from photoz_hpc.evaluate.calibration import run_calibrate
-    from photoz_hpc.train.dist import detect_env
+    from photoz_hpc.launch_env import detect_env
 
     report = run_calibrate(args.checkpoint, args.data, args.out, args.ids, args.calib_fraction, args.split_seed,
                            args.tta, args.batch_size, args.precision, args.overrides)

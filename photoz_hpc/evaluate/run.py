@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import FinetuneRunConfig, config_from_dict
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.data.splits import labeled_ids, load_ids
@@ -26,7 +27,6 @@ from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import photoz_metrics
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, load_photoz_model
 from photoz_hpc.train.checkpoint import checkpoint_task, load_checkpoint
-from photoz_hpc.train.dist import Comm
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.precision import resolve_precision
 

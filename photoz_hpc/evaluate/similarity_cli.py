@@ -57,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _embed(args: argparse.Namespace) -> int:
     from photoz_hpc.evaluate.embeddings import embed_dataset
-    from photoz_hpc.train.dist import detect_env
+    from photoz_hpc.launch_env import detect_env
 
     index = embed_dataset(args.checkpoint, args.data, args.out, args.feature, args.overrides)
     if detect_env().rank == 0:

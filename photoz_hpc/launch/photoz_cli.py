@@ -82,7 +82,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from photoz_hpc.evaluate.run import run_evaluate
-    from photoz_hpc.train.dist import detect_env
+    from photoz_hpc.launch_env import detect_env
 
     report = run_evaluate(args.checkpoint, args.data, args.out, args.ids, args.overrides)
     if detect_env().rank == 0:

@@ -331,7 +331,7 @@ def run_sweep(sweep_path: str | Path, task_id: str) -> tuple[int, list[dict[str,
     """``finetune --sweep FILE --task-id N|all``: (exit code, outcomes). Every selected task's config is
     checked against its directory before anything runs; a pre-empted task stops the loop (exit 75)."""
     from photoz_hpc.io_utils import atomic_write_json
-    from photoz_hpc.train.dist import detect_env
+    from photoz_hpc.launch_env import detect_env
     from photoz_hpc.train.signals import EXIT_PREEMPTED
 
     sweep = load_sweep(sweep_path)
@@ -352,8 +352,8 @@ def run_sweep(sweep_path: str | Path, task_id: str) -> tuple[int, list[dict[str,
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """The ``finetune`` command with ``--sweep`` (called from ``photoz_cli``)."""
+    from photoz_hpc.launch_env import detect_env
     from photoz_hpc.logs import setup_logging
-    from photoz_hpc.train.dist import detect_env
     from photoz_hpc.train.signals import PreemptionFlag, ignore_preemption
 
     if args.config:

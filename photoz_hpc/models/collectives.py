@@ -1,6 +1,6 @@
 """Differentiable collectives and a communicator-backed SyncBatchNorm.
 
-They take any object with the small communication interface of ``photoz_hpc.train.dist``
+They take any object with the small communication interface of ``photoz_hpc.comm.base.Comm``
 (``rank``, ``world``, ``allreduce``, ``allgather``), so the same autograd code runs serially,
 under torch.distributed and under Horovod.
 """
@@ -55,13 +55,13 @@ def all_reduce_sum_grad(x: torch.Tensor, comm) -> torch.Tensor:
     return _AllReduceSumGrad.apply(x, comm)
 
 
-class _Shared:
+class SharedHandle:
     """Holds the communicator so ``copy.deepcopy`` (building the key encoder) shares, not copies, it."""
 
     def __init__(self, obj) -> None:
         self.obj = obj
 
-    def __deepcopy__(self, memo) -> _Shared:
+    def __deepcopy__(self, memo) -> SharedHandle:
         return self
 
 
@@ -75,7 +75,7 @@ class CommSyncBatchNorm(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, comm=None, **kw) -> None:
         super().__init__(num_features, **kw)
-        self._comm = _Shared(comm)
+        self._comm = SharedHandle(comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

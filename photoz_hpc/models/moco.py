@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from photoz_hpc.comm.base import Comm
 from photoz_hpc.errors import ConfigError
-from photoz_hpc.models.collectives import _Shared, sync_norm_factory
+from photoz_hpc.models.collectives import SharedHandle, sync_norm_factory
 from photoz_hpc.models.queue import (
     QUEUE_MODES,
     check_queue_size,
@@ -31,19 +32,6 @@ from photoz_hpc.models.queue import (
 from photoz_hpc.models.resnet import build_encoder, convert_split_bn
 
 BN_MODES = ("shuffle", "sync", "none")
-
-
-class _SerialComm:
-    rank, world = 0, 1
-
-    def allreduce(self, t, op="sum"):
-        return t
-
-    def allgather(self, t):
-        return t
-
-    def broadcast(self, t, root=0):
-        return t
 
 
 def seeded_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -77,7 +65,7 @@ class MoCo(nn.Module):
             raise ConfigError(f"moco.queue_mode '{queue_mode}' is not one of {list(QUEUE_MODES)}")
         if bn_mode not in BN_MODES:
             raise ConfigError(f"moco.bn_mode '{bn_mode}' is not one of {list(BN_MODES)}")
-        self._comm = _Shared(comm or _SerialComm())
+        self._comm = SharedHandle(comm or Comm())
         world = self.comm.world
         check_queue_size(queue_size, world, batch_size)
         self.dim, self.queue_size, self.temperature = dim, queue_size, temperature
@@ -195,7 +183,7 @@ def check_bn_splits(bn_splits: int, batch: int) -> None:
 def build_moco(cfg, comm=None) -> MoCo:
     """MoCo from a full ``Config`` (model, moco, loader.batch_size, seed); BN layers follow moco.bn_mode
     (and moco.bn_splits for shuffle-BN on one process)."""
-    norm = sync_norm_factory(comm if comm is not None else _SerialComm()) if cfg.moco.bn_mode == "sync" else None
+    norm = sync_norm_factory(comm if comm is not None else Comm()) if cfg.moco.bn_mode == "sync" else None
     encoder = build_encoder(cfg.model, norm)
     return MoCo(
         encoder,

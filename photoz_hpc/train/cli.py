@@ -27,8 +27,8 @@ def run_training_command(args: argparse.Namespace, root: type, run) -> int:
     """What every training command does around ``run(cfg) -> summary``: config, logging, the pre-emption
     handler from the start, the summary on rank 0, exit 75 when pre-empted."""
     from photoz_hpc.config import load_config
+    from photoz_hpc.launch_env import detect_env
     from photoz_hpc.logs import setup_logging
-    from photoz_hpc.train.dist import detect_env
     from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
 
     cfg = load_config(args.config, args.overrides, root=root)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import FinetuneRunConfig
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.data.splits import check_disjoint, holdout_split, labeled_ids, load_ids, nested_subset, save_ids
@@ -31,7 +32,6 @@ from photoz_hpc.metrics import photoz_metrics
 from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
 from photoz_hpc.train.checkpoint import checkpoint_task
-from photoz_hpc.train.dist import Comm
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision

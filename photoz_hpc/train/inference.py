@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from photoz_hpc.train.dist import Comm
+from photoz_hpc.comm.base import Comm
 
 
 @torch.no_grad()

@@ -23,14 +23,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from photoz_hpc.comm.base import Comm
+from photoz_hpc.comm.liveness import Watchdog
 from photoz_hpc.config import save_config
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
-from photoz_hpc.train.dist import Comm
 from photoz_hpc.train.metrics_log import MetricsLog
-from photoz_hpc.train.signals import PreemptionFlag, Watchdog
+from photoz_hpc.train.signals import PreemptionFlag
 
 log = get_logger(__name__)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import Config
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.logs import get_logger
@@ -21,7 +22,6 @@ from photoz_hpc.models.export import export_moco_encoder
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.momentum import momentum_at
 from photoz_hpc.models.queue import shard_queue, unshard_queue
-from photoz_hpc.train.dist import Comm
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
 from photoz_hpc.train.runtime import memory_format_name, rng_state, set_rng_state, use_channels_last

@@ -15,9 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from photoz_hpc.comm.base import Comm
+from photoz_hpc.comm.devices import cuda_device_index
+from photoz_hpc.comm.select import init_comm
 from photoz_hpc.errors import ConfigError
+from photoz_hpc.launch_env import detect_env
 from photoz_hpc.logs import get_logger
-from photoz_hpc.train.dist import Comm, cuda_device_index, detect_env, init_comm
 from photoz_hpc.train.signals import PreemptionFlag
 
 log = get_logger(__name__)

@@ -12,9 +12,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import load_config
 from photoz_hpc.models.queue import shard_queue, unshard_queue
-from photoz_hpc.train.dist import init_comm
 from photoz_hpc.train.pretrain import Trainer
 
 GLOBAL_BATCH, QUEUE, DIM, CROP = 16, 64, 16, 16

@@ -13,9 +13,9 @@ import argparse
 import numpy as np
 import torch
 
+from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import FinetuneRunConfig, load_config
 from photoz_hpc.models.resnet import convert_split_bn
-from photoz_hpc.train.dist import init_comm
 from photoz_hpc.train.finetune import FinetuneTask, finetune_loaders, select_data
 
 GLOBAL_BATCH, CROP, SIMULATED_WORLD = 16, 16, 2

@@ -9,9 +9,10 @@ import sys
 
 from pretrain_run import KillingLoader
 
+from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import FinetuneRunConfig, load_config
+from photoz_hpc.launch_env import detect_env
 from photoz_hpc.logs import setup_logging
-from photoz_hpc.train.dist import detect_env, init_comm
 from photoz_hpc.train.finetune import finetune_loaders, run_finetune, select_data
 from photoz_hpc.train.signals import EXIT_PREEMPTED
 

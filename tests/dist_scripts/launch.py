@@ -60,7 +60,7 @@ def run_single(script: str, args: list[str], timeout: float = 180, env: dict | N
 
 
 def horovod_ready() -> bool:
-    from photoz_hpc.train.dist import horovod_available
+    from photoz_hpc.comm.horovod_comm import horovod_available
 
     return horovod_available() and shutil.which("horovodrun") is not None
 

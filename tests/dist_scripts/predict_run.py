@@ -11,8 +11,8 @@ import signal
 import sys
 
 from photoz_hpc.evaluate.catalogue import PredictOptions, run_predict
+from photoz_hpc.launch_env import detect_env
 from photoz_hpc.logs import setup_logging
-from photoz_hpc.train.dist import detect_env
 from photoz_hpc.train.signals import EXIT_PREEMPTED
 
 

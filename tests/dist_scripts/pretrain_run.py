@@ -16,9 +16,10 @@ import signal
 import sys
 import time
 
+from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import load_config
+from photoz_hpc.launch_env import detect_env
 from photoz_hpc.logs import setup_logging
-from photoz_hpc.train.dist import detect_env, init_comm
 from photoz_hpc.train.pretrain import _build_loader, run_pretrain
 from photoz_hpc.train.signals import EXIT_PREEMPTED
 

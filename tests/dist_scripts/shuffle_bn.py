@@ -8,9 +8,9 @@ import json
 
 import torch
 
+from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import load_config
 from photoz_hpc.models.moco import build_moco
-from photoz_hpc.train.dist import init_comm
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""Minimal process-group interface for data preparation: MPI when launched by mpirun/srun, else serial.
+"""mpi4py's COMM_WORLD behind the ``Comm`` interface, for data preparation under mpirun or srun.
 
-Preparation only needs rank/size, a barrier, integer all-reduce, broadcast and gather; keeping
-that behind one small class lets the same code run serially, under ``mpirun`` or ``srun``.
+Preparation needs rank/world, a barrier, array reductions (histograms, counts), broadcast and
+gather of small objects; the tensor collectives go through NumPy on the host (never a training path).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
+from photoz_hpc.comm.base import Comm
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.launch_env import source_keys
 
@@ -32,32 +34,13 @@ def launched_under_mpi() -> bool:
     return int(os.environ.get(k_world, "1")) > 1 and k_rank in os.environ
 
 
-class SerialComm:
-    """A one-rank communicator."""
+class MPIComm(Comm):
+    """mpi4py's COMM_WORLD."""
 
-    rank = 0
-    size = 1
-
-    def barrier(self) -> None:
-        pass
-
-    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(array).copy()
-
-    def allreduce_max(self, value: int) -> int:
-        return value
-
-    def bcast(self, obj: Any) -> Any:
-        return obj
-
-    def gather(self, obj: Any) -> list[Any]:
-        return [obj]
-
-
-class MPIComm:
-    """mpi4py's COMM_WORLD behind the ``SerialComm`` interface."""
+    name = "mpi"
 
     def __init__(self) -> None:
+        super().__init__()
         try:
             from mpi4py import MPI
         except Exception as exc:  # ImportError, or RuntimeError when libmpi is missing
@@ -67,37 +50,43 @@ class MPIComm:
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
-        self.size = self._comm.Get_size()
+        self.world = self._comm.Get_size()
+        self.local_rank = self._comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
         slurm_tasks = int(os.environ.get("SLURM_NTASKS", "0") or 0) if "SLURM_PROCID" in os.environ else 0
-        if slurm_tasks > 1 and self.size != slurm_tasks:
+        if slurm_tasks > 1 and self.world != slurm_tasks:
             raise PhotozError(
-                f"srun started {slurm_tasks} tasks but MPI sees a world of {self.size}: the tasks are not "
+                f"srun started {slurm_tasks} tasks but MPI sees a world of {self.world}: the tasks are not "
                 "connected (use `srun --mpi=pmix` or the --mpi plugin your MPI was built for, or mpirun)"
             )
 
     def barrier(self) -> None:
         self._comm.Barrier()
 
-    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+    def allreduce_array(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        if op not in ("sum", "max"):
+            raise ValueError(f"unknown reduce op '{op}'")
         array = np.ascontiguousarray(array)
         out = np.empty_like(array)
-        self._comm.Allreduce(array, out, op=self._mpi.SUM)
+        self._comm.Allreduce(array, out, op=self._mpi.SUM if op == "sum" else self._mpi.MAX)
         return out
 
-    def allreduce_max(self, value: int) -> int:
-        return int(self._comm.allreduce(value, op=self._mpi.MAX))
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return self._comm.allgather(obj)
 
-    def bcast(self, obj: Any) -> Any:
-        return self._comm.bcast(obj, root=0)
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        return self._comm.bcast(obj, root=root)
 
-    def gather(self, obj: Any) -> list[Any]:
+    def gather_object(self, obj: Any) -> list[Any]:
         return self._comm.gather(obj, root=0) or []
 
+    def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if op not in ("sum", "mean", "max", "min"):
+            raise ValueError(f"unknown reduce op '{op}'")
+        ops = {"sum": self._mpi.SUM, "mean": self._mpi.SUM, "max": self._mpi.MAX, "min": self._mpi.MIN}
+        out = self._comm.allreduce(t.detach().cpu().numpy(), op=ops[op])
+        out = torch.as_tensor(np.asarray(out), device=t.device)
+        return out / self.world if op == "mean" else out
 
-def get_comm(mode: str = "auto") -> SerialComm | MPIComm:
-    """``auto``: MPI if an MPI launcher started us; ``mpi``: require it; ``serial``: never."""
-    if mode not in ("auto", "mpi", "serial"):
-        raise PhotozError(f"unknown comm mode '{mode}' (auto, mpi, serial)")
-    if mode == "mpi" or (mode == "auto" and launched_under_mpi()):
-        return MPIComm()
-    return SerialComm()
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = self._comm.allgather(t.detach().cpu().numpy())
+        return torch.as_tensor(np.concatenate(parts), device=t.device)
