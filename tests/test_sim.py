@@ -174,3 +174,69 @@ def test_calibration_regression_against_shipped_reference():
         assert abs(np.median(m[:, 2]) - b["r_median"]) < 0.12, b
         p16, p84 = np.percentile(m[:, 1] - m[:, 2], [16, 84])
         assert abs(0.5 * (p84 - p16) - b["g-r_sigma68"]) < 0.05, b
+
+
+def test_aperture_weights_and_photometry(labeled):
+    from photoz_hpc.sim.difficulty import APERTURE_RADIUS_PX, aperture_photometry, aperture_weights
+
+    w = aperture_weights()
+    assert abs(w.sum() - np.pi * APERTURE_RADIUS_PX**2) < 0.5
+    assert w[CUTOUT_SIZE // 2, CUTOUT_SIZE // 2] == 1.0 and w[0, 0] == 0.0
+    np.testing.assert_allclose(w, w.T)
+    phot = aperture_photometry(labeled)
+    assert phot["mag"].shape == (N, 5) and np.all(np.isfinite(phot["mag"]))
+    assert np.all(phot["mag"][:, 2] > 13.0) and np.median(phot["mag"][:, 2]) < 19.5
+
+
+def test_type_dependent_evolution_and_bulge_blend():
+    from photoz_hpc.sim.population import _bulge_disk, type_evolution
+
+    model = survey_model()
+    lf, sed = model.lf, model.sed
+    assert sed["dq_blue"] > 0  # calibrated: blue galaxies brighten faster than red ones
+    m = np.array([-22.5, -22.5, -18.0])
+    boost = type_evolution(m, np.array([0.1, 0.25, 0.25]), lf, sed["dq_blue"])
+    assert boost[0] == pytest.approx(1.0) and boost[1] > 1.2 and abs(boost[2] - 1.0) < 0.1
+    w = np.array([0.1, 0.5, 0.2, 0.1, 0.1])
+    for abs_r in (-22.0, -17.0):
+        wb, wd = _bulge_disk(w, 0.3, sed, abs_r)
+        np.testing.assert_allclose(0.3 * wb + 0.7 * wd, w, atol=1e-9)
+    wb_faint, _ = _bulge_disk(w, 0.3, sed, -17.0)
+    np.testing.assert_allclose(wb_faint, w)  # no colour gradient in low-luminosity galaxies
+
+
+def test_noise_depths_calibrated_and_not_deeper_than_sky():
+    from photoz_hpc.sim.noise import noise_model, sky_limited_depth
+    from photoz_hpc.sim.params import load_calibration
+
+    depth = np.asarray(load_calibration()["noise"]["depth_5sigma"])
+    assert np.all(depth <= sky_limited_depth() + 1e-3)
+    # the SDSS single-epoch 5-sigma point-source depths are ~22.1, 23.1, 22.7, 22.2, 20.7 (sky-limited in g, r, i)
+    assert np.all(np.abs(depth - np.array([22.1, 23.0, 22.5, 22.0, 20.7])) < 0.35)
+    _, extra = noise_model()
+    assert np.all(extra >= 0)
+
+
+@pytest.mark.timeout(240)
+def test_difficulty_regression_against_shipped_reference(tmp_path):
+    """Random-forest photo-z on rendered aperture photometry is as hard as on the real MGS (shipped reference).
+
+    calibration.json["reference"]["difficulty"]["small"]: the real catalogue cut to the same 800 galaxies (mean
+    of 10 subsets; their sd is 4% in sigma_MAD and 23% in the outlier rate). This sample (seed 7) gives ratios
+    1.05 and 1.21; other 800-galaxy slices of the survey 0.96-1.05 and 0.99-1.43. Regressions measured on the
+    same sample fail: whole-stamp sums instead of the aperture (1.40, 3.8), 0.03 mag extra scatter in g (1.16,
+    1.9), 5x the pixel-noise variance (1.16, 1.9). (Calibration version 2, 1.55x the real outlier rate on 5000
+    galaxies, is within the sampling noise of 800: 1.04-1.09 and 1.10-1.43.)
+    """
+    from photoz_hpc.sim.calibrate import DIFFICULTY_TEST_N
+    from photoz_hpc.sim.difficulty import aperture_photometry, difficulty
+    from photoz_hpc.sim.params import load_calibration
+
+    ref = load_calibration()["reference"]["difficulty"]["small"]
+    assert ref["n"] == DIFFICULTY_TEST_N
+    path = generate_survey(tmp_path / "diff.h5", n=DIFFICULTY_TEST_N, seed=7, labeled=True, workers=2, chunk=100)
+    phot = aperture_photometry(path)
+    got = difficulty(phot["mag"], phot["z"])
+    ratio_sigma, ratio_eta = got["sigma_mad"] / ref["sigma_mad"], got["eta"] / ref["eta"]
+    assert 0.85 < ratio_sigma < 1.13, (got["sigma_mad"], ref)
+    assert 0.4 < ratio_eta < 1.75, (got["eta"], ref)

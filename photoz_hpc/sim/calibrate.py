@@ -5,8 +5,11 @@ photometric system the generator uses; (2) k-means prototypes of w with a table 
 weighted by its relative 1/Vmax, so the generator's own flux limit is not applied twice) carry the colour
 distribution, the colour-magnitude relation and the red fraction; per-prototype colour residuals (linear in z)
 add what the 5 templates cannot fit (red u-g); (3) the Schechter M* and the Petrosian-minus-model offset and
-scatter of the selection (alpha, Q, P fixed to Blanton et al. 2003) are tuned to n(z) and r-vs-z of the catalogue.
-The file also stores the catalogue's error-magnitude relation and reference summary numbers (for tests).
+scatter of the selection (alpha, Q, P fixed to Blanton et al. 2003) are tuned to n(z) and r-vs-z of the catalogue;
+(4) the extra luminosity evolution of blue galaxies (dq_blue) is tuned to the colours above z 0.14; (5) the
+pixel-noise depths are set so that profile fits of rendered galaxies have the catalogue's magnitude errors.
+The file also stores the catalogue's error-magnitude relation and reference summary numbers (for tests),
+including the photo-z difficulty of the real catalogue (``photoz_hpc.sim.difficulty``).
 
     python -m photoz_hpc.sim.calibrate --catalogue /work/shared/data/mlz_SDSS_MGS.train \
         --out photoz_hpc/sim/calibration.json --figures docs/figures
@@ -26,7 +29,7 @@ from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger, setup_logging
 from photoz_hpc.sim import cosmology
 from photoz_hpc.sim.compare import compare, observe, plot_comparison
-from photoz_hpc.sim.population import sample_population, survey_model
+from photoz_hpc.sim.population import sample_population, survey_model, type_evolution
 from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid
 
 log = get_logger("photoz_hpc.sim.calibrate")
@@ -38,6 +41,11 @@ JITTER = 0.5
 MAG_ERR_FLOOR = np.array([0.05, 0.02, 0.02, 0.02, 0.03])
 LF_DEFAULTS = {"M_star": -21.2, "alpha": -1.05, "Q": 1.62, "P": 0.18, "M_bright": -24.0, "M_faint": -14.0}
 SELECTION_START = {"petro_offset": 0.1, "petro_sigma": 0.05}
+#: M_r range over which bulge SEDs go from the luminous red-sequence mean to the galaxy's own (no gradient).
+BULGE_BLEND_MAG = (-21.0, -18.5)
+DQ_BLUE_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
+#: size of the rendered sample of the difficulty regression test (the real reference is cut to the same size).
+DIFFICULTY_TEST_N = 800
 
 
 def read_catalogue(path: str | Path) -> dict[str, np.ndarray]:
@@ -131,6 +139,9 @@ def fit_sed_model(cat: dict, cal: dict, coeffs: np.ndarray) -> tuple[dict, dict]
     m_edges = np.quantile(abs_r, np.linspace(0, 1, N_MBINS + 1))[1:-1]
     mbin = np.searchsorted(m_edges, abs_r)
     weight = 1.0 / _relative_vmax(c, z, abs_r, red, cal)
+    dq_blue = float(cal.get("sed_model", {}).get("dq_blue", 0.0))
+    if dq_blue:  # the table is for z = 0.1: take the blue galaxies' extra evolution out (the generator puts it back)
+        weight[~red] /= type_evolution(abs_r[~red], z[~red], cal["lf"], dq_blue)
     counts = np.zeros((N_MBINS, k))
     np.add.at(counts, (mbin, label), weight)
     counts /= counts.sum(axis=1, keepdims=True)
@@ -176,6 +187,8 @@ def fit_sed_model(cat: dict, cal: dict, coeffs: np.ndarray) -> tuple[dict, dict]
         "resid_b": np.round(res_b, 4).tolist(),
         "resid_sd": np.round(res_sd, 4).tolist(),
         "resid_z_range": np.round(res_z, 4).tolist(),
+        "dq_blue": dq_blue,
+        "bulge_blend_mag": list(BULGE_BLEND_MAG),
     }
     info = {"n_fit": int(good.sum()), "red_fraction": float(red.mean()), "n_prototypes": k,
             "abs_r_quantiles": np.quantile(abs_r, [0.05, 0.5, 0.95]).tolist(),
@@ -228,6 +241,116 @@ def tune_lf(cal: dict, real: dict, n_draw: int, m_grid: np.ndarray, offsets: np.
     return best[:3], scan
 
 
+def fit_noise_depths(cal: dict, n: int = 300, seed: int = 99) -> dict:
+    """Per-band 5-sigma PSF depths at which an ideal profile fit of rendered galaxies has the catalogue's errors.
+
+    SDSS model magnitudes are PSF-convolved profile fits, so their errors measure the pixel noise: for ``n``
+    noiseless renders (no neighbours) the ideal fit error 1 / sqrt(sum P^2 / var) (P the unit-flux image, var
+    sky + extra + source Poisson) is compared with the catalogue's err(m) relation at the galaxy's magnitude,
+    and each band's depth is bisected until the median log ratio is 0. Depths are capped at the sky-limited
+    depth (no extra variance), which is what the SDSS reaches in g, r and i.
+    """
+    from photoz_hpc.sim import noise
+    from photoz_hpc.sim.population import draw_galaxy
+    from photoz_hpc.sim.render import render_galaxy
+    from photoz_hpc.sim.sky import extinction
+
+    pe = cal["phot_errors"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "cal.json")
+        Path(path).write_text(json.dumps(cal))
+        model = survey_model(path)
+        gals = [draw_galaxy(seed, i, model) for i in range(n)]
+        survey_model.cache_clear()
+    e_per_nmgy = noise.GAIN_E_PER_DN / noise.NMGY_PER_DN
+    imgs, sky_e, mags = [], [], []
+    for g in gals:
+        a = extinction(g["ebv"])
+        imgs.append(render_galaxy(g, a, neighbours=False).astype(np.float64))
+        sky_e.append(noise.sky_nmgy_per_pixel(noise.SKY_MAG_ARCSEC2 + g["sky_dmag"]) * e_per_nmgy)
+        mags.append(g["mag"])
+    imgs, sky_e, mags = np.stack(imgs), np.stack(sky_e), np.stack(mags)
+    flux = imgs.sum(axis=(2, 3))
+    target = np.asarray(pe["a"]) + np.asarray(pe["b"]) * (mags - pe["pivot"])  # log10 catalogue err at m
+    d_sky = noise.sky_limited_depth()
+
+    def log_ratio(band: int, depth: float) -> float:
+        d = d_sky.copy()
+        d[band] = depth
+        extra = noise.extra_variance(d)[band]
+        var = (sky_e[:, band, None, None] + extra + np.clip(imgs[:, band], 0, None) * e_per_nmgy[band])
+        var = var / e_per_nmgy[band] ** 2
+        p = imgs[:, band] / flux[:, band, None, None]
+        err = 1.0857 / (flux[:, band] * np.sqrt((p**2 / var).sum(axis=(1, 2))))  # ideal-fit magnitude error
+        return float(np.median(np.log10(err) - target[:, band]))
+
+    depth = d_sky.copy()
+    for b in range(5):
+        if log_ratio(b, d_sky[b]) >= 0:  # even sky-limited noise is at least the catalogue's: keep sky-limited
+            continue
+        lo, hi = d_sky[b] - 3.0, d_sky[b]
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if log_ratio(b, mid) > 0 else (lo, mid)
+        depth[b] = 0.5 * (lo + hi)
+    ratios = [round(10 ** log_ratio(b, depth[b]), 3) for b in range(5)]
+    log.info("noise depths %s (sky-limited %s); ideal-fit / catalogue error %s", np.round(depth, 3),
+             np.round(d_sky, 3), ratios)
+    return {"depth_5sigma": np.round(depth, 3).tolist(), "sky_limited_depth": np.round(d_sky, 3).tolist(),
+            "fit_over_catalogue_error": ratios, "n_rendered": n}
+
+
+def tune_type_evolution(cal: dict, real: dict, coeffs: np.ndarray, n_draw: int,
+                        grid: tuple = DQ_BLUE_GRID) -> tuple[float, dict, list]:
+    """Blue-minus-red luminosity evolution dq_blue minimising the u-g and g-r median offsets at z 0.14-0.25.
+
+    One Q for all types leaves too many red galaxies above z ~ 0.15 (u-g 0.14 mag too red at 0.18-0.25);
+    blue galaxies brighten faster with z (Loveday et al. 2012). For each dq the prototype table is refitted
+    (de-evolved to z = 0.1) and scored with catalogue-like errors, plus the KS statistics of z, u-g and g-r
+    so that the whole distribution must stay matched. Returns the best dq, its SED model and the scan.
+    """
+    from scipy import stats
+
+    from photoz_hpc.sim.compare import binned, colour, observe
+
+    scan, models = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dq in grid:
+            path = str(Path(tmp) / f"cal_{dq}.json")
+            sed, _ = fit_sed_model(real, {**cal, "sed_model": {**cal.get("sed_model", {}), "dq_blue": float(dq)}},
+                                   coeffs)
+            models[dq] = sed
+            Path(path).write_text(json.dumps({**cal, "sed_model": sed}))
+            pop = sample_population(n_draw, seed=4321, model=survey_model(path))
+            mag = observe(pop["mag"], cal["phot_errors"], np.random.default_rng(4321))
+            score, offs = float(stats.ks_2samp(pop["z"], real["z"]).statistic), []
+            for a, b in (("u", "g"), ("g", "r")):
+                ds = np.array(binned(pop["z"], colour(mag, a, b))["median"][4:6])
+                dr = np.array(binned(real["z"], colour(real["mag"], a, b))["median"][4:6])
+                offs += np.round(ds - dr, 4).tolist()
+                score += float(np.abs(ds - dr).sum())
+                score += float(stats.ks_2samp(colour(mag, a, b), colour(real["mag"], a, b)).statistic)
+            scan.append((float(dq), round(score, 4), offs))
+            log.info("dq_blue=%.1f score=%.3f median offsets u-g, g-r (z 0.14-0.18, 0.18-0.25)=%s", dq, score, offs)
+        survey_model.cache_clear()
+    best = min(scan, key=lambda s: s[1])[0]
+    return best, models[best], scan
+
+
+def reference_difficulty(cat: dict) -> dict:
+    """Random-forest photo-z metrics of the real catalogue: all 5000 (mean of 3 CV seeds) and cut to the test size."""
+    from photoz_hpc.sim import difficulty
+
+    runs = [difficulty.difficulty(cat["mag"], cat["z"], seed=s) for s in range(3)]
+    full = {key: float(np.mean([r[key] for r in runs])) for key in ("sigma_mad", "eta", "n")}
+    full["per_bin"] = [{"z_lo": b["z_lo"], "z_hi": b["z_hi"],
+                        **{key: float(np.mean([r["per_bin"][j][key] for r in runs])) for key in ("sigma_mad", "eta", "n")}}
+                       for j, b in enumerate(runs[0]["per_bin"])]
+    small = difficulty.subsample_difficulty(cat["mag"], cat["z"], DIFFICULTY_TEST_N, repeats=10)
+    return {"aperture_radius_px": difficulty.APERTURE_RADIUS_PX, "n_trees": difficulty.N_TREES,
+            "min_leaf": difficulty.MIN_LEAF, "n_folds": difficulty.N_FOLDS, "full": full, "small": small}
+
+
 def reference_stats(cat: dict) -> dict:
     """Summary numbers of the real catalogue shipped for regression tests (the catalogue itself is not shipped)."""
     from photoz_hpc.sim.compare import colour
@@ -249,7 +372,7 @@ def calibrate(catalogue: str | Path, out: str | Path, figures: str | Path | None
     cat = read_catalogue(catalogue)
     grid, coeffs = fit_templates(cat)
     cal = {
-        "version": 2,
+        "version": 3,
         "source": "fit to SDSS MGS catalogue (MLZ mlz_SDSS_MGS.train, 5000 galaxies) by photoz_hpc.sim.calibrate",
         "cosmology": {"H0": cosmology.H0, "Om0": cosmology.OM0},
         "template_grid": {"templates": "kcorrect-default-v4", "responses": RESPONSES, "z": GRID_Z.tolist(),
@@ -261,16 +384,23 @@ def calibrate(catalogue: str | Path, out: str | Path, figures: str | Path | None
         "phot_errors": fit_phot_errors(cat),
         "reference": reference_stats(cat),
     }
-    # SED model (needs the selection for its 1/Vmax weights) -> selection/M* tuning -> SED model again.
+    # SED model (needs the selection for its 1/Vmax weights) -> selection/M* tuning -> blue-galaxy evolution
+    # (refits the SED model for each trial dq_blue) -> selection/M* again with it -> SED model (keeps dq_blue).
     cal["sed_model"], info = fit_sed_model(cat, cal, coeffs)
     # A wider first scan (M* -21.6..-21.0, offset 0.05-0.15, sigma 0.05-0.1) found the optimum inside this grid.
-    best, scan = tune_lf(cal, cat, n_draw, np.array([-21.6, -21.5, -21.4]), np.array([0.08, 0.1, 0.12]),
-                         np.array([0.05, 0.1]))
+    m_grid, off_grid, sig_grid = np.array([-21.6, -21.5, -21.4]), np.array([0.08, 0.1, 0.12]), np.array([0.05, 0.1])
+    best, scan = tune_lf(cal, cat, n_draw, m_grid, off_grid, sig_grid)
+    cal["lf"]["M_star"], cal["selection"]["petro_offset"], cal["selection"]["petro_sigma"] = best
+    _, cal["sed_model"], dq_scan = tune_type_evolution(cal, cat, coeffs, n_draw)
+    best, scan = tune_lf(cal, cat, n_draw, m_grid, off_grid, sig_grid)
     cal["lf"]["M_star"], cal["selection"]["petro_offset"], cal["selection"]["petro_sigma"] = best
     cal["sed_model"], info = fit_sed_model(cat, cal, coeffs)
+    cal["noise"] = fit_noise_depths(cal)
+    cal["reference"]["difficulty"] = reference_difficulty(cat)
     log.info("template fits: %s", info)
     cal["fit_info"] = {**info, "lf_scan_columns": ["M_star", "petro_offset", "petro_sigma", "ks_z", "ks_r",
-                                                   "mean_abs_dr_bins"], "lf_scan": scan}
+                                                   "mean_abs_dr_bins"], "lf_scan": scan,
+                       "dq_blue_scan_columns": ["dq_blue", "score", "median_offsets_ug_gr"], "dq_blue_scan": dq_scan}
     atomic_write_json(out, cal, indent=1)
     survey_model.cache_clear()
     synth = sample_population(len(cat["z"]), seed=2024, model=survey_model(str(out)))

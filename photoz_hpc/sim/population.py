@@ -92,11 +92,33 @@ def survey_model(path: str | None = None, lf_override: tuple | None = None,
     return SurveyModel(grid, lf, sel, sed, z_tab, zcdf / zcdf[-1], m_faint, x_tab, xcdf)
 
 
-def sed_weights(abs_r: np.ndarray, u_pick: np.ndarray, normals: np.ndarray,
-                sed: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Template light fractions w (n, 5), red flag and prototype index: a prototype drawn from p(prototype | M_r)."""
+def type_evolution(abs_r: np.ndarray, z: np.ndarray, lf: dict, dq_blue: float) -> np.ndarray:
+    """Weight of blue relative to red galaxies at (M_r, z) when blue ones brighten faster by ``dq_blue`` mag per z.
+
+    Both types share the Schechter shape and M*(z) of ``lf``; the blue LF is shifted by dq_blue (z - 0.1) mag,
+    so at fixed M_r the blue/red ratio changes by S(x + dq (z - 0.1)) / S(x), x = M_r - M*(z): 1 at z = 0.1
+    and at the faint end (flat LF), larger for luminous galaxies at higher z (Loveday et al. 2012: blue
+    galaxies evolve faster). Clipped to [0.1, 10] for the rare extreme-luminosity draws.
+    """
+    x = np.asarray(abs_r) - (lf["M_star"] - lf["Q"] * (np.asarray(z) - 0.1))
+    ratio = _schechter_mag(x + dq_blue * (np.asarray(z) - 0.1), lf["alpha"]) / _schechter_mag(x, lf["alpha"])
+    return np.clip(ratio, 0.1, 10.0)
+
+
+def sed_weights(abs_r: np.ndarray, u_pick: np.ndarray, normals: np.ndarray, sed: dict,
+                z: np.ndarray | None = None, lf: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Template light fractions w (n, 5), red flag and prototype index: a prototype drawn from p(prototype | M_r).
+
+    With ``z`` and ``lf`` and a calibrated ``sed["dq_blue"]``, the blue part of each prototype (1 - its red
+    fraction) is reweighted by ``type_evolution`` (type-dependent luminosity evolution; the table is for z ~ 0.1).
+    """
     mbin = np.searchsorted(np.asarray(sed["m_edges"]), abs_r)
-    cdf = np.cumsum(np.asarray(sed["p_proto_given_m"])[mbin], axis=1)
+    p = np.asarray(sed["p_proto_given_m"])[mbin]
+    if z is not None and lf is not None and sed.get("dq_blue", 0.0):
+        red_frac = np.asarray(sed["prototype_red"])
+        boost = type_evolution(abs_r, z, lf, sed["dq_blue"])
+        p = p * (red_frac[None, :] + (1 - red_frac[None, :]) * boost[:, None])
+    cdf = np.cumsum(p, axis=1)
     k = np.minimum((cdf < u_pick[:, None] * cdf[:, -1:]).sum(axis=1), cdf.shape[1] - 1)
     w = np.asarray(sed["prototypes"])[k] + normals * np.asarray(sed["prototype_sd"])[k]
     w = np.clip(w, 0.0, None)
@@ -125,7 +147,7 @@ def _draw_candidates(rng: np.random.Generator, model: SurveyModel) -> dict:
     lo = np.interp(model.lf["M_bright"] - ms, model.x_tab, model.xcdf_tab)
     hi = np.interp(np.interp(z, model.z_tab, model.m_faint_tab) - ms, model.x_tab, model.xcdf_tab)
     abs_r = ms + np.interp(lo + rng.random(n) * (hi - lo), model.xcdf_tab, model.x_tab)
-    w, red, proto = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), model.sed)
+    w, red, proto = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), model.sed, z, model.lf)
     dcol = colour_residuals(proto, z, rng.standard_normal((n, 5)), model.sed)
     mags = apparent_mags(abs_r, w, z, model.grid, cosmology.distance_modulus(z)) + dcol
     bt = np.clip(np.where(red, rng.normal(0.65, 0.15, n), rng.normal(0.15, 0.12, n)), 0.0, 0.95)
@@ -138,14 +160,21 @@ def _draw_candidates(rng: np.random.Generator, model: SurveyModel) -> dict:
     return dict(z=z, abs_r=abs_r, w=w, red=red, mags=mags, bt=bt, r_petro=r_petro, dcol=dcol)
 
 
-def _bulge_disk(w: np.ndarray, bt: float, sed: dict) -> tuple[np.ndarray, np.ndarray]:
+def _bulge_disk(w: np.ndarray, bt: float, sed: dict, abs_r: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Bulge fraction (of rest-r light) and separate bulge/disk SEDs whose light-weighted sum is w.
 
     The bulge takes the mean red-sequence SED (old population) blended toward the galaxy's own SED
     only as much as needed for the disk mixture to stay non-negative, so bulges are redder than disks.
+    With ``sed["bulge_blend_mag"]`` = (M_bright, M_faint) the blend starts at 0 for M_r <= M_bright and
+    reaches 1 (no colour gradient) at M_r >= M_faint: colour gradients vanish in low-mass galaxies
+    (Tortora et al. 2010), whose central light is not that of a luminous elliptical.
     """
     w_red = np.asarray(sed["w_bulge"])
-    for lam in (0.0, 0.25, 0.5, 0.75, 1.0):
+    lam0 = 0.0
+    if abs_r is not None and "bulge_blend_mag" in sed:
+        m_bright, m_faint = sed["bulge_blend_mag"]
+        lam0 = float(np.clip((abs_r - m_bright) / (m_faint - m_bright), 0.0, 1.0))
+    for lam in np.unique(np.clip([lam0, 0.25, 0.5, 0.75, 1.0], lam0, 1.0)):
         wb = lam * w + (1 - lam) * w_red
         wd = (w - bt * wb) / (1 - bt)
         if wd.min() >= -1e-9:
@@ -180,7 +209,7 @@ def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict
             break
     z, abs_r, w, red = float(cand["z"][k]), float(cand["abs_r"][k]), cand["w"][k], bool(cand["red"][k])
     bt, dcol = float(cand["bt"][k]), cand["dcol"][k]
-    wb, wd = _bulge_disk(w, bt, model.sed)
+    wb, wd = _bulge_disk(w, bt, model.sed, abs_r)
     dm = cosmology.distance_modulus(np.array([z]))
     # Bulge/disk observed fluxes: their rest-r light split bt : 1-bt, each through its own SED.
     kb, kd = k_terms(np.stack([wb, wd]), np.array([z, z]), model.grid)
