@@ -18,8 +18,8 @@ from dist_scripts.launch import make_dataset
 from photoz_hpc.cli import main
 from photoz_hpc.config import Config, load_config
 from photoz_hpc.errors import ConfigError
-from photoz_hpc.evaluate.sweep_report import labels_needed, write_sweep_report
 from photoz_hpc.launch.sweep import PAPER_FRACTIONS, load_sweep, plan, task_configs
+from photoz_hpc.launch.sweep_report import labels_needed, write_sweep_report
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
 

@@ -3,6 +3,6 @@
 ``run`` (the evaluate command), ``pdfs`` (point estimates and intervals from binned probabilities),
 ``predictions`` / ``plots`` (evaluation CSV and figures), ``catalogue`` (survey-scale predict),
 ``calibration`` (PIT, coverage, temperature), ``qp_export`` (RAIL), ``embeddings`` / ``similarity``
-(embed, search, anomalies), ``sweep_report`` (the paper's Figure 2). The metrics themselves live in
-``photoz_hpc.metrics``.
+(embed, search, anomalies). The metrics themselves live in ``photoz_hpc.metrics``; sweeps and their
+report (the paper's Figure 2) in ``photoz_hpc.launch``.
 """

@@ -419,7 +419,7 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    from photoz_hpc.evaluate.sweep_report import write_sweep_report
+    from photoz_hpc.launch.sweep_report import write_sweep_report
 
     result = write_sweep_report(args.runs_dir, args.sweep, args.out)
     print(json.dumps(result, indent=2))

@@ -90,8 +90,8 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
-    spe = task.steps_per_epoch
-    if spe < 1:
+    steps_per_epoch = task.steps_per_epoch
+    if steps_per_epoch < 1:
         raise ConfigError(f"the dataset yields no full global batch of {world} x {cfg.loader.batch_size}")
     ckdir = checkpoint_dir(out_dir)
 
@@ -109,7 +109,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     metrics = MetricsLog(out_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, prefix=task.kind)
     bar = tqdm(total=total, initial=start_step, disable=not (rank0 and cfg.train.progress), desc=task.kind,
                dynamic_ncols=True, leave=True)
-    log.info("%s: %s, %d ranks (%s), %d steps (%d per epoch)", task.kind, task.describe(), world, comm.name, total, spe)
+    log.info("%s: %s, %d ranks (%s), %d steps (%d per epoch)", task.kind, task.describe(), world, comm.name, total, steps_per_epoch)
 
     losses: list[float] = []
     times = {"data_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "step_s": 0.0}
@@ -119,8 +119,8 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     preempted = bool(comm.allreduce(torch.tensor([float(flag.raised)], dtype=torch.float64).to(device), "max")
                      .cpu()[0] > 0)
     saved_step = start_step if state is not None else -1
-    epoch = task.step // spe
-    mid_epoch = loader_restored and task.step % spe != 0
+    epoch = task.step // steps_per_epoch
+    mid_epoch = loader_restored and task.step % steps_per_epoch != 0
     pending = None  # (step, reduced device tensor, host values) of the previous step, read one step late
 
     def drain() -> bool:
@@ -167,27 +167,27 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                 t2 = time.perf_counter()
                 step = task.step
                 comm_s = comm.comm_seconds - c0
-                st = {"data_s": t1 - t0, "comm_s": comm_s, "compute_s": t2 - t1 - comm_s, "step_s": t2 - t0}
+                step_times = {"data_s": t1 - t0, "comm_s": comm_s, "compute_s": t2 - t1 - comm_s, "step_s": t2 - t0}
                 if step - start_step > WARMUP_STEPS:
                     measured += 1
-                    for k, v in st.items():
+                    for k, v in step_times.items():
                         times[k] += v
                     if first_of_epoch:
-                        epoch_first["data_s"] += st["data_s"]
+                        epoch_first["data_s"] += step_times["data_s"]
                         epoch_first["n"] += 1
                 first_of_epoch = False
                 if watchdog is not None:
                     watchdog.beat(step)
-                host = {"epoch": epoch, "names": names, "img_per_s": task.global_batch / st["step_s"],
-                        "data_wait_frac": st["data_s"] / st["step_s"],
+                host = {"epoch": epoch, "names": names, "img_per_s": task.global_batch / step_times["step_s"],
+                        "data_wait_frac": step_times["data_s"] / step_times["step_s"],
                         "scalars": {**{k: v for k, v in res.items() if isinstance(v, float)},
-                                    "img_per_s": task.global_batch / st["step_s"],
-                                    "data_wait_frac": st["data_s"] / st["step_s"], **st}}
+                                    "img_per_s": task.global_batch / step_times["step_s"],
+                                    "data_wait_frac": step_times["data_s"] / step_times["step_s"], **step_times}}
                 pending = (step, reduced, host)
                 bar.update(1)
                 if preempted:
                     break
-                if step % spe == 0:  # the epoch's last step: validate before the checkpoint
+                if step % steps_per_epoch == 0:  # the epoch's last step: validate before the checkpoint
                     epoch += 1
                     values = task.end_of_epoch(epoch - 1)
                     if values and rank0:
@@ -215,8 +215,8 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         last_ckpt = Path(path)
     extras = task.finish(out_dir, preempted)
     metrics.close()
-    mt = max(measured, 1)
-    step_s = times["step_s"] / mt if measured else float("nan")
+    n_measured = max(measured, 1)
+    step_s = times["step_s"] / n_measured if measured else float("nan")
     summary = {
         "task": task.kind,
         "steps": task.step,
@@ -225,7 +225,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         "preempted": preempted,
         **task.summary(losses, start_step),
         "img_per_s": task.global_batch / step_s if measured else None,
-        "step_time_s": {k: v / mt for k, v in times.items()} if measured else None,
+        "step_time_s": {k: v / n_measured for k, v in times.items()} if measured else None,
         "data_wait_frac": times["data_s"] / times["step_s"] if measured else None,
         "epoch_start_data_wait_s": epoch_first["data_s"] / epoch_first["n"] if epoch_first["n"] else None,
         "world_size": world,

@@ -40,9 +40,9 @@ def local_queue_ptr(global_ptr: int, queue_size: int, world: int, batch: int, mo
     of keys is overwritten first, and the slots after the old pointer keep their (older) keys longer.
     """
     block = world * batch
-    gptr = global_ptr % queue_size
-    gptr -= gptr % block
-    return gptr if mode == "replicated" else gptr // world
+    ptr = global_ptr % queue_size
+    ptr -= ptr % block
+    return ptr if mode == "replicated" else ptr // world
 
 
 class Trainer:
