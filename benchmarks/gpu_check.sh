@@ -4,7 +4,8 @@
 # component it needs is missing, and prints a small table last. Nothing is downloaded: the device image has
 # torch, numpy, h5py, pyyaml, tqdm, tensorboard and pytest; photoz_hpc comes from this checkout via
 # PYTHONPATH. NVIDIA DALI and Horovod are not on that image: their steps are reported "not run: ... missing"
-# and fail the check only with --require-dali / --require-horovod.
+# and fail the check only with --require-dali / --require-horovod. A DALI wheel brought over in parts
+# (benchmarks/device/, docs/benchmarks.md) and installed into $PHOTOZ_DALI_SITE (/root/photoz-dali/site) is used.
 #
 #   env            GPU, driver, torch/CUDA, native bf16, DALI/Horovod (no CUDA device: fail, nothing else runs)
 #   gpu_tests      pytest tests/test_gpu_paths.py on the GPU: no host sync in a training step, split BN
@@ -36,7 +37,7 @@ for arg in "$@"; do
     --require-dali) REQUIRE_DALI=1 ;;
     --require-horovod) REQUIRE_HVD=1 ;;
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -48,6 +49,12 @@ BUDGET_S=340
 mkdir -p "$OUT_DIR" "$WORK"
 rm -f "$OUT_DIR"/*.log "$OUT_DIR"/*.json "$OUT_DIR"/table.txt
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# DALI for CUDA 13 carried over in parts and installed by benchmarks/device/receive_part.sh (docs/benchmarks.md)
+DALI_SITE="${PHOTOZ_DALI_SITE:-/root/photoz-dali/site}"
+if [[ -d "$DALI_SITE/nvidia/dali" ]]; then
+  export PYTHONPATH="$PYTHONPATH:$DALI_SITE"
+  echo "DALI: using $DALI_SITE"
+fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # the device machine runs as root (horovodrun)
 START=$SECONDS
 ROWS=()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_release_h5
+from helpers import write_release_h5
 
 from photoz_hpc.augment import draws as dr
 from photoz_hpc.augment.loaders import build_loader
@@ -434,6 +434,62 @@ def test_exact_resume(ds107, backend):
     assert not torch.equal(next(iter(loader))["index"], rest[0]["index"])
     with pytest.raises(ConfigError, match="seed"):
         build_loader(cfg, ds107, "pretrain", seed=8).load_state_dict(state)
+
+
+def _assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_dali_one_pipeline_feeds_across_epoch_boundaries(ds107):
+    """One pipeline for the whole run: the batches of epochs 0, 1, 2 (prefetched across each boundary) equal
+    those of a freshly built loader per epoch, and the loader state still resumes exactly."""
+    cfg = cfg_of(batch=8)
+    loader = build_loader(cfg, ds107, "pretrain", seed=5)
+    run = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        run.append(list(loader))
+    assert loader.builds == 1  # never rebuilt between epochs
+    for epoch, got in enumerate(run):
+        fresh = build_loader(cfg, ds107, "pretrain", seed=5)
+        fresh.set_epoch(epoch)
+        _assert_same_batches(got, list(fresh))
+    # resume mid-epoch 1 from a state taken while the pipeline had prefetched ahead
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["batch"] == 2 and loader.builds == 2  # a pass out of sequence: rebuilt
+    rest = list(it)
+    resumed = build_loader(cfg, ds107, "pretrain", seed=5)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    _assert_same_batches(list(resumed), rest)
+    _assert_same_batches(rest, run[1][2:])
+    resumed.set_epoch(2)  # the resumed loader then goes on into the next epoch without a rebuild
+    _assert_same_batches(list(resumed), run[2])
+    assert resumed.builds == 1
+
+
+def test_dali_pass_abandoned_midway_does_not_leak_prefetched_batches(ds107):
+    cfg = cfg_of(batch=8)
+    loader = build_loader(cfg, ds107, "pretrain", seed=5)
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)  # the pipeline now holds prefetched batches 1, 2 of epoch 0
+    loader.set_epoch(1)
+    got = list(loader)
+    fresh = build_loader(cfg, ds107, "pretrain", seed=5)
+    fresh.set_epoch(1)
+    _assert_same_batches(got, list(fresh))
+    assert list(it) == []  # the abandoned pass stops instead of drawing from the new pipeline
+    ev = build_loader(cfg_of(batch=7), ds107, "eval")
+    first, again = list(ev), list(ev)  # evaluation passes repeat their epoch on the same pipeline
+    _assert_same_batches(first, again)
+    assert ev.builds == 1
 
 
 # ----------------------------------------------------------------------------- bad input

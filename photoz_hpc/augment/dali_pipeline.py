@@ -8,12 +8,20 @@ the GPU path the raw cutouts are staged in pinned (page-locked) buffers, move to
 everything after runs there. DALI draws no
 random numbers itself: all draws come from ``draws.py``, so the pipeline's state is the loader's
 (seed, epoch, position) and resume is exact.
+
+One pipeline serves the whole run: the feeder numbers DALI's iterations with positions (epoch, batch)
+and, at the end of an epoch, goes on with the first batch of the next one (``next_epoch``), so the
+prefetch queue is full when the next epoch starts. A pass that starts anywhere else (a resume, a
+skipped epoch, a pass abandoned midway) gets a fresh pipeline: a prefetched batch of another position
+can never be delivered. The next epoch's plan and noise table are prepared in a background thread.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,14 +35,73 @@ def _pinned_array(shape: tuple[int, ...]) -> np.ndarray:
     return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
 
 
-class _Feeder:
-    """Callbacks of the external sources for one pass; batch k = start + DALI iteration."""
+class EpochSources:
+    """The loader's ``BatchSource`` at each epoch (shallow copies: plan and noise table per epoch, records
+    shared). Asking for epoch e starts preparing ``next_epoch(e)`` in a background thread (NumPy draws the
+    table without the GIL), so an epoch boundary never waits for the next epoch's ~60 ms table."""
 
-    def __init__(self, source: BatchSource, start: int, device: str) -> None:
-        self.source, self.start, self.device = source, start, device
-        self.parts = 1 + (source.spec.n_views if source.spec.noise else 0)
+    KEEP = 3  # epochs held: the feeder's, the next one being prepared, the consumer's
+
+    def __init__(self, template: BatchSource, next_epoch: Callable[[int], int]) -> None:
+        self.template, self.next_epoch = template, next_epoch
+        self._ready: dict[int, Future | BatchSource] = {template.epoch: template}
+        self._pool: ThreadPoolExecutor | None = None
+        self.prepare_next = True
+
+    def clear(self) -> None:
+        """Forget every prepared epoch (the next ``get`` prepares its epoch inline)."""
+        self._ready = {}
+
+    def _make(self, epoch: int) -> BatchSource:
+        source = copy.copy(self.template)
+        source.set_epoch(epoch)  # rebinds plan and table on the copy only
+        return source
+
+    def get(self, epoch: int) -> BatchSource:
+        entry = self._ready.pop(epoch, None)
+        if entry is None:
+            entry = self._make(epoch)
+        elif isinstance(entry, Future):
+            entry = entry.result()
+        self._ready[epoch] = entry  # most recently used last
+        following = self.next_epoch(epoch)
+        if self.prepare_next and following not in self._ready:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="photoz-next-epoch")
+            self._ready[following] = self._pool.submit(self._make, following)
+        while len(self._ready) > self.KEEP:  # the least recently used go (their batches hold what they need)
+            del self._ready[next(iter(self._ready))]
+        return entry
+
+
+class _OneSource:
+    """A single source standing for every epoch (``_Feeder`` given a bare source)."""
+
+    def __init__(self, source) -> None:
+        self.template = source
+
+    def get(self, epoch: int):
+        return self.template
+
+    def next_epoch(self, epoch: int) -> int:
+        return epoch
+
+
+class _Feeder:
+    """Callbacks of the external sources of one pipeline. DALI iteration i is a position (epoch, batch):
+    the pass's start, then batch after batch, across epoch boundaries (``EpochSources.next_epoch``).
+    ``delivered`` holds (source batch, buffer) and ``delivered_at`` the position of each fed batch."""
+
+    def __init__(self, sources: EpochSources | BatchSource, start: int, device: str, epoch: int = 0) -> None:
+        self.sources = sources if isinstance(sources, EpochSources) else _OneSource(sources)
+        self.device = device
+        self.spec = spec = self.sources.template.spec
+        self.parts = 1 + (spec.n_views if spec.noise else 0)
         self.pending: dict[int, list] = {}
         self.delivered: deque[tuple[SourceBatch, np.ndarray | None]] = deque()
+        self.delivered_at: deque[tuple[int, int]] = deque()
+        self._positions: dict[int, tuple[int, int]] = {}
+        self._assigned, self._last = -1, (epoch, start - 1)
         self._gpu_table: torch.Tensor | None = None
         # CPU: DALI's warp_affine with a fill value is ~5x slower than with clamped borders, so the
         # records are copied into zero-bordered buffers (1 pixel) and warped with clamping: a sample
@@ -81,22 +148,38 @@ class _Feeder:
             buf[i] = rec
         return buf
 
-    def _take(self, iteration: int) -> SourceBatch:
-        k = self.start + iteration
-        if k >= len(self.source):
-            raise StopIteration
+    def successor(self, position: tuple[int, int]) -> tuple[int, int]:
+        """The position after ``position``: the next batch, or the first of the next epoch."""
+        epoch, k = position
+        if k + 1 < len(self.sources.get(epoch)):
+            return epoch, k + 1
+        return self.sources.next_epoch(epoch), 0
+
+    def _position(self, iteration: int) -> tuple[int, int]:
+        while self._assigned < iteration:  # iterations are fed in order
+            self._last = self.successor(self._last)
+            self._assigned += 1
+            self._positions[self._assigned] = self._last
+        return self._positions[iteration]
+
+    def _take(self, iteration: int) -> tuple[tuple[int, int], BatchSource, SourceBatch]:
+        """(position, its epoch's source, the source batch) of DALI iteration ``iteration``."""
         entry = self.pending.get(iteration)
         if entry is None:
-            entry = self.pending[iteration] = [self.source.batch(k), 0]
-        entry[1] += 1
-        if entry[1] == self.parts:
+            position = self._position(iteration)
+            del self._positions[iteration]
+            source = self.sources.get(position[0])
+            entry = self.pending[iteration] = [position, source, source.batch(position[1]), 0]
+        entry[3] += 1
+        if entry[3] == self.parts:
             del self.pending[iteration]
-        return entry[0]
+        return entry[0], entry[1], entry[2]
 
     def host(self, info) -> list:
-        source_batch = self._take(info.iteration)
+        position, _, source_batch = self._take(info.iteration)
         buffer = self._padded(source_batch.images) if self.pad else self._staged(source_batch.images)
         self.delivered.append((source_batch, buffer))
+        self.delivered_at.append(position)
         out: list = [buffer]
         for v in source_batch.views:
             matrix = v.matrix
@@ -108,23 +191,23 @@ class _Feeder:
 
     def noise(self, view: int):
         def fields(info):
-            source_batch = self._take(info.iteration)
+            _, source, source_batch = self._take(info.iteration)
             if self.device != "gpu":
                 return source_batch.views[view].noise
-            out = self._gpu_fields(source_batch, view)
+            out = self._gpu_fields(source, source_batch, view)
             self._hold.setdefault(info.iteration, []).append(out)
             return out
 
         return fields
 
-    def _gpu_fields(self, source_batch: SourceBatch, view: int) -> torch.Tensor:
+    def _gpu_fields(self, source: BatchSource, source_batch: SourceBatch, view: int) -> torch.Tensor:
         """Noise fields built on the GPU (table gather). No synchronisation: DALI copies a torch tensor on
         torch's current stream, after the gather; inputs go up from pinned memory without blocking."""
-        spec = self.source.spec
+        spec = source.spec
         if spec.noise_method == "table":
-            if self._gpu_table is None or self._gpu_table_key != self.source.table.key:
-                self._gpu_table = torch.from_numpy(self.source.table.table).cuda()  # once per epoch
-                self._gpu_table_key = self.source.table.key
+            if self._gpu_table is None or self._gpu_table_key != source.table.key:
+                self._gpu_table = torch.from_numpy(source.table.table).cuda()  # once per epoch
+                self._gpu_table_key = source.table.key
             offsets = _to_gpu(source_batch.views[view].draws.noise_offset)
             windows = self._gpu_table.unfold(0, spec.field_size, 1)[offsets]
             return windows.view(len(offsets), spec.crop, spec.crop, spec.bands)
@@ -137,10 +220,10 @@ def _to_gpu(a: np.ndarray) -> torch.Tensor:
 
 
 def build_pipeline(feeder: _Feeder, batch_size: int, num_threads: int, prefetch: int, device_id: int | None):
-    """Build the DALI pipeline of ``feeder.source.spec`` on ``feeder.device``."""
+    """Build the DALI pipeline of ``feeder.spec`` on ``feeder.device``."""
     from nvidia.dali import fn, pipeline_def, types
 
-    spec = feeder.source.spec
+    spec = feeder.spec
     gpu = feeder.device == "gpu"
     per_view = 3 if spec.noise else 2
 
@@ -173,14 +256,47 @@ def build_pipeline(feeder: _Feeder, batch_size: int, num_threads: int, prefetch:
 
 
 class DaliLoader(LoaderBase):
-    """Runs the DALI pipeline for one epoch per iteration (rebuilt at each pass: cheap, and a fresh
-    pipeline can never carry prefetched batches of another epoch or position)."""
+    """Runs one DALI pipeline for the whole run, fed across epoch boundaries (see the module docstring);
+    ``builds`` counts the pipelines built (one per run unless a pass starts out of sequence)."""
 
     backend = "dali"
 
     def __init__(self, source: BatchSource, device: str, num_threads: int = 2, prefetch: int = 2) -> None:
         super().__init__(source, device)
         self.num_threads, self.prefetch = num_threads, prefetch
+        training = source.spec.pipeline.training
+        # training passes go on with the next epoch; evaluation passes repeat their (unshuffled) epoch
+        self.sources = EpochSources(source, (lambda e: e + 1) if training else (lambda e: e))
+        self.builds = 0
+        self._pipe = self._feeder = None
+        self._next: tuple[int, int] | None = None  # the position the pipeline delivers next
+        self._pass = 0  # a pass abandoned midway must not draw from the pipeline of a later pass
+        # False: a new pipeline and an inline epoch preparation at every pass, the behaviour before one
+        # pipeline served the whole run (kept for the epoch-boundary A/B in benchmarks/train_throughput.py)
+        self.persistent = True
+
+    def __len__(self) -> int:
+        return len(self.sources.get(self.epoch))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if not self.persistent:
+            self.close()
+            self.sources.clear()
+            self.sources.prepare_next = False
+        self.source = self.sources.get(self.epoch)  # prepared ahead (no table draw at the boundary)
+        return super().__iter__()
+
+    def close(self) -> None:
+        """Let the pipeline go (a later pass builds a new one)."""
+        self._pipe = self._feeder = self._next = None
+
+    def _build(self, epoch: int, start: int) -> None:
+        self.close()
+        feeder = _Feeder(self.sources, start, self.device, epoch)
+        device_id = self.torch_device.index if self.device == "gpu" else None
+        self._pipe = build_pipeline(feeder, self.source.batch_size, self.num_threads, self.prefetch, device_id)
+        self._feeder, self._next = feeder, (epoch, start)
+        self.builds += 1
 
     def _iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -188,23 +304,33 @@ class DaliLoader(LoaderBase):
         n = len(self.source) - start
         if n <= 0:
             return
+        epoch = self.epoch
+        if self._pipe is None or self._next != (epoch, start):
+            self._build(epoch, start)
+        self._pass += 1
+        mine = self._pass
         spec = self.source.spec
         gpu = self.device == "gpu"
-        feeder = _Feeder(self.source, start, self.device)
-        device_id = self.torch_device.index if gpu else None
-        pipe = build_pipeline(feeder, self.source.batch_size, self.num_threads, self.prefetch, device_id)
         shape = (self.source.batch_size, spec.crop, spec.crop, spec.bands)
         stream = torch.cuda.current_stream() if gpu else None
-        try:
-            for _ in range(n):
+        for k in range(start, start + n):
+            if mine != self._pass:
+                return  # a newer pass took over the pipeline
+            pipe, feeder = self._pipe, self._feeder
+            try:
                 outs = pipe.run()
-                source_batch, buffer = feeder.delivered.popleft()
-                views = []
-                for tl in outs:
-                    t = torch.empty(shape, dtype=torch.float32, device=self.torch_device)
-                    feed_ndarray(tl.as_tensor(), t, cuda_stream=stream)
-                    views.append(t.permute(0, 3, 1, 2))  # (B, C, S, S) view, channels_last strides
-                feeder.release(buffer, stream.record_event() if gpu else None)
-                yield self.make_batch(source_batch, views)
-        finally:
-            del pipe
+            except BaseException:
+                self.close()
+                raise
+            (source_batch, buffer), position = feeder.delivered.popleft(), feeder.delivered_at.popleft()
+            if position != (epoch, k):
+                self.close()
+                raise RuntimeError(f"DALI delivered batch {position} where ({epoch}, {k}) was due")
+            self._next = feeder.successor(position)
+            views = []
+            for tl in outs:
+                t = torch.empty(shape, dtype=torch.float32, device=self.torch_device)
+                feed_ndarray(tl.as_tensor(), t, cuda_stream=stream)
+                views.append(t.permute(0, 3, 1, 2))  # (B, C, S, S) view, channels_last strides
+            feeder.release(buffer, stream.record_event() if gpu else None)
+            yield self.make_batch(source_batch, views)
