@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import h5py
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from photoz_hpc.cli import build_parser
 from photoz_hpc.data import open_dataset
@@ -17,8 +15,7 @@ COMMANDS = ["synth", "prepare", "verify", "info", "augment", "import-checkpoint"
             "evaluate", "sweep-plan", "sweep-report", "quickstart", "demo"]
 
 
-def _run(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "photoz_hpc", *args], capture_output=True, text=True, timeout=timeout)
+_run = run_cli
 
 
 def test_help_lists_every_command():

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dist_scripts.launch import REPO, make_dataset, require_horovod, run_horovod, run_torch, tiny_overrides
+from helpers import REPO, make_dataset, require_horovod, run_horovod, run_torch, tiny_overrides
 
 from photoz_hpc.comm.select import resolve_backend
 from photoz_hpc.launch_env import detect_env
@@ -150,7 +150,7 @@ def test_resolve_backend_auto() -> None:
 
 
 def test_missing_horovod_fails_in_ci_and_skips_elsewhere(monkeypatch) -> None:
-    import dist_scripts.launch as launch
+    import helpers as launch
 
     monkeypatch.setattr(launch, "horovod_ready", lambda: False)
     monkeypatch.setenv("PHOTOZ_REQUIRE_HOROVOD", "1")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_scripts.launch import require_horovod, run_horovod, run_single, run_torch
+from helpers import require_horovod, run_horovod, run_single, run_torch
 
 STEPS = 6
 

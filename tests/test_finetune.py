@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_release_h5
-from dist_scripts.launch import make_dataset, require_horovod, run_horovod, run_single, run_torch
+from helpers import (
+    TINY_MODEL,
+    make_dataset,
+    require_horovod,
+    run_cli,
+    run_horovod,
+    run_single,
+    run_torch,
+    write_release_h5,
+)
 
 from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import Config, FinetuneRunConfig, load_config
@@ -26,7 +32,7 @@ from photoz_hpc.models.moco import build_moco
 from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
 from photoz_hpc.train.finetune import FinetuneTask, finetune_loaders, run_finetune, select_data
 
-TINY = ["model.arch=resnet18", "model.width=8", "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=16",
+TINY = [*TINY_MODEL, "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=16",
         "loader.backend=reference", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
         "train.log_every=1", "optim.lr=0.2", "optim.batch_ref=16", "dist.backend=none", "seed=1"]
 
@@ -100,7 +106,7 @@ def _task(cfg: FinetuneRunConfig) -> FinetuneTask:
 
 
 def _moco_checkpoint(tmp_path: Path, data: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    pcfg = load_config(None, ["model.arch=resnet18", "model.width=8", "moco.queue_size=64", "loader.batch_size=16",
+    pcfg = load_config(None, [*TINY_MODEL, "moco.queue_size=64", "loader.batch_size=16",
                               f"data.path={data}", "seed=11"], root=Config)
     moco = build_moco(pcfg)
     with torch.no_grad():
@@ -167,9 +173,8 @@ def test_finetune_learns_an_easy_case_and_evaluate_writes_its_outputs(tmp_path):
     assert summary["best_val"]["sigma_mad"] == pytest.approx(best["sigma_mad"])
 
     out = tmp_path / "eval"
-    res = subprocess.run([sys.executable, "-m", "photoz_hpc", "evaluate", "--checkpoint", summary["best_model"],
-                          "--data", str(ds), "--ids", str(tmp_path / "run" / "val_ids.npy"), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = run_cli("evaluate", "--checkpoint", summary["best_model"], "--data", str(ds),
+                  "--ids", str(tmp_path / "run" / "val_ids.npy"), "--out", str(out), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "metrics.json").read_text())
     assert report["n"] == len(val_z) and report["metrics"]["sigma_mad"] == pytest.approx(best["sigma_mad"], rel=1e-5)

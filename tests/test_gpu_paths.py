@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from dist_scripts.launch import REPO, require_horovod
+from helpers import REPO, process_env, require_horovod
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from photoz_hpc.comm.base import Comm
@@ -134,7 +133,7 @@ def test_horovod_one_process_channels_last_broadcast(tmp_path: Path) -> None:
         comm.shutdown()
         print("HOROVOD-CL-OK")
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env = process_env()
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "HOROVOD-CL-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 

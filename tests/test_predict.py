@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_release_h5
-from dist_scripts.launch import REPO, run_single, run_torch
+from helpers import REPO, TINY_MODEL, run_single, run_torch, write_release_h5
 
 from photoz_hpc.cli import main as cli_main
 from photoz_hpc.config import Config, FinetuneRunConfig, load_config
@@ -45,7 +44,7 @@ from photoz_hpc.evaluate.pdfs import summarize_catalogue
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
 from photoz_hpc.redshift_grid import N_Z_BINS, z_bin_centres, z_bin_edges
 
-TINY = ["model.arch=resnet18", "model.width=8", "augment.crop_size=16", "loader.backend=reference",
+TINY = [*TINY_MODEL, "augment.crop_size=16", "loader.backend=reference",
         "train.precision=fp32", "dist.backend=auto", "seed=1"]
 N_A, N_B = 200, 70  # galaxies of the two inputs; shards of 64 -> parts of 64, 64, 64, 8 and 64, 6
 EDGES, CENTRES = z_bin_edges(), z_bin_centres()
@@ -300,7 +299,7 @@ def test_bad_checkpoint_wrong_kind_or_wrong_images_fail_before_any_work(setup, t
     out = tmp_path / "never"
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    pcfg = load_config(None, ["model.arch=resnet18", "model.width=8", "moco.queue_size=64", "loader.batch_size=16"],
+    pcfg = load_config(None, [*TINY_MODEL, "moco.queue_size=64", "loader.batch_size=16"],
                        root=Config)
     moco = save_checkpoint(tmp_path / "moco", 3, {"task": "pretrain", "model": build_moco(pcfg).state_dict(),
                                                   "config": dataclasses.asdict(pcfg)})

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_release_h5
-from dist_scripts.launch import run_torch
+from helpers import TINY_MODEL, run_torch, write_release_h5
 
 from photoz_hpc.cli import main
 from photoz_hpc.config import Config, load_config
@@ -67,7 +66,7 @@ def make_set(root: Path, seed: int = 3) -> Path:
 
 
 def symmetric_checkpoint(root: Path) -> Path:
-    cfg = load_config(None, ["model.arch=resnet18", "model.width=8", "model.embed_dim=32", "moco.queue_size=64",
+    cfg = load_config(None, [*TINY_MODEL, "model.embed_dim=32", "moco.queue_size=64",
                              "loader.batch_size=16", "moco.bn_splits=1", "seed=11"], root=Config)
     torch.manual_seed(0)
     moco = build_moco(cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import process_env, run_cli
 
 from photoz_hpc.constants import sfd_ebv
 from photoz_hpc.data import open_dataset
@@ -186,7 +187,7 @@ def test_missing_manifest_and_newer_format(release_h5, tmp_path):
 
 
 def _cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "photoz_hpc", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return run_cli(*args, env=env, cwd=cwd, timeout=300)
 
 
 def test_cli_prepare_verify_info(release_h5, tmp_path):
@@ -214,7 +215,7 @@ def _mpirun() -> list[str]:
 def test_prepare_under_mpirun_matches_serial(release_h5, tmp_path):
     a, b = release_h5("a.h5", 13, seed=3), release_h5("b.h5", 6, seed=4, labeled=False)
     serial = prepare([a, b], tmp_path / "serial", samples_per_shard=3)
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(REPO))
+    env = process_env()
     cmd = [*_mpirun(), sys.executable, "-m", "photoz_hpc", "prepare", str(a), str(b), "--out", str(tmp_path / "mpi"),
            "--samples-per-shard", "3", "--mpi", "mpi"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

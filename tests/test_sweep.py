@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from dist_scripts.launch import make_dataset
+from helpers import TINY_MODEL, make_dataset
 
 from photoz_hpc.cli import main
 from photoz_hpc.config import Config, load_config
@@ -24,7 +24,7 @@ from photoz_hpc.models.moco import build_moco
 from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.arch=resnet18", "model.width=8", "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=16",
+TINY = [*TINY_MODEL, "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=16",
         "loader.backend=reference", "loader.device=cpu", "train.precision=fp32", "train.progress=false",
         "train.tensorboard=false", "train.device=cpu", "optim.lr=0.2", "optim.batch_ref=16", "dist.backend=none",
         "train.max_steps=2", "train.checkpoint_every=1", "finetune.val_fraction=0.25"]
@@ -111,7 +111,7 @@ def test_finetune_sweep_arguments_are_checked(tmp_path, capsys):
 
 
 def _encoder(tmp_path: Path, data: Path) -> Path:
-    cfg = load_config(None, ["model.arch=resnet18", "model.width=8", "moco.queue_size=64", "loader.batch_size=16",
+    cfg = load_config(None, [*TINY_MODEL, "moco.queue_size=64", "loader.batch_size=16",
                              f"data.path={data}", "seed=11"], root=Config)
     ckpt = save_checkpoint(tmp_path / "ck", 1, {"task": "pretrain", "model": build_moco(cfg).state_dict(),
                                                 "config": dataclasses.asdict(cfg)})

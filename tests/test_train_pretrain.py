@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dist_scripts.launch import REPO, make_dataset, tiny_overrides
+from helpers import REPO, make_dataset, tiny_overrides
 
 from photoz_hpc.config import load_config
 from photoz_hpc.models.export import embed, load_encoder

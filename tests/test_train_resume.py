@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_scripts.launch import make_dataset, run_single, run_torch, tiny_overrides
+from helpers import make_dataset, run_single, run_torch, tiny_overrides
 
 
 def _losses(out: Path) -> dict[int, float]:
