@@ -19,7 +19,17 @@ from photoz_hpc.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-sys.path.insert(0, str(BENCH))
+
+
+def _bench_module(name: str):
+    """A benchmarks/ script as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 TINY = ["model.width=4", "model.embed_dim=16", "loader.batch_size=16", "moco.queue_size=64", "augment.crop_size=16",
         "augment.jitter_max=2", "loader.num_threads=1", "train.cpu_threads=1"]
@@ -54,7 +64,7 @@ def test_train_throughput_tiny_run_writes_its_json(store, tmp_path):
 
 
 def test_scaling_report_merges_results_into_a_table_and_plot(tmp_path):
-    from scaling import main
+    main = _bench_module("scaling").main
 
     def fake(n: int, rate: float, kind: str, gb: int) -> None:
         blob = {"benchmark": "train_throughput", "kind": kind, "scaling_backend": "torch", "queue_mode": "sharded",
@@ -89,7 +99,9 @@ def test_scaling_run_two_gloo_ranks(store, tmp_path):
 
 
 def test_scaling_model_reproduces_a_hand_computed_case():
-    from scaling_model import Network, Workload, allgather_s, efficiency, step_terms
+    sm = _bench_module("scaling_model")
+    Network, Workload, allgather_s, efficiency, step_terms = (sm.Network, sm.Workload, sm.allgather_s, sm.efficiency,
+                                                             sm.step_terms)
 
     net = Network("test", gpus_per_node=2, intra_gbs=1.0, inter_gbs=1.0, alpha_intra_us=0.0, alpha_inter_us=0.0)
     w = Workload(step_s=0.1, batch=2, params=1_000_000, bn_layers=1, bn_channels=8, crop=4, embed=1, overlap=0.0)
@@ -111,7 +123,7 @@ def test_scaling_model_reproduces_a_hand_computed_case():
 
 
 def test_scaling_model_cli_compares_with_measured_points(tmp_path):
-    from scaling_model import main
+    main = _bench_module("scaling_model").main
 
     jobs = tmp_path / "m"
     jobs.mkdir()
