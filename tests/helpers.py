@@ -179,3 +179,14 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd=None)
     """``python -m photoz_hpc ARGS`` in a subprocess (captured text output)."""
     return subprocess.run([sys.executable, "-m", "photoz_hpc", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
+
+
+def run_ranks(backend: str, script: str, args: list[str], world: int = 2, timeout: float = 240,
+              env: dict | None = None) -> list[tuple[int, str]]:
+    """``world`` ranks of ``script`` under the backend's launcher: ``horovodrun --gloo`` (one entry: its exit
+    code and every rank's output; Horovod required per the policy above) or torchrun-style processes (one
+    entry per rank)."""
+    if backend == "horovod":
+        require_horovod()
+        return [run_horovod(script, args, np=world, timeout=timeout, env=env)]
+    return run_torch(script, args, world=world, timeout=timeout, env=env)

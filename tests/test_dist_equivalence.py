@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import require_horovod, run_horovod, run_single, run_torch
+from helpers import require_horovod, run_horovod, run_ranks, run_single, run_torch
 
 STEPS = 6
 
@@ -92,17 +92,11 @@ def test_horovod_two_ranks_match_one_rank(tmp_path: Path, reference, mode: str, 
 def test_fp16_gradscaler_protocol(tmp_path: Path, reference, backend: str, channels_last: bool) -> None:
     """fp16 + GradScaler (with Horovod: synchronize / unscale / skip_synchronize) trains like fp32; with
     channels_last, Horovod's explicit synchronize hands the gradients back in their own layout."""
-    if backend == "horovod":
-        require_horovod()
     out = tmp_path / "fp16.pt"
     args = ["--backend", backend, "--mode", "sharded", "--steps", "3", "--precision", "fp16",
             "--channels-last", str(channels_last).lower(), "--out", str(out)]
-    if backend == "horovod":
-        rc, log = run_horovod("equivalence.py", args)
+    for rc, log in run_ranks(backend, "equivalence.py", args):
         assert rc == 0, log[-3000:]
-    else:
-        for rc, log in run_torch("equivalence.py", args):
-            assert rc == 0, log[-3000:]
     got = _load(out, 2)
     for a, b in zip(reference[:3], got, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)

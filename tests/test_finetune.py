@@ -13,11 +13,9 @@ import torch
 from helpers import (
     TINY_MODEL,
     make_dataset,
-    require_horovod,
     run_cli,
-    run_horovod,
+    run_ranks,
     run_single,
-    run_torch,
     write_release_h5,
 )
 
@@ -237,18 +235,12 @@ def _compare(ref: dict, got: dict) -> None:
     assert got["val"]["sigma_mad"] == pytest.approx(ref["val"]["sigma_mad"], rel=1e-4)
 
 
-def test_two_torch_ranks_equal_one_rank(tmp_path, data, equivalence_reference):
-    out = tmp_path / "torch.pt"
-    for rc, log in run_torch("finetune_equivalence.py", ["--backend", "torch", "--data", str(data), "--out", str(out)]):
+@pytest.mark.parametrize("backend", ["torch", "horovod"])
+def test_two_ranks_equal_one_rank(tmp_path, data, equivalence_reference, backend):
+    out = tmp_path / f"{backend}.pt"
+    for rc, log in run_ranks(backend, "finetune_equivalence.py", ["--backend", backend, "--data", str(data),
+                                                                 "--out", str(out)]):
         assert rc == 0, log[-3000:]
-    _compare(equivalence_reference, torch.load(out, weights_only=False))
-
-
-def test_two_horovod_ranks_equal_one_rank(tmp_path, data, equivalence_reference):
-    require_horovod()
-    out = tmp_path / "hvd.pt"
-    rc, log = run_horovod("finetune_equivalence.py", ["--backend", "horovod", "--data", str(data), "--out", str(out)])
-    assert rc == 0, log[-3000:]
     _compare(equivalence_reference, torch.load(out, weights_only=False))
 
 
