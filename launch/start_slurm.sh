@@ -43,7 +43,9 @@ restart=${restart:-0}
 mkdir -p "$STATE/ctld" "$STATE/spool" "$STATE/log" /etc/slurm
 HOST=$(hostname -s)
 read -r CPUS MEM < <(slurmd -C | sed -n 's/.*CPUs=\([0-9]*\).*RealMemory=\([0-9]*\).*/\1 \2/p')
-# CR_Core lets array tasks and small jobs share the node; MinJobAge keeps `sbatch --wait` snappy.
+# CR_Core lets array tasks and small jobs share the node; OverSubscribe=YES lets jobs that ask (sbatch
+# --oversubscribe) share cores, so that a job array of more tasks than this machine has cores runs at once;
+# MinJobAge keeps `sbatch --wait` snappy.
 config="ClusterName=photoz-ci
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
@@ -66,7 +68,7 @@ SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE OverSubscribe=YES:8 State=UP"
 if [[ "$config" != "$(cat "$CONF" 2>/dev/null)" ]]; then printf '%s\n' "$config" > "$CONF"; restart=1; fi
 if (( restart )); then
   for d in slurmd slurmctld; do

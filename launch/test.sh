@@ -14,5 +14,12 @@ if [[ "${CI:-}" == "true" || "${PHOTOZ_WITH_SLURM:-0}" == "1" ]]; then
   bash launch/start_slurm.sh
   export PHOTOZ_REQUIRE_SLURM=1
 fi
+# Lint the Slurm and launch scripts with Debian's shellcheck (tests/test_slurm_workflow.py); in CI it must be there.
+if ! command -v shellcheck >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=300 update -qq && apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends shellcheck >/dev/null \
+    || echo "test.sh: could not install shellcheck" >&2
+fi
+if [[ "${CI:-}" == "true" ]]; then export PHOTOZ_REQUIRE_SHELLCHECK=1; fi
 "$PY" -m ruff check .
 exec "$PY" -m pytest "$@"

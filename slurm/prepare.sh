@@ -10,9 +10,13 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:?run this script with sbatch}"
-SITE=${PHOTOZ_SITE:-slurm/site.sh}
-if [[ -f "$SITE" ]]; then set +u; source "$SITE"; set -u; fi   # module/conda scripts use unset vars
-: "${PYTHON:=python3}"
-: "${PHOTOZ_SRUN_MPI:=pmix}"                       # srun --mpi plugin your MPI was built for
-[[ $# -ge 3 ]] || { echo "usage: sbatch slurm/prepare.sh --out DIR INPUT.h5 [...] [--samples-per-shard N]" >&2; exit 2; }
-srun --mpi="$PHOTOZ_SRUN_MPI" --kill-on-bad-exit=1 "$PYTHON" -m photoz_hpc prepare "$@"
+source slurm/common.sh
+photoz_setup
+usage="usage: sbatch slurm/prepare.sh --out DIR INPUT.h5 [...] [--samples-per-shard N]"
+[[ $# -ge 3 && $1 == --out ]] || photoz_die "$usage"
+for f in "${@:3}"; do
+  [[ $f == --* || -f $f || $f =~ ^[0-9]+$ ]] || photoz_die "input file $f not found ($usage)"
+done
+extra=()
+[[ -n ${PHOTOZ_SRUN_ARGS:-} ]] && read -r -a extra <<< "$PHOTOZ_SRUN_ARGS"
+srun --mpi="$PHOTOZ_SRUN_MPI" --kill-on-bad-exit=1 "${extra[@]}" "$PYTHON" -m photoz_hpc prepare "$@"

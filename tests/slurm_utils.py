@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -37,3 +38,42 @@ def sbatch_wait(script: str, *args: str, sbatch_opts: tuple[str, ...] = (), env:
         pytest.fail(f"sbatch {script} did not finish within {timeout} s (job cancelled); log: {log}")
     text = log.read_text() if log.exists() else ""
     return res, text
+
+
+def submit(script: str, *args: str, sbatch_opts: tuple[str, ...] = (), env: dict | None = None) -> str:
+    """``sbatch --parsable`` from the repo root without waiting; returns the job id."""
+    run_env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **(env or {}))
+    cmd = ["sbatch", "--parsable", f"--chdir={REPO}", *sbatch_opts, str(REPO / script), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=run_env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> str:
+    res = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else ""
+
+
+def wait_for(predicate, timeout: float, diagnostics=lambda: "", every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"condition not reached within {timeout} s\n{diagnostics()}")
+
+
+def start_requeued_now(job: str, timeout: float = 240, diagnostics=lambda: "") -> None:
+    """Skip Slurm's delay of a requeued job (EligibleTime = requeue + 120 s, the credential lifetime) once it
+    is pending again: 2 s later, not at once. A job restarted in the same second as its requeue was processed
+    on the node has a credential that counts as revoked, and slurmctld kills it ("Job credential revoked")."""
+    wait_for(lambda: "JobState=PENDING" in job_info(job) and "Restarts=0" not in job_info(job), timeout, diagnostics, 0.3)
+    time.sleep(2)
+
+    def started() -> bool:
+        if "JobState=PENDING" not in job_info(job):
+            return True
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        return False
+
+    wait_for(started, timeout, diagnostics)

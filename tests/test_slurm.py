@@ -8,7 +8,7 @@ import re
 import subprocess
 import time
 
-from slurm_utils import REPO, require_slurm, sbatch_wait
+from slurm_utils import REPO, require_slurm, sbatch_wait, start_requeued_now
 
 from photoz_hpc.data.prepare import prepare
 from photoz_hpc.data.verify import verify_dataset
@@ -87,13 +87,10 @@ def test_sbatch_pretrain_preempted_requeues_and_resumes(release_h5, tmp_path):
     try:
         _wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0, 180, logs)
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
-        _wait_for(lambda: "Restarts=1" in _job_info(job), 240, logs)
+        start_requeued_now(job, 240, logs)  # skip Slurm's 120 s requeue delay, safely
 
         def restarted_and_finished() -> bool:
-            launch = (run / "launch.log").read_text()
-            if "restart 1" not in launch:  # skip Slurm's requeue delay (retried: the job may not be pending yet)
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-            return launch.count("exit code") >= 2
+            return (run / "launch.log").read_text().count("exit code") >= 2
 
         _wait_for(restarted_and_finished, 400, logs)
     finally:
@@ -118,3 +115,36 @@ def _wait_for(predicate, timeout: float, diagnostics=lambda: "") -> None:
             return
         time.sleep(1)
     raise AssertionError(f"condition not reached within {timeout} s\n{diagnostics()}")
+
+
+def test_sbatch_predict_array_then_verify(release_h5, tmp_path):
+    """Two array tasks x two ranks write the catalogue's three parts; the verify step finds every galaxy once."""
+    require_slurm()
+    import dataclasses
+
+    from photoz_hpc.config import FinetuneRunConfig, load_config
+    from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
+
+    ds = _small_dataset(release_h5, tmp_path)  # 160 galaxies in shards of 64: parts of 64, 64, 32
+    cfg = load_config(None, ["model.arch=resnet18", "model.width=8", "augment.crop_size=16", "loader.backend=reference"],
+                      root=FinetuneRunConfig)
+    ckpt = save_photoz_model(build_photoz_net(cfg.model), cfg.model, tmp_path / "best_model.pt",
+                             {"config": dataclasses.asdict(cfg)})
+    cat = tmp_path / "catalogue"
+    env = {"PHOTOZ_CHECKPOINT": str(ckpt), "PHOTOZ_DATA": str(ds), "PHOTOZ_CATALOGUE": str(cat),
+           "PHOTOZ_BACKEND": "torch", "PHOTOZ_TEST_LOG": str(tmp_path / "predict.out")}
+    res, log = sbatch_wait(
+        "slurm/predict.sh", "--batch-size", "32",
+        sbatch_opts=("--array=0-1", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                     "--time=00:10:00"),
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr + log
+    ranks = {p.stem: json.loads(p.read_text())["rank"] for p in (cat / "done").glob("*.json")}
+    # task 0 gets part 0 (its rank 1: block 0 of one part is empty), task 1 parts 1 and 2 (ranks 0 and 1)
+    assert ranks == {"d000-s00000": 1, "d000-s00001": 0, "d000-s00002": 1}, ranks
+    res, log = sbatch_wait("slurm/predict.sh", "--verify", sbatch_opts=("--ntasks-per-node=1", "--gpus-per-node=0",
+                                                                        "--cpus-per-task=1", "--time=00:05:00"),
+                           env={**env, "PHOTOZ_TEST_LOG": str(tmp_path / "verify.out")})
+    assert res.returncode == 0 and "OK: 160 of 160 galaxies in 3 of 3 parts" in log, res.stdout + res.stderr + log
+    assert (cat / "manifest.json").exists()
