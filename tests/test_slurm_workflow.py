@@ -194,8 +194,7 @@ def test_bad_submission_fails_at_once_naming_the_problem(release_h5, tmp_path, c
 
 # ---------------------------------------------------------------------- the scripts themselves (no cluster)
 
-SCRIPTS = sorted(p for p in [*REPO.glob("slurm/*.sh"), *REPO.glob("slurm/sites/*.env"), *REPO.glob("launch/*.sh")]
-                 if p.name != "predict.sh")  # slurm/predict.sh: its own owner's
+SCRIPTS = sorted([*REPO.glob("slurm/*.sh"), *REPO.glob("slurm/sites/*.env"), *REPO.glob("launch/*.sh")])
 
 
 def test_pre_emption_exit_code_is_defined_once_on_the_python_side():
