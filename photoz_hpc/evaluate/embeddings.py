@@ -36,9 +36,8 @@ from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.errors import DatasetError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
-from photoz_hpc.models.export import ENCODER_FORMAT, HEAD_PREFIX, encoder_state_from_moco
 from photoz_hpc.models.resnet import build_encoder
-from photoz_hpc.train.checkpoint import checkpoint_task
+from photoz_hpc.train.checkpoint import read_pretrained_encoder
 
 log = get_logger(__name__)
 
@@ -83,20 +82,8 @@ def load_embedder(path: str | Path, feature: str = "projection") -> tuple[Embedd
     path = Path(path)
     if feature not in FEATURES:
         raise PhotozError(f"feature '{feature}' is not one of {list(FEATURES)}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise PhotozError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
-    if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
-        values, trunk_state, head_state = {"model": blob["model"]}, blob["state_dict"], blob.get("projection_head")
-    elif checkpoint_task(blob) == "pretrain":
-        values, trunk_state = blob["config"], encoder_state_from_moco(blob["model"])
-        head_state = {k[len(HEAD_PREFIX):]: v for k, v in blob["model"].items() if k.startswith(HEAD_PREFIX)}
-    elif checkpoint_task(blob) == "finetune":
-        raise PhotozError(f"{path} is a fine-tuning checkpoint: embeddings come from a MoCo pretraining checkpoint "
-                          "or its encoder.pt")
-    else:
-        raise PhotozError(f"{path} is neither a MoCo pretraining checkpoint nor an encoder export")
+    source = read_pretrained_encoder(path, "embeddings:")
+    values, trunk_state, head_state = source["config"], source["trunk"], source["head"]
     trunk = build_encoder(SimpleNamespace(**values["model"]))
     try:
         trunk.load_state_dict(trunk_state)

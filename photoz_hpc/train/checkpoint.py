@@ -100,3 +100,27 @@ def export_checkpoint_encoder(path: str | Path, out_path: str | Path) -> Path:
     from photoz_hpc.models.export import export_encoder
 
     return export_encoder(load_checkpoint(path, "pretrain"), out_path)
+
+
+def read_pretrained_encoder(path: str | Path, what: str) -> dict[str, Any]:
+    """The pretrained encoder a MoCo pretraining checkpoint or an ``encoder.pt`` holds:
+    ``{'config'`` (the run's config values; only ``model`` for an export), ``'trunk'`` (ResNet state dict),
+    ``'head'`` (projection-head state dict, or None)}. ``what`` names the caller's argument in errors
+    (e.g. ``finetune.init``); a fine-tuning checkpoint or anything else is an error naming the file."""
+    from photoz_hpc.models.export import ENCODER_FORMAT, HEAD_PREFIX, encoder_state_from_moco
+
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise PhotozError(f"{what} {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
+        return {"config": {"model": blob["model"]}, "trunk": blob["state_dict"], "head": blob.get("projection_head")}
+    kind = checkpoint_task(blob)
+    if kind == "pretrain":
+        head = {k[len(HEAD_PREFIX):]: v for k, v in blob["model"].items() if k.startswith(HEAD_PREFIX)}
+        return {"config": blob["config"], "trunk": encoder_state_from_moco(blob["model"]), "head": head or None}
+    if kind == "finetune":
+        raise WrongCheckpointKind(f"{what} {path} is a fine-tuning checkpoint, not a MoCo pretraining checkpoint or "
+                                  "its encoder.pt")
+    raise PhotozError(f"{what} {path} is neither a MoCo pretraining checkpoint nor an encoder export")

@@ -29,9 +29,8 @@ from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import photoz_metrics
-from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
-from photoz_hpc.train.checkpoint import checkpoint_task
+from photoz_hpc.train.checkpoint import WrongCheckpointKind, read_pretrained_encoder
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
@@ -56,21 +55,10 @@ def encoder_init_state(init: str, model_cfg) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         raise ConfigError(f"finetune.init '{init}' is not a file (a pretraining checkpoint, an encoder.pt, or 'none')")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise PhotozError(f"finetune.init {path} is unreadable ({type(exc).__name__}: {exc})") from None
-    kind = checkpoint_task(blob)
-    if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
-        arch, state = blob["model"], blob["state_dict"]
-    elif kind == "pretrain":
-        arch = blob["config"]["model"]
-        prefix = "encoder_q.0."
-        state = {k[len(prefix):]: v for k, v in blob["model"].items() if k.startswith(prefix)}
-    elif kind == "finetune":
-        raise PhotozError(f"finetune.init {path} is a fine-tuning checkpoint: to continue that run use "
-                          "train.resume=PATH (or its out_dir); to start from its trunk, export it first")
-    else:
-        raise PhotozError(f"finetune.init {path} is neither a pretraining checkpoint nor an encoder export")
+        source = read_pretrained_encoder(path, "finetune.init")
+    except WrongCheckpointKind as exc:
+        raise PhotozError(f"{exc}: to continue that run use train.resume=PATH (or its out_dir)") from None
+    arch, state = source["config"]["model"], source["trunk"]
     want = {k: getattr(model_cfg, k) for k in _ARCH_KEYS}
     have = {k: arch.get(k) for k in _ARCH_KEYS}
     if want != have:
