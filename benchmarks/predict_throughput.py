@@ -41,7 +41,7 @@ def network_rate(net, device, batch: int, tta: int, autocast, repeats: int = 5) 
     """Galaxies/s of the forward passes alone: the best of ``repeats`` batches after one warm-up batch."""
     import torch
 
-    from photoz_hpc.evaluate.catalogue import batch_log_probs
+    from photoz_hpc.train.inference import batch_log_probs
 
     x = torch.randn(batch, 5, 64, 64, device=device)
     batch_log_probs(net, x, tta, autocast)

@@ -34,7 +34,6 @@ from photoz_hpc.evaluate.catalogue import (
     MANIFEST_NAME,
     PARTS_DIR,
     PredictOptions,
-    batch_log_probs,
     block,
     read_catalogue,
     run_predict,
@@ -43,6 +42,7 @@ from photoz_hpc.evaluate.catalogue import (
 from photoz_hpc.evaluate.pdfs import summarize_catalogue
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
 from photoz_hpc.redshift_grid import N_Z_BINS, z_bin_centres, z_bin_edges
+from photoz_hpc.train.inference import batch_log_probs
 
 TINY = [*TINY_MODEL, "augment.crop_size=16", "loader.backend=reference",
         "train.precision=fp32", "dist.backend=auto", "seed=1"]

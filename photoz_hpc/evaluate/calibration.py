@@ -203,9 +203,10 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
     from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_dict
     from photoz_hpc.data.splits import labeled_ids, load_ids
     from photoz_hpc.errors import DatasetError, PhotozError
-    from photoz_hpc.evaluate.catalogue import batch_log_probs, check_inputs
+    from photoz_hpc.evaluate.catalogue import check_inputs
     from photoz_hpc.evaluate.run import load_network
     from photoz_hpc.io_utils import atomic_write_json
+    from photoz_hpc.train.inference import batch_log_probs
     from photoz_hpc.train.precision import resolve_precision
     from photoz_hpc.train.runtime import run_with_comm, use_channels_last
 

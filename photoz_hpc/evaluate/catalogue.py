@@ -39,6 +39,7 @@ from photoz_hpc.evaluate.pdfs import summarize_catalogue
 from photoz_hpc.io_utils import atomic_path, atomic_write_json, sha256_file
 from photoz_hpc.logs import get_logger
 from photoz_hpc.redshift_grid import z_bin_edges
+from photoz_hpc.train.inference import MAX_TTA, batch_log_probs
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +57,6 @@ COLUMNS: dict[str, str] = {
     "z_spec": "float32", "dataset": "int32", "index": "int64",
 }
 PDF_COLUMN, PDF_DTYPE = "pdf", "float16"
-MAX_TTA = 4  # the four exact 90-degree rotations
 #: galaxies per forward pass by default: large on a GPU (no gradients to keep), moderate on a CPU
 #: (a ResNet-50 on 64x64 crops peaks at ~14 MB of fp32 activations per galaxy).
 DEFAULT_BATCH = {"cuda": 512, "cpu": 64}
@@ -257,30 +257,6 @@ def part_done(root: Path, part: Part, fmt: str, check_sha: bool = True) -> dict 
         log.warning("%s: checksum differs from its done marker: redoing the part", path)
         return None
     return done
-
-
-# ---------------------------------------------------------------------- the network over a batch
-
-
-def batch_log_probs(net, x, tta: int = 1, autocast=None, channels_last: bool = False):
-    """(B, n_bins) float32 log of the pdf averaged over ``tta`` 90-degree rotations of ``x`` (B, C, S, S):
-    log mean_r softmax(net(rot90(x, r))), computed by logsumexp so no tail underflows. Cost: ``tta`` forwards."""
-    import torch
-
-    if not 1 <= tta <= MAX_TTA:
-        raise PhotozError(f"--tta {tta}: test-time augmentation averages 1 to {MAX_TTA} exact 90-degree rotations")
-    outs = []
-    with torch.no_grad():
-        for r in range(tta):
-            xr = torch.rot90(x, r, dims=(2, 3)) if r else x
-            if channels_last:
-                xr = xr.contiguous(memory_format=torch.channels_last)
-            with autocast() if autocast is not None else torch.autocast(x.device.type, enabled=False):
-                logits = net(xr)
-            outs.append(torch.log_softmax(logits.float(), dim=1))
-        if tta == 1:
-            return outs[0]
-        return torch.logsumexp(torch.stack(outs), dim=0) - math.log(tta)
 
 
 def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, probs: np.ndarray, with_pdf: bool) -> dict[str, np.ndarray]:

@@ -7,12 +7,36 @@ predicted exactly once whatever the number of ranks.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from photoz_hpc.comm.base import Comm
+from photoz_hpc.errors import PhotozError
+
+MAX_TTA = 4  # the four exact 90-degree rotations
+
+
+def batch_log_probs(net, x, tta: int = 1, autocast=None, channels_last: bool = False):
+    """(B, n_bins) float32 log of the pdf averaged over ``tta`` 90-degree rotations of ``x`` (B, C, S, S):
+    log mean_r softmax(net(rot90(x, r))), computed by logsumexp so no tail underflows. Cost: ``tta`` forwards.
+    ``autocast``: the precision's context factory (None: fp32)."""
+    if not 1 <= tta <= MAX_TTA:
+        raise PhotozError(f"--tta {tta}: test-time augmentation averages 1 to {MAX_TTA} exact 90-degree rotations")
+    outs = []
+    with torch.no_grad():
+        for r in range(tta):
+            xr = torch.rot90(x, r, dims=(2, 3)) if r else x
+            if channels_last:
+                xr = xr.contiguous(memory_format=torch.channels_last)
+            with autocast() if autocast is not None else torch.autocast(x.device.type, enabled=False):
+                logits = net(xr)
+            outs.append(torch.log_softmax(logits.float(), dim=1))
+        if tta == 1:
+            return outs[0]
+        return torch.logsumexp(torch.stack(outs), dim=0) - math.log(tta)
 
 
 @torch.no_grad()
@@ -29,12 +53,8 @@ def predict(net: nn.Module, loader, comm: Comm, device: torch.device, autocast=N
     loader.set_epoch(0)
     try:
         for batch in loader:
-            x = batch["image"].to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-                logits = net(x)
-            probs = F.softmax(logits.float(), dim=1)
+            probs = batch_log_probs(net, batch["image"].to(device, non_blocking=True), 1, autocast,
+                                    channels_last).exp()
             rows_index.append(batch["index"].to(device))
             rows_valid.append(batch["valid"].to(device))
             rows_z.append(probs @ centres)
