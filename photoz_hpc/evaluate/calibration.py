@@ -195,24 +195,19 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
     """The ``calibrate`` command: the network over labeled galaxies on every rank (gathered: a validation
     set, not a survey), a temperature fitted on the calibration split, before/after on the evaluation split;
     rank 0 writes ``calibration.json`` and ``calibration.png`` under ``out_dir``."""
-    import dataclasses
 
-    import torch
 
     from photoz_hpc.augment.loaders import build_loader
-    from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_dict
     from photoz_hpc.data.splits import labeled_ids, load_ids
     from photoz_hpc.errors import DatasetError, PhotozError
     from photoz_hpc.evaluate.catalogue import check_inputs
     from photoz_hpc.evaluate.run import load_network
     from photoz_hpc.io_utils import atomic_write_json
-    from photoz_hpc.train.inference import batch_log_probs
+    from photoz_hpc.train.inference import predict
     from photoz_hpc.train.precision import resolve_precision
     from photoz_hpc.train.runtime import run_with_comm, use_channels_last
 
-    net, cfg, meta = load_network(checkpoint)
-    if overrides:
-        cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), overrides, FinetuneRunConfig), FinetuneRunConfig)
+    net, cfg, meta = load_network(checkpoint, overrides)
     (ds,) = check_inputs(net, cfg, [data])
     ids = load_ids(Path(ids_path)) if ids_path else labeled_ids(ds)
     z_all = ds.meta["specz_redshift"]
@@ -231,17 +226,9 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
         model = net.to(device).eval()
         loader = build_loader(cfg, ds, "eval", comm.rank, comm.world, cfg.seed, ids=ids, batch_size=batch_size,
                               device="gpu" if device.type == "cuda" else "cpu")
-        loader.set_epoch(0)
-        index, valid, logp = [], [], []
-        for batch in loader:
-            index.append(batch["index"].to(device))
-            valid.append(batch["valid"].to(device).to(torch.uint8))
-            logp.append(batch_log_probs(model, batch["image"].to(device), tta, prec.autocast, channels_last))
-        local = [torch.cat(t) for t in (index, valid, logp)]
-        index, valid, logp = ((comm.allgather(t) if comm.world > 1 else t).cpu().numpy() for t in local)
-        keep = valid.astype(bool)
-        order = np.argsort(index[keep], kind="stable")
-        index, logp = index[keep][order], logp[keep][order].astype(np.float64)
+        pred = predict(model, loader, comm, device, prec.autocast, channels_last=channels_last, tta=tta,
+                       with_log_probs=True)
+        index, logp = pred["index"], pred["log_probs"].astype(np.float64)
         report = None
         if comm.rank == 0:
             # ``index`` is sorted and holds every id once: the rows of each split are found by bisection

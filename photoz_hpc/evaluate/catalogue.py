@@ -476,7 +476,6 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
                 on_part: Callable[[Part, dict], None] | None = None) -> dict[str, Any]:
     """The ``predict`` command on every rank: checks (before any work), plan, this rank's parts, and the
     manifest once every part of the catalogue is done. ``report['preempted']``: stopped by a signal."""
-    from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_dict
     from photoz_hpc.evaluate.run import load_network
     from photoz_hpc.train.precision import resolve_precision
     from photoz_hpc.train.runtime import run_with_comm, use_channels_last
@@ -494,9 +493,7 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
     checkpoint = Path(checkpoint)
     task, n_tasks = parse_block(block_spec)
     overrides = list(overrides or [])
-    net, cfg, meta = load_network(checkpoint)
-    if overrides:
-        cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), overrides, FinetuneRunConfig), FinetuneRunConfig)
+    net, cfg, meta = load_network(checkpoint, overrides)
     datasets = check_inputs(net, cfg, list(data))
     root = Path(out)
     explicit_loader_device = any(o.split("=", 1)[0].strip() == "loader.device" for o in overrides)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from photoz_hpc.comm.base import Comm
-from photoz_hpc.config import FinetuneRunConfig, config_from_dict
+from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_dict
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.data.splits import labeled_ids, load_ids
 from photoz_hpc.errors import PhotozError
@@ -33,10 +33,18 @@ from photoz_hpc.train.precision import resolve_precision
 log = get_logger(__name__)
 
 
-def load_network(path: str | Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
-    """The network, the config it was trained with (loader/augment settings for evaluation) and the
-    file's metadata, from a photo-z model file (``best_model.pt``, ``photoz_model.pt``, an imported
-    paper model) or a fine-tuning checkpoint; a pretraining checkpoint or anything else is an error."""
+def load_network(path: str | Path, overrides: list[str] | None = None) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
+    """The network, the config it was trained with (loader/augment settings for evaluation; ``overrides``
+    applied) and the file's metadata, from a photo-z model file (``best_model.pt``, ``photoz_model.pt``, an
+    imported paper model) or a fine-tuning checkpoint; a pretraining checkpoint or anything else is an error."""
+    net, cfg, meta = _load_network(Path(path))
+    if overrides:
+        cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), list(overrides), FinetuneRunConfig),
+                               FinetuneRunConfig)
+    return net, cfg, meta
+
+
+def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
     path = Path(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -102,12 +110,9 @@ def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDat
 def run_evaluate(checkpoint: str | Path, data: str | Path, out_dir: str | Path | None, ids_path: str | Path | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
     """The ``evaluate`` command: load, set up device and communicator, evaluate, write outputs."""
-    from photoz_hpc.config import apply_overrides
     from photoz_hpc.train.runtime import run_with_comm
 
-    net, cfg, meta = load_network(checkpoint)
-    if overrides:
-        cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), overrides, FinetuneRunConfig), FinetuneRunConfig)
+    net, cfg, meta = load_network(checkpoint, overrides)
     ids = load_ids(Path(ids_path)) if ids_path else None
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "eval"
 

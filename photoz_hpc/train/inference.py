@@ -41,35 +41,39 @@ def batch_log_probs(net, x, tta: int = 1, autocast=None, channels_last: bool = F
 
 @torch.no_grad()
 def predict(net: nn.Module, loader, comm: Comm, device: torch.device, autocast=None, with_probs: bool = False,
-            channels_last: bool = False) -> dict[str, np.ndarray]:
-    """``{'index', 'z_phot'[, 'probs']}`` for every sample of ``loader`` (same arrays on every rank).
+            channels_last: bool = False, tta: int = 1, with_log_probs: bool = False) -> dict[str, np.ndarray]:
+    """``{'index', 'z_phot'[, 'probs'][, 'log_probs']}`` for every sample of ``loader`` (same arrays on every
+    rank); the pdfs are averaged over ``tta`` rotations (``batch_log_probs``).
 
     ``net`` maps images to bin logits and carries ``z_centres``; it is put in eval mode and restored.
     """
     was_training = net.training
     net.eval()
     centres = net.z_centres.to(device)
-    rows_index, rows_valid, rows_z, rows_p = [], [], [], []
+    rows: dict[str, list[torch.Tensor]] = {"index": [], "valid": [], "z_phot": []}
+    if with_probs:
+        rows["probs"] = []
+    if with_log_probs:
+        rows["log_probs"] = []
     loader.set_epoch(0)
     try:
         for batch in loader:
-            probs = batch_log_probs(net, batch["image"].to(device, non_blocking=True), 1, autocast,
-                                    channels_last).exp()
-            rows_index.append(batch["index"].to(device))
-            rows_valid.append(batch["valid"].to(device))
-            rows_z.append(probs @ centres)
+            log_p = batch_log_probs(net, batch["image"].to(device, non_blocking=True), tta, autocast, channels_last)
+            probs = log_p.exp()
+            rows["index"].append(batch["index"].to(device))
+            rows["valid"].append(batch["valid"].to(device))
+            rows["z_phot"].append(probs @ centres)
             if with_probs:
-                rows_p.append(probs)
+                rows["probs"].append(probs)
+            if with_log_probs:
+                rows["log_probs"].append(log_p)
     finally:
         net.train(was_training)
     n_bins = centres.numel()
-    local = {
-        "index": torch.cat(rows_index) if rows_index else torch.zeros(0, dtype=torch.long, device=device),
-        "valid": torch.cat(rows_valid) if rows_valid else torch.zeros(0, dtype=torch.bool, device=device),
-        "z_phot": torch.cat(rows_z) if rows_z else torch.zeros(0, device=device),
-    }
-    if with_probs:
-        local["probs"] = torch.cat(rows_p) if rows_p else torch.zeros(0, n_bins, device=device)
+    empty = {"index": torch.zeros(0, dtype=torch.long, device=device),
+             "valid": torch.zeros(0, dtype=torch.bool, device=device), "z_phot": torch.zeros(0, device=device),
+             "probs": torch.zeros(0, n_bins, device=device), "log_probs": torch.zeros(0, n_bins, device=device)}
+    local = {key: torch.cat(parts) if parts else empty[key] for key, parts in rows.items()}
     out = {}
     for key, t in local.items():
         t = t.to(torch.uint8) if t.dtype == torch.bool else t
