@@ -29,6 +29,12 @@ class EpochPlan:
         return len(self.ids)
 
 
+def eval_block(pool_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of the pool positions rank ``rank`` reads in evaluation (contiguous, ceil(n / world) each)."""
+    per_rank = -(-pool_size // world_size)
+    return min(pool_size, rank * per_rank), min(pool_size, (rank + 1) * per_rank)
+
+
 def batches_per_epoch(pool_size: int, batch_size: int, world_size: int, train: bool) -> int:
     """Batches each rank gets per epoch (the same on every rank)."""
     if train:
@@ -50,8 +56,8 @@ def plan_epoch(
         mine = perm[rank::world_size][: n_batches * batch_size]
         ids = mine.reshape(n_batches, batch_size)
         return EpochPlan(ids, np.ones_like(ids, dtype=bool))
-    per_rank = -(-len(pool) // world_size)
-    mine = pool[rank * per_rank : (rank + 1) * per_rank]
+    lo, hi = eval_block(len(pool), rank, world_size)
+    mine = pool[lo:hi]
     ids = np.full(n_batches * batch_size, PAD_ID, dtype=np.int64)
     ids[: len(mine)] = mine
     ids = ids.reshape(n_batches, batch_size)

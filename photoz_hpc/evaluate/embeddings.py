@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from photoz_hpc.augment.sampler import eval_block
 from photoz_hpc.config import Config, apply_overrides, config_from_dict
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.errors import DatasetError, PhotozError
@@ -106,12 +107,6 @@ def dataset_fingerprint(dataset: ShardedDataset) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def block(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[lo, hi) of the dataset ids rank ``rank`` embeds (the eval sampler's contiguous block)."""
-    per = -(-n // world)
-    return min(n, rank * per), min(n, (rank + 1) * per)
-
-
 def _part_names(rank: int) -> tuple[str, str]:
     return f"part-{rank:05d}.npy", f"part-{rank:05d}.ids.npy"
 
@@ -119,7 +114,7 @@ def _part_names(rank: int) -> tuple[str, str]:
 @torch.no_grad()
 def _embed_block(net: Embedder, loader, dataset: ShardedDataset, out: Path, rank: int, world: int,
                  device: torch.device, autocast) -> dict[str, Any]:
-    lo, hi = block(len(dataset), rank, world)
+    lo, hi = eval_block(len(dataset), rank, world)  # the eval loader's block of this rank
     vec_name, ids_name = _part_names(rank)
     tmp_vec, tmp_ids = out / f".{vec_name}.tmp", out / f".{ids_name}.tmp"
     vec = np.lib.format.open_memmap(tmp_vec, mode="w+", dtype=np.float32, shape=(hi - lo, net.dim))
