@@ -136,10 +136,11 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
             raise PhotozError(f"loss became {loss} at step {step}; lower optim.lr or use fp32/bf16")
         losses.append(loss)
         named = dict(zip(host["names"], values[1:-1], strict=True))
-        bar.set_postfix(ep=host["epoch"], loss=f"{loss:.3f}", img_s=f"{host['img_per_s']:.0f}",
-                        wait=f"{100 * host['data_wait_frac']:.0f}%", refresh=False)
+        scalars = host["scalars"]
+        bar.set_postfix(ep=host["epoch"], loss=f"{loss:.3f}", img_s=f"{scalars['img_per_s']:.0f}",
+                        wait=f"{100 * scalars['data_wait_frac']:.0f}%", refresh=False)
         if rank0 and (step % cfg.train.log_every == 0 or step == start_step + 1 or step == total):
-            metrics.log(step, {"epoch": host["epoch"], "loss": loss, **named, **host["scalars"]})
+            metrics.log(step, {"epoch": host["epoch"], "loss": loss, **named, **scalars})
         return stop
 
     try:
@@ -178,11 +179,10 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                 first_of_epoch = False
                 if watchdog is not None:
                     watchdog.beat(step)
-                host = {"epoch": epoch, "names": names, "img_per_s": task.global_batch / step_times["step_s"],
-                        "data_wait_frac": step_times["data_s"] / step_times["step_s"],
-                        "scalars": {**{k: v for k, v in res.items() if isinstance(v, float)},
-                                    "img_per_s": task.global_batch / step_times["step_s"],
-                                    "data_wait_frac": step_times["data_s"] / step_times["step_s"], **step_times}}
+                scalars = {**{k: v for k, v in res.items() if isinstance(v, float)},
+                           "img_per_s": task.global_batch / step_times["step_s"],
+                           "data_wait_frac": step_times["data_s"] / step_times["step_s"], **step_times}
+                host = {"epoch": epoch, "names": names, "scalars": scalars}
                 pending = (step, reduced, host)
                 bar.update(1)
                 if preempted:
