@@ -331,5 +331,5 @@ def run_finetune_on(cfg: FinetuneRunConfig, comm: Comm, device: torch.device, fl
                      f"held out {cfg.finetune.val_fraction:g} (split_seed {cfg.finetune.split_seed})"})
     own_loader, val_loader = finetune_loaders(cfg, comm, data)
     loader = loader or own_loader
-    task = FinetuneTask(cfg, comm, device, len(loader), data, val_loader, use_channels_last(cfg, device, comm))
+    task = FinetuneTask(cfg, comm, device, len(loader), data, val_loader, use_channels_last(cfg, device))
     return run_loop(cfg, task, loader, flag, device)

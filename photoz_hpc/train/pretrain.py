@@ -56,7 +56,7 @@ class Trainer:
         self.global_batch = self.batch * comm.world
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-        self.channels_last = use_channels_last(cfg, device, comm)
+        self.channels_last = use_channels_last(cfg, device)
         self.memory_format = memory_format_name(self.channels_last)
         torch.manual_seed(cfg.seed)  # identical initial weights everywhere (and broadcast anyway)
         model = build_moco(cfg, comm).to(device)

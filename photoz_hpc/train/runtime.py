@@ -79,7 +79,7 @@ def prepare_device(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def use_channels_last(cfg, device: torch.device, comm: Comm | None = None) -> bool:
+def use_channels_last(cfg, device: torch.device) -> bool:
     """Whether the network runs channels_last: ``model.channels_last`` 'auto' on GPUs only, true/false on
     every device and backend (Horovod is handed contiguous NHWC-ordered views of channels_last tensors, dist.py)."""
     setting = cfg.model.channels_last
