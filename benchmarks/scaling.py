@@ -10,13 +10,15 @@
 the torch backend as torchrun does (RANK, WORLD_SIZE, MASTER_ADDR/PORT, one process per rank; Gloo on CPU,
 NCCL on GPU), Horovod through ``horovodrun --gloo -np N``. Weak scaling keeps the per-rank batch
 (``--batch``), strong scaling the global batch (``--global-batch``, per rank global / N). Every run writes
-one JSON (``<kind>-<backend>-<queue>-n<N>.json``). On a cluster, run ``train_throughput.py --json`` under
-srun (``slurm/pretrain.sh``'s launch) once per node count into one directory and ``report`` it.
+one JSON (``<kind>-<backend>-<queue>-n<N>.json``). On a cluster, ``slurm/benchmark_scaling.sh --submit 1 2 4``
+runs ``train_throughput.py --json`` under srun once per node count, naming its JSONs the same way, and
+``report``s the directory.
 
 ``report`` merges every JSON it is given (files, or directories searched recursively) into one table:
 efficiency = throughput(N) / (N x throughput(1)) against the 1-rank run of the same kind, backend, queue
 mode and mode (weak: the same per-rank batch; strong: the same global batch), with the 95% intervals of the
-throughputs, and a plot of efficiency against ranks.
+throughputs, and a plot of efficiency against ranks. The kind is the JSON's ``kind`` (``run`` adds it), else
+the file name's prefix (``weak-...``, ``strong-...``).
 """
 
 from __future__ import annotations
@@ -115,10 +117,10 @@ def load_results(paths: list[str]) -> list[dict]:
     rows = []
     for f in files:
         blob = json.loads(f.read_text())
-        if blob.get("benchmark") != "train_throughput":
-            continue
+        if not isinstance(blob, dict) or blob.get("benchmark") != "train_throughput":
+            continue  # e.g. a report's own --json
+        kind = blob.get("kind") or _kind_from_name(f)
         for r in blob["results"]:
-            kind = blob.get("kind") or "weak"
             rows.append({"file": str(f), "kind": kind, "backend": blob.get("scaling_backend") or r["backend"],
                          "queue_mode": blob.get("queue_mode"), "mode": r["mode"], "ranks": r["world_size"],
                          "batch_per_rank": r["batch_per_rank"], "global_batch": r["global_batch"],
@@ -128,6 +130,12 @@ def load_results(paths: list[str]) -> list[dict]:
                          "bn_mode": blob.get("bn_mode"),
                          "gpu": blob.get("gpu"), "date": blob.get("date"), "load": blob.get("load_avg_before")})
     return rows
+
+
+def _kind_from_name(path: Path) -> str:
+    """weak or strong from a ``<kind>-<backend>-<queue>-n<N>.json`` name (weak when the name does not say)."""
+    prefix = path.name.split("-", 1)[0]
+    return prefix if prefix in ("weak", "strong") else "weak"
 
 
 def efficiencies(rows: list[dict]) -> list[dict]:

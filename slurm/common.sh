@@ -5,6 +5,7 @@
 #                         fails here, at once, with a message naming the problem, before any srun
 #   photoz_record DIR     append the versions and topology of this launch to DIR/launch.log
 #   photoz_stage VAR      copy the dataset named by $VAR to node-local storage (PHOTOZ_STAGE=1), checksums verified
+#   photoz_unstage        remove those copies again (photoz_finish does)
 #   photoz_srun DIR ...   srun the ranks, surviving pre-emption signals; sets $rc (retries a step that failed to launch)
 #   photoz_finish DIR     log the exit code; on "pre-empted, checkpoint saved" requeue this job (or array task)
 # Variables (all optional): PHOTOZ_SITE (site name -> slurm/sites/NAME.env, or a file), PYTHON, PHOTOZ_SRUN_MPI
@@ -123,22 +124,47 @@ EOF
 
 # Node-local staging (PHOTOZ_STAGE=1): copy the dataset in $VAR once per node to PHOTOZ_STAGE_DIR (default
 # $TMPDIR or /tmp), verify every shard checksum there, and point $VAR at the copy (the same path on every node).
+# A shard that fails its checksum (corrupt in the source, or a bad copy) fails the job at once, naming the file;
+# the copy is removed again by photoz_unstage (photoz_finish calls it).
 photoz_stage() {
   local var=$1 src dest
   [[ ${PHOTOZ_STAGE:-0} == 1 ]] || return 0
   src=${!var}
   [[ -n $src ]] || photoz_die "PHOTOZ_STAGE=1 needs $var (the dataset directory to stage)"
-  dest=${PHOTOZ_STAGE_DIR:-${TMPDIR:-/tmp}}/photoz-${SLURM_JOB_ID:-$$}/$(basename "$src")
+  PHOTOZ_STAGED_ROOT=${PHOTOZ_STAGE_DIR:-${TMPDIR:-/tmp}}/photoz-${SLURM_JOB_ID:-$$}
+  dest=$PHOTOZ_STAGED_ROOT/$(basename "$src")
   photoz_log "staging $src to node-local $dest (one copy per node, checksums verified)"
-  local copy=(bash -c 'set -e; mkdir -p "$2"; cp -r "$1/." "$2/"; "$3" -m photoz_hpc verify "$2" >/dev/null' photoz-stage "$src" "$dest" "$PYTHON")
+  # shellcheck disable=SC2016  # expanded by the copying shell on each node
+  local copy=(bash -c 'src=$1 dest=$2
+    rm -rf "$dest" && mkdir -p "$dest" && cp -r "$src/." "$dest/" \
+      || { echo "photoz: staging on $(hostname): copying $src to $dest failed (disk full?)" >&2; exit 1; }
+    if ! out=$("$3" -m photoz_hpc verify "$dest" 2>&1); then
+      rm -rf "$dest"
+      printf "photoz: staging on %s: the copy of %s fails verification (a corrupt shard in the source, or a bad copy):\n%s\n" \
+        "$(hostname)" "$src" "${out//"$dest"/"$src"}" >&2
+      exit 1
+    fi
+    echo "photoz: staged $src on $(hostname) in $dest (checksums verified)" >&2' photoz-stage "$src" "$dest" "$PYTHON")
   if [[ -n ${SLURM_JOB_ID:-} ]]; then
     srun --mpi=none --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --kill-on-bad-exit=1 "${copy[@]}" \
-      || photoz_die "staging $src to $dest failed (disk full, or a checksum mismatch: see above)"
+      || photoz_die "staging $src to $dest failed (see above): nothing was launched"
   else
-    "${copy[@]}" || photoz_die "staging $src to $dest failed"
+    "${copy[@]}" || photoz_die "staging $src to $dest failed (see above)"
   fi
   printf -v "$var" '%s' "$dest"
   export "${var?}"
+}
+
+# Remove the node-local copies of photoz_stage (one step per node; a no-op when nothing was staged).
+photoz_unstage() {
+  [[ -n ${PHOTOZ_STAGED_ROOT:-} ]] || return 0
+  if [[ -n ${SLURM_JOB_ID:-} ]]; then
+    srun --mpi=none --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" \
+      --kill-on-bad-exit=0 rm -rf -- "$PHOTOZ_STAGED_ROOT" || photoz_log "could not remove the staged copies in $PHOTOZ_STAGED_ROOT"
+  else
+    rm -rf -- "$PHOTOZ_STAGED_ROOT"
+  fi
+  PHOTOZ_STAGED_ROOT=""
 }
 
 # Wait (at most $1 s) until no slurmstepd of an earlier step of this job is left on any of its nodes. srun returns,
@@ -208,10 +234,11 @@ photoz_srun() {
   done
 }
 
-# Log the exit code; on PHOTOZ_EXIT_PREEMPTED requeue, once the last step has left every node, and exit 0.
+# Log the exit code, remove staged copies; on PHOTOZ_EXIT_PREEMPTED requeue, once the last step has left every node, and exit 0.
 photoz_finish() {
   local dir=$1
   echo "== $(date -Is) exit code $rc" >> "$dir/launch.log"
+  photoz_unstage                                   # a requeued job stages again (perhaps on other nodes)
   if [[ $rc -eq $PHOTOZ_EXIT_PREEMPTED && -n ${SLURM_JOB_ID:-} ]]; then
     echo "pre-empted or out of time: checkpoint saved, requeueing job ${SLURM_JOB_ID}"
     photoz_wait_steps_gone 60

@@ -45,10 +45,10 @@ if changed and sys.argv[2] != "report":
     sys.exit(f"task {changed[0][0].index}: {changed[0][0].dir} was run with another config ({changed[0][1]}): "
              "move that directory away or use a new runs_dir")
 state = states[0][0] if len(chosen) == 1 else "-"
-print(sweep.runs_dir, len(pairs), state, chosen[0][0].dir if len(chosen) == 1 else sweep.runs_dir)
+print(sweep.runs_dir, len(pairs), state, chosen[0][0].dir if len(chosen) == 1 else sweep.runs_dir, sep="\t")  # paths may hold spaces
 PY
 ) || photoz_die "sweep: ${plan##*$'\n'}"
-read -r runs_dir n_tasks state task_dir <<< "${plan##*$'\n'}"
+IFS=$'\t' read -r runs_dir n_tasks state task_dir <<< "${plan##*$'\n'}"
 logs=$runs_dir/logs
 mkdir -p "$logs"
 
