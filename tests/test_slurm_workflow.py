@@ -33,9 +33,10 @@ def _dataset(release_h5, tmp_path: Path) -> Path:
     return prepare([release_h5("train.h5", 160, seed=7)], tmp_path / "ds", samples_per_shard=64)
 
 
-def _sweep_file(tmp_path: Path, ds: Path, methods, fractions, seeds, steps: int, encoder: str = "") -> Path:
+def _sweep_file(tmp_path: Path, ds: Path, methods, fractions, seeds, steps: int, encoder: str = "",
+                runs: str = "sweep") -> Path:
     sweep = {"methods": methods, "fractions": fractions, "seeds": seeds,
-             "finetune_config": str(REPO / "configs" / "finetune.yaml"), "runs_dir": str(tmp_path / "sweep"),
+             "finetune_config": str(REPO / "configs" / "finetune.yaml"), "runs_dir": str(tmp_path / runs),
              "overrides": [f"data.path={ds}", f"train.max_steps={steps}", *TINY_FT]}
     if encoder:
         sweep["encoder"] = encoder
@@ -57,13 +58,13 @@ def test_sweep_job_array_concurrent_preempted_task_resumes_then_report(release_h
     """4 array tasks at once; task 0 gets SIGUSR1, checkpoints, requeues, resumes; resubmission skips; the report."""
     require_slurm()
     ds = _dataset(release_h5, tmp_path)
-    sweep = _sweep_file(tmp_path, ds, ["supervised"], [0.5, 1.0], [0, 1], steps=60)
+    sweep = _sweep_file(tmp_path, ds, ["supervised"], [0.5, 1.0], [0, 1], steps=60, runs="sweep runs")  # a space
     env = {"PHOTOZ_SWEEP": str(sweep)}
     out = tmp_path / "out"
     out.mkdir()
     opts = (*SMALL, "--oversubscribe", "--array=0-3%4", f"--output={out}/task-%a.out")
     array = submit("slurm/finetune_sweep.sh", sbatch_opts=opts, env=env)
-    runs = tmp_path / "sweep"
+    runs = tmp_path / "sweep runs"
     task0 = runs / "supervised" / "0.5" / "0"
     log0 = runs / "logs" / "task-0" / "launch.log"
 
