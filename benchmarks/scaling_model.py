@@ -12,9 +12,10 @@ the goal, 256 images / 4,000 img/s = 64 ms, marked as not measured). Per step an
   (``overlap`` x the backward's share of the step, 2/4 of MoCo's FLOPs), the rest exposed;
 * shuffle-BN (``shuffle``): all-gather of the key images (B x 5 x S x S x 4 bytes per rank: every rank
   receives (N - 1) times that) and of the keys (B x d x 4), in the forward, not overlapped; grows with N.
-  ``shuffle-node`` shuffles within a node only (NVLink; the leak bound rises from 1/N to 1/g of keys
-  normalised with their own query's batch, zero with a rank derangement); ``sync`` all-reduces (sum, sum of
-  squares) per BN layer in the query forward and backward and the key forward (latency-bound); ``none`` none;
+  ``shuffle-node`` (the same ``moco.bn_mode``) shuffles within a node only (NVLink; the leak bound rises
+  from 1/N to 1/g of keys normalised with their own query's batch, zero with a rank derangement); ``sync``
+  all-reduces (sum, sum of squares) per BN layer in the query forward and backward and the key forward
+  (latency-bound); ``none`` none;
 * queue (``sharded``): all-gather of the queries (B x d x 4) and their gradients' all-reduce (N B d x 4) in
   the backward, two all-reduces of N B scalars forwards and one backwards; ``replicated``: all-gather of the
   keys; ``local``: none;

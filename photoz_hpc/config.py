@@ -135,13 +135,17 @@ class MocoConfig:
     momentum: float = 0.999
     momentum_schedule: Literal["constant", "cosine"] = "constant"
     temperature: float = 0.2
-    bn_mode: Literal["shuffle", "sync", "none"] = "shuffle"
+    # shuffle-node: keys shuffled among the ranks of a node only ('shuffle_node' is read as it)
+    bn_mode: Literal["shuffle", "shuffle-node", "shuffle_node", "sync", "none"] = "shuffle"
     queue_mode: Literal["sharded", "local", "replicated"] = "sharded"
-    # bn_mode 'shuffle' on one process: BN statistics per sub-batch of loader.batch_size / bn_splits
-    # (must divide it); 1 = plain BN (the query/key BatchNorm leak). Unused with several ranks.
+    # keys shuffled within one rank (bn_mode 'shuffle' on one process, 'shuffle-node' with one rank per
+    # node): BN statistics per sub-batch of loader.batch_size / bn_splits (must divide it); 1 = plain BN
+    # (the query/key BatchNorm leak). Unused when keys are shuffled across ranks.
     bn_splits: int = 8
 
     def __post_init__(self) -> None:
+        if self.bn_mode == "shuffle_node":
+            self.bn_mode = "shuffle-node"
         _check_range("moco.queue_size", self.queue_size, 1)
         _check_range("moco.bn_splits", self.bn_splits, 1)
         _check_range("moco.momentum", self.momentum, 0.0, 1.0)

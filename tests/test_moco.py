@@ -1,4 +1,5 @@
-"""MoCo v2 pieces, single process: momentum update, queue fill/wrap, sharded layout, fp32 loss."""
+"""MoCo v2 pieces, single process: momentum update, queue fill/wrap, sharded layout, fp32 loss, split BN,
+and what node-local shuffle-BN needs that one process can check (config, errors, the node layout)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from photoz_hpc.comm.base import Comm
+from photoz_hpc.comm.nodes import LOCAL_SIZE_VARS, env_local_size, node_groups
 from photoz_hpc.config import load_config
-from photoz_hpc.errors import ConfigError
+from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.models.moco import MoCo, build_moco
 from photoz_hpc.models.momentum import momentum_at
 from photoz_hpc.models.queue import (
@@ -267,3 +269,58 @@ def test_split_bn_training_step_has_finite_gradients_and_enqueues() -> None:
     out["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.encoder_q.parameters())
     assert int(m.queue_ptr) == 8
+
+
+# ---------------------------------------------------------------- node-local shuffle-BN (moco.bn_mode=shuffle-node)
+
+
+def test_shuffle_node_config_alias_and_bad_modes() -> None:
+    assert load_config(None, ["moco.bn_mode=shuffle-node"]).moco.bn_mode == "shuffle-node"
+    assert load_config(None, ["moco.bn_mode=shuffle_node"]).moco.bn_mode == "shuffle-node"  # alias, normalised
+    with pytest.raises(ConfigError, match=r"moco\.bn_mode' = 'node' is not one of .*'shuffle-node'"):
+        load_config(None, ["moco.bn_mode=node"])
+
+
+def test_shuffle_node_on_one_process_is_single_process_shuffle() -> None:
+    """A one-rank node has nobody to shuffle with: split BN and the seeded local permutation, as 'shuffle'."""
+    node, glob = tiny(bn_mode="shuffle-node", bn_splits=4), tiny(bn_mode="shuffle", bn_splits=4)
+    assert node.bn_splits == glob.bn_splits == 4
+    x = torch.randn(8, 5, 12, 12)
+    torch.testing.assert_close(node.encode_keys(x, shuffle_seed=3), glob.encode_keys(x, shuffle_seed=3), rtol=0, atol=0)
+
+
+def test_shuffle_node_without_node_groups_names_the_key_and_backend() -> None:
+    comm = Comm()
+    comm.node_error = "local ranks by rank: [0, 0, 1, 1]"
+    with pytest.raises(ConfigError, match=r"moco\.bn_mode 'shuffle-node' with dist\.backend 'none': local ranks"):
+        tiny(bn_mode="shuffle-node", comm=comm)
+    with pytest.raises(PhotozError, match="no node-local collectives with dist.backend 'none'"):
+        comm.allgather_node(torch.zeros(2))
+    assert tiny(bn_mode="shuffle", comm=comm).bn_mode == "shuffle"  # other modes do not need node groups
+
+
+def test_node_groups_are_consecutive_blocks_of_one_size() -> None:
+    assert node_groups([0, 1, 0, 1]) == [[0, 1], [2, 3]]
+    assert node_groups([0, 0]) == [[0], [1]] and node_groups([0, 1]) == [[0, 1]]
+    for bad in ([0, 0, 1, 1], [0, 1, 0], [1, 0]):  # cyclic placement, unequal nodes, no local rank 0 first
+        with pytest.raises(PhotozError, match=r"consecutive and equally many; local ranks by rank"):
+            node_groups(bad)
+
+
+def test_horovod_process_sets_come_from_the_launchers_ranks_per_node(monkeypatch) -> None:
+    """Horovod takes its process sets at hvd.init: one per node when the launcher states the ranks per node
+    and there are several nodes of several ranks; none otherwise (the global set or no traffic suffices)."""
+    from types import SimpleNamespace
+
+    from photoz_hpc.comm.horovod_comm import node_process_sets
+
+    hvd = SimpleNamespace(ProcessSet=list)
+    for key in (*LOCAL_SIZE_VARS, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    assert env_local_size() is None and node_process_sets(hvd, 8) == []
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2)")
+    assert env_local_size() == 4 and node_process_sets(hvd, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    monkeypatch.setenv("HOROVOD_LOCAL_SIZE", "2")
+    assert node_process_sets(hvd, 4) == [[0, 1], [2, 3]] and node_process_sets(hvd, 2) == []
+    monkeypatch.setenv("HOROVOD_LOCAL_SIZE", "1")
+    assert node_process_sets(hvd, 4) == []

@@ -1,6 +1,8 @@
 """The one communication interface and its serial implementation.
 
-Interface: ``rank``, ``local_rank``, ``world``; tensors: ``allreduce(t, op)``, ``allgather(t)``; small
+Interface: ``rank``, ``local_rank``, ``world``; tensors: ``allreduce(t, op)``, ``allgather(t)``, and
+``allgather_node(t)`` among this rank's node (``node_size`` ranks, ours at ``node_rank``; ``node_error`` says
+why a launch has no usable node groups, see ``nodes.py``); small
 Python objects: ``allgather_object``, ``broadcast_object``, ``gather_object``; host arrays:
 ``allreduce_array`` and ``barrier`` (data preparation); the three training hooks (``wrap_model``,
 ``wrap_optimizer``, ``broadcast_state``); ``shutdown``. Collectives return new tensors and accumulate
@@ -18,9 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from photoz_hpc.comm.nodes import node_groups
+from photoz_hpc.errors import PhotozError
+
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message says which rank(s) did not respond, when known."""
+
+#: ``node_error`` of a multi-rank communicator made without ``init_comm(node_groups=True)``.
+NO_NODE_GROUPS = "node groups were not set up (init_comm(..., node_groups=True), as moco.bn_mode 'shuffle-node' asks)"
 
 
 class Comm:
@@ -33,6 +41,8 @@ class Comm:
         self.comm_seconds = 0.0
         self.calls = 0  # explicit collectives entered (same sequence on every rank)
         self.timeout_s = 0.0
+        self.node_size, self.node_rank = 1, 0  # the ranks sharing our node, and our place among them
+        self.node_error: str | None = None  # why node groups are unusable (ranks of a node not in one block)
 
     # -- tensors
     def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -42,6 +52,12 @@ class Comm:
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         return t.clone()
+
+    def allgather_node(self, t: torch.Tensor) -> torch.Tensor:
+        """``allgather`` among the ``node_size`` ranks of our node only (fast links, traffic independent of
+        ``world``); rows in node-rank order. A one-rank node moves nothing."""
+        self._check_node()
+        return t.detach().clone()
 
     # -- python objects (small: paths, RNG and loader states)
     def allgather_object(self, obj: Any) -> list[Any]:
@@ -85,6 +101,23 @@ class Comm:
         return "cannot tell which rank did not respond (no heartbeat channel)"
 
     # -- helpers
+    def _find_node(self) -> list[list[int]] | None:
+        """Every node's ranks (a collective: all local ranks), setting ``node_size`` and ``node_rank``; None,
+        with ``node_error`` set, when the nodes are not blocks of consecutive ranks of one size."""
+        try:
+            groups = node_groups(self.allgather_object(self.local_rank))
+        except PhotozError as exc:
+            self.node_error = str(exc)
+            return None
+        mine = next(g for g in groups if self.rank in g)
+        self.node_size, self.node_rank = len(mine), mine.index(self.rank)
+        return groups
+
+    def _check_node(self) -> None:
+        if self.node_error:
+            raise PhotozError(f"rank {self.rank}: no node-local collectives with dist.backend '{self.name}': "
+                              f"{self.node_error}")
+
     def _timed(self, fn, *args, **kw):
         self.calls += 1
         t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """Horovod (MPI or Gloo controller, NCCL on GPU): ``hvd.DistributedOptimizer`` averages gradients;
-horovodrun's rendezvous key-value server is the side channel. Horovod needs contiguous tensors: a
+horovodrun's rendezvous key-value server is the side channel; node-local all-gathers run on one process
+set per node, made at ``hvd.init``. Horovod needs contiguous tensors: a
 channels_last model's weights and gradients are handed over as contiguous views (``horovod_view``)."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import urllib.request
 
 import torch
 
-from photoz_hpc.comm.base import Comm
+from photoz_hpc.comm.base import NO_NODE_GROUPS, Comm
 from photoz_hpc.comm.devices import cuda_device_index
 from photoz_hpc.comm.liveness import Heartbeat
+from photoz_hpc.comm.nodes import LOCAL_SIZE_VARS, env_local_size, uniform_groups
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.launch_env import LaunchEnv, detect_env
 
@@ -52,6 +54,26 @@ class HorovodViews:
         return tensor.permute(0, 3, 1, 2) if permuted else tensor
 
 
+def node_process_sets(hvd, world: int) -> list:
+    """One Horovod process set per node, for ``hvd.init``: adding sets later needs
+    HOROVOD_DYNAMIC_PROCESS_SETS=1, which slows every Horovod op. The nodes come from the ranks per node
+    the launcher states; none for a single node or one-rank nodes (no set needed)."""
+    local = env_local_size()
+    if local is None or not 1 < local < world or world % local:
+        return []
+    return [hvd.ProcessSet(ranks) for ranks in uniform_groups(world, local)]
+
+
+def not_one_job(env: LaunchEnv, what: str) -> ConfigError:
+    """The launcher started ``env.world`` tasks that did not join one Horovod job: e.g. srun without (or
+    with the wrong) --mpi plugin, where every task initialises MPI alone and would train on its own, all of
+    them writing the same out_dir."""
+    return ConfigError(
+        f"{what} but {env.launcher} launched {env.world} tasks: the tasks did not join one job. Under srun "
+        "pass the --mpi plugin your MPI was built for (slurm/pretrain.sh: PHOTOZ_SRUN_MPI, default pmix), use "
+        "mpirun/horovodrun, or dist.backend=torch")
+
+
 def call_site(skip: str = __file__) -> str:
     """``module.function.line`` of the nearest caller outside the file ``skip`` (a stable collective name)."""
     f = sys._getframe(1)
@@ -67,7 +89,8 @@ class HorovodComm(Heartbeat, Comm):
 
     name = "horovod"
 
-    def __init__(self, timeout_s: float, device_type: str, env: LaunchEnv | None = None) -> None:
+    def __init__(self, timeout_s: float, device_type: str, env: LaunchEnv | None = None,
+                 node_groups: bool = False) -> None:
         super().__init__()
         # Stall detection turns a dead/hung peer into an error instead of a silent hang.
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(5, int(timeout_s // 4))))
@@ -75,20 +98,37 @@ class HorovodComm(Heartbeat, Comm):
         import horovod.torch as hvd
 
         self.hvd = hvd
-        hvd.init()
-        self.rank, self.local_rank, self.world = hvd.rank(), hvd.local_rank(), hvd.size()
         env = detect_env() if env is None else env
+        node_sets = node_process_sets(hvd, env.world) if node_groups else []
+        try:
+            hvd.init(process_sets=node_sets)
+        except ValueError as exc:  # a process set with ranks Horovod does not have: not one job
+            raise not_one_job(env, f"hvd.init failed with process sets {[ps.ranks for ps in node_sets]}") from exc
+        self.rank, self.local_rank, self.world = hvd.rank(), hvd.local_rank(), hvd.size()
         if env.world > 1 and self.world != env.world:
-            # e.g. srun without (or with the wrong) --mpi plugin: every task initialises MPI alone and
-            # would train on its own, all of them writing the same out_dir.
             hvd.shutdown()
-            raise ConfigError(
-                f"Horovod connected {self.world} rank(s) but {env.launcher} launched {env.world} tasks: the tasks "
-                "did not join one job. Under srun pass the --mpi plugin your MPI was built for (slurm/pretrain.sh: "
-                "PHOTOZ_SRUN_MPI, default pmix), use mpirun/horovodrun, or dist.backend=torch")
+            raise not_one_job(env, f"Horovod connected {self.world} rank(s)")
         if device_type == "cuda":
             torch.cuda.set_device(cuda_device_index(self.local_rank))
+        if node_groups:
+            self._init_node_set(node_sets)
+        else:
+            self._node_set, self.node_error = hvd.global_process_set, NO_NODE_GROUPS
         self._start_heartbeat(timeout_s)
+
+    def _init_node_set(self, node_sets: list) -> None:
+        """Our node's process set for ``allgather_node``: the one made at ``hvd.init`` with our node's ranks
+        (as Horovod reports local ranks); a single node uses the global set, one-rank nodes need none."""
+        groups = self._find_node()
+        self._node_set = self.hvd.global_process_set
+        if groups is None or not 1 < self.node_size < self.world:
+            return
+        mine = next(g for g in groups if self.rank in g)
+        self._node_set = next((ps for ps in node_sets if ps.ranks == mine), None)
+        if self._node_set is None:
+            self.node_error = (
+                f"Horovod takes its process sets at hvd.init, but the launch environment did not state the "
+                f"{self.node_size} ranks per node ({', '.join(LOCAL_SIZE_VARS)} or SLURM_STEP_TASKS_PER_NODE)")
 
     def _kv_url(self, key: str) -> str:
         # horovodrun --gloo's rendezvous server (a plain HTTP key-value store); absent under mpirun
@@ -130,6 +170,14 @@ class HorovodComm(Heartbeat, Comm):
 
     def allgather(self, t):
         return self._allgather(t, "allgather")
+
+    def allgather_node(self, t):
+        self._check_node()
+        if self.node_size == 1:
+            return t.detach().clone()
+        t = t.detach().contiguous()
+        return self._timed(self.hvd.allgather, t, name=self._name("allgather_node", t, gather=True),
+                           process_set=self._node_set)
 
     def _allgather(self, t, kind):
         t = t.detach().contiguous()

@@ -51,7 +51,9 @@ class MPIComm(Comm):
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.world = self._comm.Get_size()
-        self.local_rank = self._comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        self._node = self._comm.Split_type(MPI.COMM_TYPE_SHARED)  # in global-rank order
+        self.local_rank = self.node_rank = self._node.Get_rank()
+        self.node_size = self._node.Get_size()
         slurm_tasks = int(os.environ.get("SLURM_NTASKS", "0") or 0) if "SLURM_PROCID" in os.environ else 0
         if slurm_tasks > 1 and self.world != slurm_tasks:
             raise PhotozError(
@@ -89,4 +91,8 @@ class MPIComm(Comm):
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         parts = self._comm.allgather(t.detach().cpu().numpy())
+        return torch.as_tensor(np.concatenate(parts), device=t.device)
+
+    def allgather_node(self, t: torch.Tensor) -> torch.Tensor:
+        parts = self._node.allgather(t.detach().cpu().numpy())
         return torch.as_tensor(np.concatenate(parts), device=t.device)

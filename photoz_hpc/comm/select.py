@@ -21,8 +21,11 @@ def resolve_backend(requested: str, env: LaunchEnv) -> str:
     return "torch" if env.world > 1 else "none"
 
 
-def init_comm(backend: str = "auto", timeout_s: float = 600.0, device_type: str = "cpu") -> Comm:
-    """Create the communicator for ``dist.backend``; errors say what is missing."""
+def init_comm(backend: str = "auto", timeout_s: float = 600.0, device_type: str = "cpu",
+              node_groups: bool = False) -> Comm:
+    """Create the communicator for ``dist.backend``; errors say what is missing. ``node_groups``: also set up
+    the per-node groups of ``Comm.allgather_node`` (``moco.bn_mode: shuffle-node``; off by default, so other
+    runs make no extra groups or Horovod process sets)."""
     env = detect_env()
     backend = resolve_backend(backend, env)
     if backend == "none":
@@ -32,9 +35,9 @@ def init_comm(backend: str = "auto", timeout_s: float = 600.0, device_type: str 
     if backend == "horovod":
         if not horovod_available():
             raise ConfigError("dist.backend 'horovod' but 'import horovod.torch' fails: run launch/install_horovod.sh")
-        return HorovodComm(timeout_s, device_type, env)
+        return HorovodComm(timeout_s, device_type, env, node_groups)
     if backend == "torch":
-        return TorchComm(env, timeout_s, device_type)
+        return TorchComm(env, timeout_s, device_type, node_groups)
     raise ConfigError(f"dist.backend '{backend}' is not one of ['auto', 'horovod', 'torch', 'none']")
 
 

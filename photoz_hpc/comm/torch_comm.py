@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from photoz_hpc.comm.base import Comm
+from photoz_hpc.comm.base import NO_NODE_GROUPS, Comm
 from photoz_hpc.comm.devices import cuda_device_index
 from photoz_hpc.comm.liveness import Heartbeat
 from photoz_hpc.launch_env import LaunchEnv
@@ -19,12 +19,13 @@ class TorchComm(Heartbeat, Comm):
     """torch.distributed: NCCL on GPU, Gloo on CPU; DDP for the gradients.
 
     MoCo/metric collectives run on their own process group so they can never interleave with
-    DDP's bucketed all-reduces (they are issued from inside the autograd backward).
+    DDP's bucketed all-reduces (they are issued from inside the autograd backward); node-local
+    all-gathers on a group per node (``nodes.py``).
     """
 
     name = "torch"
 
-    def __init__(self, env: LaunchEnv, timeout_s: float, device_type: str) -> None:
+    def __init__(self, env: LaunchEnv, timeout_s: float, device_type: str, node_groups: bool = False) -> None:
         super().__init__()
         import torch.distributed as dist
 
@@ -41,7 +42,24 @@ class TorchComm(Heartbeat, Comm):
             dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=timeout)
         self.group = dist.new_group(backend=backend, timeout=timeout)
         self.obj_group = dist.new_group(backend="gloo", timeout=timeout)
+        self.node_group = self.group
+        if node_groups:
+            self._init_node_group(backend, timeout)
+        else:
+            self.node_error = NO_NODE_GROUPS
         self._start_heartbeat(timeout_s)
+
+    def _init_node_group(self, backend: str, timeout: datetime.timedelta) -> None:
+        """Our node's process group for ``allgather_node``. torch needs every rank to create every group, in
+        the same order; a single node uses the world's group, one-rank nodes need none."""
+        groups = self._find_node()
+        self.node_group = self.group
+        if groups is None or not 1 < self.node_size < self.world:
+            return
+        for ranks in groups:
+            group = self.dist.new_group(ranks, backend=backend, timeout=timeout)
+            if self.rank in ranks:
+                self.node_group = group
 
     def _store(self):
         if getattr(self, "_kv", None) is None:
@@ -64,10 +82,19 @@ class TorchComm(Heartbeat, Comm):
         return out / self.world if op == "mean" else out
 
     def allgather(self, t):
+        return self._gather(t, self.group, self.world)
+
+    def allgather_node(self, t):
+        self._check_node()
+        if self.node_size == 1:
+            return t.detach().clone()
+        return self._gather(t, self.node_group, self.node_size)
+
+    def _gather(self, t, group, size: int):
         t = t.detach().contiguous()
-        out = torch.empty((self.world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        out = torch.empty((size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         gather = getattr(self.dist, "all_gather_single", None) or self.dist.all_gather_into_tensor
-        self._timed(gather, out, t, group=self.group)
+        self._timed(gather, out, t, group=group)
         return out
 
     def allgather_object(self, obj):

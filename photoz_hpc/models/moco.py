@@ -4,8 +4,10 @@ Query encoder = ResNet + 2-layer MLP head; key encoder = its momentum copy. The 
 are registered buffers (this rank's part, see ``queue.py``). ``forward`` updates the key encoder,
 encodes keys (with shuffle-BN or SyncBN), computes the InfoNCE loss in fp32 and enqueues the keys.
 
-Shuffle-BN on one process (``bn_mode='shuffle'``, world 1, ``bn_splits`` > 1) follows the reference's
-single-GPU recipe: both encoders use ``SplitBatchNorm2d`` (training statistics per sub-batch of
+Shuffle-BN permutes the key batch among a group of ranks: all of them (``bn_mode='shuffle'``, the
+reference) or the ranks of this node only (``'shuffle-node'``: traffic independent of the world size).
+A group of one rank (one process, or one rank per node) follows the reference's single-GPU recipe
+(``bn_splits`` > 1): both encoders use ``SplitBatchNorm2d`` (training statistics per sub-batch of
 B / bn_splits) and the key batch is permuted (seeded like the distributed shuffle) before encoding
 and un-permuted after, so a query and its key are normalised with statistics of different samples.
 """
@@ -13,6 +15,7 @@ and un-permuted after, so a query and its key are normalised with statistics of 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,8 @@ from photoz_hpc.models.queue import (
 )
 from photoz_hpc.models.resnet import build_encoder, convert_split_bn
 
-BN_MODES = ("shuffle", "sync", "none")
+BN_MODES = ("shuffle", "shuffle-node", "sync", "none")
+SHUFFLE_MODES = ("shuffle", "shuffle-node")
 
 
 def seeded_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -68,10 +72,12 @@ class MoCo(nn.Module):
         self._comm = SharedHandle(comm or Comm())
         world = self.comm.world
         check_queue_size(queue_size, world, batch_size)
+        check_node_groups(bn_mode, self.comm)
         self.dim, self.queue_size, self.temperature = dim, queue_size, temperature
         self.queue_mode, self.bn_mode, self.batch_size = queue_mode, bn_mode, batch_size
-        # One process has no other ranks to shuffle keys across: split BN (both encoders) + local shuffle.
-        self.bn_splits = bn_splits if (bn_mode == "shuffle" and world == 1) else 1
+        # A shuffle group of one rank has no other ranks to shuffle keys across: split BN (both encoders)
+        # + local shuffle.
+        self.bn_splits = bn_splits if (bn_mode in SHUFFLE_MODES and self._shuffle_group()[1] == 1) else 1
         if self.bn_splits != 1:
             check_bn_splits(bn_splits, batch_size)
             encoder_q = convert_split_bn(encoder_q, bn_splits)
@@ -102,35 +108,39 @@ class MoCo(nn.Module):
         for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True):
             pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
 
+    def _shuffle_group(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, int]:
+        """(all-gather, size, our index) of the ranks the keys are shuffled among: this node's ranks for
+        ``shuffle-node``, else all ranks."""
+        c = self.comm
+        if self.bn_mode == "shuffle-node":
+            return c.allgather_node, c.node_size, c.node_rank
+        return c.allgather, c.world, c.rank
+
     @torch.no_grad()
     def batch_shuffle(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather the global batch, apply one permutation shared by all ranks, keep our slice.
+        """Gather the shuffle group's batch, apply one permutation shared by its ranks, keep our slice.
 
         The permutation comes from ``seed`` (e.g. base seed + step), so no broadcast is needed and a
         resumed run reproduces it. Returns (our shuffled slice, inverse permutation).
         """
-        comm = self.comm
-        b = x.shape[0]
-        x_all = comm.allgather(x.contiguous())
+        gather, size, index = self._shuffle_group()
+        x_all = gather(x.contiguous())
         perm = seeded_permutation(x_all.shape[0], seed, x.device)
         unperm = torch.argsort(perm)
-        mine = perm.view(comm.world, b)[comm.rank]
-        return x_all[mine], unperm
+        return x_all[perm.view(size, x.shape[0])[index]], unperm
 
     @torch.no_grad()
     def batch_unshuffle(self, y: torch.Tensor, unperm: torch.Tensor) -> torch.Tensor:
-        """Undo ``batch_shuffle``: gather every rank's outputs and take our original rows back."""
-        comm = self.comm
-        b = y.shape[0]
-        y_all = comm.allgather(y.contiguous())
-        mine = unperm.view(comm.world, b)[comm.rank]
-        return y_all[mine]
+        """Undo ``batch_shuffle``: gather the group's outputs and take our original rows back."""
+        gather, size, index = self._shuffle_group()
+        y_all = gather(y.contiguous())
+        return y_all[unperm.view(size, y.shape[0])[index]]
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor, shuffle_seed: int = 0) -> torch.Tensor:
-        """L2-normalised keys, row i for input row i. Shuffle-BN: across ranks (world > 1), or on one
-        process a local permutation from the same ``shuffle_seed`` feeding the split-BN key encoder."""
-        if self.bn_mode == "shuffle" and self.comm.world > 1:
+        """L2-normalised keys, row i for input row i. Shuffle-BN: across the shuffle group's ranks, or in a
+        group of one a local permutation from the same ``shuffle_seed`` feeding the split-BN key encoder."""
+        if self.bn_mode in SHUFFLE_MODES and self._shuffle_group()[1] > 1:
             x, unperm = self.batch_shuffle(im_k, shuffle_seed)
             k = F.normalize(self.encoder_k(x).float(), dim=1)
             return self.batch_unshuffle(k, unperm)
@@ -169,20 +179,29 @@ class MoCo(nn.Module):
         enqueue(self.queue, self.queue_ptr, k)
 
 
+def check_node_groups(bn_mode: str, comm: Comm) -> None:
+    """``shuffle-node`` needs the communicator's node groups (nodes as blocks of consecutive ranks)."""
+    if bn_mode == "shuffle-node" and comm.node_error:
+        raise ConfigError(
+            f"moco.bn_mode 'shuffle-node' with dist.backend '{comm.name}': {comm.node_error}; or use "
+            "moco.bn_mode 'shuffle' or 'sync'"
+        )
+
+
 def check_bn_splits(bn_splits: int, batch: int) -> None:
     """Split BN needs whole sub-batches: ``bn_splits`` must divide the per-rank batch."""
     if bn_splits < 1 or batch % bn_splits != 0:
         divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
         raise ConfigError(
             f"moco.bn_splits = {bn_splits} must divide the per-rank batch loader.batch_size = {batch} "
-            f"(single-process shuffle-BN computes BatchNorm statistics per sub-batch of "
-            f"batch / bn_splits); valid values: {divisors}"
+            f"(shuffle-BN on one process, or with shuffle-node and one rank per node, computes BatchNorm "
+            f"statistics per sub-batch of batch / bn_splits); valid values: {divisors}"
         )
 
 
 def build_moco(cfg, comm=None) -> MoCo:
     """MoCo from a full ``Config`` (model, moco, loader.batch_size, seed); BN layers follow moco.bn_mode
-    (and moco.bn_splits for shuffle-BN on one process)."""
+    (and moco.bn_splits for shuffle-BN in a shuffle group of one rank)."""
     norm = sync_norm_factory(comm if comm is not None else Comm()) if cfg.moco.bn_mode == "sync" else None
     encoder = build_encoder(cfg.model, norm)
     return MoCo(

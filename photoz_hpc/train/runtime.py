@@ -17,6 +17,7 @@ import torch
 
 from photoz_hpc.comm.base import Comm
 from photoz_hpc.comm.devices import cuda_device_index
+from photoz_hpc.comm.nodes import env_local_size
 from photoz_hpc.comm.select import init_comm
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.launch_env import detect_env
@@ -24,9 +25,6 @@ from photoz_hpc.logs import get_logger
 from photoz_hpc.train.signals import PreemptionFlag
 
 log = get_logger(__name__)
-
-_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
-
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
@@ -46,9 +44,7 @@ def set_cpu_threads(cfg, device: torch.device) -> int:
     if n == 0:
         if "OMP_NUM_THREADS" in os.environ:
             return torch.get_num_threads()
-        local = next((int(os.environ[v]) for v in _LOCAL_SIZE_VARS if os.environ.get(v, "").isdigit()), 1)
-        slurm = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        local = int(slurm) if local == 1 and slurm.isdigit() else local
+        local = env_local_size() or 1  # ranks sharing this node's cores
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n = max(1, cores // max(local, 1) - cfg.loader.num_threads)
     torch.set_num_threads(n)
@@ -101,7 +97,8 @@ def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]]) -
         threads = set_cpu_threads(cfg, device)
         log.debug("torch intra-op threads: %d", threads)
         own = comm is None
-        comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type)
+        node_groups = getattr(getattr(cfg, "moco", None), "bn_mode", None) == "shuffle-node"
+        comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type, node_groups)
         try:
             return body(cfg, comm, device, flag)
         finally:

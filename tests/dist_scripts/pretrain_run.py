@@ -2,7 +2,8 @@
 
 Used by the resume and failure tests: ``--kill-after N`` kills this process (``--kill-rank`` only that
 rank) when it fetches the batch after step N, i.e. with no chance to clean up; ``--hang-after N`` makes
-it hang instead (alive, sleeping forever in the main thread, so its peers block in their next collective).
+it hang instead (alive, sleeping forever in the main thread, so its peers block in their next collective);
+``--ranks-per-node K`` declares nodes of K ranks (``declared_nodes.py``).
 Test-only hooks: the trainer itself has none. Prints the summary as JSON on rank 0 and exits 75 when
 pre-empted, like the CLI.
 """
@@ -15,6 +16,8 @@ import os
 import signal
 import sys
 import time
+
+from declared_nodes import declare_nodes
 
 from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import load_config
@@ -68,12 +71,14 @@ def main() -> int:
     ap.add_argument("--kill-rank", type=int, default=-1, help="-1: every rank")
     ap.add_argument("--hang-after", type=int, default=0)
     ap.add_argument("--hang-rank", type=int, default=-1, help="-1: every rank")
+    ap.add_argument("--ranks-per-node", type=int, default=0, help="0: as launched")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    declare_nodes(args.ranks_per_node)
     cfg = load_config(None, args.overrides)
     env = detect_env()
     setup_logging("INFO", rank=env.rank)
-    comm = init_comm(cfg.dist.backend, cfg.dist.timeout_s, "cpu")
+    comm = init_comm(cfg.dist.backend, cfg.dist.timeout_s, "cpu", node_groups=cfg.moco.bn_mode == "shuffle-node")
     loader = _build_loader(cfg, comm)
     if args.kill_after and args.kill_rank in (-1, comm.rank):
         loader = KillingLoader(loader, args.kill_after)
