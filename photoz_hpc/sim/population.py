@@ -19,6 +19,8 @@ from photoz_hpc.sim.params import load_calibration
 from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid, apparent_mags, k_terms, template_grid
 
 M_PIVOT = -20.5
+#: bounds of the blue/red weight of ``type_evolution``.
+EVOLUTION_CLIP = (0.1, 10.0)
 _CANDIDATES = 8
 # Shen et al. (2003) r-band size-luminosity relations (R50 in kpc, h=0.7), Table 1.
 _SHEN_LATE = dict(alpha=0.21, beta=0.53, gamma=-1.31, m0=-20.52, s1=0.48, s2=0.25)
@@ -102,7 +104,7 @@ def type_evolution(abs_r: np.ndarray, z: np.ndarray, lf: dict, dq_blue: float) -
     """
     x = np.asarray(abs_r) - (lf["M_star"] - lf["Q"] * (np.asarray(z) - 0.1))
     ratio = _schechter_mag(x + dq_blue * (np.asarray(z) - 0.1), lf["alpha"]) / _schechter_mag(x, lf["alpha"])
-    return np.clip(ratio, 0.1, 10.0)
+    return np.clip(ratio, *EVOLUTION_CLIP)
 
 
 def sed_weights(abs_r: np.ndarray, u_pick: np.ndarray, normals: np.ndarray, sed: dict,
@@ -248,7 +250,8 @@ def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict
 
 
 def sample_population(n: int, seed: int, start: int = 0, model: SurveyModel | None = None) -> dict[str, np.ndarray]:
-    """Catalogue-level draw (no images) of galaxies start..start+n: z, M_r, SDSS model mags, red flag."""
+    """Catalogue-level draw (no images) of galaxies start..start+n: z, M_r, SDSS model mags, red flag (of the
+    prototype), template light fractions w."""
     model = model or survey_model()
     gals = [draw_galaxy(seed, i, model) for i in range(start, start + n)]
     return {
@@ -256,6 +259,7 @@ def sample_population(n: int, seed: int, start: int = 0, model: SurveyModel | No
         "abs_r": np.array([g["abs_r"] for g in gals]),
         "mag": np.stack([g["mag"] for g in gals]),
         "red": np.array([g["red"] for g in gals]),
+        "w": np.stack([g["w"] for g in gals]),
         "r50": np.array([g["r50"] for g in gals]),
         "bulge_frac": np.array([g["bulge_frac"] for g in gals]),
         "ebv": np.array([g["ebv"] for g in gals]),
