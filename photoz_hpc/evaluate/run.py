@@ -22,11 +22,11 @@ from photoz_hpc.errors import PhotozError
 from photoz_hpc.evaluate.pdfs import summarize_pdfs
 from photoz_hpc.evaluate.plots import plot_evaluation
 from photoz_hpc.evaluate.predictions import write_predictions
-from photoz_hpc.io_utils import atomic_write_json
+from photoz_hpc.io_utils import atomic_write_json, read_torch_file
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import photoz_metrics
-from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, load_photoz_model
-from photoz_hpc.train.checkpoint import checkpoint_task, load_checkpoint
+from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
+from photoz_hpc.train.checkpoint import checkpoint_task, validate_checkpoint
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.precision import resolve_precision
 
@@ -46,18 +46,15 @@ def load_network(path: str | Path, overrides: list[str] | None = None) -> tuple[
 
 def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
     path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise PhotozError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    blob = read_torch_file(path, "checkpoint")  # read once: both kinds are parsed from this blob
     if isinstance(blob, dict) and blob.get("format") == PHOTOZ_MODEL_FORMAT:
-        net, meta = load_photoz_model(path)
+        net, meta = photoz_model_from_blob(blob, path)
         cfg = (config_from_dict(meta["config"], FinetuneRunConfig) if meta.get("config")
                else config_from_dict({"model": meta["model"]}, FinetuneRunConfig))
         return net, cfg, {k: v for k, v in meta.items() if k not in ("state_dict", "config")}
     kind = checkpoint_task(blob)
     if kind == "finetune":
-        state = load_checkpoint(path, "finetune")
+        state = validate_checkpoint(blob, path, "finetune")
         cfg = config_from_dict(state["config"], FinetuneRunConfig)
         net = build_photoz_net(cfg.model)
         net.load_state_dict(state["model"])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.io_utils import atomic_open
+from photoz_hpc.io_utils import atomic_open, read_torch_file
 from photoz_hpc.models.resnet import build_encoder
 
 ENCODER_FORMAT = "photoz-hpc/encoder/1"
@@ -62,10 +62,7 @@ def export_encoder(source: dict, out_path: str | Path, model_cfg=None) -> Path:
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """The exported ResNet trunk, in eval mode."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise PhotozError(f"encoder file {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    blob = read_torch_file(path, "encoder file", map_location)
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
         raise PhotozError(f"{path} is not a photoz-hpc encoder export")
     encoder = build_encoder(SimpleNamespace(**blob["model"]))

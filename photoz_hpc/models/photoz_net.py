@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from photoz_hpc.io_utils import read_torch_file
 from photoz_hpc.models.resnet import ResNet, build_encoder
 from photoz_hpc.redshift_grid import N_Z_BINS, z_bin_centres
 
@@ -58,14 +59,15 @@ def save_photoz_model(net: PhotoZNet, model_cfg, out_path, extra: dict | None = 
 
 def load_photoz_model(path, map_location="cpu") -> tuple[PhotoZNet, dict]:
     """(network in eval mode, the file's dict) from a ``save_photoz_model`` file; clear errors otherwise."""
+    return photoz_model_from_blob(read_torch_file(path, "photo-z model file", map_location), path)
+
+
+def photoz_model_from_blob(blob, path) -> tuple[PhotoZNet, dict]:
+    """``load_photoz_model`` on a blob already read from ``path``."""
     from types import SimpleNamespace
 
     from photoz_hpc.errors import PhotozError
 
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise PhotozError(f"photo-z model file {path} is unreadable ({type(exc).__name__}: {exc})") from None
     if not isinstance(blob, dict) or blob.get("format") != PHOTOZ_MODEL_FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise PhotozError(f"{path} is not a photoz-hpc photo-z model (format {found!r}, expected {PHOTOZ_MODEL_FORMAT!r})")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.io_utils import atomic_open
+from photoz_hpc.io_utils import atomic_open, read_torch_file
 from photoz_hpc.logs import get_logger
 
 log = get_logger(__name__)
@@ -66,10 +66,11 @@ def checkpoint_task(state: Any) -> str | None:
 def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
     """Load and validate one checkpoint (of ``task`` when given); ``PhotozError`` says why it is unusable."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated zip, bad pickle, I/O error
-        raise PhotozError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
+    return validate_checkpoint(read_torch_file(path, "checkpoint"), path, task)
+
+
+def validate_checkpoint(state: Any, path: Path, task: str | None = None) -> dict[str, Any]:
+    """``load_checkpoint`` on a blob already read from ``path``."""
     kind = checkpoint_task(state)
     if kind is None:
         raise PhotozError(f"checkpoint {path} is not a photoz-hpc training checkpoint")
@@ -110,10 +111,7 @@ def read_pretrained_encoder(path: str | Path, what: str) -> dict[str, Any]:
     from photoz_hpc.models.export import ENCODER_FORMAT, HEAD_PREFIX, encoder_state_from_moco
 
     path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise PhotozError(f"{what} {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    blob = read_torch_file(path, what)
     if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
         return {"config": {"model": blob["model"]}, "trunk": blob["state_dict"], "head": blob.get("projection_head")}
     kind = checkpoint_task(blob)
