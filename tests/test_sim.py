@@ -8,7 +8,7 @@ import pytest
 
 from photoz_hpc.constants import CUTOUT_SIZE, NMGY_ZEROPOINT, R_DR12, sfd_ebv
 from photoz_hpc.sim import cosmology, generate_survey
-from photoz_hpc.sim.population import draw_galaxy, sample_population, survey_model
+from photoz_hpc.sim.population import draw_galaxy, sample_population, sed_weights, survey_model
 from photoz_hpc.sim.render import render_galaxy
 from photoz_hpc.sim.sky import extinction
 from photoz_hpc.viz import lupton_rgb, save_grid
@@ -222,6 +222,65 @@ def test_type_dependent_evolution_and_bulge_blend():
         np.testing.assert_allclose(0.3 * wb + 0.7 * wd, w, atol=1e-9)
     wb_faint, _ = _bulge_disk(w, 0.3, sed, -17.0)
     np.testing.assert_allclose(wb_faint, w)  # no colour gradient in low-luminosity galaxies
+
+
+def test_evolution_cap_bounds_the_blue_weight():
+    from photoz_hpc.sim.population import EVOLUTION_CAP_DEFAULT, EVOLUTION_FLOOR, type_evolution
+
+    model = survey_model()
+    lf, sed = model.lf, model.sed
+    m, z = np.array([-23.5, -23.5, -19.0]), np.array([0.3, 0.3, 0.05])
+    free = type_evolution(m, z, lf, sed["dq_blue"], cap=1e9)
+    assert free[0] > 3.0  # a luminous galaxy at z 0.3: the Schechter ratio runs away without a cap
+    capped = type_evolution(m, z, lf, sed["dq_blue"], cap=sed.get("evolution_cap", EVOLUTION_CAP_DEFAULT))
+    assert capped[0] == pytest.approx(sed.get("evolution_cap", EVOLUTION_CAP_DEFAULT))
+    assert capped[2] == pytest.approx(max(free[2], EVOLUTION_FLOOR))  # the cap leaves unclipped weights alone
+    # the calibration's cap reaches the generator: a lower cap keeps more luminous z > 0.25 galaxies red
+    rng = np.random.default_rng(0)
+    mags, zs = rng.uniform(-23.5, -22.5, 4000), np.full(4000, 0.28)
+    u, normals = rng.random(4000), np.zeros((4000, 5))
+    red = [sed_weights(mags, u, normals, {**sed, "evolution_cap": c}, zs, lf)[1].mean() for c in (2.0, 1e9)]
+    assert red[0] > red[1] + 0.1, red
+
+
+def test_pooled_predictions_cross_validate_each_block(monkeypatch):
+    from photoz_hpc.sim import difficulty
+
+    monkeypatch.setattr(difficulty, "N_TREES", 8)
+    rng = np.random.default_rng(3)
+    z = rng.uniform(0.02, 0.3, 1200)
+    mag = 17.0 + rng.normal(0, 0.3, (1200, 5)) + np.outer(z, [8.0, 5.0, 3.0, 2.0, 1.5])
+    got = difficulty.pooled_predict(mag, z, block=500, n_jobs=1)
+    # blocks 0-500 and 500-1200 (the 200-galaxy tail is shorter than half a block and joins the second)
+    want = np.concatenate([difficulty.cv_predict(mag[:500], z[:500], 0, 1),
+                           difficulty.cv_predict(mag[500:], z[500:], 1, 1)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(difficulty.pooled_predict(mag, z, block=5000, n_jobs=1),
+                                  difficulty.cv_predict(mag, z, 0, 1))
+
+
+def test_bootstrap_ratio_intervals_cover_truth_and_resolve_an_excess():
+    from photoz_hpc.sim.difficulty import Z_EDGES, bootstrap_ratios
+
+    rng = np.random.default_rng(5)
+
+    def sample(n, outlier_frac):
+        zs = rng.uniform(0.0, 0.4, n)
+        dz = rng.normal(0, 0.015, n)
+        bad = rng.random(n) < outlier_frac
+        dz[bad] = rng.choice([-1, 1], bad.sum()) * rng.uniform(0.06, 0.15, bad.sum())
+        return zs + dz * (1 + zs), zs
+
+    real = sample(5000, 0.02)
+    same = bootstrap_ratios(sample(20000, 0.02), real, n_boot=200)
+    double = bootstrap_ratios(sample(20000, 0.04), real, n_boot=200)
+    assert same["overall"]["eta"]["p2.5"] < 1.0 < same["overall"]["eta"]["p97.5"]
+    assert same["overall"]["sigma_mad"]["p2.5"] < 1.0 < same["overall"]["sigma_mad"]["p97.5"]
+    assert double["overall"]["eta"]["p2.5"] > 1.4  # a 2x excess is resolved overall ...
+    per_bin = [b["eta"] for b in double["per_bin"]]
+    assert len(per_bin) == len(Z_EDGES) - 1
+    # ... while one real bin of ~600 galaxies (~12 outliers) only bounds it loosely
+    assert all(b["p97.5"] - b["p2.5"] > 0.8 for b in per_bin), per_bin
 
 
 def test_noise_depths_calibrated_and_not_deeper_than_sky():

@@ -7,12 +7,18 @@ from ``photoz_hpc.metrics.photoz_metrics`` overall and per z bin. A synthetic su
 harder than SDSS shows up as a ratio away from 1.
 
     python -m photoz_hpc.sim.difficulty --file synth.h5 --catalogue /work/shared/data/mlz_SDSS_MGS.train
+    python -m photoz_hpc.sim.difficulty --file s7.h5 s8.h5 s9.h5 s10.h5 --catalogue ... --bootstrap 2000
+
+The real catalogue holds only 5000 galaxies (8-17 outliers per z bin), so a per-bin outlier ratio of one
+5000-galaxy survey swings by +-30-50 %. Several files (or one large file) are therefore cut into blocks of the
+real catalogue's size, each block cross-validated on its own (every forest trains on as many galaxies as the
+real one), the out-of-fold predictions pooled; ``--bootstrap`` then resamples galaxies of both sides to give
+intervals of every ratio, which show how much of a deviation the real sample can resolve.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import h5py
 import numpy as np
 
 from photoz_hpc.constants import CUTOUT_SIZE, NMGY_ZEROPOINT
+from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.metrics import photoz_metrics
 
 APERTURE_RADIUS_PX = 6.0
@@ -74,6 +81,50 @@ def difficulty(mag: np.ndarray, z: np.ndarray, seed: int = 0, n_jobs: int = 2) -
     return photoz_metrics(cv_predict(mag, z, seed, n_jobs), z, z_bins=Z_EDGES)
 
 
+def pooled_predict(mag: np.ndarray, z: np.ndarray, block: int, seed: int = 0, n_jobs: int = 2) -> np.ndarray:
+    """Out-of-fold redshifts with every consecutive block of ``block`` galaxies cross-validated on its own.
+
+    The forest improves with training-set size, so a survey larger than the real catalogue is scored as several
+    real-sized surveys (a last block shorter than half of ``block`` joins the one before it).
+    """
+    starts = list(range(0, len(z), block))
+    if len(starts) > 1 and len(z) - starts[-1] < block // 2:
+        starts.pop()
+    bounds = starts[1:] + [len(z)]
+    return np.concatenate([cv_predict(mag[a:b], z[a:b], seed + i, n_jobs)
+                           for i, (a, b) in enumerate(zip(starts, bounds, strict=True))])
+
+
+def bootstrap_ratios(synth: tuple[np.ndarray, np.ndarray], real: tuple[np.ndarray, np.ndarray],
+                     n_boot: int = 1000, seed: int = 0, min_real: int = MIN_REAL_PER_BIN) -> dict:
+    """Percentile intervals (68 % and 95 %) of the synthetic/real ratios, resampling galaxies of both sides.
+
+    ``synth`` and ``real`` are (z_phot, z_spec) of out-of-fold predictions; the forests are not refitted, so
+    the intervals carry the sampling noise of both galaxy samples, not the forest's own randomness.
+    """
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        s = rng.integers(0, len(synth[1]), len(synth[1]))
+        r = rng.integers(0, len(real[1]), len(real[1]))
+        draws.append(ratios(photoz_metrics(synth[0][s], synth[1][s], Z_EDGES),
+                            photoz_metrics(real[0][r], real[1][r], Z_EDGES), min_real))
+
+    def interval(pick) -> dict:
+        v = np.array([pick(d) for d in draws], dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size < n_boot // 2:
+            return {"p16": float("nan"), "p84": float("nan"), "p2.5": float("nan"), "p97.5": float("nan")}
+        q = np.percentile(v, [16, 84, 2.5, 97.5])
+        return dict(zip(("p16", "p84", "p2.5", "p97.5"), map(float, q), strict=True))
+
+    keys = ("sigma_mad", "eta")
+    return {"n_boot": n_boot,
+            "overall": {k: interval(lambda d, k=k: d["overall"][k]) for k in keys},
+            "per_bin": [{k: interval(lambda d, j=j, k=k: d["per_bin"][j][k]) for k in keys}
+                        for j in range(len(Z_EDGES) - 1)]}
+
+
 def subsample_difficulty(mag: np.ndarray, z: np.ndarray, n: int, repeats: int, seed: int = 0) -> dict:
     """Mean sigma_MAD and outlier rate (overall) of the forest on ``repeats`` random subsets of ``n`` galaxies.
 
@@ -101,17 +152,23 @@ def ratios(synth: dict, real: dict, min_real: int = MIN_REAL_PER_BIN) -> dict:
                                                                                  strict=True)]}
 
 
-def markdown_table(synth: dict, real: dict) -> str:
-    """Per-bin sigma_MAD and outlier rate, synthetic vs real, with their ratios."""
+def markdown_table(synth: dict, real: dict, boot: dict | None = None) -> str:
+    """Per-bin sigma_MAD and outlier rate, synthetic vs real, with their ratios (and 68 % intervals of ``boot``)."""
     rat = ratios(synth, real)
+
+    def ci(b: dict | None, key: str) -> str:
+        return "" if b is None else f" [{b[key]['p16']:.2f}-{b[key]['p84']:.2f}]"
+
     lines = ["| z bin | N synth / real | sigma_MAD synth / real (ratio) | outliers % synth / real (ratio) |",
              "|---|---|---|---|"]
+    boots = [None] * (len(rat["per_bin"]) + 1) if boot is None else [boot["overall"], *boot["per_bin"]]
     rows = [("all", synth, real, rat["overall"])]
     rows += [(f"{s['z_lo']:.2f}-{s['z_hi']:.2f}", s, r, q)
              for s, r, q in zip(synth["per_bin"], real["per_bin"], rat["per_bin"], strict=True)]
-    for name, s, r, q in rows:
+    for (name, s, r, q), b in zip(rows, boots, strict=True):
         lines.append(f"| {name} | {s['n']} / {r['n']} | {s['sigma_mad']:.4f} / {r['sigma_mad']:.4f} "
-                     f"({q['sigma_mad']:.2f}) | {100 * s['eta']:.2f} / {100 * r['eta']:.2f} ({q['eta']:.2f}) |")
+                     f"({q['sigma_mad']:.2f}{ci(b, 'sigma_mad')}) | {100 * s['eta']:.2f} / {100 * r['eta']:.2f} "
+                     f"({q['eta']:.2f}{ci(b, 'eta')}) |")
     return "\n".join(lines)
 
 
@@ -143,20 +200,29 @@ def plot_dz(results: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path)
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--file", required=True, help="labeled generated HDF5 file")
+    ap.add_argument("--file", required=True, nargs="+", help="labeled generated HDF5 file(s), pooled")
     ap.add_argument("--catalogue", required=True, help="real MGS catalogue (mlz_SDSS_MGS.train)")
-    ap.add_argument("--max-n", type=int, default=None)
+    ap.add_argument("--max-n", type=int, default=None, help="galaxies read from each file")
+    ap.add_argument("--block", type=int, default=None,
+                    help="galaxies per cross-validated block of the synthetic sample (default: the catalogue's size)")
+    ap.add_argument("--bootstrap", type=int, default=0, help="resamples for the ratio intervals (0: none)")
     ap.add_argument("--out", default=None, help="JSON with both metric sets")
     ap.add_argument("--figure", default=None, help="z_phot-vs-z_spec PNG")
     args = ap.parse_args(argv)
     from photoz_hpc.sim.calibrate import read_catalogue
 
-    cat, syn = read_catalogue(args.catalogue), aperture_photometry(args.file, args.max_n)
-    zp_real, zp_syn = cv_predict(cat["mag"], cat["z"]), cv_predict(syn["mag"], syn["z"])
+    cat = read_catalogue(args.catalogue)
+    phot = [aperture_photometry(f, args.max_n) for f in args.file]
+    syn = {k: np.concatenate([p[k] for p in phot]) for k in ("z", "mag")}
+    zp_real = cv_predict(cat["mag"], cat["z"])
+    zp_syn = pooled_predict(syn["mag"], syn["z"], args.block or len(cat["z"]))
     real, synth = photoz_metrics(zp_real, cat["z"], Z_EDGES), photoz_metrics(zp_syn, syn["z"], Z_EDGES)
-    print(markdown_table(synth, real))
+    boot = (bootstrap_ratios((zp_syn, syn["z"]), (zp_real, cat["z"]), args.bootstrap) if args.bootstrap > 0
+            else None)
+    print(markdown_table(synth, real, boot))
     if args.out:
-        Path(args.out).write_text(json.dumps({"synth": synth, "real": real, "ratios": ratios(synth, real)}, indent=1))
+        atomic_write_json(args.out, {"files": [str(f) for f in args.file], "synth": synth, "real": real,
+                                     "ratios": ratios(synth, real), "bootstrap": boot}, indent=1)
     if args.figure:
         plot_dz({"SDSS MGS (model magnitudes)": (cat["z"], zp_real),
                  "synthetic (6 px aperture)": (syn["z"], zp_syn)}, args.figure)

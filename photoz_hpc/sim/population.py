@@ -19,8 +19,9 @@ from photoz_hpc.sim.params import load_calibration
 from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid, apparent_mags, k_terms, template_grid
 
 M_PIVOT = -20.5
-#: bounds of the blue/red weight of ``type_evolution``.
-EVOLUTION_CLIP = (0.1, 10.0)
+#: lower bound of the blue/red weight of ``type_evolution``; its upper bound is ``sed["evolution_cap"]``, or
+#: this default for calibrations that do not store it (version 4 and before).
+EVOLUTION_FLOOR, EVOLUTION_CAP_DEFAULT = 0.1, 10.0
 _CANDIDATES = 8
 # Shen et al. (2003) r-band size-luminosity relations (R50 in kpc, h=0.7), Table 1.
 _SHEN_LATE = dict(alpha=0.21, beta=0.53, gamma=-1.31, m0=-20.52, s1=0.48, s2=0.25)
@@ -94,17 +95,19 @@ def survey_model(path: str | None = None, lf_override: tuple | None = None,
     return SurveyModel(grid, lf, sel, sed, z_tab, zcdf / zcdf[-1], m_faint, x_tab, xcdf)
 
 
-def type_evolution(abs_r: np.ndarray, z: np.ndarray, lf: dict, dq_blue: float) -> np.ndarray:
+def type_evolution(abs_r: np.ndarray, z: np.ndarray, lf: dict, dq_blue: float,
+                   cap: float = EVOLUTION_CAP_DEFAULT) -> np.ndarray:
     """Weight of blue relative to red galaxies at (M_r, z) when blue ones brighten faster by ``dq_blue`` mag per z.
 
     Both types share the Schechter shape and M*(z) of ``lf``; the blue LF is shifted by dq_blue (z - 0.1) mag,
     so at fixed M_r the blue/red ratio changes by S(x + dq (z - 0.1)) / S(x), x = M_r - M*(z): 1 at z = 0.1
     and at the faint end (flat LF), larger for luminous galaxies at higher z (Loveday et al. 2012: blue
-    galaxies evolve faster). Clipped to [0.1, 10] for the rare extreme-luminosity draws.
+    galaxies evolve faster). Clipped to [0.1, cap]: the Schechter ratio grows without bound for luminous
+    galaxies at high z (exp of the shifted luminosity), which would make every z > 0.25 galaxy blue.
     """
     x = np.asarray(abs_r) - (lf["M_star"] - lf["Q"] * (np.asarray(z) - 0.1))
     ratio = _schechter_mag(x + dq_blue * (np.asarray(z) - 0.1), lf["alpha"]) / _schechter_mag(x, lf["alpha"])
-    return np.clip(ratio, *EVOLUTION_CLIP)
+    return np.clip(ratio, EVOLUTION_FLOOR, cap)
 
 
 def sed_weights(abs_r: np.ndarray, u_pick: np.ndarray, normals: np.ndarray, sed: dict,
@@ -118,7 +121,7 @@ def sed_weights(abs_r: np.ndarray, u_pick: np.ndarray, normals: np.ndarray, sed:
     p = np.asarray(sed["p_proto_given_m"])[mbin]
     if z is not None and lf is not None and sed.get("dq_blue", 0.0):
         red_frac = np.asarray(sed["prototype_red"])
-        boost = type_evolution(abs_r, z, lf, sed["dq_blue"])
+        boost = type_evolution(abs_r, z, lf, sed["dq_blue"], sed.get("evolution_cap", EVOLUTION_CAP_DEFAULT))
         p = p * (red_frac[None, :] + (1 - red_frac[None, :]) * boost[:, None])
     cdf = np.cumsum(p, axis=1)
     k = np.minimum((cdf < u_pick[:, None] * cdf[:, -1:]).sum(axis=1), cdf.shape[1] - 1)
