@@ -35,6 +35,8 @@ N_TREES, MIN_LEAF, N_FOLDS = 200, 3, 5
 Z_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.4)
 #: a bin's ratios count towards the goal only with at least this many real galaxies.
 MIN_REAL_PER_BIN = 100
+#: the goal band of every synthetic/real ratio (sigma_MAD and outlier rate, overall and per bin).
+GOAL_BAND = (0.8, 1.25)
 
 
 @lru_cache(maxsize=2)
@@ -152,14 +154,29 @@ def ratios(synth: dict, real: dict, min_real: int = MIN_REAL_PER_BIN) -> dict:
                                                                                  strict=True)]}
 
 
+def verdict(ratio: float, interval: dict | None, band: tuple[float, float] = GOAL_BAND) -> str:
+    """"meets" (ratio inside ``band``), "consistent" (outside, but the 95 % interval overlaps the band: the real
+    sample cannot tell it from a ratio inside) or "misses" (the whole 95 % interval outside); "" without one."""
+    if not np.isfinite(ratio):
+        return ""
+    if band[0] <= ratio <= band[1]:
+        return "meets"
+    if interval is None:
+        return "misses"
+    return "consistent" if interval["p2.5"] <= band[1] and interval["p97.5"] >= band[0] else "misses"
+
+
 def markdown_table(synth: dict, real: dict, boot: dict | None = None) -> str:
     """Per-bin sigma_MAD and outlier rate, synthetic vs real, with their ratios (and 68 % intervals of ``boot``)."""
     rat = ratios(synth, real)
 
-    def ci(b: dict | None, key: str) -> str:
-        return "" if b is None else f" [{b[key]['p16']:.2f}-{b[key]['p84']:.2f}]"
+    def ci(b: dict | None, key: str, q: dict) -> str:
+        if b is None:
+            return ""
+        return f" [{b[key]['p16']:.2f}-{b[key]['p84']:.2f}] {verdict(q[key], b[key])}"
 
-    lines = ["| z bin | N synth / real | sigma_MAD synth / real (ratio) | outliers % synth / real (ratio) |",
+    unit = "ratio" if boot is None else "ratio [68 % interval] verdict"
+    lines = [f"| z bin | N synth / real | sigma_MAD synth / real ({unit}) | outliers % synth / real ({unit}) |",
              "|---|---|---|---|"]
     boots = [None] * (len(rat["per_bin"]) + 1) if boot is None else [boot["overall"], *boot["per_bin"]]
     rows = [("all", synth, real, rat["overall"])]
@@ -167,8 +184,8 @@ def markdown_table(synth: dict, real: dict, boot: dict | None = None) -> str:
              for s, r, q in zip(synth["per_bin"], real["per_bin"], rat["per_bin"], strict=True)]
     for (name, s, r, q), b in zip(rows, boots, strict=True):
         lines.append(f"| {name} | {s['n']} / {r['n']} | {s['sigma_mad']:.4f} / {r['sigma_mad']:.4f} "
-                     f"({q['sigma_mad']:.2f}{ci(b, 'sigma_mad')}) | {100 * s['eta']:.2f} / {100 * r['eta']:.2f} "
-                     f"({q['eta']:.2f}{ci(b, 'eta')}) |")
+                     f"({q['sigma_mad']:.2f}{ci(b, 'sigma_mad', q)}) | {100 * s['eta']:.2f} / {100 * r['eta']:.2f} "
+                     f"({q['eta']:.2f}{ci(b, 'eta', q)}) |")
     return "\n".join(lines)
 
 
@@ -221,8 +238,14 @@ def main(argv: list[str] | None = None) -> None:
             else None)
     print(markdown_table(synth, real, boot))
     if args.out:
+        rat = ratios(synth, real)
+        rows = [(rat["overall"], boot and boot["overall"])]
+        rows += [(q, boot and b) for q, b in zip(rat["per_bin"], boot["per_bin"] if boot else [None] * len(rat["per_bin"]),
+                                                 strict=True)]
+        verdicts = [{k: verdict(q[k], b and b[k]) for k in ("sigma_mad", "eta")} for q, b in rows]
         atomic_write_json(args.out, {"files": [str(f) for f in args.file], "synth": synth, "real": real,
-                                     "ratios": ratios(synth, real), "bootstrap": boot}, indent=1)
+                                     "ratios": rat, "bootstrap": boot, "goal_band": list(GOAL_BAND),
+                                     "verdicts": {"overall": verdicts[0], "per_bin": verdicts[1:]}}, indent=1)
     if args.figure:
         plot_dz({"SDSS MGS (model magnitudes)": (cat["z"], zp_real),
                  "synthetic (6 px aperture)": (syn["z"], zp_syn)}, args.figure)
