@@ -155,8 +155,9 @@ def ratios(synth: dict, real: dict, min_real: int = MIN_REAL_PER_BIN) -> dict:
 
 
 def verdict(ratio: float, interval: dict | None, band: tuple[float, float] = GOAL_BAND) -> str:
-    """"meets" (ratio inside ``band``), "consistent" (outside, but the 95 % interval overlaps the band: the real
-    sample cannot tell it from a ratio inside) or "misses" (the whole 95 % interval outside); "" without one."""
+    """The goal verdict of one ratio: 'meets' (inside ``band``), 'consistent' (outside, but its 95 % interval
+    overlaps the band: the real sample cannot tell it from a ratio inside) or 'misses' (the whole 95 % interval
+    outside); '' for a ratio not measured (NaN)."""
     if not np.isfinite(ratio):
         return ""
     if band[0] <= ratio <= band[1]:
