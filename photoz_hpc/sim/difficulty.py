@@ -167,26 +167,36 @@ def verdict(ratio: float, interval: dict | None, band: tuple[float, float] = GOA
     return "consistent" if interval["p2.5"] <= band[1] and interval["p97.5"] >= band[0] else "misses"
 
 
+def _rows(tree: dict) -> list:
+    """The overall entry, then the per-bin ones, of a ``ratios`` / ``bootstrap_ratios`` / ``verdicts`` tree."""
+    return [tree["overall"], *tree["per_bin"]]
+
+
+def verdicts(rat: dict, boot: dict | None) -> dict:
+    """``verdict`` of every ratio of ``ratios`` (overall and per bin), with the intervals of ``bootstrap_ratios``."""
+    boots = [None] * len(_rows(rat)) if boot is None else _rows(boot)
+    out = [{k: verdict(q[k], b and b[k]) for k in ("sigma_mad", "eta")} for q, b in zip(_rows(rat), boots, strict=True)]
+    return {"overall": out[0], "per_bin": out[1:]}
+
+
 def markdown_table(synth: dict, real: dict, boot: dict | None = None) -> str:
     """Per-bin sigma_MAD and outlier rate, synthetic vs real, with their ratios (and 68 % intervals of ``boot``)."""
     rat = ratios(synth, real)
+    boots = [None] * len(_rows(rat)) if boot is None else _rows(boot)
+    verdict_rows = _rows(verdicts(rat, boot))
 
-    def ci(b: dict | None, key: str, q: dict) -> str:
-        if b is None:
-            return ""
-        return f" [{b[key]['p16']:.2f}-{b[key]['p84']:.2f}] {verdict(q[key], b[key])}"
+    def ci(b: dict | None, key: str, v: dict) -> str:
+        return "" if b is None else f" [{b[key]['p16']:.2f}-{b[key]['p84']:.2f}] {v[key]}"
 
     unit = "ratio" if boot is None else "ratio [68 % interval] verdict"
     lines = [f"| z bin | N synth / real | sigma_MAD synth / real ({unit}) | outliers % synth / real ({unit}) |",
              "|---|---|---|---|"]
-    boots = [None] * (len(rat["per_bin"]) + 1) if boot is None else [boot["overall"], *boot["per_bin"]]
-    rows = [("all", synth, real, rat["overall"])]
-    rows += [(f"{s['z_lo']:.2f}-{s['z_hi']:.2f}", s, r, q)
-             for s, r, q in zip(synth["per_bin"], real["per_bin"], rat["per_bin"], strict=True)]
-    for (name, s, r, q), b in zip(rows, boots, strict=True):
+    names = ["all"] + [f"{s['z_lo']:.2f}-{s['z_hi']:.2f}" for s in synth["per_bin"]]
+    metric_rows = [[m, *m["per_bin"]] for m in (synth, real)]  # photoz_metrics: overall at the top level
+    for name, s, r, q, b, v in zip(names, *metric_rows, _rows(rat), boots, verdict_rows, strict=True):
         lines.append(f"| {name} | {s['n']} / {r['n']} | {s['sigma_mad']:.4f} / {r['sigma_mad']:.4f} "
-                     f"({q['sigma_mad']:.2f}{ci(b, 'sigma_mad', q)}) | {100 * s['eta']:.2f} / {100 * r['eta']:.2f} "
-                     f"({q['eta']:.2f}{ci(b, 'eta', q)}) |")
+                     f"({q['sigma_mad']:.2f}{ci(b, 'sigma_mad', v)}) | {100 * s['eta']:.2f} / {100 * r['eta']:.2f} "
+                     f"({q['eta']:.2f}{ci(b, 'eta', v)}) |")
     return "\n".join(lines)
 
 
@@ -240,13 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(synth, real, boot))
     if args.out:
         rat = ratios(synth, real)
-        rows = [(rat["overall"], boot and boot["overall"])]
-        rows += [(q, boot and b) for q, b in zip(rat["per_bin"], boot["per_bin"] if boot else [None] * len(rat["per_bin"]),
-                                                 strict=True)]
-        verdicts = [{k: verdict(q[k], b and b[k]) for k in ("sigma_mad", "eta")} for q, b in rows]
         atomic_write_json(args.out, {"files": [str(f) for f in args.file], "synth": synth, "real": real,
                                      "ratios": rat, "bootstrap": boot, "goal_band": list(GOAL_BAND),
-                                     "verdicts": {"overall": verdicts[0], "per_bin": verdicts[1:]}}, indent=1)
+                                     "verdicts": verdicts(rat, boot)}, indent=1)
     if args.figure:
         plot_dz({"SDSS MGS (model magnitudes)": (cat["z"], zp_real),
                  "synthetic (6 px aperture)": (syn["z"], zp_syn)}, args.figure)
