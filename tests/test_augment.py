@@ -212,6 +212,63 @@ def test_any_angle_and_jitter_match_scipy_rotate(ds107, force_draws, backend):
     assert zero_filled > 0  # some output pixels came from outside the cutout
 
 
+def _source_points(spec, degrees: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Source (x, y) of every destination pixel centre of every (angle, shift) pair: (pairs * S * S, 2)."""
+    angle = np.radians(np.repeat(degrees, len(shifts)))
+    matrices = dr.affine_matrices(spec, angle, np.tile(shifts, (len(degrees), 1))).astype(np.float64)
+    y, x = np.mgrid[: spec.crop, : spec.crop] + 0.5
+    dst = np.stack([x.ravel(), y.ravel(), np.ones(x.size)])
+    return np.einsum("bij,jn->bni", matrices, dst).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("store, crop, jitter, rotation", [
+    ("ds107", 32, 4, True), ("ds107", 48, 5, True), ("ds107", 64, 7, True), ("ds107", 64, 7, False),
+    ("ds107", 63, 0, True), ("ds48", 32, 0, True), ("ds48", 32, 4, True), ("ds48", 42, 3, False),
+])
+def test_warp_stays_inside_is_the_geometry(request, store, crop, jitter, rotation):
+    """The CPU path skips the zero border exactly where no bilinear tap can leave the image: against the source
+    points of every destination pixel over a 1-degree grid of angles and the extreme jitter shifts."""
+    import dataclasses
+
+    ds = request.getfixturevalue(store)
+    base = build_loader(cfg_of(f"augment.crop_size={crop}", f"augment.jitter_max={jitter}"), ds, "pretrain").source.spec
+    spec = dataclasses.replace(base, jitter=jitter > 0,
+rotation=rotation)
+    degrees = np.arange(0.0, 360.0, 1.0) if rotation else np.zeros(1)
+    shifts = np.array([[dx, dy] for dx in (-jitter, 0, jitter) for dy in (-jitter, 0, jitter)])
+    points = _source_points(spec, degrees, shifts)
+    h, w = spec.in_hw
+    inside = bool((points >= 0.5).all() and (points[:, 0] <= w - 0.5).all() and (points[:, 1] <= h - 0.5).all())
+    assert dr.warp_stays_inside(spec) == inside
+    assert dr.warp_reach(spec) >= np.abs(points - [w / 2, h / 2]).max() - 1e-4  # an upper bound, per axis
+
+
+def test_dali_cpu_reads_records_without_a_border_where_the_warp_stays_inside(ds107, monkeypatch):
+    """Crop 32 + jitter 4 of 107 pixels: DALI gets the memory-mapped records themselves (no copy) and the views
+    equal those from the zero-bordered copy (forced) and the reference's; crop 64 + jitter 7 keeps the border."""
+    from types import SimpleNamespace
+
+    from photoz_hpc.augment.dali_pipeline import _Feeder
+
+    cfg = cfg_of("augment.crop_size=32", "augment.jitter_max=4")
+    small = build_loader(cfg, ds107, "pretrain", seed=4)
+    records = _Feeder(small.source, 0, "cpu").host(SimpleNamespace(iteration=0))[0]
+    assert isinstance(records, list) and all(r.shape == (107, 107, 5) for r in records)
+    assert all(np.shares_memory(r, ds107.shard_images(ds107.locate(int(i))[0])) for r, i in zip(records, small.source.batch(0).index, strict=True))
+    big = build_loader(cfg_of(), ds107, "pretrain", seed=4)
+    assert _Feeder(big.source, 0, "cpu").host(SimpleNamespace(iteration=0))[0].shape == (8, 109, 109, 5)
+    if DEVICE != "cpu":
+        return
+    direct = [b["view1"].clone() for b in small]
+    monkeypatch.setattr(dr, "warp_stays_inside", lambda spec: False)
+    bordered = [b["view1"] for b in build_loader(cfg, ds107, "pretrain", seed=4)]
+    for k, (got, want) in enumerate(zip(direct, bordered, strict=True)):
+        oracle = augment_batch(small.source.batch(k), 32, small.torch_device)[0]
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 1e-5 * scale
+        assert (got - oracle).abs().max().item() <= 1e-4 * scale
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

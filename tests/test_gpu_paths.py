@@ -446,7 +446,8 @@ def _fake_source(n_batches: int = 4, b: int = 3, size: int = 6):
     batches = [[rng.random((size, size, 5), dtype=np.float32) for _ in range(b)] for _ in range(n_batches)]
 
     class Source:
-        spec = SimpleNamespace(n_views=2, noise=False)
+        # a rotated crop of the whole image reaches past it: the CPU path needs its zero border
+        spec = SimpleNamespace(n_views=2, noise=False, in_hw=(size, size), crop=size, rotation=True, jitter=False, jitter_max=0)
 
         def __len__(self) -> int:
             return n_batches
@@ -478,8 +479,10 @@ def test_dali_gpu_feeder_stages_records_in_a_reused_pinned_pool() -> None:
     third = feeder.host(SimpleNamespace(iteration=2))[0]
     assert third is buffer and ev.waited == 1 and len(allocated) == 2  # reused after its event
     assert np.array_equal(third, np.stack(batches[2]))
-    cpu = _Feeder(source, 0, "cpu")  # the CPU path keeps its zero-bordered buffers
+    cpu = _Feeder(source, 0, "cpu")  # the CPU path keeps its zero-bordered buffers where a warp can leave the image
     assert cpu.host(SimpleNamespace(iteration=0))[0].shape == (3, 8, 8, 5)
+    source.spec.crop = 4  # now every warp stays inside: the records themselves, not copied
+    assert all(a is b for a, b in zip(_Feeder(source, 0, "cpu").host(SimpleNamespace(iteration=0))[0], batches[0], strict=True))
 
 
 # ---------------------------------------------------------------------- CUDA (run by benchmarks/gpu_check.sh)

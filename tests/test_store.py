@@ -172,6 +172,32 @@ def test_corrupt_and_truncated_shards_are_caught(release_h5, tmp_path):
         verify_dataset(out)
 
 
+def test_batch_records_are_zero_copy_checked_views(release_h5, tmp_path):
+    """``records_hwc`` (the loaders' batch read) gives the records ``image_hwc`` gives, as views of the shards,
+    in the order asked, negative ids from the end; it CRC-checks as ``image_hwc`` does."""
+    out = prepare([release_h5("a.h5", 12)], tmp_path / "ds", samples_per_shard=4)
+    ds = open_dataset(out)
+    ids = np.array([9, 0, 4, 4, -1, 3])
+    got = ds.records_hwc(ids)
+    assert len(got) == len(ids)
+    for i, rec in zip(ids, got, strict=True):
+        want = ds.image_hwc(int(i))
+        assert rec.shape == want.shape and np.array_equal(rec, want)
+        assert np.shares_memory(rec, ds.shard_images(ds.locate(int(i))[0]))  # no copy
+    assert ds.records_hwc(np.array([], np.int64)) == []
+    with pytest.raises(IndexError, match="outside"):
+        ds.records_hwc(np.array([0, 12]))
+    shard = out / "shard-00001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[1000] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    fresh = open_dataset(out)
+    assert len(fresh.records_hwc(np.array([0, 8]))) == 2  # other shards still read fine
+    with pytest.raises(DatasetError, match=r"shard-00001.bin: record 0 \(sample 4\) is corrupt"):
+        fresh.records_hwc(np.array([0, 4]))
+    assert len(open_dataset(out, verify_records=False).records_hwc(np.array([4]))) == 1  # unchecked on request
+
+
 def test_missing_manifest_and_newer_format(release_h5, tmp_path):
     out = prepare([release_h5("a.h5", 4)], tmp_path / "ds")
     manifest = json.loads((out / "manifest.json").read_text())

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from photoz_hpc.augment import draws
 from photoz_hpc.augment.base import LoaderBase
 from photoz_hpc.augment.source import BatchSource, SourceBatch
 
@@ -107,11 +108,13 @@ class _Feeder:
         # records are copied into zero-bordered buffers (1 pixel) and warped with clamping: a sample
         # outside the image then reads only zero pixels, i.e. exactly the zero fill (the matrices
         # shift by one pixel). Buffers return to the pool once their batch's outputs are out.
+        # Where no warp can reach past the image (``draws.warp_stays_inside``: small crops, or no rotation)
+        # the CPU path needs no border: DALI reads the zero-copy records themselves.
         # GPU: the records are copied into pinned staging buffers instead, so that DALI's host->device
         # copy runs at DMA speed rather than from pageable memory-mapped pages. A staging buffer is reused
         # only after the GPU has produced its batch's outputs (so its copy is complete): ``release`` gets
         # an event recorded after them.
-        self.pad = device != "gpu"
+        self.pad = device != "gpu" and not draws.warp_stays_inside(spec)
         self.alloc = _pinned_array
         self._free: list[tuple[np.ndarray, object]] = []
         # device tensors handed to DALI per iteration (GPU noise fields): alive until their batch is out
@@ -177,10 +180,13 @@ class _Feeder:
 
     def host(self, info) -> list:
         position, _, source_batch = self._take(info.iteration)
-        buffer = self._padded(source_batch.images) if self.pad else self._staged(source_batch.images)
+        if self.device == "gpu":
+            buffer = self._staged(source_batch.images)
+        else:
+            buffer = self._padded(source_batch.images) if self.pad else None
+        out: list = [source_batch.images if buffer is None else buffer]
         self.delivered.append((source_batch, buffer))
         self.delivered_at.append(position)
-        out: list = [buffer]
         for v in source_batch.views:
             matrix = v.matrix
             if self.pad:
@@ -237,7 +243,7 @@ def build_pipeline(feeder: _Feeder, batch_size: int, num_threads: int, prefetch:
         outs = []
         for v in range(spec.n_views):
             matrix, mult = host[1 + per_view * v], host[2 + per_view * v]
-            fill = {} if feeder.pad else {"fill_value": 0.0}  # padded input: clamping == zero fill
+            fill = {"fill_value": 0.0} if gpu else {}  # CPU: bordered, or never past the image: clamping == zero fill
             view = fn.warp_affine(images, matrix=matrix, size=[spec.crop, spec.crop], interp_type=types.INTERP_LINEAR, **fill)
             view = view * (mult.gpu() if gpu else mult)
             if spec.noise:

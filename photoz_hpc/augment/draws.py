@@ -194,6 +194,26 @@ def affine_matrices(spec: AugmentSpec, angle: np.ndarray, shift: np.ndarray) -> 
     return np.concatenate([a, t[:, :, None]], axis=2).astype(np.float32)
 
 
+def warp_reach(spec: AugmentSpec) -> float:
+    """How far from the image centre, in pixels, a source point of the warp can fall (a tight upper bound).
+
+    Along an axis of D pixels, destination pixel centres lie within a = S/2 - 1/2 + J + |e| of the image
+    centre before rotation (J: ``jitter_max`` where jitter is on; e = (D-S)//2 + S/2 - D/2, the crop
+    window's 0 or 1/2 pixel offset from ``affine_matrices``' integer start). Rotation turns that
+    rectangle about the centre, so with rotation on the bound is its half-diagonal."""
+    jitter = spec.jitter_max if spec.jitter else 0
+    a = [spec.crop / 2.0 - 0.5 + jitter + abs((d - spec.crop) // 2 + spec.crop / 2.0 - d / 2.0) for d in spec.in_hw]
+    return math.hypot(*a) if spec.rotation else max(a)
+
+
+def warp_stays_inside(spec: AugmentSpec) -> bool:
+    """True when every bilinear tap of every warp reads pixels of the image, so zero fill and clamped
+    borders give the same views and the CPU path needs no zero-bordered copy of the records.
+    A source point p reads pixels floor(p - 1/2) and the next (weight 0 at p = D - 1/2): inside while
+    1/2 <= p <= D - 1/2."""
+    return warp_reach(spec) <= min(spec.in_hw) / 2.0 - 0.5 + 1e-9
+
+
 class NoiseTable:
     """A per-(seed, epoch, rank) table of standard normals; each noise field is a contiguous slice.
 

@@ -50,7 +50,7 @@ class RecordReader:
         self.verify = verify
 
     def records(self, ids: np.ndarray) -> list[np.ndarray]:
-        return [self.dataset.image_hwc(int(i), self.verify) for i in ids]
+        return self.dataset.records_hwc(ids, self.verify)
 
 
 def pipeline_pool(dataset: ShardedDataset, pipeline: Pipeline) -> np.ndarray:

@@ -86,6 +86,7 @@ class ShardedDataset:
         self._images: dict[int, np.memmap] = {}
         self._meta: np.ndarray | None = None
         self._checked: np.ndarray | None = None  # records whose CRC this object has verified
+        self._plain: dict[int, np.ndarray] | None = None  # shard -> its memmap as a plain ndarray
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -145,6 +146,32 @@ class ShardedDataset:
                     raise DatasetError(f"{path}: record {row} (sample {index}) is corrupt (CRC mismatch)")
                 self._checked[index] = True
         return record
+
+    def records_hwc(self, indices: np.ndarray, verify: bool | None = None) -> list[np.ndarray]:
+        """Many records as zero-copy (H, W, C) views, CRC-checked as ``image_hwc`` checks them. One lookup
+        for the whole batch: the loaders' host callbacks run in the training thread, where ``image_hwc``'s
+        per-record lookup and memmap indexing cost about as much as the rest of a batch's draws."""
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"indices outside [-{n}, {n}) for dataset of {n} samples")
+        idx = idx % n if idx.size else idx
+        if self.verify_records if verify is None else verify:
+            if self._checked is None:
+                self._checked = np.zeros(n, dtype=bool)
+            for i in idx[~self._checked[idx]]:
+                self.image_hwc(int(i), verify=True)  # checks and marks it
+        shards = np.searchsorted(self.offsets, idx, side="right") - 1
+        rows = idx - self.offsets[shards]
+        if self._plain is None:
+            self._plain = {}
+        plain = self._plain
+        out = []
+        for shard, row in zip(shards.tolist(), rows.tolist(), strict=True):
+            if shard not in plain:
+                plain[shard] = np.asarray(self.shard_images(shard))  # a plain ndarray: views without memmap's overhead
+            out.append(plain[shard][row])
+        return out
 
     def images_hwc(self, indices: np.ndarray) -> np.ndarray:
         """A batch of records as (n, H, W, C) float32 (CRC-checked when ``verify_records``)."""
