@@ -188,10 +188,14 @@ def affine_matrices(spec: AugmentSpec, angle: np.ndarray, shift: np.ndarray) -> 
     centre = np.array([width / 2.0, height / 2.0])
     start = np.array([(width - spec.crop) // 2, (height - spec.crop) // 2], np.float64)
     cos, sin = np.cos(angle), np.sin(angle)
-    a = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)  # (B, 2, 2)
-    t = centre + np.einsum("bij,bj->bi", a, start + shift - centre)
+    offset = start + shift - centre  # (B, 2)
+    out = np.empty((len(cos), 2, 3), np.float32)  # filled in place: this runs in the training thread per batch
+    out[:, 0, 0], out[:, 0, 1] = cos, -sin
+    out[:, 1, 0], out[:, 1, 1] = sin, cos
+    out[:, 0, 2] = centre[0] + (cos * offset[:, 0] - sin * offset[:, 1])
+    out[:, 1, 2] = centre[1] + (sin * offset[:, 0] + cos * offset[:, 1])
     # An exact zero rotation must stay an exact translation (cos=1, sin=0 already are).
-    return np.concatenate([a, t[:, :, None]], axis=2).astype(np.float32)
+    return out
 
 
 def warp_reach(spec: AugmentSpec) -> float:

@@ -1,8 +1,8 @@
 """The host side shared by both loaders: raw records, labels and augmentation inputs of one batch.
 
 ``BatchSource.batch(k)`` is a pure function of (seed, epoch, rank, k): it reads the records of the
-plan's batch k straight from the memory-mapped shards (zero-copy views that DALI copies once into
-its own, pinned when needed, buffers) and builds every view's matrices, multipliers, sigmas and
+plan's batch k straight from the memory-mapped shards (zero-copy views, one lookup per batch: DALI's
+CPU path warps them in place or copies them into bordered buffers, its GPU path into pinned ones) and builds every view's matrices, multipliers, sigmas and
 noise fields from ``draws``. Records are CRC-checked the first time this process reads them.
 """
 
@@ -93,22 +93,29 @@ class BatchSource:
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        """Plan the epoch and gather, for all its batches at once, the ids to read (padding rows read the
+        batch's first valid sample), labels and SFD E(B-V): ``batch(k)`` then only slices them. The loaders
+        call this ahead of the epoch in a background thread; ``batch`` runs in the training thread."""
         if epoch == self.epoch:
             return
         self.epoch = epoch
-        self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train)
+        plan = self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train)
         self.table = draws.NoiseTable(self.spec, self.seed, epoch, self.rank) if self.spec.noise else None
+        first = plan.ids[np.arange(len(plan)), plan.valid.argmax(axis=1)] if len(plan) else np.zeros(0, np.int64)
+        self.read_ids = np.where(plan.valid, plan.ids, np.where(plan.valid.any(axis=1), first, 0)[:, None])
+        meta = self.dataset.meta
+        self.ebv_sfd = meta["ebv_sfd"][self.read_ids] if self.spec.deredden else None
+        z = meta["specz_redshift"][self.read_ids]
+        self.labels = {key: LABELS[key](z) for key in self.spec.pipeline.label_keys}
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def batch(self, k: int) -> SourceBatch:
         spec = self.spec
-        index, valid = self.plan.ids[k], self.plan.valid[k]
-        read_ids = np.where(valid, index, index[valid][0] if valid.any() else 0)
-        meta = self.dataset.meta
+        index, valid, read_ids = self.plan.ids[k], self.plan.valid[k], self.read_ids[k]
         rng = draws.generator(self.seed, draws.StreamTag.DRAWS, self.epoch, self.rank, k)
-        ebv_sfd = meta["ebv_sfd"][read_ids] if spec.deredden else None
+        ebv_sfd = self.ebv_sfd[k] if spec.deredden else None
         views = []
         for v, view in enumerate(draws.draw_views(spec, rng, len(index), ebv_sfd)):
             mult = draws.band_multipliers(spec, view.ebv)[:, None, None, :]
@@ -117,5 +124,5 @@ class BatchSource:
                 sigma = draws.noise_sigmas(spec, view.scale)[:, None, None, :]
                 noise = self.table.fields(view.noise_offset, k, v)
             views.append(ViewInputs(view, draws.affine_matrices(spec, view.angle, view.shift), mult, sigma, noise))
-        labels = {key: LABELS[key](meta["specz_redshift"][read_ids]) for key in spec.pipeline.label_keys}
+        labels = {key: values[k] for key, values in self.labels.items()}
         return SourceBatch(index=index, valid=valid, images=self.reader.records(read_ids), views=views, labels=labels)
