@@ -151,6 +151,21 @@ def test_host_feed_tiny_run(store, tmp_path):
     assert blob["sample_bytes"] == 48 * 48 * 5 * 4 and blob["target_gb_per_s"] == pytest.approx(40000 * 48 * 48 * 5 * 4 / 1e9)
 
 
+def test_loader_wait_tiny_run(store, tmp_path):
+    """Both loaders run every step of the timed epochs; our host work is their difference; the first steps of
+    epochs are kept apart (48 labeled samples, batch 8: 6 steps per epoch, epochs 1 and 2 timed)."""
+    out = tmp_path / "lw.json"
+    p = _py(str(BENCH / "loader_wait.py"), "--data", str(store), "--pipeline", "finetune", "--compute-ms", "2",
+            "--epochs", "3", "--json", str(out), "loader.batch_size=8", "augment.crop_size=16", "augment.jitter_max=2",
+            "loader.num_threads=1")
+    blob = json.loads(out.read_text())
+    for name in ("real", "same-batch"):
+        r = blob[name]
+        assert r["steps"] == 12 and r["steady_ms"] > 0 and r["epoch_start_ms"] > 0
+    assert blob["host_work_ms"] == pytest.approx(blob["real"]["steady_ms"] - blob["same-batch"]["steady_ms"])
+    assert blob["batch_size"] == 8 and blob["pipeline"] == "finetune" and "host work per batch" in p.stdout
+
+
 def test_dali_wheel_parts_reassemble(tmp_path):
     wheel = tmp_path / "fake_dali-1.0-py3-none-any.whl"
     wheel.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
