@@ -1,9 +1,10 @@
 """The host side shared by both loaders: raw records, labels and augmentation inputs of one batch.
 
 ``BatchSource.batch(k)`` is a pure function of (seed, epoch, rank, k): it reads the records of the
-plan's batch k straight from the memory-mapped shards (zero-copy views, one lookup per batch: DALI's
-CPU path warps them in place or copies them into bordered buffers, its GPU path into pinned ones) and builds every view's matrices, multipliers, sigmas and
-noise fields from ``draws``. Records are CRC-checked the first time this process reads them.
+plan's batch k straight from the memory-mapped shards (zero-copy views, one lookup per batch; DALI's
+CPU path warps them in place or copies them into bordered buffers, its GPU path into pinned ones) and
+builds every view's matrices, multipliers, sigmas and noise fields from ``draws``. Records are
+CRC-checked the first time this process reads them.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class BatchSource:
         self.epoch = epoch
         plan = self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train)
         self.table = draws.NoiseTable(self.spec, self.seed, epoch, self.rank) if self.spec.noise else None
-        first = plan.ids[np.arange(len(plan)), plan.valid.argmax(axis=1)] if len(plan) else np.zeros(0, np.int64)
+        first = plan.ids[np.arange(len(plan)), plan.valid.argmax(axis=1)]  # each batch's first valid id
         self.read_ids = np.where(plan.valid, plan.ids, np.where(plan.valid.any(axis=1), first, 0)[:, None])
         meta = self.dataset.meta
         self.ebv_sfd = meta["ebv_sfd"][self.read_ids] if self.spec.deredden else None

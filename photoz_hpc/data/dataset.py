@@ -86,7 +86,7 @@ class ShardedDataset:
         self._images: dict[int, np.memmap] = {}
         self._meta: np.ndarray | None = None
         self._checked: np.ndarray | None = None  # records whose CRC this object has verified
-        self._plain: dict[int, np.ndarray] | None = None  # shard -> its memmap as a plain ndarray
+        self._plain: dict[int, np.ndarray] = {}  # shard -> its memmap as a plain ndarray (cheaper views)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -163,19 +163,17 @@ class ShardedDataset:
                 self.image_hwc(int(i), verify=True)  # checks and marks it
         shards = np.searchsorted(self.offsets, idx, side="right") - 1
         rows = idx - self.offsets[shards]
-        if self._plain is None:
-            self._plain = {}
         plain = self._plain
         out = []
         for shard, row in zip(shards.tolist(), rows.tolist(), strict=True):
             if shard not in plain:
-                plain[shard] = np.asarray(self.shard_images(shard))  # a plain ndarray: views without memmap's overhead
+                plain[shard] = np.asarray(self.shard_images(shard))
             out.append(plain[shard][row])
         return out
 
     def images_hwc(self, indices: np.ndarray) -> np.ndarray:
         """A batch of records as (n, H, W, C) float32 (CRC-checked when ``verify_records``)."""
-        return np.stack([self.image_hwc(int(i)) for i in indices]) if len(indices) else np.zeros((0, *self.image_shape), np.float32)
+        return np.stack(self.records_hwc(indices)) if len(indices) else np.zeros((0, *self.image_shape), np.float32)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = np.ascontiguousarray(self.image_hwc(index).transpose(2, 0, 1))
