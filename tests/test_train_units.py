@@ -15,6 +15,7 @@ from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import load_config
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.train.checkpoint import find_latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from photoz_hpc.train.metrics_log import MetricsLog
 from photoz_hpc.train.optim import LARS, build_optimizer, lr_at
 from photoz_hpc.train.precision import resolve_precision
 from photoz_hpc.train.pretrain import Trainer, local_queue_ptr
@@ -173,3 +174,26 @@ def test_local_queue_ptr_realigns_for_a_new_world_and_batch(gptr, world, batch, 
     assert ptr == expected
     local_batch = batch if mode != "replicated" else world * batch
     assert ptr % local_batch == 0  # every rank enqueues whole batches at block boundaries
+
+
+def test_metrics_log_tensorboard_scalars_read_back_with_tensorboard(tmp_path) -> None:
+    """Our event files (written in the calling thread) are what TensorBoard's own reader reads: every numeric
+    value of every logged step under its prefixed tag; booleans and strings only in the JSON lines; two logs in one
+    directory and process get two files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in range(2):
+        log = MetricsLog(tmp_path, prefix="finetune")
+        for step in range(1, 4):
+            log.log(step + 10 * run, {"loss": 1.0 / step, "epoch": run, "flag": True, "note": "x"})
+        log.close()
+    files = sorted((tmp_path / "tensorboard").iterdir())
+    assert len(files) == 2 and all(f.name.startswith("events.out.tfevents.") for f in files)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["finetune/epoch", "finetune/loss"]
+    loss = [(e.step, e.value) for e in acc.Scalars("finetune/loss")]
+    assert loss == [(s + 10 * r, pytest.approx(1.0 / s)) for r in range(2) for s in range(1, 4)]
+    assert [e.value for e in acc.Scalars("finetune/epoch")] == [0, 0, 0, 1, 1, 1]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"flag": true' in lines[0] and '"note": "x"' in lines[0]
