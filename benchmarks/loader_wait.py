@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("overrides", nargs="*", help="config key=value")
     args = ap.parse_args(argv)
+    if args.epochs < 2:
+        ap.error("--epochs must be >= 2 (epoch 0 is the warm-up)")
 
     import torch
 
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     real = build_loader(cfg, ds, args.pipeline, ids=ids)
     results = {"real": measure(real, args.epochs, compute)}
     first = real.source.batch(0)
+    if hasattr(real, "close"):
+        real.close()  # its pipeline's threads stay out of the second measurement
     original = source_mod.BatchSource.batch
     source_mod.BatchSource.batch = lambda self, k: first  # every position: the same, already built batch
     try:

@@ -240,30 +240,38 @@ rotation=rotation)
     h, w = spec.in_hw
     inside = bool((points >= 0.5).all() and (points[:, 0] <= w - 0.5).all() and (points[:, 1] <= h - 0.5).all())
     assert dr.warp_stays_inside(spec) == inside
-    assert dr.warp_reach(spec) >= np.abs(points - [w / 2, h / 2]).max() - 1e-4  # an upper bound, per axis
+    offsets = points - [w / 2, h / 2]
+    farthest = np.hypot(*offsets.T).max() if rotation else np.abs(offsets).max()
+    assert farthest - 1e-4 <= dr.warp_reach(spec) <= farthest + (1.0 if rotation else 1e-4)  # a bound, and tight
 
 
-def test_dali_cpu_reads_records_without_a_border_where_the_warp_stays_inside(ds107, monkeypatch):
-    """Crop 32 + jitter 4 of 107 pixels: DALI gets the memory-mapped records themselves (no copy) and the views
+@pytest.mark.parametrize("store, crop, overrides", [
+    ("ds107", 32, ("augment.jitter_max=4",)),  # rotated, 28.3 px of 53 reached
+    ("ds48", 42, ("augment.jitter_max=3", "augment.rotation=false")),  # on the edge: taps at 1/2 and 47 1/2
+])
+def test_dali_cpu_reads_records_without_a_border_where_the_warp_stays_inside(request, monkeypatch, store, crop, overrides):
+    """Where no warp leaves the image, DALI gets the memory-mapped records themselves (no copy) and the views
     equal those from the zero-bordered copy (forced) and the reference's; crop 64 + jitter 7 keeps the border."""
     from types import SimpleNamespace
 
     from photoz_hpc.augment.dali_pipeline import _Feeder
 
-    cfg = cfg_of("augment.crop_size=32", "augment.jitter_max=4")
-    small = build_loader(cfg, ds107, "pretrain", seed=4)
+    ds = request.getfixturevalue(store)
+    cfg = cfg_of(f"augment.crop_size={crop}", *overrides, batch=5)
+    small = build_loader(cfg, ds, "pretrain", seed=4)
+    assert dr.warp_stays_inside(small.source.spec)
     records = _Feeder(small.source, 0, "cpu").host(SimpleNamespace(iteration=0))[0]
-    assert isinstance(records, list) and all(r.shape == (107, 107, 5) for r in records)
-    assert all(np.shares_memory(r, ds107.shard_images(ds107.locate(int(i))[0])) for r, i in zip(records, small.source.batch(0).index, strict=True))
-    big = build_loader(cfg_of(), ds107, "pretrain", seed=4)
+    assert isinstance(records, list) and all(r.shape == ds.image_shape for r in records)
+    assert all(np.shares_memory(r, ds.shard_images(ds.locate(int(i))[0])) for r, i in zip(records, small.source.batch(0).index, strict=True))
+    big = build_loader(cfg_of(), request.getfixturevalue("ds107"), "pretrain", seed=4)
     assert _Feeder(big.source, 0, "cpu").host(SimpleNamespace(iteration=0))[0].shape == (8, 109, 109, 5)
     if DEVICE != "cpu":
         return
     direct = [b["view1"].clone() for b in small]
     monkeypatch.setattr(dr, "warp_stays_inside", lambda spec: False)
-    bordered = [b["view1"] for b in build_loader(cfg, ds107, "pretrain", seed=4)]
+    bordered = [b["view1"] for b in build_loader(cfg, ds, "pretrain", seed=4)]
     for k, (got, want) in enumerate(zip(direct, bordered, strict=True)):
-        oracle = augment_batch(small.source.batch(k), 32, small.torch_device)[0]
+        oracle = augment_batch(small.source.batch(k), crop, small.torch_device)[0]
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() <= 1e-5 * scale
         assert (got - oracle).abs().max().item() <= 1e-4 * scale

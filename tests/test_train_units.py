@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -197,3 +198,22 @@ def test_metrics_log_tensorboard_scalars_read_back_with_tensorboard(tmp_path) ->
     assert [e.value for e in acc.Scalars("finetune/epoch")] == [0, 0, 0, 1, 1, 1]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6 and '"flag": true' in lines[0] and '"note": "x"' in lines[0]
+
+
+def test_metrics_log_goes_on_without_tensorboard_when_its_file_fails(tmp_path, monkeypatch, caplog) -> None:
+    from photoz_hpc.train import metrics_log
+
+    log = MetricsLog(tmp_path, prefix="p")
+
+    def full(self, step, values):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics_log.TensorBoardScalars, "add", full)
+    # setup_logging (run by earlier tests in the session) stops propagation to the root logger caplog watches
+    monkeypatch.setattr(logging.getLogger("photoz_hpc"), "propagate", True)
+    with caplog.at_level(logging.WARNING):
+        log.log(1, {"loss": 1.0})
+        log.log(2, {"loss": 0.5})
+    log.close()
+    assert "TensorBoard logging stopped" in caplog.text and "No space left" in caplog.text
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

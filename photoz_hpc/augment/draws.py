@@ -198,15 +198,19 @@ def affine_matrices(spec: AugmentSpec, angle: np.ndarray, shift: np.ndarray) -> 
     return out
 
 
-def warp_reach(spec: AugmentSpec) -> float:
-    """How far from the image centre, in pixels, a source point of the warp can fall (a tight upper bound).
+def _warp_half_widths(spec: AugmentSpec) -> list[float]:
+    """Per image axis (H, W): how far from the image centre a destination pixel centre can map before rotation.
 
-    Along an axis of D pixels, destination pixel centres lie within a = S/2 - 1/2 + J + |e| of the image
-    centre before rotation (J: ``jitter_max`` where jitter is on; e = (D-S)//2 + S/2 - D/2, the crop
-    window's 0 or 1/2 pixel offset from ``affine_matrices``' integer start). Rotation turns that
-    rectangle about the centre, so with rotation on the bound is its half-diagonal."""
+    Along an axis of D pixels that is a = S/2 - 1/2 + J + |e| (J: ``jitter_max`` where jitter is on;
+    e = (D-S)//2 + S/2 - D/2, the crop window's 0 or 1/2 pixel offset from ``affine_matrices``' integer start)."""
     jitter = spec.jitter_max if spec.jitter else 0
-    a = [spec.crop / 2.0 - 0.5 + jitter + abs((d - spec.crop) // 2 + spec.crop / 2.0 - d / 2.0) for d in spec.in_hw]
+    return [spec.crop / 2.0 - 0.5 + jitter + abs((d - spec.crop) // 2 + spec.crop / 2.0 - d / 2.0) for d in spec.in_hw]
+
+
+def warp_reach(spec: AugmentSpec) -> float:
+    """How far from the image centre, in pixels, a source point of the warp can fall: the largest half-width,
+    or with rotation on (any angle) the half-diagonal of the window the half-widths span."""
+    a = _warp_half_widths(spec)
     return math.hypot(*a) if spec.rotation else max(a)
 
 
@@ -214,8 +218,11 @@ def warp_stays_inside(spec: AugmentSpec) -> bool:
     """True when every bilinear tap of every warp reads pixels of the image, so zero fill and clamped
     borders give the same views and the CPU path needs no zero-bordered copy of the records.
     A source point p reads pixels floor(p - 1/2) and the next (weight 0 at p = D - 1/2): inside while
-    1/2 <= p <= D - 1/2."""
-    return warp_reach(spec) <= min(spec.in_hw) / 2.0 - 0.5 + 1e-9
+    1/2 <= p <= D - 1/2 on both axes. Exact without rotation; with rotation exact for square images."""
+    limits = [d / 2.0 - 0.5 + 1e-9 for d in spec.in_hw]
+    if spec.rotation:
+        return warp_reach(spec) <= min(limits)
+    return all(a <= lim for a, lim in zip(_warp_half_widths(spec), limits, strict=True))
 
 
 class NoiseTable:

@@ -99,15 +99,16 @@ class BatchSource:
         call this ahead of the epoch in a background thread; ``batch`` runs in the training thread."""
         if epoch == self.epoch:
             return
-        self.epoch = epoch
         plan = self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train)
         self.table = draws.NoiseTable(self.spec, self.seed, epoch, self.rank) if self.spec.noise else None
         first = plan.ids[np.arange(len(plan)), plan.valid.argmax(axis=1)]  # each batch's first valid id
         self.read_ids = np.where(plan.valid, plan.ids, np.where(plan.valid.any(axis=1), first, 0)[:, None])
         meta = self.dataset.meta
         self.ebv_sfd = meta["ebv_sfd"][self.read_ids] if self.spec.deredden else None
-        z = meta["specz_redshift"][self.read_ids]
-        self.labels = {key: LABELS[key](z) for key in self.spec.pipeline.label_keys}
+        keys = self.spec.pipeline.label_keys
+        z = meta["specz_redshift"][self.read_ids] if keys else None
+        self.labels = {key: LABELS[key](z) for key in keys}
+        self.epoch = epoch  # last: a set_epoch that failed midway is redone, not taken as done
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -125,5 +126,5 @@ class BatchSource:
                 sigma = draws.noise_sigmas(spec, view.scale)[:, None, None, :]
                 noise = self.table.fields(view.noise_offset, k, v)
             views.append(ViewInputs(view, draws.affine_matrices(spec, view.angle, view.shift), mult, sigma, noise))
-        labels = {key: values[k] for key, values in self.labels.items()}
+        labels = {key: values[k].copy() for key, values in self.labels.items()}  # batches never alias the epoch's
         return SourceBatch(index=index, valid=valid, images=self.reader.records(read_ids), views=views, labels=labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -34,7 +35,11 @@ class TensorBoardScalars:
         now = time.time()
         name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.{next(_FILES)}"
         self._records = RecordWriter(open(directory / name, "wb"))
-        self._write(Event(wall_time=now, file_version="brain.Event:2"))
+        try:
+            self._write(Event(wall_time=now, file_version="brain.Event:2"))
+        except OSError:
+            self._records.close()
+            raise
 
     def _write(self, event) -> None:
         self._records.write(event.SerializeToString())
@@ -69,9 +74,16 @@ class MetricsLog:
         if not self.enabled:
             return
         self._fh.write(json.dumps({"step": step, **values}) + "\n")
-        if self._tb is not None:
-            self._tb.add(step, {f"{self.prefix}/{key}": float(value) for key, value in values.items()
-                                if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        scalars = {f"{self.prefix}/{key}": float(value) for key, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self._tb is not None and scalars:
+            try:
+                self._tb.add(step, scalars)
+            except OSError as exc:  # e.g. a full disk: the run and its JSON lines go on
+                log.warning("TensorBoard logging stopped: %s", exc)
+                tb, self._tb = self._tb, None
+                with contextlib.suppress(OSError):
+                    tb.close()
 
     def close(self) -> None:
         if self._fh is not None:
