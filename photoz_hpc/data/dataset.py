@@ -111,13 +111,21 @@ class ShardedDataset:
     def pixel_stats(self) -> dict[str, np.ndarray]:
         return pixel_stats(self.manifest, str(self.root))
 
+    def locate_many(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample ids in [0, len), shard numbers, rows within the shards) of global indices (negative: from the end)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = idx[(idx < -n) | (idx >= n)]
+            raise IndexError(f"index {bad[0]} outside [-{n}, {n}) for dataset of {n} samples")
+        idx = idx % n if n else idx
+        shards = np.searchsorted(self.offsets, idx, side="right") - 1
+        return idx, shards, idx - self.offsets[shards]
+
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, row within shard) of a global sample index."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for dataset of {len(self)} samples")
-        index %= len(self)
-        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return shard, index - int(self.offsets[shard])
+        _, shards, rows = self.locate_many([index])
+        return int(shards[0]), int(rows[0])
 
     def shard_images(self, shard: int) -> np.memmap:
         """Memory-map of one shard's records, shape (count, H, W, C) float32."""
@@ -129,46 +137,33 @@ class ShardedDataset:
         return self._images[shard]
 
     def image_hwc(self, index: int, verify: bool | None = None) -> np.ndarray:
-        """One record as (H, W, C) float32 (a zero-copy memmap view).
+        """One record as (H, W, C) float32 (a zero-copy memmap view), CRC-checked as ``records_hwc`` checks."""
+        return self.records_hwc([index], verify)[0]
 
-        With ``verify`` (default ``verify_records``) its CRC32 is checked the first time this dataset
+    def records_hwc(self, indices, verify: bool | None = None) -> list[np.ndarray]:
+        """Records as zero-copy (H, W, C) views, in the order asked, with one lookup for the whole batch (the
+        loaders' host callbacks run in the training thread, where a lookup per record costs about as much as
+        the rest of a batch's draws).
+
+        With ``verify`` (default ``verify_records``) each record's CRC32 is checked the first time this dataset
         object reads it, so training loops pay the check once per record, not once per epoch.
         """
-        shard, row = self.locate(index)
-        record = np.asarray(self.shard_images(shard)[row])
-        if self.verify_records if verify is None else verify:
-            index %= len(self)
-            if self._checked is None:
-                self._checked = np.zeros(len(self), dtype=bool)
-            if not self._checked[index]:
-                if zlib.crc32(record) != int(self.meta["crc32"][index]):
-                    path = self.root / self.shards[shard]["file"]
-                    raise DatasetError(f"{path}: record {row} (sample {index}) is corrupt (CRC mismatch)")
-                self._checked[index] = True
-        return record
-
-    def records_hwc(self, indices: np.ndarray, verify: bool | None = None) -> list[np.ndarray]:
-        """Many records as zero-copy (H, W, C) views, CRC-checked as ``image_hwc`` checks them. One lookup
-        for the whole batch: the loaders' host callbacks run in the training thread, where ``image_hwc``'s
-        per-record lookup and memmap indexing cost about as much as the rest of a batch's draws."""
-        idx = np.asarray(indices, dtype=np.int64)
-        n = len(self)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"indices outside [-{n}, {n}) for dataset of {n} samples")
-        idx = idx % n if idx.size else idx
-        if self.verify_records if verify is None else verify:
-            if self._checked is None:
-                self._checked = np.zeros(n, dtype=bool)
-            for i in idx[~self._checked[idx]]:
-                self.image_hwc(int(i), verify=True)  # checks and marks it
-        shards = np.searchsorted(self.offsets, idx, side="right") - 1
-        rows = idx - self.offsets[shards]
+        idx, shards, rows = self.locate_many(indices)
         plain = self._plain
         out = []
         for shard, row in zip(shards.tolist(), rows.tolist(), strict=True):
             if shard not in plain:
-                plain[shard] = np.asarray(self.shard_images(shard))
+                plain[shard] = np.asarray(self.shard_images(shard))  # views without np.memmap's overhead
             out.append(plain[shard][row])
+        if self.verify_records if verify is None else verify:
+            if self._checked is None:
+                self._checked = np.zeros(len(self), dtype=bool)
+            crc = self.meta["crc32"]
+            for j in np.flatnonzero(~self._checked[idx]):
+                if zlib.crc32(out[j]) != int(crc[idx[j]]):
+                    path = self.root / self.shards[int(shards[j])]["file"]
+                    raise DatasetError(f"{path}: record {rows[j]} (sample {idx[j]}) is corrupt (CRC mismatch)")
+                self._checked[idx[j]] = True
         return out
 
     def images_hwc(self, indices: np.ndarray) -> np.ndarray:
