@@ -172,17 +172,22 @@ def _rows(tree: dict) -> list:
     return [tree["overall"], *tree["per_bin"]]
 
 
+def _interval_rows(rat: dict, boot: dict | None) -> list:
+    """``_rows`` of ``boot`` beside those of ``rat``: None in every row without a bootstrap."""
+    return [None] * len(_rows(rat)) if boot is None else _rows(boot)
+
+
 def verdicts(rat: dict, boot: dict | None) -> dict:
     """``verdict`` of every ratio of ``ratios`` (overall and per bin), with the intervals of ``bootstrap_ratios``."""
-    boots = [None] * len(_rows(rat)) if boot is None else _rows(boot)
-    out = [{k: verdict(q[k], b and b[k]) for k in ("sigma_mad", "eta")} for q, b in zip(_rows(rat), boots, strict=True)]
+    out = [{k: verdict(q[k], b and b[k]) for k in ("sigma_mad", "eta")}
+           for q, b in zip(_rows(rat), _interval_rows(rat, boot), strict=True)]
     return {"overall": out[0], "per_bin": out[1:]}
 
 
 def markdown_table(synth: dict, real: dict, boot: dict | None = None) -> str:
     """Per-bin sigma_MAD and outlier rate, synthetic vs real, with their ratios (and 68 % intervals of ``boot``)."""
     rat = ratios(synth, real)
-    boots = [None] * len(_rows(rat)) if boot is None else _rows(boot)
+    boots = _interval_rows(rat, boot)
     verdict_rows = _rows(verdicts(rat, boot))
 
     def ci(b: dict | None, key: str, v: dict) -> str:
