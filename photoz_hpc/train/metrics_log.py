@@ -74,9 +74,11 @@ class MetricsLog:
         if not self.enabled:
             return
         self._fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self._tb is None:
+            return
         scalars = {f"{self.prefix}/{key}": float(value) for key, value in values.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        if self._tb is not None and scalars:
+        if scalars:
             try:
                 self._tb.add(step, scalars)
             except OSError as exc:  # e.g. a full disk: the run and its JSON lines go on
