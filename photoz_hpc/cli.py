@@ -2,7 +2,8 @@
 
 A command module defines ``register(subparsers)``, which adds its parser and sets ``func``.
 Modules are imported here but keep heavy imports (torch, DALI, GalSim) inside the command body,
-so ``photoz-hpc --help`` stays fast.
+so ``photoz-hpc --help`` stays fast. A command that reads model or checkpoint files adds
+``torch_files.add_trust_pickle_flag``; ``--trust-pickle`` then holds for the whole command.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from photoz_hpc import __version__
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.logs import setup_logging
+from photoz_hpc.torch_files import trusting_pickle
 
 #: Command modules in the order they appear in ``--help`` (the data flow: data -> ... -> evaluate -> launch).
 COMMAND_MODULES = (
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.log_level)
     try:
-        result = args.func(args)
+        with trusting_pickle(getattr(args, "trust_pickle", False)):
+            result = args.func(args)
     except PhotozError as exc:
         print(f"photoz-hpc {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
-"""Atomic file writes (write to a temporary name in the same directory, fsync, rename) and the one reader of
-``torch.save`` files."""
+"""Atomic file writes (write to a temporary name in the same directory, fsync, rename) and file checksums.
+``torch.save`` files are read and written by ``photoz_hpc.torch_files`` (data only, never code)."""
 
 from __future__ import annotations
 
@@ -55,15 +55,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def read_torch_file(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> Any:
-    """``torch.load`` of a file this project wrote (checkpoint, encoder, photo-z model); a truncated zip, bad
-    pickle or I/O error becomes ``PhotozError`` naming ``what`` and the file."""
-    import torch
-
-    from photoz_hpc.errors import PhotozError
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise PhotozError(f"{what} {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None

@@ -22,10 +22,11 @@ from photoz_hpc.errors import PhotozError
 from photoz_hpc.evaluate.pdfs import summarize_pdfs
 from photoz_hpc.evaluate.plots import plot_evaluation
 from photoz_hpc.evaluate.predictions import write_predictions
-from photoz_hpc.io_utils import atomic_write_json, read_torch_file
+from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import photoz_metrics
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
+from photoz_hpc.torch_files import read_torch_file
 from photoz_hpc.train.checkpoint import checkpoint_task, validate_checkpoint
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.precision import resolve_precision

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.io_utils import atomic_open, read_torch_file
 from photoz_hpc.models.resnet import build_encoder
+from photoz_hpc.torch_files import read_torch_file, write_torch_file
 
 ENCODER_FORMAT = "photoz-hpc/encoder/1"
 HEAD_PREFIX = "encoder_q.1."
@@ -30,7 +30,7 @@ def encoder_state_from_moco(moco_state: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # CPU, contiguous (NCHW) tensors: loadable on any machine, also with weights_only and no map_location
+    # CPU, contiguous (NCHW) tensors: loadable on any machine with weights_only=True and no map_location
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
@@ -43,9 +43,7 @@ def save_encoder(trunk_state: dict[str, torch.Tensor], head_state: dict[str, tor
     blob = {"format": ENCODER_FORMAT, "model": cfg_dict, "state_dict": _cpu(trunk_state), "step": step}
     if head_state:
         blob["projection_head"] = _cpu(head_state)
-    with atomic_open(out_path, "wb") as fh:
-        torch.save(blob, fh)
-    return out_path
+    return write_torch_file(out_path, blob)
 
 
 def export_moco_encoder(moco, model_cfg, out_path: str | Path, step: int | None = None) -> Path:

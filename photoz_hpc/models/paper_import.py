@@ -31,7 +31,6 @@ The authors' loader feeds ``np.swapaxes(image, 0, 2)`` through ``ToTensor``, i.e
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,12 +42,12 @@ from torch import nn
 from photoz_hpc.config import ModelConfig
 from photoz_hpc.constants import N_BANDS
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.io_utils import atomic_open
 from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.moco import MoCo
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, save_photoz_model
 from photoz_hpc.models.resnet import ARCHS, ResNet
 from photoz_hpc.redshift_grid import N_Z_BINS
+from photoz_hpc.torch_files import read_torch_file, write_torch_file
 
 #: What each kind is, for messages.
 KINDS = {"moco": "MoCo pretraining checkpoint", "photoz": "fine-tuned photo-z model"}
@@ -62,21 +61,8 @@ _SHOW = 8  # keys listed per problem in an error message
 
 
 def load_source(src: str | Path, trust_pickle: bool = False) -> Any:
-    """``torch.load`` on the CPU; tensors and plain containers only unless ``trust_pickle``."""
-    try:
-        return torch.load(src, map_location="cpu", weights_only=not trust_pickle)
-    except FileNotFoundError:
-        raise PhotozError(f"checkpoint {src} does not exist") from None
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found and not trust_pickle:
-            raise PhotozError(
-                f"checkpoint {src} holds Python objects besides tensors ({found[1]}), which "
-                f"torch.load(weights_only=True) refuses; pass --trust-pickle only if you trust where the file came from"
-            ) from None
-        raise PhotozError(f"checkpoint {src} is unreadable (not a PyTorch checkpoint, or a damaged one)") from None
-    except Exception as exc:
-        raise PhotozError(f"checkpoint {src} is unreadable ({type(exc).__name__}: {exc})") from None
+    """The source file on the CPU, read without running code unless ``trust_pickle`` (``torch_files``)."""
+    return read_torch_file(src, "checkpoint", trust_pickle=trust_pickle or None)
 
 
 def unwrap(blob: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -88,7 +74,9 @@ def unwrap(blob: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise PhotozError(f"{name} is already a photoz-hpc file (format {fmt!r}); nothing to import")
     for key in STATE_KEYS:
         if isinstance(blob.get(key), Mapping):
-            meta = {k: v for k, v in blob.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+            # plain Python values (numpy's float64 and str_ subclass float and str), so the output is plain data
+            meta = {str(k): type_(v) for k, v in blob.items() for type_ in (str, int, float)
+                    if isinstance(v, type_) and not isinstance(v, bool)}
             return _tensors(blob[key], f"{name} ['{key}']"), meta
     if blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
         return dict(blob), {}
@@ -262,9 +250,7 @@ def write_encoder(moco: MoCo, cfg: ModelConfig, out: Path, provenance: dict[str,
     (our MoCo MLP, keys ``0.*`` / ``2.*``) and ``source`` (provenance), written atomically."""
     blob = {"format": ENCODER_FORMAT, "model": dataclasses.asdict(cfg), "state_dict": _cpu(moco.encoder),
             "step": provenance.get("iters"), "projection_head": _cpu(moco.encoder_q[1]), "source": provenance}
-    with atomic_open(out, "wb") as fh:
-        torch.save(blob, fh)
-    return out
+    return write_torch_file(out, blob)
 
 
 def import_checkpoint(src: str | Path, out: str | Path, transpose_hw: bool = False,

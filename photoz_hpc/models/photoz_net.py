@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from photoz_hpc.io_utils import read_torch_file
 from photoz_hpc.models.resnet import ResNet, build_encoder
 from photoz_hpc.redshift_grid import N_Z_BINS, z_bin_centres
+from photoz_hpc.torch_files import read_torch_file, write_torch_file
 
 
 class PhotoZNet(nn.Module):
@@ -42,19 +42,13 @@ PHOTOZ_MODEL_FORMAT = "photoz-hpc/photoz-model/1"
 
 def save_photoz_model(net: PhotoZNet, model_cfg, out_path, extra: dict | None = None):
     """Write ``{'format', 'model' (ModelConfig dict), 'n_bins', 'state_dict', ...extra}`` atomically,
-    every tensor on the CPU and contiguous so the file loads on any machine."""
+    every tensor on the CPU and contiguous so the file loads on any machine (plain data: ``torch_files``)."""
     import dataclasses
-    from pathlib import Path
-
-    from photoz_hpc.io_utils import atomic_open
 
     cfg = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    out_path = Path(out_path)
-    with atomic_open(out_path, "wb") as fh:
-        torch.save({"format": PHOTOZ_MODEL_FORMAT, "model": cfg, "n_bins": net.head.out_features,
-                    "state_dict": state, **(extra or {})}, fh)
-    return out_path
+    return write_torch_file(out_path, {"format": PHOTOZ_MODEL_FORMAT, "model": cfg, "n_bins": net.head.out_features,
+                                       "state_dict": state, **(extra or {})})
 
 
 def load_photoz_model(path, map_location="cpu") -> tuple[PhotoZNet, dict]:

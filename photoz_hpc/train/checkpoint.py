@@ -3,7 +3,8 @@
 Rank 0 writes ``<out_dir>/checkpoints/ckpt_<step>.pt`` through a temporary file + fsync + rename,
 so a crash mid-write leaves the previous checkpoint intact. Each file carries a format tag, its task
 (``pretrain`` or ``finetune``) and its step; a file that fails to load (truncated, corrupt) is skipped
-with a warning, and a file of another task is an error naming it (never silently used).
+with a warning; a file of another task, or one that holds pickled objects (``torch_files``), is an error
+naming it (never silently used or skipped).
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.io_utils import atomic_open, read_torch_file
 from photoz_hpc.logs import get_logger
+from photoz_hpc.torch_files import UnsafePickleError, read_torch_file, write_torch_file
 
 log = get_logger(__name__)
 
@@ -38,8 +37,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
     state = {"format": FORMAT, "step": step, **state}
     if state.get("task") not in TASKS:
         raise PhotozError(f"checkpoint state for {path} must name its task, one of {list(TASKS)}")
-    with atomic_open(path, "wb") as fh:
-        torch.save(state, fh)
+    write_torch_file(path, state)
     for old in list_checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -85,11 +83,12 @@ class WrongCheckpointKind(PhotozError):
 
 
 def find_latest_valid(directory: str | Path, task: str | None = None) -> tuple[Path | None, dict[str, Any] | None]:
-    """Newest checkpoint that loads; corrupt ones are skipped with a warning, another task's is an error."""
+    """Newest checkpoint that loads; corrupt ones are skipped with a warning, another task's or one holding pickled
+    objects is an error (skipping it would silently resume from an older one)."""
     for path in list_checkpoints(directory):
         try:
             return path, load_checkpoint(path, task)
-        except WrongCheckpointKind:
+        except (WrongCheckpointKind, UnsafePickleError):
             raise
         except PhotozError as exc:
             log.warning("skipping %s", exc)

@@ -1,8 +1,11 @@
 """What every training command sets up around its task: device, CPU threads, RNG state, communicator.
 
-``run_with_comm(cfg, comm, body)`` installs the pre-emption handler first and restores it last (a
+``run_with_comm(cfg, comm, body, hold)`` installs the pre-emption handler first and restores it last (a
 SIGTERM/SIGUSR1 during start-up or the final save only sets the flag), resolves the device, sizes the
-CPU thread pool, creates (and shuts down) the communicator, and calls ``body(cfg, comm, device, flag)``.
+CPU thread pool, creates (and shuts down) the communicator, holds the run's output directory (``hold``, see
+``photoz_hpc.run_lock``: refused on every rank before any write if another run holds it; released when
+``body`` returns, a pre-empted return included, so a requeued job resumes at once) and calls
+``body(cfg, comm, device, flag)``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from photoz_hpc.comm.select import init_comm
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.launch_env import detect_env
 from photoz_hpc.logs import get_logger
+from photoz_hpc.run_lock import RunDir, hold_for_ranks
 from photoz_hpc.train.signals import PreemptionFlag
 
 log = get_logger(__name__)
@@ -52,18 +56,31 @@ def set_cpu_threads(cfg, device: torch.device) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG streams as plain data (tensors, lists, numbers: checkpoints load with weights_only=True)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``; also the numpy tuple of older checkpoints (its key array read as a tensor)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state(state["numpy"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state(saved: Any) -> tuple[str, np.ndarray, int, int, float]:
+    if isinstance(saved, dict):
+        saved = (saved["kind"], saved["key"], saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+    kind, key, pos, has_gauss, gauss = saved
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    return str(kind), key.astype(np.uint32), int(pos), int(has_gauss), float(gauss)
 
 
 def prepare_device(device: torch.device) -> None:
@@ -87,8 +104,10 @@ def memory_format_name(channels_last: bool) -> str:
     return "channels_last" if channels_last else "contiguous"
 
 
-def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """Set up device, threads and communicator around ``body(cfg, comm, device, flag)``."""
+def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]], hold: RunDir | None = None
+                  ) -> dict[str, Any]:
+    """Set up device, threads and communicator, and hold the output directory ``hold``, around
+    ``body(cfg, comm, device, flag)``."""
     flag = PreemptionFlag().install()
     try:
         env = detect_env()
@@ -100,7 +119,8 @@ def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]]) -
         node_groups = getattr(getattr(cfg, "moco", None), "bn_mode", None) == "shuffle-node"
         comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type, node_groups)
         try:
-            return body(cfg, comm, device, flag)
+            with hold_for_ranks(comm, hold):
+                return body(cfg, comm, device, flag)
         finally:
             if own:
                 comm.shutdown()
