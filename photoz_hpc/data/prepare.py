@@ -26,6 +26,7 @@ from photoz_hpc.data.stats import exact_median_mad
 from photoz_hpc.errors import InputDataError, PhotozError
 from photoz_hpc.io_utils import atomic_open, atomic_write_json
 from photoz_hpc.logs import get_logger
+from photoz_hpc.run_lock import LOCK_NAME, RunDir, hold_for_ranks
 
 log = get_logger(__name__)
 BAD_ROW_POLICIES = ("reject", "skip")
@@ -172,6 +173,19 @@ def prepare(
     if not inputs:
         raise PhotozError("prepare needs at least one input HDF5 file")
     out = Path(out).resolve()
+    with hold_for_ranks(comm, prepare_hold(out)):
+        return _prepare_held(inputs, out, samples_per_shard, bad_row_policy, chunk_rows, overwrite, comm)
+
+
+def prepare_hold(out: Path) -> RunDir:
+    """What ``prepare`` holds: ``out``, by a lock file beside it (``out`` is replaced by its staging directory
+    when the dataset is published, and must not contain anything but the dataset)."""
+    return RunDir(out, "prepare", out.parent / f".{out.name}{LOCK_NAME}")
+
+
+def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str, chunk_rows: int, overwrite: bool,
+                  comm) -> Path:
+    """``prepare`` once ``out`` is held by this run."""
     staging = out.with_name(out.name + ".partial")
     if (out / store_format.MANIFEST_NAME).exists():
         if not overwrite:

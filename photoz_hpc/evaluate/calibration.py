@@ -203,6 +203,7 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
     from photoz_hpc.evaluate.catalogue import check_inputs
     from photoz_hpc.evaluate.run import load_network
     from photoz_hpc.io_utils import atomic_write_json
+    from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.inference import predict
     from photoz_hpc.train.precision import resolve_precision
     from photoz_hpc.train.runtime import run_with_comm, use_channels_last
@@ -243,7 +244,7 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
             atomic_write_json(out_dir / "calibration.json", report)
         return comm.broadcast_object(report)
 
-    return run_with_comm(cfg, None, body)
+    return run_with_comm(cfg, None, body, hold=RunDir(out_dir, "calibrate"))
 
 
 def read_temperature(value: str) -> float:

@@ -39,6 +39,7 @@ from photoz_hpc.evaluate.pdfs import summarize_catalogue
 from photoz_hpc.io_utils import atomic_path, atomic_write_json, sha256_file
 from photoz_hpc.logs import get_logger
 from photoz_hpc.redshift_grid import z_bin_edges
+from photoz_hpc.run_lock import LOCK_NAME, RunDir
 from photoz_hpc.train.inference import MAX_TTA, batch_log_probs
 
 if TYPE_CHECKING:
@@ -471,6 +472,14 @@ def read_catalogue(root: str | Path, columns: list[str] | None = None) -> dict[s
 # ---------------------------------------------------------------------- the command
 
 
+def catalogue_hold(root: Path, task: int, n_tasks: int) -> RunDir:
+    """What one ``predict`` holds: the catalogue, or with ``--block I/N`` its block I (the tasks of a job array
+    write disjoint parts of one catalogue at once; blocks of one catalogue must share N)."""
+    if n_tasks == 1:
+        return RunDir(root, "predict")
+    return RunDir(root, f"predict --block {task}/{n_tasks}", root / f"{LOCK_NAME}.block-{task}-of-{n_tasks}")
+
+
 def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path, opts: PredictOptions,
                 block_spec: str | None = None, overrides: list[str] | None = None,
                 on_part: Callable[[Part, dict], None] | None = None) -> dict[str, Any]:
@@ -528,4 +537,4 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
                 "preempted": any(r["remaining"] > 0 for r in ranks),
                 "complete": manifest is not None if comm.rank == 0 else None}
 
-    return run_with_comm(cfg, None, body)
+    return run_with_comm(cfg, None, body, hold=catalogue_hold(root, task, n_tasks))

@@ -149,6 +149,7 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
                   overrides: list[str] | None = None) -> dict[str, Any]:
     """The ``embed`` command on this rank (every rank calls it); returns the index (same on every rank)."""
     from photoz_hpc.augment.loaders import build_loader
+    from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.precision import resolve_precision
     from photoz_hpc.train.runtime import run_with_comm
 
@@ -186,7 +187,7 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
         comm.allgather_object(None)  # every rank returns once the index exists
         return index
 
-    return run_with_comm(cfg, None, body)
+    return run_with_comm(cfg, None, body, hold=RunDir(out, "embed"))
 
 
 class Embeddings:

@@ -108,6 +108,7 @@ def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDat
 def run_evaluate(checkpoint: str | Path, data: str | Path, out_dir: str | Path | None, ids_path: str | Path | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
     """The ``evaluate`` command: load, set up device and communicator, evaluate, write outputs."""
+    from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.runtime import run_with_comm
 
     net, cfg, meta = load_network(checkpoint, overrides)
@@ -117,7 +118,7 @@ def run_evaluate(checkpoint: str | Path, data: str | Path, out_dir: str | Path |
     def body(cfg, comm, device, flag):
         return evaluate_network(net, cfg, data, comm, device, out_dir, ids, title=Path(checkpoint).name)
 
-    report = run_with_comm(cfg, None, body)
+    report = run_with_comm(cfg, None, body, hold=RunDir(out_dir, "evaluate"))
     report["checkpoint"] = str(checkpoint)
     report["source"] = {k: v for k, v in meta.items() if isinstance(v, (str, int, float)) or v is None}
     return report

@@ -45,6 +45,7 @@ def finetune_and_evaluate(cfg) -> dict:
     """Fine-tune, then evaluate the best network on the validation set (collective); the summary gains 'eval'."""
     from photoz_hpc.evaluate.run import evaluate_network, load_network
     from photoz_hpc.io_utils import atomic_write_json
+    from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.finetune import run_finetune_on, select_data
     from photoz_hpc.train.runtime import run_with_comm
 
@@ -63,7 +64,7 @@ def finetune_and_evaluate(cfg) -> dict:
             atomic_write_json(Path(cfg.out_dir) / "summary.json", summary)
         return summary
 
-    return run_with_comm(cfg, None, body)
+    return run_with_comm(cfg, None, body, hold=RunDir(Path(cfg.out_dir), "finetune"))
 
 
 def _finetune(args: argparse.Namespace) -> int:

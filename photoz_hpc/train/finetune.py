@@ -293,9 +293,11 @@ def run_finetune(cfg: FinetuneRunConfig, comm: Comm | None = None, loader=None) 
     """Fine-tune per ``cfg`` on this rank; returns the run summary (``summary['preempted']`` after a
     SIGTERM/SIGUSR1 stop, with a checkpoint to resume from). ``loader``: the training loader to use
     instead of the one ``cfg`` describes (tests wrap it)."""
+    from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.runtime import run_with_comm
 
-    return run_with_comm(cfg, comm, lambda cfg, comm, device, flag: run_finetune_on(cfg, comm, device, flag, loader))
+    return run_with_comm(cfg, comm, lambda cfg, comm, device, flag: run_finetune_on(cfg, comm, device, flag, loader),
+                         hold=RunDir(Path(cfg.out_dir), "finetune"))
 
 
 def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData):

@@ -208,6 +208,7 @@ def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str
     signal during start-up (loader, checkpoint load) or after the loop (final save, export, summary)
     only sets the flag, so the run still ends with a checkpoint (or, with nothing trained yet, a clean
     pre-empted exit) instead of being killed."""
+    from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.loop import run_loop
     from photoz_hpc.train.runtime import run_with_comm
 
@@ -218,7 +219,7 @@ def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str
         trainer = Trainer(cfg, comm, device, len(loader))
         return run_loop(cfg, trainer, loader, flag, device)
 
-    return run_with_comm(cfg, comm, body)
+    return run_with_comm(cfg, comm, body, hold=RunDir(Path(cfg.out_dir), "pretrain"))
 
 
 def _loss_window(losses: list[float], queue_size: int, global_batch: int, start_step: int):

@@ -3,7 +3,9 @@
 Used by the resume and failure tests: ``--kill-after N`` kills this process (``--kill-rank`` only that
 rank) when it fetches the batch after step N, i.e. with no chance to clean up; ``--hang-after N`` makes
 it hang instead (alive, sleeping forever in the main thread, so its peers block in their next collective);
-``--ranks-per-node K`` declares nodes of K ranks (``declared_nodes.py``).
+``--ranks-per-node K`` declares nodes of K ranks (``declared_nodes.py``); ``--pause-after N --until FILE``
+makes it wait (alive, holding its directory) before batch N+1 until FILE exists (the run-lock tests start a
+second run meanwhile).
 Test-only hooks: the trainer itself has none. Prints the summary as JSON on rank 0 and exits 75 when
 pre-empted, like the CLI.
 """
@@ -65,12 +67,28 @@ class HangingLoader(KillingLoader):
             time.sleep(3600)
 
 
+class PausingLoader(KillingLoader):
+    """Like ``KillingLoader`` but waits until the file ``until`` exists, then goes on unharmed."""
+
+    def __init__(self, inner, after: int, until: str) -> None:
+        super().__init__(inner, after)
+        self.until = until
+
+    def fail(self) -> None:
+        if self.count == self.after:
+            print(f"TEST: paused after {self.after} steps", file=sys.stderr, flush=True)
+            while not os.path.exists(self.until):
+                time.sleep(0.1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kill-after", type=int, default=0)
     ap.add_argument("--kill-rank", type=int, default=-1, help="-1: every rank")
     ap.add_argument("--hang-after", type=int, default=0)
     ap.add_argument("--hang-rank", type=int, default=-1, help="-1: every rank")
+    ap.add_argument("--pause-after", type=int, default=0)
+    ap.add_argument("--until", default="", help="with --pause-after: the file to wait for")
     ap.add_argument("--ranks-per-node", type=int, default=0, help="0: as launched")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -84,6 +102,8 @@ def main() -> int:
         loader = KillingLoader(loader, args.kill_after)
     if args.hang_after and args.hang_rank in (-1, comm.rank):
         loader = HangingLoader(loader, args.hang_after)
+    if args.pause_after:
+        loader = PausingLoader(loader, args.pause_after, args.until)
     summary = run_pretrain(cfg, loader=loader, comm=comm)
     comm.shutdown()
     if comm.rank == 0:
