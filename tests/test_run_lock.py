@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,9 +71,16 @@ def holder(directory: Path, lock_file: Path | None = None):
 
 
 @pytest.fixture(autouse=True)
-def _logs_reach_caplog(monkeypatch):
-    """An earlier in-process CLI call (``setup_logging``) stops the package logger's propagation."""
-    monkeypatch.setattr(logging.getLogger("photoz_hpc"), "propagate", True)
+def _package_logger():
+    """Let caplog see the package logger (an in-process CLI call's ``setup_logging`` stops its propagation), and
+    undo what such a call set up (a handler on a captured stream that is closed after the test)."""
+    logger = logging.getLogger("photoz_hpc")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    logger.propagate = True
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 def _wait_for(predicate, what: str, timeout: float = TIMEOUT) -> None:
@@ -359,6 +367,21 @@ def _pretrain(args: list[str], **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _read_until(proc: subprocess.Popen, marker: str) -> str:
+    """The output of ``proc`` up to the line holding ``marker`` (fails if it exits first)."""
+    lines = []
+    timer = threading.Timer(TIMEOUT, proc.kill)  # a run that never gets there must not hang the test
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                return "".join(lines)
+    finally:
+        timer.cancel()
+    pytest.fail(f"the run exited before {marker!r}:\n" + "".join(lines)[-3000:])
+
+
 def test_second_concurrent_pretrain_is_refused_and_the_first_is_unharmed(tmp_path):
     data = make_dataset(tmp_path / "data", n=128, size=20)
     more = ("train.max_steps=8", "train.checkpoint_every=3", "dist.backend=none")
@@ -366,10 +389,8 @@ def test_second_concurrent_pretrain_is_refused_and_the_first_is_unharmed(tmp_pat
     gate = tmp_path / "go-on"
     first = _pretrain(["--pause-after=4", f"--until={gate}", *tiny_overrides(data, run, 16, 64, more)])
     try:
-        lock = run / LOCK_NAME
-        _wait_for(lambda: lock.is_file() and f'"pid": {first.pid}' in lock.read_text() or first.poll() is not None,
-                  "the first run to hold its directory")
-        assert first.poll() is None, first.stdout.read()
+        head = _read_until(first, "TEST: paused after 4 steps")  # holding its directory, its writes so far done
+        assert json.loads((run / LOCK_NAME).read_text())["pid"] == first.pid, head
         before = _snapshot(run, skip=(LOCK_NAME,))
         second = subprocess.run([sys.executable, "-m", "photoz_hpc", "pretrain", *tiny_overrides(data, run, 16, 64, more)],
                                 env=process_env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
@@ -378,7 +399,7 @@ def test_second_concurrent_pretrain_is_refused_and_the_first_is_unharmed(tmp_pat
         assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr
         assert _snapshot(run, skip=(LOCK_NAME,)) == before  # the second run wrote nothing
         gate.touch()
-        out, _ = first.communicate(timeout=TIMEOUT)
+        out = head + first.communicate(timeout=TIMEOUT)[0]
     finally:
         if first.poll() is None:
             first.kill()
