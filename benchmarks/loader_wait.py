@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides, ROOTS["finetune" if args.pipeline == "finetune" else "pretrain"])
     threads = set_cpu_threads(cfg, torch.device("cpu"))
     ds = open_dataset(args.data)
-    ids = np.load(args.ids) if args.ids else None
+    ids = np.load(args.ids, allow_pickle=False) if args.ids else None
     x = torch.randn(256, 256)
 
     def compute() -> None:

@@ -21,6 +21,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path, PurePath
+from types import SimpleNamespace
 from typing import Any
 
 from photoz_hpc.errors import PhotozError
@@ -82,7 +83,7 @@ def read_torch_file(path: str | os.PathLike, what: str, map_location: Any = "cpu
     except pickle.UnpicklingError as exc:
         found = _foreign_globals(path, exc)
         if not found:  # not a refusal of objects: a damaged file
-            raise PhotozError(f"{what} {path} is unreadable or corrupt (UnpicklingError: {_first_line(exc)})") from None
+            raise PhotozError(f"{what} {path} is unreadable or corrupt ({_reason(exc)})") from None
         if not trust:
             raise UnsafePickleError(
                 f"{what} {path} holds pickled Python objects ({', '.join(found[:4])}), and unpickling them can run "
@@ -110,6 +111,13 @@ def write_torch_file(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+def resave(src: str | os.PathLike, out: str | os.PathLike, trust_pickle: bool | None = None) -> Path:
+    """``photoz-hpc resave``: ``src`` read (pickled objects only with the opt-in) and written to ``out`` as plain data;
+    an object with no plain form is a ``PhotozError`` naming it."""
+    blob = read_torch_file(src, "file", trust_pickle=trust_pickle)
+    return write_torch_file(out, to_plain(blob, strict=True, where=str(src)))
+
+
 def check_plain(obj: Any, where: str = "") -> None:
     """``TypeError`` naming the first entry a plain ``torch.load(weights_only=True)`` would refuse."""
     import torch
@@ -131,7 +139,8 @@ def check_plain(obj: Any, where: str = "") -> None:
 
 
 def to_plain(obj: Any, strict: bool = True, where: str = "") -> Any:
-    """numpy arrays -> tensors, numpy scalars -> Python numbers, paths -> str, dataclasses -> dicts, recursively.
+    """numpy arrays -> tensors, numpy scalars -> Python numbers, paths -> str, dataclasses and namespaces -> dicts,
+    recursively.
     Anything else that is not plain data: ``PhotozError`` when ``strict``, else left as it is."""
     import numpy as np
     import torch
@@ -153,6 +162,8 @@ def to_plain(obj: Any, strict: bool = True, where: str = "") -> Any:
         return str(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return to_plain(dataclasses.asdict(obj), strict, where)
+    if isinstance(obj, (argparse.Namespace, SimpleNamespace)):  # e.g. the training args some checkpoints carry
+        return to_plain(vars(obj), strict, where)
     if strict:
         raise PhotozError(f"{where or 'file'}: {type(obj).__module__}.{type(obj).__qualname__} cannot be stored as "
                           "plain data")
@@ -188,9 +199,12 @@ def _foreign_globals(path: str | os.PathLike, exc: Exception) -> list[str]:
                    for name in (g[1] if isinstance(g, tuple) else g for g in _numpy_array_globals())}
         found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
     if not found:  # not a zip file (torch's legacy format): the refusal names the first one
-        found = re.findall(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = re.findall(r"(?:GLOBAL|Unsupported class) (\S+)", str(exc))
     return found
 
 
-def _first_line(exc: Exception) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+def _reason(exc: Exception) -> str:
+    """torch's own reason for a refused load, without its boilerplate."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(boilerplate)), type(exc).__name__)

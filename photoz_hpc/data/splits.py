@@ -85,7 +85,7 @@ def save_ids(path: Path, ids: np.ndarray) -> Path:
 
 def load_ids(path: Path) -> np.ndarray:
     try:
-        ids = np.load(path)
+        ids = np.load(path, allow_pickle=False)  # an object array would unpickle: refused
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable id file ({exc})") from None
     if ids.ndim != 1 or ids.dtype.kind != "i":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from photoz_hpc.torch_files import add_trust_pickle_flag
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -33,6 +35,7 @@ def register(subparsers) -> None:
                    help="auto: bf16 on GPUs with native bf16, fp32 on CPU")
     p.add_argument("--block", default=None, metavar="I/N", help="only block I of N of the parts (Slurm array task)")
     p.add_argument("overrides", nargs="*", help="loader/dist/train overrides, e.g. loader.backend=reference")
+    add_trust_pickle_flag(p)
     p.set_defaults(func=_predict)
 
     v = subparsers.add_parser(
@@ -63,6 +66,7 @@ def register(subparsers) -> None:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     c.add_argument("overrides", nargs="*")
+    add_trust_pickle_flag(c)
     c.set_defaults(func=_calibrate)
 
     q = subparsers.add_parser(

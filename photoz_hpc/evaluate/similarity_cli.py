@@ -7,6 +7,8 @@ import csv
 import json
 from pathlib import Path
 
+from photoz_hpc.torch_files import add_trust_pickle_flag
+
 
 def register(subparsers) -> None:
     e = subparsers.add_parser(
@@ -22,6 +24,7 @@ def register(subparsers) -> None:
                    help="projection: the MoCo head's output (default); trunk: the ResNet's pooled feature")
     e.add_argument("overrides", nargs="*", help="loader/augment/train/dist overrides, e.g. loader.batch_size=512 "
                    "loader.device=cpu augment.crop_size=64 (an encoder.pt carries no augment settings)")
+    add_trust_pickle_flag(e)
     e.set_defaults(func=_embed)
 
     s = subparsers.add_parser(

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from photoz_hpc.torch_files import add_trust_pickle_flag
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--sweep", default=None, help="a label-fraction sweep file (configs/sweep.yaml): run its task "
                    "--task-id into RUNS_DIR/<method>/<fraction>/<seed>/ (see photoz-hpc sweep-plan)")
     p.add_argument("--task-id", default=None, help="with --sweep: the task number N, or 'all' (one after another)")
+    add_trust_pickle_flag(p)  # finetune.init, train.resume
     p.set_defaults(func=_finetune)
     e = subparsers.add_parser(
         "evaluate",
@@ -38,6 +41,7 @@ def register(subparsers) -> None:
     e.add_argument("--out", default=None, help="output directory (default: eval/ next to the checkpoint)")
     e.add_argument("--ids", default=None, help="optional .npy of dataset ids to evaluate (e.g. a run's val_ids.npy)")
     e.add_argument("overrides", nargs="*", help="loader/dist/train overrides, e.g. loader.batch_size=512")
+    add_trust_pickle_flag(e)
     e.set_defaults(func=_evaluate)
 
 

@@ -26,6 +26,7 @@ from photoz_hpc.config import Config, FinetuneRunConfig, apply_overrides, config
 from photoz_hpc.data.format import MANIFEST_NAME
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.logs import get_logger
+from photoz_hpc.torch_files import add_trust_pickle_flag
 
 log = get_logger(__name__)
 
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--fresh", action="store_true", help="regenerate the survey even if the dataset exists")
         p.add_argument("--skip-train", action="store_true", help="stop after preparing the dataset")
         p.add_argument("overrides", nargs="*", help="config overrides, key=value or section.key=value")
+        add_trust_pickle_flag(p)  # its stages resume from, and read, model files
         p.set_defaults(func=run)
 
 

@@ -1,9 +1,12 @@
-"""``photoz-hpc import-checkpoint``: the paper authors' released checkpoints as photoz-hpc files."""
+"""``photoz-hpc import-checkpoint``: the paper authors' released checkpoints as photoz-hpc files; ``photoz-hpc resave``:
+any ``torch.save`` file rewritten as plain data (loads with ``torch.load(weights_only=True)``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from photoz_hpc.torch_files import TRUST_FLAG, add_trust_pickle_flag
 
 
 def register(subparsers) -> None:
@@ -19,10 +22,20 @@ def register(subparsers) -> None:
     p.add_argument("--transpose-hw", action="store_true",
                    help="transpose every conv kernel so that our (C, H, W) cutouts give the outputs the authors' "
                    "network gives on their loader's (C, W, H) cutouts (np.swapaxes before ToTensor)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow Python objects besides tensors in SRC (torch.load weights_only=False): "
-                   "only for files from a source you trust")
+    add_trust_pickle_flag(p)
     p.set_defaults(func=_import)
+    r = subparsers.add_parser(
+        "resave",
+        help="rewrite a .pt file as plain data that loads without running code",
+        description="Read SRC (a checkpoint, encoder.pt, photo-z model or any torch.save file) and write it to OUT as "
+        "tensors, plain containers and numbers only (numpy arrays become tensors), so that torch.load(weights_only="
+        f"True) reads it. A file that holds pickled Python objects needs {TRUST_FLAG}, which unpickles it in full: "
+        "only for a file from a source you trust.",
+    )
+    r.add_argument("src", help="the file to convert")
+    r.add_argument("out", help="the plain-data file to write")
+    add_trust_pickle_flag(r)
+    r.set_defaults(func=_resave)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -30,4 +43,11 @@ def _import(args: argparse.Namespace) -> int:
 
     report = import_checkpoint(args.src, args.out, transpose_hw=args.transpose_hw, trust_pickle=args.trust_pickle)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _resave(args: argparse.Namespace) -> int:
+    from photoz_hpc.torch_files import resave
+
+    print(resave(args.src, args.out))
     return 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from photoz_hpc.torch_files import add_trust_pickle_flag
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,10 +18,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/pretrain.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loader.batch_size=128 dist.backend=torch")
+    add_trust_pickle_flag(p)  # train.resume
     p.set_defaults(func=_run)
     e = subparsers.add_parser("export-encoder", help="export the encoder of a pretraining checkpoint for embedding")
     e.add_argument("checkpoint", help="checkpoint file (…/checkpoints/ckpt_*.pt)")
     e.add_argument("out", help="output file, e.g. encoder.pt")
+    add_trust_pickle_flag(e)
     e.set_defaults(func=_export)
 
 
