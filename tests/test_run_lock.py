@@ -435,3 +435,27 @@ def test_sigkilled_pretrain_is_taken_over_by_its_resume(tmp_path):
     assert "resumed from" in out and "at step 3" in out
     assert [r[0] for r in _records(run)][-5:] == [4, 5, 6, 7, 8]
     assert not (run / LOCK_NAME).exists()
+
+
+def test_preempted_pretrain_releases_its_directory_for_the_requeued_run(tmp_path):
+    """SIGUSR1 (the Slurm pre-emption path): checkpoint, exit 75 and the lock gone, so the requeue resumes at
+    once without having to take anything over."""
+    data = make_dataset(tmp_path / "data", n=128, size=20)
+    run, gate = tmp_path / "run", tmp_path / "go-on"
+    args = tiny_overrides(data, run, 16, 64, ("train.max_steps=8", "train.checkpoint_every=100", "dist.backend=none"))
+    first = _pretrain(["--pause-after=3", f"--until={gate}", *args])
+    try:
+        head = _read_until(first, "TEST: paused after 3 steps")
+        first.send_signal(signal.SIGUSR1)
+        gate.touch()
+        out = head + first.communicate(timeout=TIMEOUT)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 75, out[-3000:]
+    assert not (run / LOCK_NAME).exists()
+    resumed = _pretrain(args)
+    out, _ = resumed.communicate(timeout=TIMEOUT)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "took over" not in out, out[-3000:]
