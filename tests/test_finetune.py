@@ -219,7 +219,7 @@ def equivalence_reference(tmp_path_factory, data) -> dict:
     out = tmp_path_factory.mktemp("fteq") / "ref.pt"
     rc, log = run_single("finetune_equivalence.py", ["--backend", "none", "--data", str(data), "--out", str(out)])
     assert rc == 0, log[-3000:]
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def _compare(ref: dict, got: dict) -> None:
@@ -241,7 +241,7 @@ def test_two_ranks_equal_one_rank(tmp_path, data, equivalence_reference, backend
     for rc, log in run_ranks(backend, "finetune_equivalence.py", ["--backend", backend, "--data", str(data),
                                                                  "--out", str(out)]):
         assert rc == 0, log[-3000:]
-    _compare(equivalence_reference, torch.load(out, weights_only=False))
+    _compare(equivalence_reference, torch.load(out, weights_only=True))
 
 
 # ---------------------------------------------------------------------- bad inputs

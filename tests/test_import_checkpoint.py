@@ -183,7 +183,7 @@ def test_moco_checkpoint_becomes_an_encoder_export_with_the_same_features(tmp_pa
     assert (report["arch"], report["width"], report["stem_kernel"], report["embed_dim"]) == ("resnet50", 64, 7, 128)
     assert report["n_tensors"] == len(moco_sd)
 
-    blob = torch.load(tmp_path / "encoder.pt", weights_only=False)
+    blob = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert blob["format"] == ENCODER_FORMAT and blob["model"]["stem_kernel"] == 7
     q = {k[len("encoder_q."):]: v for k, v in moco_sd.items() if k.startswith("encoder_q.")}
     trunk = {k: v for k, v in q.items() if not k.startswith("fc.")}
@@ -294,4 +294,4 @@ def test_files_that_are_not_plain_checkpoints(tmp_path, small_sd) -> None:
     _expect(tmp_path, blob, "--trust-pickle", name="pickled.pth.tar")
     assert import_checkpoint(tmp_path / "pickled.pth.tar", tmp_path / "ok.pt", trust_pickle=True)["kind"] == "photoz"
     # our own files are not imported again
-    _expect(tmp_path, torch.load(tmp_path / "ok.pt", weights_only=False), "already a photoz-hpc file")
+    _expect(tmp_path, torch.load(tmp_path / "ok.pt", weights_only=True), "already a photoz-hpc file")

@@ -57,8 +57,10 @@ def main() -> None:
 
     pred = predict(task.model, val_loader, comm, torch.device("cpu"))
     if rank == 0:
+        # plain data (arrays as tensors): the test reads it with torch.load(weights_only=True)
         torch.save({"world": world, "backend": comm.name, "records": records, "val": val,
-                    "index": pred["index"], "z_phot": pred["z_phot"], "val_ids": np.asarray(data.val_ids)}, args.out)
+                    "index": torch.from_numpy(pred["index"]), "z_phot": torch.from_numpy(pred["z_phot"]),
+                    "val_ids": torch.as_tensor(np.asarray(data.val_ids))}, args.out)
     comm.shutdown()
 
 
