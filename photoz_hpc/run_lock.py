@@ -94,10 +94,19 @@ def _pid_start(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2:].split()[19]
 
 
+def _pid_namespace() -> str | None:
+    """Which pid namespace our pids belong to (containers sharing a host name may not share it)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def holder_info(what: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """This process's identity as a lock holder."""
     env = os.environ if environ is None else environ
     return {"command": what, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+            "pid_ns": _pid_namespace(),
             "slurm": {k: env[v] for k, v in _SLURM_KEYS.items() if env.get(v)},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8], "token": uuid.uuid4().hex}
 
@@ -128,7 +137,8 @@ def _alive(pid: int) -> bool:
 def stale_reason(info: dict[str, Any], age_s: float, stale_s: float, me: dict[str, Any]) -> str | None:
     """Why the holder ``info`` (its heartbeat ``age_s`` old) is gone, or None if it may still be running."""
     pid = info.get("pid")
-    if info.get("host") == me["host"] and isinstance(pid, int):
+    same_ns = not (info.get("pid_ns") and me.get("pid_ns")) or info["pid_ns"] == me["pid_ns"]
+    if info.get("host") == me["host"] and isinstance(pid, int) and same_ns:
         if pid == me["pid"]:
             return f"its pid {pid} is this process's (an earlier process in a reused pid namespace)"
         if not _alive(pid):
@@ -279,30 +289,35 @@ def acquire(spec: RunDir, environ: Mapping[str, str] | None = None) -> Directory
                                 f"a second {spec.what} cannot write into it")
         _held.add(key)
     try:
-        for _ in range(20):
-            try:
-                if _create(path, me):
-                    return DirectoryLock(spec, me, heartbeat_s)
-            except OSError as exc:
-                raise DirectoryHeld(f"{spec.directory}: cannot create the run lock {path}: {exc}") from None
-            found = _read(path)
-            if found is None:
-                continue  # released in between: try again
-            info, age = found
-            reason = stale_reason(info, age, stale_s, me) if info else (
-                f"unreadable lock file, untouched for {age:.0f} s" if age > stale_s else None)
-            if reason is None:
-                raise _refusal(spec, info, age, stale_s)
-            if _take_over(path, (info or {}).get("token"), me, stale_s):
-                log.warning("%s: took over the run lock from a stale holder, %s: %s", spec.directory,
-                            describe(info) if info else "unknown", reason)
-            else:
-                time.sleep(0.05)  # another taker is at it: look again
-        raise DirectoryHeld(f"{spec.directory}: could not take the run lock {path} (other runs keep taking it)")
-    except BaseException:
+        return _acquire(spec, me, stale_s, heartbeat_s)
+    except BaseException as exc:
         with _held_guard:
             _held.discard(key)
+        if isinstance(exc, OSError):  # permissions, a full or read-only file system...
+            raise DirectoryHeld(f"{spec.directory}: cannot use its run lock {path}: {exc}") from None
         raise
+
+
+def _acquire(spec: RunDir, me: dict[str, Any], stale_s: float, heartbeat_s: float) -> DirectoryLock:
+    """Create the lock, or judge its holder and take it over if stale (a few rounds: takers may race)."""
+    path = spec.lock_path
+    for _ in range(20):
+        if _create(path, me):
+            return DirectoryLock(spec, me, heartbeat_s)
+        found = _read(path)
+        if found is None:
+            continue  # released in between: try again
+        info, age = found
+        reason = stale_reason(info, age, stale_s, me) if info else (
+            f"unreadable lock file, untouched for {age:.0f} s" if age > stale_s else None)
+        if reason is None:
+            raise _refusal(spec, info, age, stale_s)
+        if _take_over(path, (info or {}).get("token"), me, stale_s):
+            log.warning("%s: took over the run lock from a stale holder, %s: %s", spec.directory,
+                        describe(info) if info else "unknown", reason)
+        else:
+            time.sleep(0.05)  # another taker is at it: look again
+    raise DirectoryHeld(f"{spec.directory}: could not take the run lock {path} (other runs keep taking it)")
 
 
 @contextlib.contextmanager

@@ -151,6 +151,16 @@ def test_dead_holder_on_this_host_is_taken_over_with_a_log_line(tmp_path, caplog
     assert f"process {p.pid} no longer exists" in caplog.text and "took over" in caplog.text and str(d) in caplog.text
 
 
+def test_a_pid_of_another_pid_namespace_is_not_judged_by_ours(tmp_path):
+    """A container sharing this host name but not our pids: its holder's pid cannot be checked here, so only
+    the heartbeat can make it stale."""
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(p.stdout)  # a pid that has exited
+    _write_lock(tmp_path / LOCK_NAME, host=socket.gethostname(), pid=dead, pid_ns="pid:[1]")
+    with pytest.raises(DirectoryHeld, match=f"pid {dead} on host {socket.gethostname()}"):
+        acquire(RunDir(tmp_path, "pretrain"))
+
+
 def test_other_host_holder_is_stale_only_once_its_heartbeat_stopped(tmp_path, caplog, monkeypatch):
     lock = tmp_path / LOCK_NAME
     _write_lock(lock, age_s=5, slurm={"job": "901", "step": "0", "restart": "0"})
