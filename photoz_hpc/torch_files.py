@@ -77,7 +77,7 @@ def read_torch_file(path: str | os.PathLike, what: str, map_location: Any = "cpu
     trust = _trust_pickle if trust_pickle is None else trust_pickle
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
-            return to_plain(torch.load(path, map_location=map_location, weights_only=True), strict=False)
+            return to_plain(torch.load(path, map_location=map_location, weights_only=True), False, f"{what} {path}")
     except FileNotFoundError:
         raise PhotozError(f"{what} {path} does not exist") from None
     except pickle.UnpicklingError as exc:
@@ -96,7 +96,7 @@ def read_torch_file(path: str | os.PathLike, what: str, map_location: Any = "cpu
     log.warning("%s: unpickling %s %s in full (it holds %s): any code in it runs now", TRUST_FLAG, what, path,
                 ", ".join(found[:4]))
     try:
-        return to_plain(torch.load(path, map_location=map_location, weights_only=False), strict=False)
+        return to_plain(torch.load(path, map_location=map_location, weights_only=False), False, f"{what} {path}")
     except Exception as exc:
         raise PhotozError(f"{what} {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
 
@@ -198,8 +198,9 @@ def _foreign_globals(path: str | os.PathLike, exc: Exception) -> list[str]:
         allowed = {name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
                    for name in (g[1] if isinstance(g, tuple) else g for g in _numpy_array_globals())}
         found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-    if not found:  # not a zip file (torch's legacy format): the refusal names the first one
-        found = re.findall(r"(?:GLOBAL|Unsupported class) (\S+)", str(exc))
+    if not found:  # not a zip file (torch's legacy format), or a class built later: the refusal names the first
+        found = re.findall(r"(?:GLOBAL|Unsupported class) (\S+)|but got <class '([^']+)'>", str(exc))
+        found = [a or b for a, b in found]
     return found
 
 

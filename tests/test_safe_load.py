@@ -20,7 +20,7 @@ from test_import_checkpoint import photoz_source
 from photoz_hpc.cli import build_parser, main
 from photoz_hpc.config import FinetuneRunConfig, load_config
 from photoz_hpc.data.splits import load_ids
-from photoz_hpc.errors import DatasetError
+from photoz_hpc.errors import DatasetError, PhotozError
 from photoz_hpc.torch_files import UnsafePickleError, read_torch_file, write_torch_file
 from photoz_hpc.train.checkpoint import FORMAT, find_latest_valid, load_checkpoint
 from photoz_hpc.train.runtime import set_rng_state
@@ -144,6 +144,21 @@ def test_torch_legacy_format_and_id_files_are_refused_too(tmp_path):
     with pytest.raises(DatasetError, match="ids.npy: unreadable id file"):
         load_ids(ids)
     assert not marker.exists()
+
+
+def test_damaged_files_are_corrupt_and_object_arrays_are_objects(tmp_path):
+    """A damaged file is not blamed on pickle (no opt-in offered); an object array inside an old-style file is."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    enc = tmp_path / "enc.pt"
+    write_torch_file(enc, {"w": torch.zeros(1000)})
+    (tmp_path / "cut.pt").write_bytes(enc.read_bytes()[:2000])
+    for name in ("junk.pt", "cut.pt"):
+        with pytest.raises(PhotozError, match=rf"checkpoint .*{name} is unreadable or corrupt") as info:
+            read_torch_file(tmp_path / name, "checkpoint")
+        assert "--trust-pickle" not in str(info.value) and not isinstance(info.value, UnsafePickleError)
+    torch.save({"rng": np.array([1, "x"], dtype=object)}, tmp_path / "objects.pt")
+    with pytest.raises(UnsafePickleError, match=r"objects.pt holds pickled Python objects \(numpy\."):
+        read_torch_file(tmp_path / "objects.pt", "checkpoint")
 
 
 # ---------------------------------------------------------------------- what photoz-hpc writes is plain data
