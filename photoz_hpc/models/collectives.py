@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from photoz_hpc.models.dtypes import widen
+
 
 class _AllGatherGrad(torch.autograd.Function):
     """Concatenate every rank's (B, ...) tensor; backward sums the gradient over ranks, keeps our rows.
@@ -81,7 +83,7 @@ class CommSyncBatchNorm(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         comm = self._comm.obj
-        xf = x.float()
+        xf = widen(x)
         # the element count is filled in on the device (no host list copied to it: no sync per layer)
         n_local = xf.new_full((1,), float(x.shape[0] * x.shape[2] * x.shape[3]))
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), n_local])

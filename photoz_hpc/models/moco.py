@@ -24,6 +24,7 @@ from torch import nn
 from photoz_hpc.comm.base import Comm
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.models.collectives import SharedHandle, sync_norm_factory
+from photoz_hpc.models.dtypes import widen
 from photoz_hpc.models.queue import (
     QUEUE_MODES,
     check_queue_size,
@@ -142,13 +143,13 @@ class MoCo(nn.Module):
         group of one a local permutation from the same ``shuffle_seed`` feeding the split-BN key encoder."""
         if self.bn_mode in SHUFFLE_MODES and self._shuffle_group()[1] > 1:
             x, unperm = self.batch_shuffle(im_k, shuffle_seed)
-            k = F.normalize(self.encoder_k(x).float(), dim=1)
+            k = F.normalize(widen(self.encoder_k(x)), dim=1)
             return self.batch_unshuffle(k, unperm)
         if self.bn_splits > 1:
             perm = seeded_permutation(im_k.shape[0], shuffle_seed, im_k.device)
-            k = F.normalize(self.encoder_k(im_k[perm]).float(), dim=1)
+            k = F.normalize(widen(self.encoder_k(im_k[perm])), dim=1)
             return k[torch.argsort(perm)]
-        return F.normalize(self.encoder_k(im_k).float(), dim=1)
+        return F.normalize(widen(self.encoder_k(im_k)), dim=1)
 
     def forward(
         self, im_q: torch.Tensor, im_k: torch.Tensor, momentum: float = 0.999, shuffle_seed: int = 0
@@ -161,13 +162,13 @@ class MoCo(nn.Module):
             self.momentum_update(momentum)
             k = self.encode_keys(im_k, shuffle_seed)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            q = F.normalize(q.float(), dim=1)
+            q = F.normalize(widen(q), dim=1)
             loss, acc = self.contrastive_loss(q, k)
         self.dequeue_and_enqueue(k)
         return {"loss": loss, "acc": acc.detach()}
 
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        queue = self.queue.detach().clone().float()  # enqueue writes in place before backward
+        queue = widen(self.queue.detach().clone())  # enqueue writes in place before backward
         if self.queue_mode == "sharded" and self.comm.world > 1:
             return infonce_sharded(q, k, queue, self.temperature, self.comm)
         return infonce_replicated(q, k, queue, self.temperature)

@@ -15,6 +15,7 @@ from torch import nn
 
 from photoz_hpc.constants import N_BANDS
 from photoz_hpc.errors import ConfigError
+from photoz_hpc.models.dtypes import LOW_PRECISION, accumulation_dtype, widen
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -41,15 +42,15 @@ class _SplitBNChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x5, weight, bias, eps):
         dims, count = _SplitBNChannelsLast.DIMS, x5.shape[0] * x5.shape[2] * x5.shape[3]
-        if x5.dtype == torch.float32:
+        if x5.dtype not in LOW_PRECISION:
             var, mean = torch.var_mean(x5, dim=dims, correction=0, keepdim=True)
         else:  # accumulate in fp32 without an fp32 copy of the activations
             mean = x5.sum(dims, keepdim=True, dtype=torch.float32) / count
             sq = torch.linalg.vector_norm(x5, 2, dims, keepdim=True, dtype=torch.float32).square()
             var = (sq / count - mean.square()).clamp_min(0.0)
         invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.float()
-        shift = -mean * scale if bias is None else bias.float() - mean * scale
+        scale = invstd if weight is None else invstd * widen(weight)
+        shift = -mean * scale if bias is None else widen(bias) - mean * scale
         y = torch.empty_like(x5)
         torch.addcmul(shift, x5, scale, out=y)
         ctx.save_for_backward(x5, mean, invstd, weight)
@@ -61,12 +62,12 @@ class _SplitBNChannelsLast(torch.autograd.Function):
     def backward(ctx, gy, _gmean, _gvar):
         x5, mean, invstd, weight = ctx.saved_tensors
         dims, n = _SplitBNChannelsLast.DIMS, ctx.count
-        sum_g = gy.sum(dims, keepdim=True, dtype=torch.float32)
+        sum_g = gy.sum(dims, keepdim=True, dtype=accumulation_dtype(gy.dtype))
         # sum g (x - mean): the products in fp32 (an fp32 addend makes addcmul upcast g and x on the fly;
         # bf16 products would spoil the sums), not an fp32 copy of g
-        prod = gy * x5 if gy.dtype == x5.dtype == torch.float32 else torch.addcmul(torch.zeros_like(mean), gy, x5)
+        prod = gy * x5 if gy.dtype == x5.dtype and x5.dtype not in LOW_PRECISION else torch.addcmul(torch.zeros_like(mean), gy, x5)
         dot = prod.sum(dims, keepdim=True) - mean * sum_g
-        a = invstd if weight is None else invstd * weight.float()
+        a = invstd if weight is None else invstd * widen(weight)
         k = dot * invstd.square() / n
         # dx = a (g - sum_g / n - (x - mean) k) = a g - a k x + a (mean k - sum_g / n)
         gx = torch.empty_like(x5)

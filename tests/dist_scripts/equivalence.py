@@ -45,8 +45,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--channels-last", default="false", choices=["true", "false"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="float64: parameters, inputs and queue in fp64 (reduction-order noise ~1e-15)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    torch.set_default_dtype(getattr(torch, args.dtype))  # before the model, queue and inputs are made
     comm = init_comm(args.backend, 60.0, "cpu")
     world, rank = comm.world, comm.rank
     b = GLOBAL_BATCH // world
@@ -91,7 +94,7 @@ def main() -> None:
             "collective_names": step_names,
         })
     if rank == 0:
-        torch.save({"world": world, "backend": comm.name, "records": records}, args.out)
+        torch.save({"world": world, "backend": comm.name, "dtype": args.dtype, "records": records}, args.out)
     comm.shutdown()
 
 
