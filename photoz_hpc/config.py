@@ -448,6 +448,28 @@ def _override_paths(overrides: list[str], root: type) -> dict[str, str]:
     return paths
 
 
+def _has_path(values: dict[str, Any], dotted: str) -> bool:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _override_for_key(key: str, from_cli: dict[str, str], file_values: dict[str, Any]) -> str | None:
+    """The override that put ``key`` into the config: one that sets it or a section above it, or, when the
+    file does not have ``key``, one that sets a key below it (a mistyped or foreign section, ``trian.epochs=1``)."""
+    for path, text in from_cli.items():
+        if key == path or key.startswith(path + "."):
+            return text
+    if not _has_path(file_values, key):
+        for path, text in from_cli.items():
+            if path.startswith(key + "."):
+                return text
+    return None
+
+
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML file's top-level mapping (empty file: {}); errors name the file."""
     p = Path(path)
@@ -476,8 +498,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except ConfigError as exc:
         match = _KEY_IN_MESSAGE.search(str(exc))
         key = match.group(1).split("[")[0] if match else None
-        from_cli = _override_paths(overrides, root)
-        hit = next((t for k, t in from_cli.items() if key and (key == k or key.startswith(k + "."))), None)
+        hit = _override_for_key(key, _override_paths(overrides, root), values) if key else None
         if hit is not None:
             where = f" (from the command-line override '{hit}')"
         else:

@@ -119,3 +119,38 @@ def test_a_bad_value_names_where_it_came_from(tmp_path):
     with pytest.raises(ConfigError, match=r"loader.batch_size.*\(in .*c2.yaml\)"):
         (tmp_path / "c2.yaml").write_text(yaml.safe_dump({"loader": {"batch_size": 0}}))
         load_config(tmp_path / "c2.yaml", ["seed=2"])
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("override", ["trian.epochs=1", "foreign"])
+def test_a_mistyped_or_foreign_section_on_the_command_line_is_attributed_to_it(tmp_path, command, override):
+    """An unknown section set only by an override names the override, not the config file (issue 26, item 8)."""
+    from photoz_hpc.config import ROOTS
+
+    if override == "foreign":  # the other command's section
+        override = "finetune.label_fraction=0.5" if command == "pretrain" else "moco.queue_size=8"
+    section = override.split(".")[0]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 2}}))
+    with pytest.raises(ConfigError, match=rf"unknown config key '{section}'.*command-line override '{override}'") as exc:
+        load_config(path, [override], root=ROOTS[command])
+    assert "c.yaml" not in str(exc.value)
+    # the same section in the file is the file's: both there and on the command line, the file is named
+    path.write_text(yaml.safe_dump({section: {"epochs": 2}}))
+    with pytest.raises(ConfigError, match=rf"unknown config key '{section}'.*\(in .*c.yaml\)"):
+        load_config(path, [override], root=ROOTS[command])
+
+
+@pytest.mark.parametrize("command, config, override", [
+    ("pretrain", "demo.yaml", "trian.epochs=1"),
+    ("pretrain", "demo.yaml", "finetune.label_fraction=0.5"),
+    ("finetune", "demo_finetune.yaml", "trian.epochs=1"),
+    ("finetune", "demo_finetune.yaml", "moco.queue_size=8"),
+])
+def test_cli_names_the_override_for_an_unknown_section(command, config, override):
+    from photoz_hpc.config import packaged_config
+    from tests.helpers import run_cli
+
+    res = run_cli(command, "--config", str(packaged_config(config)), override, timeout=120)
+    assert res.returncode != 0
+    assert f"command-line override '{override}'" in res.stderr and f"(in {packaged_config(config)})" not in res.stderr
