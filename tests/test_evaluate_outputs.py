@@ -134,3 +134,80 @@ def test_plots_write_non_empty_pngs(tmp_path):
         ["zphot_vs_zspec.png", "dz_vs_zspec.png"]
     with pytest.raises(ValueError, match="rows for"):
         plot_evaluation(tmp_path / "bad", z_phot, z_spec, probs[:10], "bad")
+
+
+# --- the evaluate command: its own output directory, the training-galaxy warning --------------------------------
+@pytest.fixture(scope="module")
+def ft_run(tmp_path_factory) -> dict:
+    """A fine-tuning run directory as ``finetune`` leaves it: best_model.pt, train/val ids, labels.json and its
+    own validation results in eval/ (a random tiny network: only the bookkeeping is under test)."""
+    import dataclasses
+    import json
+
+    import torch
+    from helpers import TINY_MODEL, write_release_h5
+
+    from photoz_hpc.config import FinetuneRunConfig, load_config
+    from photoz_hpc.data.prepare import prepare
+    from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
+
+    root = tmp_path_factory.mktemp("evaluate")
+    data = prepare([write_release_h5(root / "a.h5", 40, seed=1, size=20)], root / "labeled", samples_per_shard=64)
+    cfg = load_config(None, [*TINY_MODEL, "augment.crop_size=16", "loader.backend=reference", "train.precision=fp32",
+                             f"data.path={data}"], root=FinetuneRunConfig)
+    run = root / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    ckpt = save_photoz_model(build_photoz_net(cfg.model), cfg.model, run / "best_model.pt",
+                             {"config": dataclasses.asdict(cfg)})
+    np.save(run / "train_ids.npy", np.arange(0, 30))
+    np.save(run / "val_ids.npy", np.arange(30, 40))
+    (run / "labels.json").write_text(json.dumps({"train_data": str(data), "val_data": str(data)}))
+    (run / "eval").mkdir()
+    own = json.dumps({"command": "finetune", "n": 10, "metrics": {}})
+    (run / "eval" / "metrics.json").write_text(own)
+    return {"data": data, "run": run, "ckpt": ckpt, "own": own}
+
+
+def test_evaluate_default_out_leaves_the_runs_results_and_warns_about_training_galaxies(ft_run, capsys):
+    import json
+
+    from photoz_hpc.cli import main
+
+    run = ft_run["run"]
+    assert main(["evaluate", "--checkpoint", str(ft_run["ckpt"]), "--data", str(ft_run["data"])]) == 0
+    assert (run / "eval" / "metrics.json").read_text() == ft_run["own"]  # the run's validation results untouched
+    out = run / f"evaluate-best_model-{ft_run['data'].name}"
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["command"] == "evaluate" and report["n"] == 40 and report["n_training_galaxies"] == 30
+    err = capsys.readouterr().err
+    assert "30 of the evaluated galaxies trained this network" in err and "val_ids.npy" in err
+
+    # held-out galaxies: no warning, their own default directory
+    assert main(["evaluate", "--checkpoint", str(ft_run["ckpt"]), "--data", str(ft_run["data"]),
+                 "--ids", str(run / "val_ids.npy")]) == 0
+    report = json.loads((run / f"evaluate-best_model-{ft_run['data'].name}-val_ids" / "metrics.json").read_text())
+    assert report["n"] == 10 and report["n_training_galaxies"] == 0
+    assert "trained this network" not in capsys.readouterr().err
+
+
+def test_evaluate_refuses_another_commands_directory(ft_run, capsys, tmp_path):
+    from photoz_hpc.cli import main
+
+    run = ft_run["run"]
+    args = ["evaluate", "--checkpoint", str(ft_run["ckpt"]), "--data", str(ft_run["data"])]
+    assert main([*args, "--out", str(run / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {run / 'eval'} holds the outputs of 'finetune' (metrics.json)" in err
+    assert (run / "eval" / "metrics.json").read_text() == ft_run["own"]
+    assert main([*args, "--out", str(run)]) == 1  # the run directory itself
+    assert f"--out {run} holds the outputs of another command" in capsys.readouterr().err
+
+    # an evaluate directory: the same evaluation again is fine, another network's or other ids are refused
+    out = tmp_path / "ev"
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out)]) == 0
+    before = (out / "metrics.json").read_text()
+    assert main([*args, "--out", str(out), "--ids", str(run / "val_ids.npy")]) == 1
+    assert "holds the evaluation of" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == before

@@ -1,13 +1,20 @@
 """``evaluate``: a fine-tuned network over a labeled dataset on every rank -> metrics, predictions, plots.
 
 Outputs (rank 0, each written atomically): ``metrics.json`` (``photoz_metrics`` overall and per
-redshift bin, plus what was evaluated), ``predictions.csv`` (ids, z_spec, z_phot, pdf mode, 68%
-interval) and the plots of ``plots.plot_evaluation``.
+redshift bin, plus what was evaluated and by which command), ``predictions.csv`` (ids, z_spec, z_phot,
+pdf mode, 68% interval) and the plots of ``plots.plot_evaluation``.
+
+``evaluate`` never writes over another command's results (a fine-tuning run's own ``eval/``, a catalogue,
+an evaluation of another network or dataset): its default output directory is named after the network and
+the data (``evaluate-<checkpoint>-<dataset>[-<ids>]`` next to the checkpoint), and a directory that holds
+anything else is refused. It warns when the evaluated galaxies include the network's training galaxies
+(read from the run directory's ``train_ids.npy`` and ``labels.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +75,11 @@ def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, A
 
 def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDataset | str | Path, comm: Comm,
                      device: torch.device, out_dir: str | Path | None, ids: np.ndarray | None = None,
-                     title: str = "") -> dict[str, Any]:
+                     title: str = "", command: str = "evaluate", extra: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """Metrics of ``net`` on ``ids`` (default: every labeled galaxy) of ``dataset``; rank 0 writes the
-    outputs under ``out_dir`` when given. Collective: every rank calls it; same dict on every rank."""
+    outputs under ``out_dir`` when given, recording ``command`` (which command owns them) and ``extra``.
+    Collective: every rank calls it; same dict on every rank."""
     from photoz_hpc.augment.loaders import build_loader
 
     if not isinstance(dataset, ShardedDataset):
@@ -87,8 +96,8 @@ def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDat
     pred = predict(net, loader, comm, device, precision.autocast, with_probs=True)
     z_spec = z_all[pred["index"]]
     metrics = photoz_metrics(pred["z_phot"], z_spec)
-    report = {"metrics": metrics, "dataset": str(dataset.root), "n": int(len(pred["index"])),
-              "model": cfg.model.arch, "device": str(device), "world_size": comm.world}
+    report = {"command": command, "metrics": metrics, "dataset": str(dataset.root), "n": int(len(pred["index"])),
+              "model": cfg.model.arch, "device": str(device), "world_size": comm.world, **(extra or {})}
     if out_dir is not None and comm.rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -105,18 +114,106 @@ def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDat
     return report
 
 
+def default_out_dir(checkpoint: str | Path, data: str | Path, ids_path: str | Path | None = None) -> Path:
+    """``evaluate-<checkpoint stem>-<dataset name>[-<ids stem>]`` next to the checkpoint: named after what is
+    evaluated, so it never is a fine-tuning run's ``eval/`` nor the evaluation of another network or dataset."""
+    name = f"evaluate-{Path(checkpoint).stem}-{Path(data).resolve().name}"
+    if ids_path:
+        name += f"-{Path(ids_path).stem}"
+    return Path(checkpoint).resolve().parent / name
+
+
+def check_out_dir(out_dir: Path, checkpoint: str | Path, data: str | Path, ids_path: str | Path | None) -> None:
+    """Refuse an output directory holding anything but an earlier ``evaluate`` of the same network, data and ids
+    (a re-run replaces it); everything else -- a fine-tuning run's ``eval/``, a catalogue, a run directory, an
+    evaluation of something else -- is another command's result and is never overwritten."""
+    from photoz_hpc.run_lock import LOCK_NAME
+
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise PhotozError(f"--out {out_dir} is a file, not a directory")
+    entries = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(LOCK_NAME))
+    if not entries:
+        return
+    try:
+        old = json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("command") == "evaluate":
+        same = (_same_file(old.get("checkpoint"), checkpoint) and _same_file(old.get("dataset"), data)
+                and _same_file(old.get("ids"), ids_path))
+        if same:
+            return
+        raise PhotozError(f"--out {out_dir} holds the evaluation of {old.get('checkpoint')} on {old.get('dataset')}"
+                          f"{' (ids ' + str(old.get('ids')) + ')' if old.get('ids') else ''}: write this one to "
+                          "another --out (or leave --out out for a directory of its own)")
+    owner = f"'{old['command']}'" if isinstance(old, dict) and old.get("command") else "another command"
+    shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "")
+    raise PhotozError(f"--out {out_dir} holds the outputs of {owner} ({shown}): evaluate never writes over another "
+                      "command's results; choose another --out (or leave --out out for a directory of its own)")
+
+
+def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def training_overlap(checkpoint: str | Path, dataset: ShardedDataset, ids: np.ndarray) -> dict[str, Any] | None:
+    """How many of the galaxies ``ids`` of ``dataset`` trained the network: read from the fine-tuning run
+    directory of ``checkpoint`` (its folder, or the one above ``checkpoints/``: ``train_ids.npy`` and
+    ``labels.json``), matched by dataset id on the training dataset itself and by ObjID on another one.
+    None when the run directory or its training dataset cannot be found."""
+    ckpt = Path(checkpoint).resolve()
+    for run in (ckpt.parent, ckpt.parent.parent):
+        if (run / "train_ids.npy").is_file() and (run / "labels.json").is_file():
+            break
+    else:
+        return None
+    try:
+        train_ids = load_ids(run / "train_ids.npy")
+        train_root = Path(json.loads((run / "labels.json").read_text())["train_data"])
+    except (OSError, ValueError, KeyError, PhotozError) as exc:
+        log.warning("%s: cannot read its training selection (%s): not checked whether the evaluated galaxies "
+                    "trained the network", run, exc)
+        return None
+    if train_root.resolve() == Path(dataset.root).resolve():
+        common = int(np.intersect1d(ids, train_ids).size)
+    else:
+        try:
+            train = open_dataset(train_root, verify_records=False)
+        except PhotozError:
+            log.warning("%s: its training dataset %s cannot be opened: not checked whether the evaluated galaxies "
+                        "trained the network", run, train_root)
+            return None
+        common = int(np.isin(dataset.meta["ObjID"][ids], train.meta["ObjID"][train_ids]).sum())
+    return {"run": str(run), "n_training_galaxies": common}
+
+
 def run_evaluate(checkpoint: str | Path, data: str | Path, out_dir: str | Path | None, ids_path: str | Path | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
-    """The ``evaluate`` command: load, set up device and communicator, evaluate, write outputs."""
+    """The ``evaluate`` command: load, check the output directory and the training overlap, set up device and
+    communicator, evaluate, write outputs."""
     from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.runtime import run_with_comm
 
     net, cfg, meta = load_network(checkpoint, overrides)
     ids = load_ids(Path(ids_path)) if ids_path else None
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "eval"
+    out_dir = Path(out_dir) if out_dir else default_out_dir(checkpoint, data, ids_path)
+    check_out_dir(out_dir, checkpoint, data, ids_path)
+    dataset = open_dataset(data)
+    overlap = training_overlap(checkpoint, dataset, labeled_ids(dataset) if ids is None else ids)
+    if overlap and overlap["n_training_galaxies"]:
+        log.warning("%d of the evaluated galaxies trained this network (%s/train_ids.npy): their metrics are "
+                    "optimistic; evaluate held-out galaxies (e.g. --ids %s/val_ids.npy)",
+                    overlap["n_training_galaxies"], overlap["run"], overlap["run"])
+    extra = {"checkpoint": str(Path(checkpoint).resolve()), "ids": str(Path(ids_path).resolve()) if ids_path else None,
+             "n_training_galaxies": overlap["n_training_galaxies"] if overlap else None}
 
     def body(cfg, comm, device, flag):
-        return evaluate_network(net, cfg, data, comm, device, out_dir, ids, title=Path(checkpoint).name)
+        return evaluate_network(net, cfg, dataset, comm, device, out_dir, ids, title=Path(checkpoint).name,
+                                extra=extra)
 
     report = run_with_comm(cfg, None, body, hold=RunDir(out_dir, "evaluate"))
     report["checkpoint"] = str(checkpoint)

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     )
     e.add_argument("--checkpoint", required=True, help="best_model.pt, photoz_model.pt or checkpoints/ckpt_*.pt")
     e.add_argument("--data", required=True, help="prepared dataset directory with spectroscopic redshifts")
-    e.add_argument("--out", default=None, help="output directory (default: eval/ next to the checkpoint)")
+    e.add_argument("--out", default=None, help="output directory (default: evaluate-<checkpoint>-<dataset>[-<ids>]/ next to "
+                   "the checkpoint); a directory holding another command's outputs is refused")
     e.add_argument("--ids", default=None, help="optional .npy of dataset ids to evaluate (e.g. a run's val_ids.npy)")
     e.add_argument("overrides", nargs="*", help="loader/dist/train overrides, e.g. loader.batch_size=512")
     add_trust_pickle_flag(e)
@@ -61,7 +62,8 @@ def finetune_and_evaluate(cfg) -> dict:
         net, _, _ = load_network(best)
         data = select_data(cfg)
         report = evaluate_network(net, cfg, data.val, comm, device, Path(cfg.out_dir) / "eval", data.val_ids,
-                                  title=f"{Path(cfg.out_dir).name}: best network on the validation set")
+                                  title=f"{Path(cfg.out_dir).name}: best network on the validation set",
+                                  command="finetune")
         summary["eval"] = {"metrics": {k: v for k, v in report["metrics"].items() if k != "per_bin"},
                            "dir": str(Path(cfg.out_dir) / "eval")}
         if comm.rank == 0:
