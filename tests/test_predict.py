@@ -318,6 +318,20 @@ def test_bad_checkpoint_wrong_kind_or_wrong_images_fail_before_any_work(setup, t
     assert rc == 1 and "photoz-hpc predict: error:" in err and "MoCo" in err and not out.exists()
 
 
+def test_predict_refuses_a_directory_holding_another_commands_outputs(setup, tmp_path, capsys):
+    out = tmp_path / "evaluate-best_model-a"  # an evaluate directory
+    out.mkdir()
+    (out / "metrics.json").write_text('{"command": "evaluate"}')
+    (out / "predictions.csv").write_text("index,ObjID\n")
+    rc = cli_main(["predict", *_args(setup, out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"--out {out} is not a catalogue" in err and "metrics.json, predictions.csv" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.csv"]  # nothing added
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_predict(setup["ckpt"], setup["data"], empty, PredictOptions(batch_size=48))["complete"]
+
+
 # ---------------------------------------------------------------------- the Slurm script, run without Slurm
 
 

@@ -58,6 +58,8 @@ COLUMNS: dict[str, str] = {
     "z_spec": "float32", "dataset": "int32", "index": "int64",
 }
 PDF_COLUMN, PDF_DTYPE = "pdf", "float16"
+#: what slurm/predict.sh (slurm/common.sh) writes into the catalogue directory before predict starts
+SLURM_LAUNCH_FILES = ("launch.log", ".launch")
 #: galaxies per forward pass by default: large on a GPU (no gradients to keep), moderate on a CPU
 #: (a ResNet-50 on 64x64 crops peaks at ~14 MB of fp32 activations per galaxy).
 DEFAULT_BATCH = {"cuda": 512, "cpu": 64}
@@ -165,7 +167,8 @@ _CONFIG_KEYS = ("model", "augment")
 
 
 def claim_catalogue(root: Path, plan: dict[str, Any]) -> None:
-    """Write the plan, or check that the catalogue under ``root`` was started with the same one."""
+    """Write the plan, or check that the catalogue under ``root`` was started with the same one; a directory
+    without a plan must be empty (it may hold another command's outputs, e.g. an ``evaluate`` directory)."""
     path = root / PLAN_NAME
     if path.exists():
         old = json.loads(path.read_text())
@@ -179,6 +182,15 @@ def claim_catalogue(root: Path, plan: dict[str, Any]) -> None:
             raise PhotozError(f"{root} holds a catalogue of another model, input or option ({', '.join(diff)} differ): "
                               "write to a new --out, or delete it to start again")
         return
+    others = sorted(n for n in os.listdir(root)
+                    if n not in (PARTS_DIR, DONE_DIR, *SLURM_LAUNCH_FILES) and not n.startswith(LOCK_NAME))
+    others += [f"{d}/{n}" for d in (PARTS_DIR, DONE_DIR) if (root / d).is_dir() for n in sorted(os.listdir(root / d))]
+    if others and (root / PLAN_NAME).exists():  # another array task of this catalogue wrote its plan meanwhile
+        return claim_catalogue(root, plan)
+    if others:  # no plan: not a catalogue; never mix parts into another command's outputs
+        raise PhotozError(f"--out {root} is not a catalogue ({PLAN_NAME} is missing) and holds other files "
+                          f"({', '.join(others[:8])}{' ...' if len(others) > 8 else ''}): predict writes only into a "
+                          "new or empty directory or a catalogue of its own; choose another --out")
     (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     (root / DONE_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, plan)
