@@ -154,3 +154,16 @@ def test_cli_names_the_override_for_an_unknown_section(command, config, override
     res = run_cli(command, "--config", str(packaged_config(config)), override, timeout=120)
     assert res.returncode != 0
     assert f"command-line override '{override}'" in res.stderr and f"(in {packaged_config(config)})" not in res.stderr
+
+
+def test_demo_finetune_config_alone_is_the_quickstart_fine_tuning():
+    """configs/demo_finetune.yaml used alone must not fall back to data/synthetic and a ResNet-50 (issue 26)."""
+    from photoz_hpc.config import FinetuneRunConfig, packaged_config
+
+    pre = load_config(packaged_config("demo.yaml"))
+    ft = load_config(packaged_config("demo_finetune.yaml"), root=FinetuneRunConfig)
+    assert ft.data.path == pre.data.path == "data/quickstart"
+    assert (ft.model.arch, ft.model.width, ft.model.stem_kernel) == (pre.model.arch, pre.model.width,
+                                                                     pre.model.stem_kernel)
+    assert ft.augment.crop_size == pre.augment.crop_size
+    assert ft.out_dir != pre.out_dir

@@ -149,6 +149,9 @@ def test_search_command_by_id_and_objid_writes_table_and_figure(world, capsys):
     assert lines[0].startswith("query,query_ObjID,rank,index") and len(lines) == 1 + 4
     assert main(["search", str(world["emb"]["projection"]), "--query", "0", "999", "--k", "2"]) == 1
     assert "999" in capsys.readouterr().err
+    # an ObjID given without --objid: the error says so
+    assert main(["search", str(world["emb"]["projection"]), "--query", str(objid), "--k", "2"]) == 1
+    assert "SDSS ObjIDs of this set: pass --objid" in capsys.readouterr().err
 
 
 def test_embeddings_of_another_dataset_are_refused(world, tmp_path, capsys):

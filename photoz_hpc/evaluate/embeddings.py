@@ -269,7 +269,9 @@ class Embeddings:
         if by == "index":
             bad = ids[(ids < 0) | (ids >= self.n)]
             if len(bad):
-                raise PhotozError(f"galaxy id(s) {bad[:5].tolist()} are not in 0..{self.n - 1} of {self.root}")
+                hint = ("they are SDSS ObjIDs of this set: pass --objid" if np.isin(bad, self.ids["ObjID"]).all()
+                        else "ids are dataset indices; SDSS ObjIDs need --objid")
+                raise PhotozError(f"galaxy id(s) {bad[:5].tolist()} are not in 0..{self.n - 1} of {self.root} ({hint})")
             return ids
         order = np.argsort(self.ids["ObjID"], kind="stable")
         sorted_obj = self.ids["ObjID"][order]
