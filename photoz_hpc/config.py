@@ -198,8 +198,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | never | path to a checkpoint file
-    log_every: int = 10
-    progress: bool = True
+    log_every: int = 10  # steps between metrics.jsonl/TensorBoard records
+    progress: bool = True  # tqdm's bar on a terminal; off (or stderr not a terminal): progress_every's lines
+    progress_every: int = 100  # steps between progress log lines where there is no bar; 0: none
     tensorboard: bool = True
     export_encoder: bool = True
 
@@ -210,6 +211,7 @@ class TrainConfig:
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_range("train.cpu_threads", self.cpu_threads, 0)
         _check_range("train.log_every", self.log_every, 1)
+        _check_range("train.progress_every", self.progress_every, 0)
         if not self.resume:
             raise ConfigError("config key 'train.resume' must be 'auto', 'never' or a checkpoint path")
 
