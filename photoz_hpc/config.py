@@ -248,6 +248,9 @@ class FinetuneConfig:
     backbone_lr_scale: float = 0.1
     freeze_backbone: bool = False
     val_every: int = 1  # epochs between validations (and best-checkpoint choices)
+    # best network: the lowest validation sigma_MAD among validations whose outlier rate eta is at most this
+    # (else the lowest eta); 1.0: sigma_MAD alone (docs/finetuning.md, "Which network is kept")
+    select_max_eta: float = 0.5
     eval_batch_size: int = 0  # 0: loader.batch_size
 
     def __post_init__(self) -> None:
@@ -259,6 +262,7 @@ class FinetuneConfig:
             raise ConfigError(f"config key 'finetune.val_fraction' = {self.val_fraction} must be in (0, 1)")
         _check_range("finetune.backbone_lr_scale", self.backbone_lr_scale, 0.0)
         _check_range("finetune.val_every", self.val_every, 1)
+        _check_range("finetune.select_max_eta", self.select_max_eta, 0.0, 1.0)
         _check_range("finetune.eval_batch_size", self.eval_batch_size, 0)
 
 
