@@ -49,6 +49,11 @@ def test_export_load_embed_round_trip(tmp_path) -> None:
     loaded = load_encoder(path)
     x = torch.randn(5, 5, 16, 16)
     torch.testing.assert_close(embed(loaded, x, batch_size=2), enc(x))
+    # a numpy array (float64 too) is accepted, as docs/training.md shows: embed(enc, images)
+    torch.testing.assert_close(embed(loaded, x.numpy(), batch_size=2), enc(x))
+    torch.testing.assert_close(embed(loaded, x.numpy().astype("float64")), enc(x))
+    with pytest.raises(PhotozError, match=r"\(N, 5, S, S\)"):
+        embed(loaded, x.numpy()[0])
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(PhotozError, match="unreadable"):
         load_encoder(tmp_path / "bad.pt")

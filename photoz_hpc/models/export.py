@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,8 +70,13 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
 
 
 @torch.no_grad()
-def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Representations (N, feature_dim) of (N, 5, S, S) cutouts, in fp32 on the encoder's device."""
+def embed(encoder: nn.Module, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Representations (N, feature_dim) of (N, 5, S, S) cutouts (a tensor or a numpy array, read as float32),
+    in fp32 on the encoder's device."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    if images.ndim != 4:
+        raise PhotozError(f"embed: images must be (N, 5, S, S), got shape {tuple(images.shape)}")
     device = next(encoder.parameters()).device
     out = [encoder(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, encoder.feature_dim)
