@@ -119,6 +119,30 @@ def test_rerun_skips_finished_parts_and_redoes_bad_ones(setup, tmp_path):
         run_predict(setup["ckpt"], setup["data"], out, PredictOptions(with_pdf=True, tta=2))
 
 
+def test_verify_names_a_corrupt_part_and_marks_the_manifest_incomplete(setup, tmp_path, capsys):
+    out = tmp_path / "cat"
+    shutil.copytree(setup["ref"], out)
+    assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is True
+    bad = out / PARTS_DIR / "d001-s00000.parquet"
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, other bytes: only the checksum can tell
+    bad.write_bytes(bytes(raw))
+    assert cli_main(["catalogue-verify", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "FAILED" in printed.out and "(marked incomplete)" in printed.out
+    assert f"part d001-s00000 is corrupt: the sha256 of {bad} differs from its done marker" in printed.out
+    assert "missing or unfinished" not in printed.out and "redoing" not in printed.err
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["complete"] is False and any("d001-s00000 is corrupt" in p for p in manifest["problems"])
+    report = verify_catalogue(out)
+    assert report["corrupt_parts"] == ["d001-s00000"] and not report["ok"]
+    # predict redoes the corrupt part and the catalogue is complete again
+    again = run_predict(setup["ckpt"], setup["data"], out, PredictOptions(with_pdf=True, batch_size=64))
+    assert (again["skipped"], again["written"], again["complete"]) == (5, 1, True)
+    assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is True
+    _assert_exactly_once(setup, out)
+
+
 def test_array_blocks_cover_the_catalogue_and_the_last_one_finalizes(setup, tmp_path):
     out = tmp_path / "cat"
     first = run_predict(setup["ckpt"], setup["data"], out, PredictOptions(batch_size=64), block_spec="0/2")

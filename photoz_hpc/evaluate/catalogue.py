@@ -13,8 +13,9 @@ so a killed or pre-empted run resumes where it stopped and no galaxy is ever wri
       done/d000-s00000.json marker: rows, sha256, bytes, rank, device, precision, seconds
       manifest.json         written last, once every part is done: plan + per-part checksums + counts
 
-``manifest.json`` present means complete. ``verify_catalogue`` re-hashes every part and checks
-against the inputs that every galaxy is present exactly once (the merge/verify step).
+``manifest.json`` with ``complete: true`` means complete. ``verify_catalogue`` re-hashes every part and checks
+against the inputs that every galaxy is present exactly once (the merge/verify step); a catalogue that fails
+it gets ``complete: false`` (a part damaged after its marker is reported as corrupt, by name).
 """
 
 from __future__ import annotations
@@ -256,20 +257,30 @@ def _pyarrow():
     return pa, pq
 
 
-def part_done(root: Path, part: Part, fmt: str, check_sha: bool = True) -> dict | None:
-    """The part's marker if the part is finished (marker present, file of the recorded size and sha256)."""
+def part_state(root: Path, part: Part, fmt: str, check_sha: bool = True) -> tuple[str, dict | None]:
+    """(state, marker) of a part: ``"done"`` (marker present, file of the recorded rows, size and sha256),
+    ``"unfinished"`` (no readable marker: never written, or interrupted before its marker), or ``"corrupt: WHY"``
+    (a marker whose file is missing or differs from it: damaged after it was written)."""
     marker = root / DONE_DIR / f"{part.name}.json"
     path = part_path(root, part.name, fmt)
     try:
         done = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return None
-    if done.get("rows") != part.count or not path.is_file() or path.stat().st_size != done.get("bytes"):
-        return None
+        return "unfinished", None
+    if not isinstance(done, dict) or done.get("rows") != part.count:
+        return f"corrupt: its done marker {marker} does not record its {part.count} rows", None
+    if not path.is_file():
+        return f"corrupt: {path} is missing (its done marker exists)", None
+    if path.stat().st_size != done.get("bytes"):
+        return f"corrupt: {path} has {path.stat().st_size} bytes, its done marker {done.get('bytes')}", None
     if check_sha and sha256_file(path) != done.get("sha256"):
-        log.warning("%s: checksum differs from its done marker: redoing the part", path)
-        return None
-    return done
+        return f"corrupt: the sha256 of {path} differs from its done marker", None
+    return "done", done
+
+
+def part_done(root: Path, part: Part, fmt: str, check_sha: bool = True) -> dict | None:
+    """The part's marker if the part is finished (``part_state`` "done"), else None."""
+    return part_state(root, part, fmt, check_sha)[1]
 
 
 def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, probs: np.ndarray, with_pdf: bool) -> dict[str, np.ndarray]:
@@ -307,7 +318,13 @@ def write_parts(root: Path, net, cfg, datasets: list[ShardedDataset], parts: lis
     net = net.to(device).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    todo = [p for p in parts if part_done(root, p, opts.fmt) is None]
+    todo = []
+    for p in parts:
+        state, _ = part_state(root, p, opts.fmt)
+        if state.startswith("corrupt"):
+            log.warning("part %s is %s: redoing it", p.name, state)
+        if state != "done":
+            todo.append(p)
     if len(todo) < len(parts):
         log.info("rank %d: %d of its %d parts are already finished: skipped", rank, len(parts) - len(todo), len(parts))
     written = rows = 0
@@ -433,11 +450,15 @@ def verify_catalogue(root: str | Path, data: list[str | Path] | None = None, wri
         except PhotozError as exc:
             log.warning("input %s cannot be read (%s): checking the catalogue against its plan only", path, exc)
             datasets.append(None)
-    missing, rows, objids = [], 0, []
+    missing, corrupt, rows, objids = [], [], 0, []
     for p in plan["parts"]:
         part = Part(p["dataset"], p["shard"], p["start"], p["count"])
-        if part_done(root, part, fmt, check_sha=True) is None:
+        state, _ = part_state(root, part, fmt, check_sha=True)
+        if state != "done":
             missing.append(part.name)
+            if state.startswith("corrupt"):
+                corrupt.append(part.name)
+                problems.append(f"part {part.name} is {state}; re-run predict with the same arguments to redo it")
             continue
         cols = read_part(part_path(root, part.name, fmt), ["ObjID", "dataset", "index"])
         expect = np.arange(part.start, part.start + part.count)
@@ -455,16 +476,36 @@ def verify_catalogue(root: str | Path, data: list[str | Path] | None = None, wri
     for d, ds in enumerate(datasets):
         if ds is not None and len(ds) != plan["inputs"][d]["count"]:
             problems.append(f"input {paths[d]} has {len(ds)} galaxies, the plan {plan['inputs'][d]['count']}")
-    if missing:
-        problems.append(f"{len(missing)} of {len(plan['parts'])} parts are missing or unfinished: "
-                        f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    unfinished = [n for n in missing if n not in corrupt]
+    if unfinished:
+        problems.append(f"{len(unfinished)} of {len(plan['parts'])} parts are missing or unfinished: "
+                        f"{', '.join(unfinished[:8])}{' ...' if len(unfinished) > 8 else ''}")
     all_ids = np.concatenate(objids) if objids else np.zeros(0, np.int64)
     report = {"catalogue": str(root), "ok": not problems, "rows": int(rows), "expected": int(total),
-              "parts": len(plan["parts"]), "missing_parts": missing, "problems": problems,
+              "parts": len(plan["parts"]), "missing_parts": missing, "corrupt_parts": corrupt, "problems": problems,
               "duplicate_objids": int(all_ids.size - np.unique(all_ids).size) if total <= MAX_DUPLICATE_CHECK else None}
     if report["ok"] and write_manifest:
         report["manifest"] = str(root / MANIFEST_NAME) if finalize(root) is not None else None
+    elif not report["ok"] and write_manifest:
+        report["manifest"] = mark_incomplete(root, problems)
     return report
+
+
+def mark_incomplete(root: Path, problems: list[str]) -> str | None:
+    """Rewrite an existing ``manifest.json`` with ``complete: false`` and the problems found (a catalogue that
+    failed verification must not look finished); the next predict run that completes it writes a new one."""
+    path = root / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        manifest = {}
+    if not isinstance(manifest, dict):
+        manifest = {}
+    atomic_write_json(path, manifest | {"complete": False, "problems": problems})
+    log.warning("%s: marked incomplete (complete: false)", path)
+    return str(path)
 
 
 def read_catalogue(root: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:

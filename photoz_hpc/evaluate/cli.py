@@ -107,7 +107,8 @@ def _verify(args: argparse.Namespace) -> int:
         state = "OK" if report["ok"] else "FAILED"
         print(f"{report['catalogue']}: {state}: {report['rows']} of {report['expected']} galaxies in "
               f"{report['parts'] - len(report['missing_parts'])} of {report['parts']} parts"
-              + (f"; manifest {report['manifest']}" if report.get("manifest") else ""))
+              + (f"; manifest {report['manifest']}" if report.get("manifest") else "")
+              + (" (marked incomplete)" if report.get("manifest") and not report["ok"] else ""))
         for problem in report["problems"]:
             print(f"  {problem}")
     return 0 if report["ok"] else 1
