@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised photometric redshifts from SDSS cutouts on HPC systems.",
     )
     parser.add_argument("--version", action="version", version=f"photoz-hpc {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging threshold (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. augment.noise=false)")
     p.add_argument("--data", help="dataset directory (default: data.path of the config)")
-    p.add_argument("--pipeline", choices=list(PIPELINES), default="pretrain")
+    p.add_argument("--pipeline", choices=list(PIPELINES), default="pretrain",
+                   help="which loader pipeline draws the views (default pretrain)")
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--out", required=True, help="output .png or .npz")
     p.add_argument("--config", help="YAML config file")

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
         description="Re-hash every part, check its rows against its input shard (index and ObjID), report "
         "missing parts, and write manifest.json when the catalogue is complete.",
     )
-    v.add_argument("catalogue")
+    v.add_argument("catalogue", help="catalogue directory written by predict (its --out)")
     v.add_argument("--data", nargs="+", default=None, help="the input datasets, if they moved since predict")
     v.add_argument("--json", action="store_true", help="print the full report as JSON")
     v.set_defaults(func=_verify)
@@ -53,19 +53,21 @@ def register(subparsers) -> None:
         "calibrate",
         help="PIT, coverage and reliability of a network's pdfs on labeled galaxies; fit a temperature",
         description="Predict labeled galaxies, fit a temperature on a calibration split and report PIT histogram, "
-        "68%%/95%% coverage and reliability on the disjoint evaluation split, before and after. Writes "
+        "68%/95% coverage and reliability on the disjoint evaluation split, before and after. Writes "
         "calibration.json (pass it to predict --temperature) and calibration.png.",
     )
-    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--checkpoint", required=True, help="best_model.pt, photoz_model.pt or a fine-tuning checkpoint")
     c.add_argument("--data", required=True, help="a labeled prepared dataset (e.g. the validation set)")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--ids", default=None, help="optional .npy of dataset ids (e.g. a fine-tuning run's val_ids.npy)")
     c.add_argument("--calib-fraction", type=float, default=0.5, help="fraction of the galaxies that fits T")
-    c.add_argument("--split-seed", type=int, default=0)
-    c.add_argument("--tta", type=int, default=1)
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    c.add_argument("overrides", nargs="*")
+    c.add_argument("--split-seed", type=int, default=0, help="seed of the calibration/evaluation split (default 0)")
+    c.add_argument("--tta", type=int, default=1, help="average the pdf over K exact 90-degree rotations (1-4; "
+                   "use the value you will pass to predict)")
+    c.add_argument("--batch-size", type=int, default=64, help="galaxies per forward pass (default 64)")
+    c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPUs with native bf16, fp32 on CPU")
+    c.add_argument("overrides", nargs="*", help="loader/dist/train overrides, e.g. loader.backend=reference")
     add_trust_pickle_flag(c)
     c.set_defaults(func=_calibrate)
 
@@ -75,8 +77,8 @@ def register(subparsers) -> None:
         description="Needs a catalogue made with 'predict --pdf' and the qp-prob package. OUT's suffix picks qp's "
         "writer (.hdf5, .fits, .pq).",
     )
-    q.add_argument("catalogue")
-    q.add_argument("out")
+    q.add_argument("catalogue", help="catalogue directory written by 'predict --pdf'")
+    q.add_argument("out", help="output file; its suffix picks the format (.hdf5, .fits, .pq)")
     q.set_defaults(func=_export_qp)
 
 

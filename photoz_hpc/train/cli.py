@@ -20,7 +20,11 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loader.batch_size=128 dist.backend=torch")
     add_trust_pickle_flag(p)  # train.resume
     p.set_defaults(func=_run)
-    e = subparsers.add_parser("export-encoder", help="export the encoder of a pretraining checkpoint for embedding")
+    e = subparsers.add_parser(
+        "export-encoder", help="export the encoder of a pretraining checkpoint for embedding",
+        description="Write the query encoder of a MoCo pretraining checkpoint (the ResNet trunk, its projection "
+        "head and the settings it was trained with) as a small stand-alone file, what the end of pretrain writes as encoder.pt: "
+        "for embed, and as finetune.init.")
     e.add_argument("checkpoint", help="checkpoint file (…/checkpoints/ckpt_*.pt)")
     e.add_argument("out", help="output file, e.g. encoder.pt")
     add_trust_pickle_flag(e)
