@@ -25,7 +25,7 @@ from photoz_hpc.config import Config, load_config
 from photoz_hpc.constants import R_DR12
 from photoz_hpc.data.prepare import prepare
 from photoz_hpc.errors import DatasetError, PhotozError
-from photoz_hpc.evaluate.embeddings import Embeddings, embed_dataset, load_embedder
+from photoz_hpc.evaluate.embeddings import INDEX_NAME, Embeddings, embed_dataset, load_embedder
 from photoz_hpc.evaluate.similarity import anomaly_scores, faiss_available, knn
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
@@ -178,6 +178,37 @@ def test_encoder_export_keeps_the_projection_head(world, tmp_path):
     with pytest.raises(PhotozError, match="no projection head.*--feature trunk"):
         load_embedder(tmp_path / "old.pt", "projection")
     assert load_embedder(tmp_path / "old.pt", "trunk")[0].dim == 64
+
+
+def test_embed_uses_the_crop_size_the_encoder_was_trained_with(world, tmp_path, capsys):
+    cfg = load_config(None, [*TINY_MODEL, "model.embed_dim=32", "moco.queue_size=64", "loader.batch_size=16",
+                             "augment.crop_size=24"], root=Config)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "checkpoints", 1, {"task": "pretrain", "model": build_moco(cfg).state_dict(),
+                                                         "config": dataclasses.asdict(cfg)})
+    enc = tmp_path / "encoder.pt"
+    assert main(["export-encoder", str(ckpt), str(enc)]) == 0
+    assert torch.load(enc, weights_only=True)["augment"]["crop_size"] == 24
+    base = ["embed", "--checkpoint", str(enc), "--data", str(world["data"])]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "e24"), "loader.backend=reference", "dist.backend=none"]) == 0
+    assert json.loads((tmp_path / "e24" / INDEX_NAME).read_text())["crop_size"] == 24  # not the default 64
+    assert "augment." not in capsys.readouterr().err
+    # an explicitly different crop: used, with a warning naming both
+    assert main([*base, "--out", str(tmp_path / "e33"), "augment.crop_size=33", "loader.backend=reference",
+                     "dist.backend=none"]) == 0
+    assert json.loads((tmp_path / "e33" / INDEX_NAME).read_text())["crop_size"] == 33
+    err = capsys.readouterr().err
+    assert "was trained with augment.crop_size=24; embedding with augment.crop_size=33" in err
+    # an old export without view settings: the defaults (or the override), with a warning
+    blob = torch.load(enc, weights_only=True)
+    del blob["augment"]
+    torch.save(blob, tmp_path / "old.pt")
+    assert main(["embed", "--checkpoint", str(tmp_path / "old.pt"), "--data", str(world["data"]), "--out",
+                     str(tmp_path / "old"), "augment.crop_size=24", "loader.backend=reference",
+                     "dist.backend=none"]) == 0
+    err = capsys.readouterr().err
+    assert "carries no view settings" in err and "augment.crop_size=24" in err and "export-encoder" in err
 
 
 def test_two_ranks_embed_every_galaxy_exactly_once(world, tmp_path):

@@ -48,7 +48,11 @@ def test_pretrain_loss_falls_and_outputs_exist(tmp_path: Path, data: Path) -> No
     assert json.loads((out / "summary.json").read_text())["last_loss"] == s["last_loss"]
     assert (out / "config.yaml").is_file()
     enc = load_encoder(s["encoder"])
+    import dataclasses
+
     import torch
+
+    assert torch.load(s["encoder"], weights_only=True)["augment"] == dataclasses.asdict(cfg.augment)  # its views
 
     assert embed(enc, torch.randn(3, 5, 16, 16)).shape == (3, 64)
 

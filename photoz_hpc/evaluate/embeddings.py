@@ -79,7 +79,8 @@ def _mlp(state: dict[str, torch.Tensor], where: str) -> nn.Sequential:
 
 def load_embedder(path: str | Path, feature: str = "projection") -> tuple[Embedder, dict[str, Any]]:
     """The network of a MoCo checkpoint or an ``encoder.pt`` (eval mode) and the config values it carries
-    (the full pretraining config of a checkpoint; only ``model`` of an export)."""
+    (the full pretraining config of a checkpoint; ``model`` and the trained view settings ``augment`` of an
+    export, ``model`` alone of an old one)."""
     path = Path(path)
     if feature not in FEATURES:
         raise PhotozError(f"feature '{feature}' is not one of {list(FEATURES)}")
@@ -98,6 +99,25 @@ def load_embedder(path: str | Path, feature: str = "projection") -> tuple[Embedd
                               "checkpoint itself, or use --feature trunk")
         head = _mlp(head_state, str(path))
     return Embedder(trunk, head).eval(), values
+
+
+def check_view_settings(path: str | Path, trained: dict[str, Any] | None, used: dict[str, Any]) -> list[str]:
+    """Warn when the views ``embed`` uses differ from those the encoder was trained with (``trained``: its
+    ``augment`` section; embed starts from it, so a difference is an explicit override), or when the file
+    carries none (an ``encoder.pt`` exported before they were kept: the defaults are used). Returns the
+    differing keys."""
+    if trained is None:
+        log.warning("%s carries no view settings (an encoder.pt exported before they were kept): embedding with "
+                    "augment.crop_size=%d (and the other augment defaults or overrides); if the encoder was "
+                    "trained on other crops, re-export it from its checkpoint (photoz-hpc export-encoder CKPT OUT) "
+                    "or pass augment.crop_size=N", path, used["crop_size"])
+        return []
+    diff = sorted(k for k in trained if k in used and used[k] != trained[k])
+    if diff:
+        log.warning("%s was trained with %s; embedding with %s as overridden", path,
+                    ", ".join(f"augment.{k}={trained[k]}" for k in diff),
+                    ", ".join(f"augment.{k}={used[k]}" for k in diff))
+    return diff
 
 
 def dataset_fingerprint(dataset: ShardedDataset) -> str:
@@ -155,6 +175,7 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
 
     net, values = load_embedder(checkpoint, feature)
     cfg = config_from_dict(apply_overrides(values, list(overrides or []), Config), Config)
+    check_view_settings(checkpoint, values.get("augment"), dataclasses.asdict(cfg.augment))
     out = Path(out)
 
     def body(cfg, comm, device, flag):

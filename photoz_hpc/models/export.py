@@ -1,7 +1,9 @@
 """Embedding export: the query encoder's ResNet trunk as a small stand-alone file.
 
-``export_encoder`` writes ``{'format', 'model' (ModelConfig as dict), 'state_dict', 'projection_head'}``
-(the head is absent in files written before it was added);
+``export_encoder`` writes ``{'format', 'model' (ModelConfig as dict), 'state_dict', 'projection_head',
+'augment'}``: ``augment`` is the pretraining's AugmentConfig (as a dict), the view settings (crop size,
+dereddening) the encoder was trained with, so that ``embed`` sees galaxies as the encoder did (the head and
+``augment`` are absent in files written before they were added);
 ``load_encoder`` rebuilds the ResNet (plain BatchNorm, eval mode) for ``photoz-hpc embed`` and
 fine-tuning. ``embed`` maps (N, 5, S, S) cutouts to (N, feature_dim) representations.
 """
@@ -35,28 +37,36 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def _as_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
 def save_encoder(trunk_state: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor] | None, model_cfg,
-                 out_path: str | Path, step: int | None = None) -> Path:
-    """Write the encoder file atomically: the trunk (``load_encoder``) and the query projection head
-    (``embed``'s 128-d output; keys 0.* / 2.*), if given."""
-    cfg_dict = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+                 out_path: str | Path, step: int | None = None, augment_cfg=None) -> Path:
+    """Write the encoder file atomically (plain data): the trunk (``load_encoder``), the query projection head
+    (``embed``'s 128-d output; keys 0.* / 2.*) and the view settings it was trained with, if given."""
     out_path = Path(out_path)
-    blob = {"format": ENCODER_FORMAT, "model": cfg_dict, "state_dict": _cpu(trunk_state), "step": step}
+    blob = {"format": ENCODER_FORMAT, "model": _as_dict(model_cfg), "state_dict": _cpu(trunk_state), "step": step}
     if head_state:
         blob["projection_head"] = _cpu(head_state)
+    if augment_cfg is not None:
+        blob["augment"] = _as_dict(augment_cfg)
     return write_torch_file(out_path, blob)
 
 
-def export_moco_encoder(moco, model_cfg, out_path: str | Path, step: int | None = None) -> Path:
-    """Export a live ``MoCo`` module's query trunk (``MoCo.encoder``) and projection head."""
-    return save_encoder(moco.encoder.state_dict(), moco.encoder_q[1].state_dict(), model_cfg, out_path, step)
+def export_moco_encoder(moco, model_cfg, out_path: str | Path, step: int | None = None, augment_cfg=None) -> Path:
+    """Export a live ``MoCo`` module's query trunk (``MoCo.encoder``), projection head and view settings."""
+    return save_encoder(moco.encoder.state_dict(), moco.encoder_q[1].state_dict(), model_cfg, out_path, step,
+                        augment_cfg)
 
 
 def export_encoder(source: dict, out_path: str | Path, model_cfg=None) -> Path:
-    """Export from a loaded pretraining checkpoint dict (``model`` = MoCo state dict, ``config``)."""
+    """Export from a loaded pretraining checkpoint dict (``model`` = MoCo state dict, ``config`` whose
+    ``augment`` section is kept as the encoder's view settings)."""
     model_cfg = source["config"]["model"] if model_cfg is None else model_cfg
     head = {k[len(HEAD_PREFIX):]: v for k, v in source["model"].items() if k.startswith(HEAD_PREFIX)}
-    return save_encoder(encoder_state_from_moco(source["model"]), head, model_cfg, out_path, source.get("step"))
+    return save_encoder(encoder_state_from_moco(source["model"]), head, model_cfg, out_path, source.get("step"),
+                        source["config"].get("augment"))
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -104,7 +104,8 @@ def export_checkpoint_encoder(path: str | Path, out_path: str | Path) -> Path:
 
 def read_pretrained_encoder(path: str | Path, what: str) -> dict[str, Any]:
     """The pretrained encoder a MoCo pretraining checkpoint or an ``encoder.pt`` holds:
-    ``{'config'`` (the run's config values; only ``model`` for an export), ``'trunk'`` (ResNet state dict),
+    ``{'config'`` (the run's config values; ``model`` and, when it has them, ``augment`` for an export),
+    ``'trunk'`` (ResNet state dict),
     ``'head'`` (projection-head state dict, or None)}. ``what`` names the caller's argument in errors
     (e.g. ``finetune.init``); a fine-tuning checkpoint or anything else is an error naming the file."""
     from photoz_hpc.models.export import ENCODER_FORMAT, HEAD_PREFIX, encoder_state_from_moco
@@ -112,7 +113,8 @@ def read_pretrained_encoder(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     blob = read_torch_file(path, what)
     if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
-        return {"config": {"model": blob["model"]}, "trunk": blob["state_dict"], "head": blob.get("projection_head")}
+        config = {"model": blob["model"]} | ({"augment": blob["augment"]} if blob.get("augment") else {})
+        return {"config": config, "trunk": blob["state_dict"], "head": blob.get("projection_head")}
     kind = checkpoint_task(blob)
     if kind == "pretrain":
         head = {k[len(HEAD_PREFIX):]: v for k, v in blob["model"].items() if k.startswith(HEAD_PREFIX)}

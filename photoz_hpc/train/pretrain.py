@@ -108,7 +108,8 @@ class Trainer:
         """Export the encoder (rank 0; not after a pre-emption, whose run continues)."""
         encoder_path = None
         if self.comm.rank == 0 and self.cfg.train.export_encoder and not preempted:
-            encoder_path = export_moco_encoder(self.model, self.cfg.model, out_dir / "encoder.pt", self.step)
+            encoder_path = export_moco_encoder(self.model, self.cfg.model, out_dir / "encoder.pt", self.step,
+                                               self.cfg.augment)
         return {"precision": self.precision.name, "memory_format": self.memory_format,
                 "encoder": str(encoder_path) if encoder_path else None}
 
