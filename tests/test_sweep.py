@@ -57,6 +57,8 @@ def test_task_order_is_stable_complete_and_documented(tmp_path, capsys):
     assert main(["sweep-plan", str(tmp_path / "sweep.yaml")]) == 0
     out = capsys.readouterr().out
     assert "18 tasks (18 new)" in out and "--array=0-17" in out
+    rows = [line.split() for line in out.splitlines()[1:19]]  # task method fraction seed state dir
+    assert all(row[2] == Path(row[5]).parent.name for row in rows)  # 1.0 beside .../1.0/..., not 1
     assert main(["sweep-plan", str(tmp_path / "sweep.yaml"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["array"] == "0-17"
     default = load_sweep(REPO / "configs" / "sweep.yaml")

@@ -410,7 +410,7 @@ def _plan_command(args: argparse.Namespace) -> int:
         return 0
     print(f"{'task':>5}  {'method':<13}{'fraction':>9}  {'seed':>4}  {'state':<11} dir")
     for r in rows:
-        print(f"{r['index']:>5}  {r['method']:<13}{r['fraction']:>9.4g}  {r['seed']:>4}  {r['state']:<11} {r['dir']}"
+        print(f"{r['index']:>5}  {r['method']:<13}{fraction_name(r['fraction']):>9}  {r['seed']:>4}  {r['state']:<11} {r['dir']}"
               + (f"  ({r['detail']})" if r["detail"] else ""))
     counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
     print(f"{n} tasks ({', '.join(f'{v} {k}' for k, v in counts.items() if v)}); "
