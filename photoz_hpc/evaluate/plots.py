@@ -35,11 +35,23 @@ def _metrics_text(m: dict) -> str:
             f"bias = {m['bias']:+.5f}\nLSST outliers = {100 * m['outlier_rate_lsst']:.2f}%")
 
 
+def _count_colorbar(fig, mappable, ax):
+    """A colour bar of galaxy counts on a log scale, ticked with plain integers (1, 2, 5, 10, ...) rather than
+    matplotlib's default 1x10^0 ... 4x10^0 for a log norm."""
+    from matplotlib import ticker
+
+    bar = fig.colorbar(mappable, ax=ax, label="galaxies")
+    bar.ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    bar.ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.0f}"))
+    bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    return bar
+
+
 def _zphot_vs_zspec(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, m: dict, title: str) -> Path:
     hi = max(Z_MAX, float(z_spec.max()), float(z_phot.max()))
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     hb = ax.hexbin(z_spec, z_phot, gridsize=60, extent=(Z_MIN, hi, Z_MIN, hi), mincnt=1, bins="log", cmap="viridis")
-    fig.colorbar(hb, ax=ax, label="galaxies")
+    _count_colorbar(fig, hb, ax)
     z = np.linspace(Z_MIN, hi, 2)
     ax.plot(z, z, color="k", lw=1, label="1:1")
     for sign in (1, -1):

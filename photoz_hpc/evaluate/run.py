@@ -32,6 +32,7 @@ from photoz_hpc.evaluate.predictions import write_predictions
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import photoz_metrics
+from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
 from photoz_hpc.torch_files import read_torch_file
 from photoz_hpc.train.checkpoint import checkpoint_task, validate_checkpoint
@@ -70,6 +71,9 @@ def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, A
     if kind == "pretrain":
         raise PhotozError(f"{path} is a pretraining (MoCo) checkpoint: it has no redshift head. Fine-tune it first "
                           f"(photoz-hpc finetune finetune.init={path})")
+    if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
+        raise PhotozError(f"{path} is an encoder export (encoder.pt): it has no redshift head. Fine-tune it first "
+                          f"(photoz-hpc finetune finetune.init={path}) and evaluate the run's best_model.pt")
     raise PhotozError(f"{path} is neither a photo-z model file nor a fine-tuning checkpoint")
 
 

@@ -278,7 +278,7 @@ def plot_labels_saved(saved: list[dict[str, Any]], path: Path) -> Path:
 
 def _pm(agg: dict, key: str, scale: float = 1.0, spec: str = ".4f") -> str:
     m = agg[key]
-    return f"{format(m['mean'] * scale, spec)} ± {format(m['std'] * scale, spec)}"
+    return f"{format(m['mean'] * scale, spec)} ± {format(m['std'] * scale, spec.lstrip('+'))}"  # a spread has no sign
 
 
 def _report_md(result: dict, agg: dict, saved: list[dict[str, Any]], out: Path) -> str:

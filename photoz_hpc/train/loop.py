@@ -109,7 +109,8 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     metrics = MetricsLog(out_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, prefix=task.kind)
     bar = tqdm(total=total, initial=start_step, disable=not (rank0 and cfg.train.progress), desc=task.kind,
                dynamic_ncols=True, leave=True)
-    log.info("%s: %s, %d ranks (%s), %d steps (%d per epoch)", task.kind, task.describe(), world, comm.name, total, steps_per_epoch)
+    log.info("%s: %s, %d rank%s (%s), %d steps (%d per epoch)", task.kind, task.describe(), world,
+             "" if world == 1 else "s", comm.name, total, steps_per_epoch)
 
     losses: list[float] = []
     times = {"data_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "step_s": 0.0}
