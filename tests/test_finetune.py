@@ -89,8 +89,11 @@ def test_subset_is_written_and_a_changed_selection_is_refused(tmp_path, data):
     np.testing.assert_array_equal(train_ids, select_data(cfg).train_ids)
     labels = json.loads((tmp_path / "run" / "labels.json").read_text())
     assert labels["n_train"] == len(train_ids) == 64 and labels["n_val"] == 32
-    with pytest.raises(ConfigError, match="other galaxies"):
-        run_finetune(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, subset_seed=9)))
+    other = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, subset_seed=9))
+    with pytest.raises(ConfigError, match=r"another run .*finetune.subset_seed: 0 -> 9"):
+        run_finetune(other)  # the checkpoint's config differs
+    with pytest.raises(ConfigError, match="other galaxies"):  # no resume, but the run's selection is pinned
+        run_finetune(dataclasses.replace(other, train=dataclasses.replace(cfg.train, resume="never")))
 
 
 # ---------------------------------------------------------------------- initialisation and learning rates

@@ -101,6 +101,14 @@ class _Batches(torch.utils.data.Dataset):
         return _raw(self.source.batch(k))
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process (a training run's first Ctrl-C stops it after a checkpoint,
+    which needs its workers; the terminal sends SIGINT to the whole process group)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ReferenceLoader(LoaderBase):
     """DataLoader over the store (workers read and draw; the main process augments on the device)."""
 
@@ -111,7 +119,7 @@ class ReferenceLoader(LoaderBase):
         self.num_workers, self.prefetch = num_workers, prefetch
 
     def _iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        extra = {"prefetch_factor": self.prefetch} if self.num_workers else {}
+        extra = {"prefetch_factor": self.prefetch, "worker_init_fn": _ignore_sigint} if self.num_workers else {}
         loader = torch.utils.data.DataLoader(
             _Batches(self.source), batch_size=None, sampler=range(start, len(self.source)),
             num_workers=self.num_workers, pin_memory=self.device == "gpu", collate_fn=lambda x: x, **extra,

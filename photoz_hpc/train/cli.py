@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         "pretrain",
         help="self-supervised MoCo v2 pretraining",
         description="Pretrain the 5-band ResNet encoder with MoCo v2. Exit code 75 means pre-empted "
-        "(checkpoint written; requeue the job and it resumes).",
+        "(checkpoint written; requeue the job and it resumes); a first Ctrl-C also writes a checkpoint and exits 130, "
+        "a second stops at once.",
     )
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/pretrain.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loader.batch_size=128 dist.backend=torch")
@@ -33,22 +34,27 @@ def register(subparsers) -> None:
 
 def run_training_command(args: argparse.Namespace, root: type, run) -> int:
     """What every training command does around ``run(cfg) -> summary``: config, logging, the pre-emption
-    handler from the start, the summary on rank 0, exit 75 when pre-empted."""
+    handler from the start, the summary on rank 0, exit 75 when pre-empted, 130 when stopped by Ctrl-C."""
     from photoz_hpc.config import load_config
     from photoz_hpc.launch_env import detect_env
-    from photoz_hpc.logs import setup_logging
-    from photoz_hpc.train.signals import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption
+    from photoz_hpc.logs import get_logger, setup_logging
+    from photoz_hpc.train.signals import EXIT_INTERRUPTED, PreemptionFlag, exit_code, ignore_preemption
 
+    log = get_logger(__name__)
     cfg = load_config(args.config, args.overrides, root=root)
     setup_logging(cfg.log_level if args.log_level == "INFO" else args.log_level, rank=detect_env().rank)
-    PreemptionFlag().install()  # what the run restores on return: no gap in which a signal kills us
+    PreemptionFlag(interrupt=True).install()  # what the run restores on return: no gap in which a signal kills us
     summary = run(cfg)
     # Done (checkpoint and summary written): a late SIGTERM -- e.g. srun --kill-on-bad-exit terminating this
     # rank because a peer already exited 75 -- must not turn this rank's exit code into 143 (no requeue).
     ignore_preemption()
     if detect_env().rank == 0:
         print(json.dumps(summary, indent=2))
-    return EXIT_PREEMPTED if summary["preempted"] else 0
+    code = exit_code(summary)
+    if code == EXIT_INTERRUPTED:
+        log.warning("interrupted: stopped at step %s with checkpoint %s; run the same command to resume",
+                    summary["steps"], summary["checkpoint"])
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ pretraining checkpoint or an exported ``encoder.pt`` (self-supervised), ``none``
 baseline), and ``finetune.freeze_backbone`` (linear probe: trunk frozen, BatchNorm statistics too).
 Training: cross-entropy over the 180 redshift bins on dereddened, rotated and jitter-cropped labeled
 images (the ``finetune`` pipeline), the trunk at ``backbone_lr_scale`` x the head's lr. Validation on
-the ``eval`` pipeline every ``val_every`` epochs; the best network by validation sigma_MAD is kept
-as ``best_model.pt`` (bin accuracy rewards the mode, sigma_MAD what we report).
+the ``eval`` pipeline every ``val_every`` epochs; the best network by validation sigma_MAD, among
+validations whose outlier rate is at most ``finetune.select_max_eta`` (``selection_key``), is kept as
+``best_model.pt`` (bin accuracy rewards the mode, sigma_MAD what we report).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import photoz_metrics
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
-from photoz_hpc.train.checkpoint import WrongCheckpointKind, read_pretrained_encoder
+from photoz_hpc.train.checkpoint import WrongCheckpointKind, checkpoint_dir, list_checkpoints, read_pretrained_encoder
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
@@ -82,7 +83,9 @@ class FinetuneData:
 
 
 def select_data(cfg: FinetuneRunConfig, out_dir: Path | None = None) -> FinetuneData:
-    """Split and subset per ``finetune``; written to (or, on resume, checked against) ``out_dir``."""
+    """Split and subset per ``finetune``; checked against ``out_dir``'s ``train_ids.npy``/``val_ids.npy`` once that
+    run has a checkpoint (the selection it trained on). Files of a run that never checkpointed bind nothing: they
+    are replaced when this run starts training (``FinetuneTask.begin``), so a failed start never pins a selection."""
     ft = cfg.finetune
     train = open_dataset(cfg.data.path)
     pool = labeled_ids(train)
@@ -94,13 +97,27 @@ def select_data(cfg: FinetuneRunConfig, out_dir: Path | None = None) -> Finetune
         pool, val_ids = holdout_split(pool, ft.val_fraction, ft.split_seed)
     train_ids = nested_subset(pool, ft.label_fraction, ft.subset_seed)
     check_disjoint(train, train_ids, val, val_ids)
-    if out_dir is not None:
+    if out_dir is not None and list_checkpoints(checkpoint_dir(out_dir)):
         for name, ids in ((TRAIN_IDS, train_ids), (VAL_IDS, val_ids)):
             path = out_dir / name
             if path.exists() and not np.array_equal(load_ids(path), ids):
                 raise ConfigError(f"{path} lists other galaxies than this config selects (data, finetune.label_fraction, "
                                   "subset_seed, val_* changed?): use a new out_dir")
     return FinetuneData(train, train_ids, val, val_ids, len(pool))
+
+
+# ---------------------------------------------------------------------- which network is kept
+
+
+def selection_key(metrics: dict[str, Any], max_eta: float) -> tuple[int, float, float]:
+    """Sort key of a validation for the best network (lowest first): the lowest sigma_MAD among validations with
+    an outlier rate eta <= ``max_eta``; if none qualifies, the lowest eta (then sigma_MAD). More than half the
+    galaxies outlying (eta > 0.5, the default) is beyond the MAD's 50% breakdown point: sigma_MAD then measures a
+    minority and can be small for a network that is wrong for most galaxies (a short run kept an epoch with eta
+    72% over one with 30%). ``max_eta`` 1.0: sigma_MAD alone."""
+    if metrics["eta"] <= max_eta:
+        return (0, metrics["sigma_mad"], metrics["eta"])
+    return (1, metrics["eta"], metrics["sigma_mad"])
 
 
 # ---------------------------------------------------------------------- the task
@@ -156,6 +173,19 @@ class FinetuneTask:
                 f"{self.batch}/rank, {self.precision.name}, "
                 f"{'channels_last' if self.channels_last else 'contiguous'} on {self.device}")
 
+    def begin(self, out_dir: Path) -> None:
+        """The selection this run trains on (rank 0, once the run is sure to train): ids and ``labels.json``."""
+        cfg, data = self.cfg, self.data
+        for name, ids in ((TRAIN_IDS, data.train_ids), (VAL_IDS, data.val_ids)):
+            if not (out_dir / name).exists() or not np.array_equal(load_ids(out_dir / name), ids):
+                save_ids(out_dir / name, ids)  # absent, or left by a run that never checkpointed (select_data)
+        atomic_write_json(out_dir / "labels.json", {
+            "train_data": str(data.train.root), "val_data": str(data.val.root), "n_labeled": data.n_labeled,
+            "label_fraction": cfg.finetune.label_fraction, "subset_seed": cfg.finetune.subset_seed,
+            "n_train": int(len(data.train_ids)), "n_val": int(len(data.val_ids)),
+            "split": "separate dataset" if cfg.finetune.val_data else
+                     f"held out {cfg.finetune.val_fraction:g} (split_seed {cfg.finetune.split_seed})"})
+
     def _set_train_mode(self) -> None:
         self.model.train()
         if self.cfg.finetune.freeze_backbone:
@@ -208,14 +238,19 @@ class FinetuneTask:
             return {}
         m = self.validate()
         self.last_val = {"epoch": epoch, "step": self.step, **{k: m[k] for k in ("sigma_mad", "eta", "bias", "n")}}
-        improved = m["sigma_mad"] < self.best["sigma_mad"]
+        best_m = self.best.get("metrics")
+        improved = best_m is None or selection_key(m, ft.select_max_eta) < selection_key(best_m, ft.select_max_eta)
+        if m["eta"] > ft.select_max_eta:
+            log.info("epoch %d validation: eta %.1f%% > finetune.select_max_eta %.0f%%: ranked by eta, below every "
+                     "validation within it", epoch, 100 * m["eta"], 100 * ft.select_max_eta)
         if improved:
             self.best = {"sigma_mad": m["sigma_mad"], "epoch": epoch, "step": self.step, "metrics": m}
             if self.comm.rank == 0:
                 self._export(Path(self.cfg.out_dir) / BEST_MODEL, {"epoch": epoch, "step": self.step,
                                                                    "val_metrics": m})
-        log.info("epoch %d validation: sigma_MAD %.5f, eta %.3f%%, bias %+.5f (best %.5f at epoch %s)", epoch,
-                 m["sigma_mad"], 100 * m["eta"], m["bias"], self.best["sigma_mad"], self.best["epoch"])
+        log.info("epoch %d validation: sigma_MAD %.5f, eta %.3f%%, bias %+.5f (best: sigma_MAD %.5f, eta %.3f%% at "
+                 "epoch %s)", epoch, m["sigma_mad"], 100 * m["eta"], m["bias"], self.best["sigma_mad"],
+                 100 * self.best["metrics"]["eta"], self.best["epoch"])
         return {"val_sigma_mad": m["sigma_mad"], "val_eta": m["eta"], "val_bias": m["bias"],
                 "val_outlier_rate_lsst": m["outlier_rate_lsst"]}
 
@@ -297,7 +332,7 @@ def run_finetune(cfg: FinetuneRunConfig, comm: Comm | None = None, loader=None) 
     from photoz_hpc.train.runtime import run_with_comm
 
     return run_with_comm(cfg, comm, lambda cfg, comm, device, flag: run_finetune_on(cfg, comm, device, flag, loader),
-                         hold=RunDir(Path(cfg.out_dir), "finetune"))
+                         hold=RunDir(Path(cfg.out_dir), "finetune"), interrupt=True)
 
 
 def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData):
@@ -306,32 +341,36 @@ def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData):
 
     loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids)
     if len(loader) < 1:
-        raise ConfigError(f"{len(data.train_ids)} training galaxies give no full global batch of {comm.world} x "
-                          f"{cfg.loader.batch_size}: lower loader.batch_size or raise finetune.label_fraction")
+        raise ConfigError(no_batch_advice(len(data.train_ids), comm.world, cfg))
     val_loader = build_loader(cfg, data.val, "eval", comm.rank, comm.world, cfg.seed, ids=data.val_ids,
                               batch_size=cfg.finetune.eval_batch_size or cfg.loader.batch_size)
     return loader, val_loader
 
 
+def no_batch_advice(n_train: int, world: int, cfg: FinetuneRunConfig) -> str:
+    """Why ``n_train`` galaxies give no training step, and only advice that can be followed."""
+    ways = []
+    if n_train >= world:
+        ways.append(f"set loader.batch_size <= {n_train // world}")
+    else:
+        ways.append(f"run on at most {n_train} ranks with loader.batch_size=1")
+    if cfg.finetune.label_fraction < 1:
+        ways.append(f"raise finetune.label_fraction (now {cfg.finetune.label_fraction:g})")
+    if not cfg.finetune.val_data:
+        ways.append(f"lower finetune.val_fraction (now {cfg.finetune.val_fraction:g})")
+    ways.append(f"add labeled galaxies to {cfg.data.path}")
+    return (f"{n_train} training galaxies give no full global batch of {world} x {cfg.loader.batch_size}: "
+            + ", or ".join(ways))
+
+
 def run_finetune_on(cfg: FinetuneRunConfig, comm: Comm, device: torch.device, flag, loader=None) -> dict[str, Any]:
     """The fine-tuning run on an existing communicator and device (``run_finetune`` sets those up)."""
-    from photoz_hpc.train.loop import run_loop
+    from photoz_hpc.train.loop import resume_state, run_loop
     from photoz_hpc.train.runtime import use_channels_last
 
-    out_dir = Path(cfg.out_dir)
-    data = select_data(cfg, out_dir)
-    if comm.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name, ids in ((TRAIN_IDS, data.train_ids), (VAL_IDS, data.val_ids)):
-            if not (out_dir / name).exists():
-                save_ids(out_dir / name, ids)
-        atomic_write_json(out_dir / "labels.json", {
-            "train_data": str(data.train.root), "val_data": str(data.val.root), "n_labeled": data.n_labeled,
-            "label_fraction": cfg.finetune.label_fraction, "subset_seed": cfg.finetune.subset_seed,
-            "n_train": int(len(data.train_ids)), "n_val": int(len(data.val_ids)),
-            "split": "separate dataset" if cfg.finetune.val_data else
-                     f"held out {cfg.finetune.val_fraction:g} (split_seed {cfg.finetune.split_seed})"})
+    resumed = resume_state(cfg, comm, "finetune")  # another run's checkpoint: refused before anything else
+    data = select_data(cfg, Path(cfg.out_dir))
     own_loader, val_loader = finetune_loaders(cfg, comm, data)
     loader = loader or own_loader
     task = FinetuneTask(cfg, comm, device, len(loader), data, val_loader, use_channels_last(cfg, device))
-    return run_loop(cfg, task, loader, flag, device)
+    return run_loop(cfg, task, loader, flag, device, resumed=resumed)  # files written once it trains (begin)

@@ -1,8 +1,10 @@
 """The one training loop, shared by every task (MoCo pretraining, photo-z fine-tuning).
 
-``run_loop(cfg, task, comm, loader, flag)`` owns what every run needs: resume (``train.resume``),
-pre-emption (SIGTERM/SIGUSR1 -> checkpoint -> ``summary['preempted']``, exit 75 in the CLI), the
-no-progress watchdog, the progress bar, ``metrics.jsonl`` + TensorBoard, step timing, checkpoint
+``run_loop(cfg, task, comm, loader, flag)`` owns what every run needs: resume (``train.resume``, only
+of the same run: ``train/resume.py``), pre-emption (SIGTERM/SIGUSR1 -> checkpoint -> ``summary['preempted']``,
+exit 75 in the CLI; a first Ctrl-C the same with ``summary['interrupted']``, exit 130), the no-progress watchdog,
+the progress bar on a terminal or a log line every ``train.progress_every`` steps, ``metrics.jsonl`` +
+TensorBoard, step timing, checkpoint
 cadence and retention, end-of-epoch hooks (validation) and ``summary.json``. A task supplies the
 model-specific parts (see ``Task``). Every rank runs the same sequence of collectives; rank 0 alone
 writes files.
@@ -16,6 +18,7 @@ therefore act one step late (the checkpoint written then is still a consistent s
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +33,8 @@ from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
-from photoz_hpc.train.metrics_log import MetricsLog
+from photoz_hpc.train.metrics_log import MetricsLog, ProgressLines
+from photoz_hpc.train.resume import dataset_identities, mismatch
 from photoz_hpc.train.signals import PreemptionFlag
 
 log = get_logger(__name__)
@@ -51,6 +55,8 @@ class Task(Protocol):
 
     def describe(self) -> str: ...  # one log line: model, precision, memory format, device
 
+    def begin(self, out_dir: Path) -> None: ...  # rank 0: the task's files of a run about to train
+
     def train_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One optimisation step; returns ``{'loss': device tensor, 'metrics': {name: device scalar}, ...floats}``."""
         ...
@@ -67,48 +73,104 @@ class Task(Protocol):
 
 
 def resume_state(cfg, comm: Comm, kind: str) -> tuple[str | None, dict[str, Any] | None]:
-    """The checkpoint this run continues from (``train.resume``: auto | never | path), on every rank."""
+    """The checkpoint this run continues from (``train.resume``: auto | never | path), on every rank; a
+    checkpoint of another run (other data, lr, init...: ``train.resume.mismatch``) is a ``ConfigError`` on every
+    rank, listing the differing keys."""
     ckdir = checkpoint_dir(cfg.out_dir)
-    if cfg.train.resume == "auto":
-        path, state = (find_latest_valid(ckdir, kind) if comm.rank == 0 else (None, None))
-        path = comm.broadcast_object(str(path) if path else None)
-        if path and comm.rank != 0:
-            state = load_checkpoint(path, kind)
-        return path, state
     if cfg.train.resume in ("never", "none"):
         return None, None
-    return cfg.train.resume, load_checkpoint(cfg.train.resume, kind)
+    path, state, problem, error = None, None, None, None
+    if comm.rank == 0:
+        try:
+            if cfg.train.resume == "auto":
+                found, state = find_latest_valid(ckdir, kind)
+                path = str(found) if found else None
+            else:
+                path, state = cfg.train.resume, load_checkpoint(cfg.train.resume, kind)
+            problem = _other_run(cfg, path, state)
+        except PhotozError as exc:  # every rank stops, not rank 0 alone
+            error = exc
+    path, problem, message = comm.broadcast_object((path, problem, str(error) if error else None))
+    if error is not None:
+        raise error
+    if message:
+        raise PhotozError(message)
+    if problem:
+        raise ConfigError(problem)
+    if path and comm.rank != 0:
+        state = load_checkpoint(path, kind)
+    return path, state
 
 
-def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device) -> dict[str, Any]:
-    """Train ``task`` on ``loader`` until ``total_steps`` or pre-emption; returns the run summary."""
+def _other_run(cfg, path: str | None, state: dict[str, Any] | None) -> str | None:
+    """Why ``state`` is not a checkpoint of the run ``cfg`` describes (None: it is, or there is none)."""
+    if state is None:
+        return None
+    if not isinstance(state.get("config"), dict):
+        log.warning("%s carries no config: cannot check that it is the same run", path)
+        return None
+    diffs, unknown = mismatch(state["config"], state.get("datasets"), cfg, dataset_identities(cfg))
+    if unknown:
+        log.warning("%s predates config keys %s: not compared", path, ", ".join(unknown))
+    if not diffs:
+        return None
+    return (f"{path} was written by another run than this config describes ({'; '.join(diffs)}): a resume continues "
+            f"the same run, and only logging, checkpointing, the run's length and execution settings may change "
+            f"(docs/training.md, 'Resuming'). Use a new out_dir for a new run, or restore those values to continue "
+            f"this one")
+
+
+def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device,
+             resumed: tuple[str | None, dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """Train ``task`` on ``loader`` until ``total_steps`` or a stop signal; returns the run summary.
+    ``resumed``: ``resume_state``'s answer when the caller needed it earlier (fine-tuning), else looked up here.
+
+    Nothing is written before the run is known to train: a checkpoint of another run is refused (``resume_state``),
+    and a finished run started again returns its ``summary.json`` (with ``already_finished``) and writes nothing."""
     from tqdm import tqdm
 
     comm = task.comm
     rank0, world = comm.rank == 0, comm.world
     out_dir = Path(cfg.out_dir)
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir)
     steps_per_epoch = task.steps_per_epoch
     if steps_per_epoch < 1:
         raise ConfigError(f"the dataset yields no full global batch of {world} x {cfg.loader.batch_size}")
     ckdir = checkpoint_dir(out_dir)
 
-    path, state = resume_state(cfg, comm, task.kind)
+    path, state = resumed if resumed is not None else resume_state(cfg, comm, task.kind)
     loader_restored = False
     if state is not None:
         loader_restored = task.load_state(state, loader)
-        log.info("resumed from %s at step %d", path, task.step)
     start_step, total = task.step, task.total_steps
+    if state is not None and start_step >= total:
+        done = comm.broadcast_object(finished_summary(out_dir, start_step) if rank0 else None)
+        if done is not None:
+            log.info("%s run in %s is finished (step %d; this config asks for %d): nothing to do, nothing written. "
+                     "Raise train.epochs or train.max_steps to continue it, or use a new out_dir", task.kind, out_dir,
+                     start_step, total)
+            return {**done, "already_finished": True}
+        if start_step > total:
+            raise ConfigError(f"{path} is at step {start_step}, beyond the {total} steps this config asks for: a run "
+                              "cannot be shortened; raise train.epochs/train.max_steps or use a new out_dir")
+    if state is not None:
+        log.info("resumed from %s at step %d", path, start_step)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir)
+        task.begin(out_dir)
+    datasets = dataset_identities(cfg) if rank0 else {}
 
     watchdog = None
     if cfg.dist.watchdog and world > 1:
         watchdog = Watchdog(cfg.dist.timeout_s, comm.rank)
         watchdog.start()
     metrics = MetricsLog(out_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, prefix=task.kind)
-    bar = tqdm(total=total, initial=start_step, disable=not (rank0 and cfg.train.progress), desc=task.kind,
-               dynamic_ncols=True, leave=True)
+    on_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    bar = tqdm(total=total, initial=start_step, disable=not (rank0 and cfg.train.progress and on_terminal),
+               desc=task.kind, dynamic_ncols=True, leave=True)
+    lines = None  # a log line every train.progress_every steps where there is no bar (batch jobs, progress=false)
+    if rank0 and bar.disable and cfg.train.progress_every > 0:
+        lines = ProgressLines(task.kind, start_step, total, cfg.train.progress_every, task.global_batch)
     log.info("%s: %s, %d rank%s (%s), %d steps (%d per epoch)", task.kind, task.describe(), world,
              "" if world == 1 else "s", comm.name, total, steps_per_epoch)
 
@@ -117,32 +179,37 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     epoch_first = {"data_s": 0.0, "n": 0}
     measured, last_ckpt = 0, None
     # a signal during start-up: agree on it before the first step (ranks may differ)
-    preempted = bool(comm.allreduce(torch.tensor([float(flag.raised)], dtype=torch.float64).to(device), "max")
-                     .cpu()[0] > 0)
+    seen = dict(zip(("preempt", "interrupt"), (v > 0 for v in comm.allreduce(_signal_flags(flag, device), "max")
+                                                  .cpu().tolist()), strict=True))
+    preempted = seen["preempt"] or seen["interrupt"]  # stopped by a signal, with a checkpoint to resume from
     saved_step = start_step if state is not None else -1
     epoch = task.step // steps_per_epoch
     mid_epoch = loader_restored and task.step % steps_per_epoch != 0
     pending = None  # (step, reduced device tensor, host values) of the previous step, read one step late
 
     def drain() -> bool:
-        """Read the previous step's reduced metrics on the host; log them; True if pre-empted."""
+        """Read the previous step's reduced metrics on the host; log them; True if a stop signal was raised."""
         nonlocal pending
         if pending is None:
             return False
         step, reduced, host = pending
         pending = None
         values = (reduced / world).tolist()  # the one host read of the step
-        loss, stop = values[0], values[-1] > 0
+        loss = values[0]
         if not np.isfinite(loss):
             raise PhotozError(f"loss became {loss} at step {step}; lower optim.lr or use fp32/bf16")
         losses.append(loss)
-        named = dict(zip(host["names"], values[1:-1], strict=True))
+        named = dict(zip(host["names"], values[1:-2], strict=True))
         scalars = host["scalars"]
         bar.set_postfix(ep=host["epoch"], loss=f"{loss:.3f}", img_s=f"{scalars['img_per_s']:.0f}",
                         wait=f"{100 * scalars['data_wait_frac']:.0f}%", refresh=False)
         if rank0 and (step % cfg.train.log_every == 0 or step == start_step + 1 or step == total):
             metrics.log(step, {"epoch": host["epoch"], "loss": loss, **named, **scalars})
-        return stop
+        if lines is not None:
+            lines.update(step, host["epoch"], loss, scalars["step_s"], scalars["data_s"])
+        seen["preempt"] |= values[-2] > 0
+        seen["interrupt"] |= values[-1] > 0
+        return values[-2] > 0 or values[-1] > 0
 
     try:
         while task.step < total and not preempted:
@@ -163,7 +230,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                 names = list(res.get("metrics", {}))
                 local = torch.stack([res["loss"].detach().reshape(()).to(torch.float64),
                                      *(res["metrics"][n].detach().reshape(()).to(torch.float64) for n in names),
-                                     torch.full((), float(flag.raised), dtype=torch.float64, device=res["loss"].device)])
+                                     *_signal_flags(flag, res["loss"].device)])
                 reduced = comm.allreduce(local, "sum")  # one collective per step: metrics + pre-emption flag
                 preempted = drain() or preempted  # the previous step's values: the device is busy with this one
                 t2 = time.perf_counter()
@@ -196,7 +263,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                 if step % cfg.train.checkpoint_every == 0 and step < total:
                     preempted = drain() or preempted  # a checkpoint only of a step whose loss was finite
                     if not preempted:
-                        last_ckpt, saved_step = _save(task, loader, ckdir, cfg), step
+                        last_ckpt, saved_step = _save(task, loader, ckdir, cfg, datasets), step
         preempted = drain() or preempted
     except Exception as exc:
         hint = ""
@@ -211,7 +278,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
             watchdog.stop()
 
     if task.step != saved_step and not (preempted and task.step == 0):  # nothing trained: nothing to save
-        last_ckpt = _save(task, loader, ckdir, cfg)
+        last_ckpt = _save(task, loader, ckdir, cfg, datasets)
     elif last_ckpt is None and path:
         last_ckpt = Path(path)
     extras = task.finish(out_dir, preempted)
@@ -224,6 +291,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         "start_step": start_step,
         "total_steps": total,
         "preempted": preempted,
+        "interrupted": preempted and seen["interrupt"] and not seen["preempt"],  # Ctrl-C alone: exit 130, not 75
         **task.summary(losses, start_step),
         "img_per_s": task.global_batch / step_s if measured else None,
         "step_time_s": {k: v / n_measured for k, v in times.items()} if measured else None,
@@ -245,11 +313,28 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     return summary
 
 
-def _save(task: Task, loader, ckdir: Path, cfg) -> Path | None:
+def _signal_flags(flag: PreemptionFlag, device) -> torch.Tensor:
+    """[a pre-emption signal arrived, SIGINT arrived] on this rank, as a device tensor for the step's reduction."""
+    return torch.tensor([float(flag.preempted), float(flag.interrupted)], dtype=torch.float64).to(device)
+
+
+def finished_summary(out_dir: Path, step: int) -> dict[str, Any] | None:
+    """The ``summary.json`` of a run that finished at ``step`` (not pre-empted), else None."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(summary, dict) and summary.get("preempted") is False and summary.get("steps") == step:
+        return summary
+    return None
+
+
+def _save(task: Task, loader, ckdir: Path, cfg, datasets: dict[str, str | None]) -> Path | None:
     state = task.checkpoint_state(loader)
     path = None
-    if state is not None:
-        path = save_checkpoint(ckdir, task.step, {"task": task.kind, **state}, keep=cfg.train.keep_checkpoints)
+    if state is not None:  # the datasets' identities: a resume checks it trains on the same data
+        path = save_checkpoint(ckdir, task.step, {"task": task.kind, "datasets": datasets, **state},
+                               keep=cfg.train.keep_checkpoints)
         log.info("checkpoint %s", path)
     path = task.comm.broadcast_object(str(path) if path else None)
     return Path(path) if path else None

@@ -1,4 +1,5 @@
-"""Rank-0 metrics: a JSON-lines file (one object per logged step) and TensorBoard scalars."""
+"""Rank-0 metrics: a JSON-lines file (one object per logged step), TensorBoard scalars, and the progress log
+lines of runs without a terminal (batch jobs)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from photoz_hpc.logs import get_logger
 
@@ -94,3 +97,40 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class ProgressLines:
+    """One log line every ``every`` steps and at the last step, for runs without tqdm's bar (stderr not a
+    terminal, e.g. every Slurm job, or ``train.progress: false``), through the package logger:
+    ``pretrain step 400/2400 (17%), epoch 3, loss 6.1234, 812 img/s, data wait 2%, ETA 0:04:05``.
+    img/s and data wait are over the steps since the previous line; the ETA is the wall-clock time per step
+    since the previous line (validation and checkpoints included) times the steps left."""
+
+    def __init__(self, kind: str, start_step: int, total: int, every: int, global_batch: int) -> None:
+        self.kind, self.total, self.every, self.global_batch = kind, total, every, global_batch
+        self._reset(start_step)
+
+    def _reset(self, step: int) -> None:
+        self.last_step, self.last_time, self.n, self.step_s, self.data_s = step, time.monotonic(), 0, 0.0, 0.0
+
+    def update(self, step: int, epoch: int, loss: float, step_s: float, data_s: float) -> None:
+        self.n += 1
+        self.step_s += step_s
+        self.data_s += data_s
+        if step % self.every and step != self.total:
+            return
+        wall = time.monotonic() - self.last_time
+        per_step = wall / max(step - self.last_step, 1)
+        img_s = self.global_batch * self.n / self.step_s if self.step_s > 0 else float("nan")
+        wait = self.data_s / self.step_s if self.step_s > 0 else float("nan")
+        log.info("%s step %d/%d (%.0f%%), epoch %d, loss %.4f, %.0f img/s, data wait %.0f%%, ETA %s", self.kind, step,
+                 self.total, 100 * step / self.total, epoch, loss, img_s, 100 * wait,
+                 _duration(per_step * (self.total - step)))
+        self._reset(step)

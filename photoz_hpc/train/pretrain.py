@@ -82,6 +82,9 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
+    def begin(self, out_dir: Path) -> None:
+        pass  # pretraining's files are the loop's (config, checkpoints, metrics) and the final export
+
     def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, Any]:
         """One optimisation step on this rank's batch; returns local loss/acc tensors, lr, momentum."""
         cfg, step = self.cfg, self.step
@@ -203,7 +206,8 @@ def _build_loader(cfg: Config, comm: Comm):
 
 def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str, Any]:
     """Pretrain MoCo v2 per ``cfg`` on this rank; returns the run summary (same dict on every rank,
-    file paths meaningful on rank 0). ``summary['preempted']`` is True after a SIGTERM/SIGUSR1 stop.
+    file paths meaningful on rank 0). ``summary['preempted']`` is True after a SIGTERM/SIGUSR1 stop or a
+    first Ctrl-C (then ``summary['interrupted']`` too).
 
     The SIGTERM/SIGUSR1 handler is installed first and restored last (``runtime.run_with_comm``): a
     signal during start-up (loader, checkpoint load) or after the loop (final save, export, summary)
@@ -220,7 +224,7 @@ def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str
         trainer = Trainer(cfg, comm, device, len(loader))
         return run_loop(cfg, trainer, loader, flag, device)
 
-    return run_with_comm(cfg, comm, body, hold=RunDir(Path(cfg.out_dir), "pretrain"))
+    return run_with_comm(cfg, comm, body, hold=RunDir(Path(cfg.out_dir), "pretrain"), interrupt=True)
 
 
 def _loss_window(losses: list[float], queue_size: int, global_batch: int, start_step: int):

@@ -104,11 +104,11 @@ def memory_format_name(channels_last: bool) -> str:
     return "channels_last" if channels_last else "contiguous"
 
 
-def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]], hold: RunDir | None = None
-                  ) -> dict[str, Any]:
+def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]], hold: RunDir | None = None,
+                  interrupt: bool = False) -> dict[str, Any]:
     """Set up device, threads and communicator, and hold the output directory ``hold``, around
-    ``body(cfg, comm, device, flag)``."""
-    flag = PreemptionFlag().install()
+    ``body(cfg, comm, device, flag)``. ``interrupt``: a first Ctrl-C only sets the flag too (training runs)."""
+    flag = PreemptionFlag(interrupt).install()
     try:
         env = detect_env()
         device = resolve_device(cfg.train.device, env.local_rank)

@@ -1,0 +1,121 @@
+"""A resume continues the *same* run: what determines its result must equal what the checkpoint was trained with.
+
+``mismatch(saved_config, saved_datasets, config, datasets)`` lists every key on which a checkpoint's run and
+this run's config differ, leaving out the keys of ``MAY_CHANGE``; the loop refuses a resume with any such key
+(``train.loop.resume_state``). Without the check a resume with other data, another lr or another
+``finetune.init`` silently continued the old weights under the new config's name.
+
+Datasets (``data.path``, ``finetune.val_data``) are compared by content, not by path: the checkpoint carries
+each dataset's identity (a hash of its manifest's shard checksums), so a dataset staged to node-local disk or
+moved keeps resuming, and other data at the same path is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+#: Keys (or whole sections) that may differ on resume, and why: they change how the run is executed, logged,
+#: checkpointed or how long it runs, never what a training step computes from which data.
+MAY_CHANGE: dict[str, str] = {
+    "out_dir": "where the run lives (a moved run directory; train.resume=PATH from another one)",
+    "log_level": "logging",
+    "train.epochs": "a longer run: the schedule is stretched to the new length from the resumed step on",
+    "train.max_steps": "a longer run (as train.epochs)",
+    "train.checkpoint_every": "checkpoint cadence",
+    "train.keep_checkpoints": "checkpoint retention",
+    "train.resume": "how the checkpoint is found",
+    "train.log_every": "logging",
+    "train.progress": "logging",
+    "train.progress_every": "logging",
+    "train.tensorboard": "logging",
+    "train.export_encoder": "an output written at the end",
+    "train.cpu_threads": "execution (threads), not the objective",
+    "train.device": "execution (device), not the objective",
+    "dist": "the communication backend and its timeouts",
+    "loader.backend": "how batches are made (same augmentations)",
+    "loader.device": "how batches are made",
+    "loader.num_threads": "how batches are made",
+    "loader.prefetch": "how batches are made",
+    "loader.num_workers": "how batches are made",
+    "loader.verify_records": "how batches are made",
+    "loader.batch_size": "goes with the world size, which may change too: the queue is re-sharded and a warning "
+                         "says the data order restarts",
+    "model.channels_last": "memory format",
+    "optim.fused": "an implementation of the same optimiser",
+    "finetune.eval_batch_size": "validation batching",
+    "data.synth_n": "how the quickstart makes data.path (whose content is compared)",
+    "data.synth_labeled": "how the quickstart makes data.path (whose content is compared)",
+    "data.samples_per_shard": "how the quickstart makes data.path (whose content is compared)",
+}
+
+#: Dataset keys compared by content when both sides know it (``dataset_identity``), else by path.
+DATASET_KEYS = ("data.path", "finetune.val_data")
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def dataset_identity(path: str) -> str | None:
+    """A hash of a prepared dataset's shard list and checksums (None: no such dataset or no checksums)."""
+    if not path:
+        return None
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        shards = [(s["file"], s["count"], s["sha256"], s.get("meta_sha256")) for s in manifest["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
+
+def dataset_identities(cfg) -> dict[str, str | None]:
+    """The identity of each dataset ``cfg`` trains or validates on (saved with every checkpoint)."""
+    values = flatten(dataclasses.asdict(cfg))
+    return {key: dataset_identity(values[key]) for key in DATASET_KEYS if key in values}
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key == "finetune.init" and isinstance(old, str) and isinstance(new, str):
+        if "none" in (old.lower(), new.lower()):
+            return old.lower() == new.lower()
+        return os.path.normpath(old) == os.path.normpath(new)
+    return old == new
+
+
+def mismatch(saved: dict[str, Any], saved_datasets: dict[str, Any] | None, cfg,
+             datasets: dict[str, str | None]) -> tuple[list[str], list[str]]:
+    """(differences as 'key: old -> new', keys this code has but the checkpoint's config lacks)."""
+    old, new = flatten(saved), flatten(dataclasses.asdict(cfg))
+    saved_datasets = saved_datasets or {}
+    diffs, unknown = [], []
+    for key, value in new.items():
+        if may_change(key):
+            continue
+        if key not in old:
+            unknown.append(key)
+            continue
+        if key in DATASET_KEYS:
+            a, b = saved_datasets.get(key), datasets.get(key)
+            if a and b:  # both known by content: the path may differ, the data may not
+                if a != b:
+                    diffs.append(f"{key}: {old[key]!r} -> {value!r} (other data)")
+                continue
+        if not _same(key, old[key], value):
+            diffs.append(f"{key}: {old[key]!r} -> {value!r}")
+    return diffs, unknown
