@@ -303,6 +303,25 @@ def test_qp_export_round_trips(setup, tmp_path):
         export_qp(no_pdf, tmp_path / "x.hdf5")
 
 
+
+def test_export_qp_and_info_bad_paths_are_clear_errors(setup, tmp_path, capsys):
+    pytest.importorskip("qp")
+    cases = [(["export-qp", str(tmp_path / "nowhere"), str(tmp_path / "p.hdf5")],
+              f"{tmp_path / 'nowhere'}: no such catalogue directory"),
+             (["export-qp", str(setup["data"][0]), str(tmp_path / "p.hdf5")], "not a photo-z catalogue"),
+             (["export-qp", str(setup["ref"]), str(tmp_path / "p.xyz")], "qp cannot write a file with suffix '.xyz'"),
+             (["info", str(setup["root"] / "a.h5")],
+              f"{setup['root'] / 'a.h5'} is a file, not a prepared dataset directory"),
+             (["info", str(setup["root"] / "missing")], "dataset directory does not exist")]
+    for argv, message in cases:
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert f"photoz-hpc {argv[0]}: error: " in err and message in err and "Traceback" not in err, (argv, err)
+    assert cli_main(["info", str(setup["root"] / "a.h5")]) == 1
+    assert f"photoz-hpc prepare {setup['root'] / 'a.h5'} --out DIR" in capsys.readouterr().err
+    assert not (tmp_path / "p.xyz").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
 # ---------------------------------------------------------------------- bad inputs: clear errors before any work
 
 

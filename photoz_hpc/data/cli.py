@@ -26,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("dataset", help="dataset directory")
     v.set_defaults(func=_verify)
 
-    i = sub.add_parser("info", help="summarise a dataset (counts, redshift range, pixel stats)", description="Summarise a dataset.")
-    i.add_argument("dataset", help="dataset directory")
+    i = sub.add_parser("info", help="summarise a dataset (counts, redshift range, pixel stats)",
+                       description="Summarise a prepared dataset directory (the store 'photoz-hpc prepare' makes from "
+                       "release HDF5 files; not the HDF5 file itself).")
+    i.add_argument("dataset", help="prepared dataset directory (photoz-hpc prepare FILE.h5 --out DIR)")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     i.set_defaults(func=_info)
 

@@ -24,6 +24,11 @@ def read_manifest(root: str | Path) -> dict:
     """Load and version-check ``manifest.json``; errors name the directory and the problem."""
     root = Path(root)
     path = root / store_format.MANIFEST_NAME
+    if root.is_file():
+        hint = (f"; turn a release HDF5 into one with: photoz-hpc prepare {root} --out DIR"
+                if root.suffix.lower() in (".h5", ".hdf5", ".hdf", ".he5") else "")
+        raise DatasetError(f"{root} is a file, not a prepared dataset directory (a store made by photoz-hpc prepare)"
+                           + hint)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset directory does not exist")
     if not path.is_file():

@@ -44,19 +44,44 @@ def ensemble_probs(ens) -> np.ndarray:
     return np.asarray(ens.objdata["pdfs"]) * np.diff(edges)[None, :]
 
 
+def qp_suffixes() -> list[str]:
+    """The file suffixes qp can write (tables_io's list: qp picks the writer from the suffix)."""
+    _qp()
+    try:
+        from tables_io.types import FILE_FORMAT_SUFFIXS
+    except ImportError:  # another tables_io layout: qp's own error is turned into ours in export_qp
+        return []
+    return [f".{k}" for k in FILE_FORMAT_SUFFIXS]
+
+
 def export_qp(catalogue: str | Path, out: str | Path) -> Path:
-    """Write the pdfs of ``catalogue`` (made with ``--pdf``) as a qp file (format from the suffix, e.g. .hdf5)."""
-    root = Path(catalogue)
-    plan = json.loads((root / PLAN_NAME).read_text())
+    """Write the pdfs of ``catalogue`` (made with ``--pdf``) as a qp file (format from the suffix, e.g. .hdf5);
+    a missing catalogue or an unknown suffix is an error naming it, before any pdf is read."""
+    root, out = Path(catalogue), Path(out)
+    if not root.is_dir():
+        raise PhotozError(f"{root}: no such catalogue directory (the --out of 'photoz-hpc predict --pdf')")
+    if not (root / PLAN_NAME).is_file():
+        raise PhotozError(f"{root}: not a photo-z catalogue ({PLAN_NAME} is missing; make one with "
+                          "'photoz-hpc predict --pdf')")
+    suffixes = qp_suffixes()
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise PhotozError(f"{out}: qp cannot write a file with suffix {out.suffix or '(none)'!r}; it picks the "
+                          f"format from the suffix: one of {', '.join(suffixes)} (e.g. pdfs.hdf5)")
+    try:
+        plan = json.loads((root / PLAN_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise PhotozError(f"{root / PLAN_NAME}: unreadable catalogue plan ({exc})") from None
     if not plan.get("pdf"):
         raise PhotozError(f"{root}: the catalogue holds no pdfs; make it with 'photoz-hpc predict --pdf' to export them")
     cols = read_catalogue(root, [PDF_COLUMN, *ANCIL.values()])
     if PDF_COLUMN not in cols:
         raise PhotozError(f"{root}: no finished part to export")
     ens = to_ensemble(cols[PDF_COLUMN], np.asarray(plan["bin_edges"]), {k: cols[v] for k, v in ANCIL.items()})
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")  # qp picks the writer from the suffix: keep it on the temporary
-    ens.write_to(str(tmp))
+    try:
+        ens.write_to(str(tmp))
+    except KeyError as exc:  # tables_io: unknown suffix
+        raise PhotozError(f"{out}: qp cannot write this format ({exc})") from None
     tmp.replace(out)
     return out
