@@ -263,6 +263,29 @@ def test_pit_and_coverage_are_honest_for_exact_pdfs_and_not_for_overconfident_on
         calibrate(log_p, z_wide, calib, calib[:10])
 
 
+@pytest.mark.parametrize("outliers", [0.0, 0.1])
+@pytest.mark.parametrize("claimed, true, sharpen", [(0.04, 0.02, True), (0.02, 0.04, False)])
+def test_fitted_temperature_sharpens_underconfident_and_widens_overconfident_pdfs(claimed, true, sharpen, outliers):
+    """The direction of the fit (p_T ~ p^(1/T): T < 1 sharpens): underconfident pdfs (68% coverage > 0.68) must get
+    T < 1, overconfident ones T > 1, and coverage must move toward nominal on the held-out half -- also with 10%
+    catastrophic outliers (z_spec uniform over the grid), which pulled an NLL fit to T > 1 on underconfident pdfs."""
+    rng = np.random.default_rng(11)
+    n = 12000
+    mu = rng.uniform(0.1, 0.3, n)
+    log_p = _gaussian_log_p(mu, claimed)
+    z = _draw_from(softmax_log(_gaussian_log_p(mu, true)), rng)
+    bad = rng.uniform(size=n) < outliers
+    z[bad] = rng.uniform(0.0, 0.4, int(bad.sum()))
+    calib, evaluate = calibration_split(np.arange(n), 0.5, seed=1)
+    fit = calibrate(log_p, z, calib, evaluate)
+    before, after = fit["before"]["coverage_68"], fit["after"]["coverage_68"]
+    assert (before > 0.68) == sharpen and (fit["temperature"] < 1.0) == sharpen, fit["temperature"]
+    assert abs(after - 0.68) < abs(before - 0.68) and after == pytest.approx(0.68, abs=0.03), (before, after)
+    assert abs(fit["after"]["coverage_95"] - 0.95) < abs(fit["before"]["coverage_95"] - 0.95) or outliers
+    if not outliers:  # sigma_T = sigma sqrt(T): the exact answer is (true / claimed)^2
+        assert fit["temperature"] == pytest.approx((true / claimed) ** 2, rel=0.05)
+
+
 def test_calibrate_command_writes_numbers_and_figure(setup, tmp_path):
     a = setup["data"][0]
     report = run_calibrate(setup["ckpt"], a, tmp_path / "cal", calib_fraction=0.5, batch_size=64, overrides=TINY[3:4])

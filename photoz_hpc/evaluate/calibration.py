@@ -8,9 +8,13 @@
 * Reliability: the coverage of the central interval at every credibility level c (honest: on the
   diagonal), and the catalogue's ``odds`` against the fraction of galaxies whose z_spec lies in the
   odds window (per odds bin; honest: on the diagonal).
-* Temperature: p_T proportional to p^(1/T) (logits / T), one scalar fitted by minimising the mean
-  negative log-likelihood of the z_spec bin on a calibration split, then reported on a disjoint
-  evaluation split. The NLL is convex in 1/T, so a golden-section search finds the global minimum.
+* Temperature: p_T proportional to p^(1/T) (logits / T; T < 1 sharpens, T > 1 widens), one scalar fitted on a
+  calibration split by bringing the coverage of the central intervals at every credibility level 0.02 ... 0.98
+  closest to nominal (mean squared difference: the reliability curve onto its diagonal), then reported on a
+  disjoint evaluation split. Not by the NLL of the z_spec bin: a few catastrophic outliers far in the tails
+  dominate the mean NLL and pull T up, so on underconfident pdfs with 10% outliers (68% coverage 0.88) the
+  NLL-optimal T widened them further (T = 1.2, coverage 0.89); the coverage fit sharpens them (T = 0.33,
+  coverage 0.68). The NLL before and after is still reported.
 
 Everything here works on log-probabilities (N, n_bins): a float32 softmax underflows to 0 far from
 the peak, and a temperature > 1 must see those tails.
@@ -33,8 +37,10 @@ CREDIBILITY_LEVELS = tuple(round(c, 2) for c in np.linspace(0.05, 0.95, 19))
 ODDS_BINS = 10
 #: RAIL's PIT outlier convention: PIT below 1e-4 or above 1 - 1e-4 (expected rate 2e-4 when honest).
 PIT_OUTLIER_EPS = 1e-4
-#: search range of the temperature.
+#: search range of the temperature, its log-spaced grid, and the credibility levels the fit matches.
 T_RANGE = (0.05, 20.0)
+T_GRID_POINTS = 81
+FIT_LEVELS = np.round(np.arange(0.02, 0.99, 0.02), 2)
 
 
 def softmax_log(log_p: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -59,23 +65,39 @@ def nll(log_p: np.ndarray, z_spec, temperature: float = 1.0) -> float:
     return float(np.mean(lse - x[np.arange(len(x)), bins]))
 
 
-def fit_temperature(log_p: np.ndarray, z_spec, t_range: tuple[float, float] = T_RANGE, tol: float = 1e-6) -> float:
-    """The T in ``t_range`` minimising ``nll`` (golden section on beta = 1/T, where the NLL is convex)."""
-    lo, hi = 1.0 / t_range[1], 1.0 / t_range[0]
+def coverage_error(log_p: np.ndarray, z_spec, temperature: float = 1.0) -> float:
+    """Mean squared difference between the coverage of the central intervals of p_T and their credibility
+    levels ``FIT_LEVELS`` (0: the reliability curve on its diagonal)."""
+    pit = pit_values(softmax_log(log_p, temperature), z_spec)
+    level_needed = np.sort(np.abs(pit - 0.5) * 2.0)  # the smallest central interval holding each z_spec
+    coverage = np.searchsorted(level_needed, FIT_LEVELS, side="right") / max(len(pit), 1)
+    return float(np.mean((coverage - FIT_LEVELS) ** 2))
+
+
+def fit_temperature(log_p: np.ndarray, z_spec, t_range: tuple[float, float] = T_RANGE, tol: float = 1e-4) -> float:
+    """The T in ``t_range`` whose interval coverage is closest to nominal (``coverage_error``): the best of a
+    log-spaced grid, refined by golden section on log T between its neighbours (coverage is a step function
+    of T, so a grid first: no local search can be trapped far from the minimum)."""
+    z_spec = np.asarray(z_spec, dtype=np.float64)
+    grid = np.log(np.geomspace(t_range[0], t_range[1], T_GRID_POINTS))
+    errors = [coverage_error(log_p, z_spec, float(np.exp(u))) for u in grid]
+    best = int(np.argmin(errors))
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
     g = (np.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo, hi
     c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = nll(log_p, z_spec, 1.0 / c), nll(log_p, z_spec, 1.0 / d)
-    while b - a > tol * max(1.0, abs(c)):
-        if fc < fd:
+    fc, fd = coverage_error(log_p, z_spec, float(np.exp(c))), coverage_error(log_p, z_spec, float(np.exp(d)))
+    while b - a > tol:
+        if fc <= fd:
             b, d, fd = d, c, fc
             c = b - g * (b - a)
-            fc = nll(log_p, z_spec, 1.0 / c)
+            fc = coverage_error(log_p, z_spec, float(np.exp(c)))
         else:
             a, c, fc = c, d, fd
             d = a + g * (b - a)
-            fd = nll(log_p, z_spec, 1.0 / d)
-    return float(1.0 / (0.5 * (a + b)))
+            fd = coverage_error(log_p, z_spec, float(np.exp(d)))
+    u = min((grid[best], errors[best]), (0.5 * (a + b), coverage_error(log_p, z_spec, float(np.exp(0.5 * (a + b))))),
+            key=lambda pair: pair[1])[0]
+    return float(np.exp(u))
 
 
 def calibration_report(probs: np.ndarray, z_spec, log_p: np.ndarray | None = None,
