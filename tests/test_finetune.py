@@ -272,3 +272,105 @@ def test_bad_inputs_fail_clearly(tmp_path, data, release_h5):
     with pytest.raises(ConfigError, match="overlaps training"):
         run_finetune(ft_config(data, tmp_path / "ov", f"finetune.val_data={twin}"))
     assert len(open_dataset(twin)) == len(open_dataset(data))
+
+
+# ---------------------------------------------------------------------- resume: the same run only
+
+
+def _files(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(out.rglob("*"))
+            if p.is_file() and ".photoz-run.lock" not in p.name}
+
+
+def test_resume_refuses_another_init_or_lr_and_a_finished_run_writes_nothing(tmp_path, data):
+    from photoz_hpc.launch.photoz_cli import finetune_and_evaluate
+
+    ckpt, _ = _moco_checkpoint(tmp_path, data)
+    enc = export_checkpoint_encoder(ckpt, tmp_path / "encoder.pt")
+    out = tmp_path / "ssl"
+    first = finetune_and_evaluate(ft_config(data, out, f"finetune.init={enc}", "train.max_steps=3",
+                                            "train.checkpoint_every=2"))
+    assert first["eval"]["metrics"]["n"] == 32
+    before = _files(out)
+    assert {"config.yaml", "summary.json", "labels.json", "train_ids.npy", "best_model.pt", "eval/metrics.json"} <= set(before)
+
+    again = finetune_and_evaluate(ft_config(data, out, f"finetune.init={enc}", "train.max_steps=3",
+                                            "train.checkpoint_every=2", "train.log_every=5"))
+    assert again["already_finished"] is True and again["eval"] == first["eval"]
+    assert _files(out) == before  # no config.yaml, summary.json, labels or evaluation rewritten
+
+    with pytest.raises(ConfigError, match=rf"finetune.init: '{enc}' -> 'none'"):  # the supervised baseline
+        finetune_and_evaluate(ft_config(data, out, "finetune.init=none", "train.max_steps=6"))
+    other = make_dataset(tmp_path / "other", n=160, size=24, seed=4)
+    with pytest.raises(ConfigError) as err:
+        run_finetune(ft_config(data, out, f"finetune.init={enc}", f"data.path={other}", "optim.lr=0.05",
+                               "train.max_steps=6"))
+    assert "data.path" in str(err.value) and "(other data)" in str(err.value) and "optim.lr: 0.2 -> 0.05" in str(err.value)
+    assert _files(out) == before
+    assert yaml_init(out) == str(enc)
+
+
+def yaml_init(out: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((out / "config.yaml").read_text())["finetune"]["init"]
+
+
+# ---------------------------------------------------------------------- a failed start pins nothing
+
+
+def test_a_run_that_never_trained_pins_no_selection_and_the_advice_is_true(tmp_path, data):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:  # 128 training galaxies at label_fraction 1.0, batch 200
+        run_finetune(ft_config(data, out, "loader.batch_size=200"))
+    msg = str(err.value)
+    assert "128 training galaxies" in msg and "loader.batch_size <= 128" in msg and "label_fraction" not in msg
+    left = {p.name for p in out.iterdir()} if out.exists() else set()
+    assert not left & {"labels.json", "train_ids.npy", "val_ids.npy", "config.yaml", "checkpoints"}, left
+    with pytest.raises(ConfigError, match=r"loader.batch_size <= 64, or raise finetune.label_fraction \(now 0.5\)"):
+        run_finetune(ft_config(data, out, "loader.batch_size=100", "finetune.label_fraction=0.5"))
+    # following the advice works in the same out_dir, also over files a run that never checkpointed left behind
+    out.mkdir(exist_ok=True)
+    np.save(out / "train_ids.npy", np.arange(5))
+    s = run_finetune(ft_config(data, out, "finetune.label_fraction=0.5", "train.max_steps=2"))
+    assert s["steps"] == 2 and s["n_train"] == 64
+    np.testing.assert_array_equal(np.load(out / "train_ids.npy"),
+                                  select_data(ft_config(data, out, "finetune.label_fraction=0.5")).train_ids)
+
+
+# ---------------------------------------------------------------------- which network is kept
+
+
+def test_best_network_rule_guards_against_outlier_dominated_validations():
+    from photoz_hpc.train.finetune import selection_key
+
+    early = {"sigma_mad": 0.010, "eta": 0.72}  # a narrow core, most galaxies outlying (the issue's epoch 0)
+    later = {"sigma_mad": 0.030, "eta": 0.30}
+    best = {"sigma_mad": 0.020, "eta": 0.10}
+    assert min([early, later, best], key=lambda m: selection_key(m, 0.5)) is best
+    assert min([early, later], key=lambda m: selection_key(m, 0.5)) is later
+    assert min([early, later], key=lambda m: selection_key(m, 1.0)) is early  # sigma_MAD alone, on request
+    worse = {"sigma_mad": 0.005, "eta": 0.90}
+    assert min([early, worse], key=lambda m: selection_key(m, 0.5)) is early  # none qualifies: the lowest eta
+
+
+def test_finetune_keeps_the_epoch_the_rule_picks(tmp_path, data, monkeypatch):
+    """Validations scripted per epoch: the default keeps epoch 2 (eta 30%) over epoch 0 (sigma_MAD lower, eta 72%);
+    finetune.select_max_eta=1 keeps epoch 0; best_model.pt holds the kept epoch's weights."""
+    from photoz_hpc.train import finetune as ft_mod
+
+    scripted = [(0.010, 0.72), (0.050, 0.40), (0.030, 0.30)]
+
+    def fake_validate(self):
+        self.sync_buffers()
+        sigma, eta = scripted[self.step // self.steps_per_epoch - 1]
+        return {"sigma_mad": sigma, "eta": eta, "bias": 0.0, "n": 32, "outlier_rate_lsst": eta}
+
+    monkeypatch.setattr(ft_mod.FinetuneTask, "validate", fake_validate)
+    for max_eta, epoch in ((None, 2), (1.0, 0)):
+        out = tmp_path / f"eta{max_eta}"
+        more = [] if max_eta is None else [f"finetune.select_max_eta={max_eta}"]
+        s = run_finetune(ft_config(data, out, "train.epochs=3", "finetune.label_fraction=0.25", *more))
+        assert s["best_val"]["epoch"] == epoch and s["best_val"]["eta"] == scripted[epoch][1], s["best_val"]
+        saved = torch.load(out / "best_model.pt", weights_only=True)
+        assert saved["epoch"] == epoch

@@ -1,4 +1,5 @@
-"""End to end on the CPU with the real loader: the loss falls, files appear, the CLI exits 75 on SIGTERM."""
+"""End to end on the CPU with the real loader: the loss falls, files appear, the CLI exits 75 on SIGTERM and 130
+after a checkpoint on Ctrl-C, a batch job logs progress lines instead of a bar."""
 
 from __future__ import annotations
 
@@ -80,6 +81,58 @@ def test_sigterm_saves_checkpoint_and_exits_75(tmp_path: Path, data: Path) -> No
     assert summary["encoder"] is None
 
 
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes(tmp_path: Path, data: Path) -> None:
+    """A first SIGINT is a stop request like a pre-emption (checkpoint, summary) but exits 130, not 75 (nothing
+    requeues a run its user stopped); the same command then resumes from that checkpoint."""
+    out = tmp_path / "run"
+    args = tiny_overrides(data, out, 32, 64, ("train.max_steps=100000", "train.checkpoint_every=100000"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "photoz_hpc", "pretrain", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        log, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("pretrain did not stop after SIGINT")
+    assert proc.returncode == 130, log[-3000:]
+    assert "press Ctrl-C again to stop at once" in log and "run the same command to resume" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preempted"] is True and summary["interrupted"] is True and summary["steps"] >= 3
+    assert Path(summary["checkpoint"]).name == f"ckpt_{summary['steps']:09d}.pt"
+    assert Path(summary["checkpoint"]).is_file() and summary["encoder"] is None
+    more = tiny_overrides(data, out, 32, 64, (f"train.max_steps={summary['steps'] + 2}", "train.checkpoint_every=100000"))
+    resumed = subprocess.run([sys.executable, "-m", "photoz_hpc", "pretrain", *more], cwd=REPO, env=env, text=True,
+                             capture_output=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = json.loads((out / "summary.json").read_text())
+    assert after["start_step"] == summary["steps"] and after["steps"] == summary["steps"] + 2
+    assert after["interrupted"] is False and after["encoder"]
+
+
+def test_batch_job_logs_progress_lines_and_no_bar(tmp_path: Path, data: Path) -> None:
+    """stderr is a pipe here, as in every Slurm job: no carriage-return progress bar, a log line every
+    train.progress_every steps and at the last step."""
+    out = tmp_path / "run"
+    args = tiny_overrides(data, out, 32, 64, ("train.max_steps=10", "train.progress=true", "train.progress_every=4"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "photoz_hpc", "pretrain", *args], cwd=REPO, env=env, text=True,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if " pretrain step " in line]
+    assert [line.split(" pretrain step ")[1].split(" ")[0] for line in lines] == ["4/10", "8/10", "10/10"], p.stderr
+    assert all(k in lines[0] for k in ("(40%)", "epoch 0", "loss ", "img/s", "data wait", "ETA ")), lines[0]
+    assert "\r" not in p.stderr  # no tqdm bar
+    quiet = subprocess.run([sys.executable, "-m", "photoz_hpc", "pretrain", *args[:-1], "train.progress_every=0",
+                            f"out_dir={tmp_path / 'quiet'}"], cwd=REPO, env=env, text=True, capture_output=True,
+                           timeout=120)
+    assert quiet.returncode == 0 and " pretrain step " not in quiet.stderr
+
+
 class _SignallingLoader:
     """Loader proxy that sends this process ``signum`` from ``len()`` (start-up, before the first step)
     or from ``state_dict()`` (the checkpoint after the loop)."""
@@ -141,3 +194,35 @@ def test_preemption_signal_outside_the_loop_is_handled(tmp_path: Path, data: Pat
     else:
         assert s["preempted"] is False and s["steps"] == 3 and Path(s["checkpoint"]).name == "ckpt_000000003.pt"
         assert s["encoder"] is not None
+
+
+class _InterruptingLoader(_SignallingLoader):
+    """Sends this process each of ``signums`` when the third batch is fetched."""
+
+    def __init__(self, inner, signums: tuple[int, ...]) -> None:
+        super().__init__(inner, 0, "iter")
+        self.signums = signums
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i == 2 and not self.sent:
+                self.sent = True
+                for sig in self.signums:
+                    os.kill(os.getpid(), sig)
+            yield batch
+
+
+@pytest.mark.parametrize("signums, interrupted", [((signal.SIGINT,), True), ((signal.SIGINT, signal.SIGUSR1), False)])
+def test_ctrl_c_alone_is_an_interrupt_and_a_preemption_wins(tmp_path: Path, data: Path, signums, interrupted) -> None:
+    """Both stop with a checkpoint; with a pre-emption signal as well the summary says pre-empted only (exit 75:
+    the scheduler's requeue must not be lost to a Ctrl-C)."""
+    from photoz_hpc.comm.base import Comm
+    from photoz_hpc.train.pretrain import _build_loader
+    from photoz_hpc.train.signals import exit_code
+
+    cfg = load_config(None, tiny_overrides(data, tmp_path / "run", 32, 64, ("train.max_steps=50",
+                                                                              "train.checkpoint_every=1000")))
+    s = run_pretrain(cfg, loader=_InterruptingLoader(_build_loader(cfg, Comm()), signums))
+    assert s["preempted"] is True and s["interrupted"] is interrupted and 3 <= s["steps"] < 50
+    assert Path(s["checkpoint"]).name == f"ckpt_{s['steps']:09d}.pt"
+    assert exit_code(s) == (130 if interrupted else 75)

@@ -217,3 +217,53 @@ def test_metrics_log_goes_on_without_tensorboard_when_its_file_fails(tmp_path, m
     log.close()
     assert "TensorBoard logging stopped" in caplog.text and "No space left" in caplog.text
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_first_ctrl_c_is_a_stop_request_and_the_second_stops_at_once() -> None:
+    """Training's flag takes SIGINT (interrupt=True): the first only sets the flag, the second raises
+    KeyboardInterrupt; other flags leave SIGINT alone; exit codes 0, 75 (pre-empted: requeue), 130 (Ctrl-C)."""
+    import os
+    import signal
+
+    from photoz_hpc.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, PreemptionFlag, exit_code
+
+    before = signal.getsignal(signal.SIGINT)
+    plain = PreemptionFlag().install()
+    try:
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        plain.restore()
+    flag = PreemptionFlag(interrupt=True).install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled before os.kill returns to Python code
+        assert flag.raised and flag.interrupted and not flag.preempted
+        inner = PreemptionFlag(interrupt=True).install()  # a run's own flag knows what came during start-up
+        try:
+            assert inner.interrupted
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+            inner_pre = PreemptionFlag(interrupt=True).install()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert inner_pre.preempted and inner_pre.interrupted  # both recorded; the loop lets pre-emption win
+            inner_pre.restore()
+        finally:
+            inner.restore()
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert exit_code({"preempted": False}) == 0
+    assert exit_code({"preempted": True, "interrupted": False}) == EXIT_PREEMPTED == 75
+    assert exit_code({"preempted": True, "interrupted": True}) == EXIT_INTERRUPTED == 130
+
+
+def test_progress_lines_every_n_steps_and_at_the_end(monkeypatch, caplog) -> None:
+    from photoz_hpc.train.metrics_log import ProgressLines
+
+    monkeypatch.setattr(logging.getLogger("photoz_hpc"), "propagate", True)
+    lines = ProgressLines("finetune", start_step=2, total=9, every=3, global_batch=64)
+    with caplog.at_level(logging.INFO, logger="photoz_hpc"):
+        for step in range(3, 10):
+            lines.update(step, epoch=step // 4, loss=1.0 / step, step_s=0.5, data_s=0.1)
+    got = [r.getMessage() for r in caplog.records if "finetune step" in r.getMessage()]
+    assert [m.split()[2] for m in got] == ["3/9", "6/9", "9/9"]
+    assert got[1].startswith("finetune step 6/9 (67%), epoch 1, loss 0.1667, 128 img/s, data wait 20%, ETA ")
