@@ -237,6 +237,8 @@ class FinetuneConfig:
     baseline: same network and loop, random initialisation). ``label_fraction`` of the labeled training
     galaxies are used, a subset nested across fractions for one ``subset_seed``. ``val_data``: a
     separate prepared dataset; empty = hold out ``val_fraction`` of ``data.path``, fixed by ``split_seed``.
+    ``select_max_eta``: the best network is the lowest validation sigma_MAD among validations with an outlier
+    rate eta at most this (else the lowest eta); 1.0 = sigma_MAD alone.
     """
 
     init: str = "none"
