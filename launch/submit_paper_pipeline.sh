@@ -5,7 +5,9 @@
 #     --sweep configs/sweep.yaml [--throttle 16] [--dry-run] [-- pretrain key=value overrides]
 # Prints each job id (and, with --dry-run, the sbatch lines instead of submitting). Site settings come from
 # PHOTOZ_SITE (slurm/sites/NAME.env), read here before sbatch; PHOTOZ_SBATCH_ARGS there goes to every sbatch.
-# Pretraining writes into the directory of the sweep file's `encoder` (RUN_DIR/encoder.pt), unless --pretrain-dir.
+# Pretraining writes into the directory of the sweep file's `encoder` (RUN_DIR/encoder.pt), unless --pretrain-dir;
+# the sweep tasks fine-tune on --data (the prepared dataset) from that pretraining's encoder.pt, whatever the
+# sweep's finetune_config says (RUNS_DIR/pipeline-sweep.yaml is the sweep file they run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: launch/submit_paper_pipeline.sh --data DIR --sweep FILE [--inputs \"A.h5 B.h5\"] [--pretrain-config FILE]
@@ -42,23 +44,42 @@ read -r -a input_files <<< "$inputs"
 for f in "${input_files[@]}"; do [[ -f $f ]] || photoz_die "--inputs: $f not found"; done
 if [[ ${#input_files[@]} -eq 0 ]]; then photoz_require_dataset "$data" "--data (no --inputs to prepare it from)"; fi
 
-# The sweep: its size N and the encoder it fine-tunes (pretraining's output), checked now.
-plan=$("$PYTHON" - "$sweep" 2>&1 <<'PY'
-import sys
+# The sweep as this pipeline runs it: fine-tuning on the dataset it prepares (data.path=$data) and from the encoder
+# its pretraining exports ($pretrain_dir/encoder.pt), written as RUNS_DIR/pipeline-sweep.yaml (printed, not written,
+# with --dry-run). Every other input path of every task is checked now, before anything is submitted.
+prepared=0
+[[ ${#input_files[@]} -gt 0 ]] && prepared=1
+plan=$("$PYTHON" - "$sweep" "$data" "$pretrain_dir" "$prepared" "$dry" 2>&1 <<'PY'
+import os, sys
+from pathlib import Path
 from photoz_hpc.errors import ConfigError
-from photoz_hpc.launch.sweep import load_sweep, task_configs
+from photoz_hpc.launch.sweep import check_paths, load_sweep, pipeline_sweep, sweep_yaml, task_configs
+path, data, pretrain_dir, prepared, dry = sys.argv[1:]
 try:
-    sweep = load_sweep(sys.argv[1])
-    print(len(task_configs(sweep)), sweep.encoder or "-")
+    sweep = load_sweep(path)
+    if not pretrain_dir:
+        if not sweep.encoder.endswith("/encoder.pt"):
+            sys.exit(f"the sweep's encoder ({sweep.encoder or '-'}) is not RUN_DIR/encoder.pt: give --pretrain-dir")
+        pretrain_dir = os.path.dirname(sweep.encoder)
+    encoder = os.path.join(pretrain_dir, "encoder.pt")
+    out = Path(sweep.runs_dir) / "pipeline-sweep.yaml"
+    derived = pipeline_sweep(sweep, data, encoder, out)
+    pairs = task_configs(derived)
+    check_paths(derived, pairs, (encoder, *([data] if prepared == "1" else [])))
 except ConfigError as exc:
     sys.exit(str(exc))
+text = sweep_yaml(derived, f"written by launch/submit_paper_pipeline.sh from {path}: data.path and encoder are this "
+                           "pipeline's prepared dataset and pretraining export")
+if dry == "1":
+    print(f"sweep file {out} (dry run: not written):", text, sep="\n", file=sys.stderr)
+else:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+print(len(pairs), pretrain_dir, out, sep="\t")
 PY
 ) || photoz_die "${plan##*$'\n'}"
-read -r n_tasks encoder <<< "${plan##*$'\n'}"
-if [[ -z $pretrain_dir ]]; then
-  [[ $encoder == */encoder.pt ]] || photoz_die "the sweep's encoder ($encoder) is not RUN_DIR/encoder.pt: give --pretrain-dir"
-  pretrain_dir=$(dirname "$encoder")
-fi
+IFS=$'\t' read -r n_tasks pretrain_dir sweep <<< "${plan##*$'\n'}"
+if (( dry )); then printf '%s\n' "${plan%$'\n'*}"; fi
 overrides=("$@")
 photoz_check_config "$config" "out_dir=$pretrain_dir" "${overrides[@]}"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_release_h5
 from slurm_utils import REPO, job_info, require_slurm, sbatch_wait, start_requeued_now, submit, wait_for
 
 from photoz_hpc.data.prepare import prepare
@@ -219,6 +220,31 @@ def test_scripts_pass_shellcheck():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_pipeline_dry_run_fine_tunes_on_its_prepared_data_from_its_encoder(tmp_path):
+    """The shipped sweep (no overrides: configs/finetune.yaml says data/sdss_labeled) submitted by the pipeline runs
+    on the dataset the pipeline prepares and the encoder its pretraining writes; nothing is written by a dry run."""
+    h5 = write_release_h5(tmp_path / "a.h5", 8, seed=1, size=20)
+    data, pre = tmp_path / "D", tmp_path / "pre"
+    argv = ["bash", "launch/submit_paper_pipeline.sh", "--data", str(data), "--inputs", str(h5), "--sweep",
+            "configs/sweep.yaml", "--pretrain-dir", str(pre), "--dry-run"]
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    derived = yaml.safe_load(res.stdout.split("(dry run: not written):\n", 1)[1].split("\n\n", 1)[0])
+    assert derived["overrides"] == [f"data.path={data}"] and derived["encoder"] == str(pre / "encoder.pt")
+    sbatch = [ln for ln in res.stdout.splitlines() if " sbatch " in f" {ln}"]
+    assert f"PHOTOZ_DATA={data} " in sbatch[1] and f"PHOTOZ_RUN_DIR={pre} " in sbatch[1], sbatch
+    assert all("PHOTOZ_SWEEP=runs/sweep/pipeline-sweep.yaml " in ln for ln in sbatch[2:]), sbatch
+    assert "sdss_labeled" not in res.stdout and not (REPO / "runs" / "sweep" / "pipeline-sweep.yaml").exists()
+    # an explicit data.path of the sweep naming another dataset, or a missing test set: refused before any sbatch
+    sweep = _sweep_file(tmp_path, tmp_path / "other", ["supervised"], [1.0], [0], steps=2)
+    res = subprocess.run([*argv[:6], "--sweep", str(sweep), *argv[8:]], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "overrides set data.path=" in res.stderr and "sbatch" not in res.stdout, res.stderr
+    raw = yaml.safe_load(sweep.read_text())
+    sweep.write_text(yaml.safe_dump({**raw, "overrides": [f"data.path={data}"], "test_data": str(tmp_path / "T")}))
+    res = subprocess.run([*argv[:6], "--sweep", str(sweep), *argv[8:]], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and f"test_data: {tmp_path / 'T'}: dataset directory does not exist" in res.stderr
+
+
 def test_submit_pipeline_dry_run_and_bad_arguments(tmp_path):
     ds = tmp_path / "ds"
     sweep = _sweep_file(tmp_path, ds, ["supervised"], [0.5, 1.0], [0], steps=2, encoder="")
@@ -228,6 +254,10 @@ def test_submit_pipeline_dry_run_and_bad_arguments(tmp_path):
     assert res.returncode == 2 and "is not a prepared dataset" in res.stderr, res.stderr
     ds.mkdir()
     (ds / "manifest.json").write_text("{}")
+    res = subprocess.run([*run, "--data", str(ds)], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "manifest has no integer 'format_version'" in res.stderr, res.stderr
+    shutil.rmtree(ds)
+    prepare([write_release_h5(tmp_path / "ds.h5", 16, seed=1, size=20)], ds, samples_per_shard=64)
     res = subprocess.run([*run, "--data", str(ds), "--throttle", "3"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "--array=0-1%3 slurm/finetune_sweep.sh" in res.stdout and "prepare.sh" not in res.stdout, res.stdout

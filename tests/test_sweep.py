@@ -54,15 +54,64 @@ def test_task_order_is_stable_complete_and_documented(tmp_path, capsys):
         assert t.index == (i_m * 3 + i_f) * 2 + i_s
     assert tasks[5].dir == Path(sweep.runs_dir) / "ssl" / "1.0" / "1"
     assert [(t.method, t.fraction, t.seed) for t in plan(load_sweep(tmp_path / "sweep.yaml"))] == combos
-    assert main(["sweep-plan", str(tmp_path / "sweep.yaml")]) == 0
+    upstream = ["--produced", "data/sdss_labeled", "--produced", "runs/pretrain/encoder.pt"]  # not made here
+    assert main(["sweep-plan", str(tmp_path / "sweep.yaml"), *upstream]) == 0
     out = capsys.readouterr().out
     assert "18 tasks (18 new)" in out and "--array=0-17" in out
     rows = [line.split() for line in out.splitlines()[1:19]]  # task method fraction seed state dir
     assert all(row[2] == Path(row[5]).parent.name for row in rows)  # 1.0 beside .../1.0/..., not 1
-    assert main(["sweep-plan", str(tmp_path / "sweep.yaml"), "--json"]) == 0
+    assert main(["sweep-plan", str(tmp_path / "sweep.yaml"), "--json", *upstream]) == 0
     assert json.loads(capsys.readouterr().out)["array"] == "0-17"
     default = load_sweep(REPO / "configs" / "sweep.yaml")
     assert default.fractions == PAPER_FRACTIONS and len(plan(default)) == 3 * 9 * 3
+
+
+def test_sweep_plan_and_run_refuse_missing_datasets_and_encoders(tmp_path, capsys):
+    from photoz_hpc.launch.sweep import run_sweep
+
+    data, enc, test = tmp_path / "labeled", tmp_path / "pre" / "encoder.pt", tmp_path / "test"
+    path = write_sweep(tmp_path / "sweep.yaml", overrides=[f"data.path={data}"], encoder=str(enc),
+                       test_data=str(test))
+    assert main(["sweep-plan", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"data.path: {data}: dataset directory does not exist" in err
+    assert f"{enc} does not exist" in err and f"test_data: {test}: dataset directory does not exist" in err
+    with pytest.raises(ConfigError, match="dataset directory does not exist"):  # nothing runs either
+        run_sweep(path, "0")
+    assert not (tmp_path / "runs").exists()
+    # declared as written by an upstream job of the chain: accepted
+    produced = [a for p in (data, enc, test) for a in ("--produced", str(p))]
+    assert main(["sweep-plan", str(path), *produced]) == 0
+    assert "18 tasks (18 new)" in capsys.readouterr().out
+    # present: accepted without --produced (the encoder only has to exist here; a dataset must be prepared)
+    ds = make_dataset(tmp_path / "made", n=16, size=20)
+    enc.parent.mkdir()
+    enc.write_bytes(b"encoder")
+    path = write_sweep(tmp_path / "sweep.yaml", overrides=[f"data.path={ds}"], encoder=str(enc))
+    assert main(["sweep-plan", str(path)]) == 0
+    capsys.readouterr()
+    (tmp_path / "notprepared").mkdir()
+    path = write_sweep(tmp_path / "sweep.yaml", overrides=[f"data.path={tmp_path / 'notprepared'}"], encoder=str(enc))
+    assert main(["sweep-plan", str(path)]) == 1 and "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_pipeline_sweep_runs_on_the_prepared_data_from_the_pretrained_encoder(tmp_path):
+    from photoz_hpc.launch.sweep import pipeline_sweep, sweep_yaml
+
+    sweep = load_sweep(REPO / "configs" / "sweep.yaml")  # data.path comes from configs/finetune.yaml
+    derived = pipeline_sweep(sweep, "/scratch/D", "/scratch/pre/encoder.pt", tmp_path / "p.yaml")
+    (tmp_path / "p.yaml").write_text(sweep_yaml(derived, "a note"))
+    again = load_sweep(tmp_path / "p.yaml")
+    for task, cfg in task_configs(again):
+        assert cfg.data.path == "/scratch/D"
+        assert cfg.finetune.init == ("none" if task.method == "supervised" else "/scratch/pre/encoder.pt")
+    assert again.runs_dir == sweep.runs_dir and again.fractions == sweep.fractions
+    other = dataclasses.replace(sweep, overrides=("data.path=/elsewhere",))
+    with pytest.raises(ConfigError, match="overrides set data.path=/elsewhere but the pipeline fine-tunes on"):
+        pipeline_sweep(other, "/scratch/D", "/scratch/pre/encoder.pt", tmp_path / "p.yaml")
+    same = dataclasses.replace(sweep, overrides=("data.path=/scratch/D", "train.epochs=3"))
+    assert pipeline_sweep(same, "/scratch/D", "e.pt", tmp_path / "p.yaml").overrides == ("train.epochs=3",
+                                                                                          "data.path=/scratch/D")
 
 
 def test_each_task_gets_its_method_fraction_and_seed_and_the_same_validation_split(tmp_path):

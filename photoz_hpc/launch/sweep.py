@@ -274,6 +274,69 @@ def task_state(sweep: Sweep, task: SweepTask, cfg: FinetuneRunConfig) -> tuple[s
     return "incomplete", ""
 
 
+def check_paths(sweep: Sweep, pairs: list[tuple[SweepTask, FinetuneRunConfig]], produced: tuple[str, ...] = ()
+                ) -> None:
+    """Every input path of these tasks exists before anything is submitted or run: ``data.path``,
+    ``finetune.val_data`` and ``test_data`` are prepared datasets, ``finetune.init`` (the encoder) a file.
+    ``produced``: paths an upstream job of the same chain will write (the pipeline's prepared dataset and
+    pretraining encoder), not checked. One ConfigError lists every missing input."""
+    from photoz_hpc.data.dataset import read_manifest
+    from photoz_hpc.errors import DatasetError
+
+    made = {Path(p).resolve() for p in produced}
+    problems: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for _, cfg in pairs:
+        items = [("data.path", cfg.data.path, True), ("finetune.val_data", cfg.finetune.val_data, True),
+                 ("test_data", sweep.test_data, True), ("finetune.init", cfg.finetune.init, False)]
+        for key, value, dataset in items:
+            if not value or (key == "finetune.init" and value.lower() == "none") or (key, value) in seen:
+                continue
+            seen.add((key, value))
+            if Path(value).resolve() in made:
+                continue
+            if dataset:
+                try:
+                    read_manifest(value)
+                except DatasetError as exc:
+                    problems.append(f"{key}: {exc}")
+            elif not Path(value).is_file():
+                problems.append(f"{key} (the sweep's encoder): {value} does not exist (a pretraining checkpoint or "
+                                "encoder.pt)")
+    if problems:
+        raise ConfigError(f"sweep file {sweep.path}: " + "; ".join(problems) + " (an input that an upstream job of "
+                          "the same chain will write: sweep-plan --produced PATH)")
+
+
+def pipeline_sweep(sweep: Sweep, data: str, encoder: str, path: str | Path) -> Sweep:
+    """The sweep as ``launch/submit_paper_pipeline.sh`` submits it: fine-tuning on the dataset the pipeline
+    prepares (``data.path`` = ``data``, replacing the finetune_config's) and, for ssl and linear_probe, from the
+    encoder its pretraining exports. An explicit ``data.path`` override naming another dataset is an error (which
+    one was meant is not ours to guess)."""
+    overrides = []
+    for text in sweep.overrides:
+        key, _, value = text.partition("=")
+        if ".".join(resolve_key(key.strip(), FinetuneRunConfig)) == "data.path":
+            if Path(value.strip()).resolve() != Path(data).resolve():
+                raise ConfigError(f"sweep file {sweep.path}: overrides set data.path={value.strip()} but the pipeline "
+                                  f"fine-tunes on the dataset it prepares ({data}): drop that override, or run the "
+                                  "stages one by one")
+            continue
+        overrides.append(text)
+    uses_encoder = any(METHODS[m][0] for m in sweep.methods)
+    return dataclasses.replace(sweep, path=Path(path), overrides=(*overrides, f"data.path={data}"),
+                               encoder=str(encoder) if uses_encoder else sweep.encoder)
+
+
+def sweep_yaml(sweep: Sweep, note: str = "") -> str:
+    """A sweep file's text (``load_sweep`` reads it back as ``sweep``)."""
+    body = {"methods": list(sweep.methods), "fractions": list(sweep.fractions), "seeds": list(sweep.seeds),
+            "finetune_config": sweep.finetune_config, "encoder": sweep.encoder, "runs_dir": sweep.runs_dir,
+            "test_data": sweep.test_data, "overrides": list(sweep.overrides)}
+    head = "".join(f"# {line}\n" for line in note.splitlines())
+    return head + yaml.safe_dump(body, sort_keys=False)
+
+
 def changed_error(sweep: Sweep, task: SweepTask, detail: str) -> ConfigError:
     return ConfigError(f"sweep task {task.index} ({task.name}): {task.dir} was run with another config than sweep "
                        f"file {sweep.path} now produces ({detail}); delete or move that directory to rerun the "
@@ -336,10 +399,14 @@ def run_sweep(sweep_path: str | Path, task_id: str) -> tuple[int, list[dict[str,
 
     sweep = load_sweep(sweep_path)
     pairs = select_tasks(sweep, task_configs(sweep), task_id)
+    to_run = []
     for task, cfg in pairs:
         state, detail = task_state(sweep, task, cfg)
         if state == "changed":
             raise changed_error(sweep, task, detail)
+        if state != "finished":
+            to_run.append((task, cfg))
+    check_paths(sweep, to_run)
     if detect_env().rank == 0:
         atomic_write_json(Path(sweep.runs_dir) / PLAN_NAME, plan_record(sweep, plan(sweep)))
     outcomes = []
@@ -383,6 +450,9 @@ def register(subparsers) -> None:
         "--task-id $SLURM_ARRAY_TASK_ID'. Order: method-major, then fraction, then seed.")
     p.add_argument("sweep", help="sweep YAML file (e.g. configs/sweep.yaml)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--produced", action="append", default=[], metavar="PATH",
+                   help="an input (dataset or encoder) that an upstream job of the same chain will write: not "
+                   "required to exist yet (repeatable). Every other dataset and encoder must exist")
     p.set_defaults(func=_plan_command)
     r = subparsers.add_parser(
         "sweep-report", help="gather a sweep's metrics: CSV, the paper's Figure 2, labels saved, report.md",
@@ -399,11 +469,14 @@ def register(subparsers) -> None:
 
 def _plan_command(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep)
-    rows = []
+    rows, pending = [], []
     for task, cfg in task_configs(sweep):
         state, detail = task_state(sweep, task, cfg)
         rows.append({"index": task.index, "method": task.method, "fraction": task.fraction, "seed": task.seed,
                      "dir": str(task.dir), "state": state, "detail": detail})
+        if state != "finished":
+            pending.append((task, cfg))
+    check_paths(sweep, pending, tuple(args.produced))
     n = len(rows)
     if args.json:
         print(json.dumps({"sweep": str(sweep.path), "n_tasks": n, "array": f"0-{n - 1}", "tasks": rows}, indent=2))
