@@ -16,3 +16,38 @@ def release_h5(tmp_path: Path):
         return write_release_h5(tmp_path / name, n, **kw)
 
     return make
+
+
+def _process_state() -> dict[str, object]:
+    """Process-global state a test could leave behind for later tests in the same pytest process."""
+    import signal
+
+    import torch
+
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")}
+    return {"torch threads": torch.get_num_threads(), "torch default dtype": torch.get_default_dtype(),
+            "torch grad mode": torch.is_grad_enabled(), "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
+            "torch deterministic": torch.are_deterministic_algorithms_enabled(), **handlers}
+
+
+@pytest.fixture(autouse=True)
+def no_state_left_behind():
+    """Fail (and repair) a test that changes process-global state: a later test would run under it. A leaked
+    thread count once turned a latent heap corruption into an abort of the whole run, far from its cause."""
+    import signal
+
+    import torch
+
+    before = _process_state()
+    yield
+    after = _process_state()
+    changed = {k: (before[k], after[k]) for k in before if after[k] != before[k]}
+    if not changed:
+        return
+    torch.set_num_threads(before["torch threads"])
+    torch.set_default_dtype(before["torch default dtype"])
+    torch.set_grad_enabled(before["torch grad mode"])
+    torch.use_deterministic_algorithms(before["torch deterministic"])
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), before[name])
+    pytest.fail(f"the test left process-global state changed (before, after): {changed}")

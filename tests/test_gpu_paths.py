@@ -36,7 +36,8 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
 
 def _tiny_cfg(*more: str):
-    return load_config(None, ["model.arch=resnet18", "model.width=4", "model.embed_dim=16", "moco.queue_size=32",
+    # width 8, not 4: channels_last at width < 8 is refused on a CPU (models/cpu_guards.py, test below)
+    return load_config(None, ["model.arch=resnet18", "model.width=8", "model.embed_dim=16", "moco.queue_size=32",
                               "loader.batch_size=8", "optim.batch_ref=8", "optim.lr=0.1", "moco.bn_splits=4", *more])
 
 
@@ -545,3 +546,37 @@ def test_cuda_pinned_staging_buffer_is_page_locked() -> None:
 
     a = _pinned_array((2, 3, 4))
     assert torch.from_numpy(a).is_pinned()
+
+
+# ---------------------------------------------------------------------- a CPU kernel defect, refused up front
+
+
+def test_narrow_channels_last_cpu_training_is_refused() -> None:
+    """ResNet width 4 has a 1x1 stride-2 shortcut of 4 input channels, whose channels_last backward corrupts the
+    heap in oneDNN's AVX2 kernel (the abort that ended whole test runs on AMD EPYC CI machines): refused on a
+    CPU, for both trainers, before any step; NCHW, or width 8, trains."""
+    from photoz_hpc.models.cpu_guards import corrupting_convolutions
+    from photoz_hpc.models.resnet import ResNet
+
+    assert [name for name, _ in corrupting_convolutions(ResNet("resnet18", width=4))] == ["layer2.0.downsample.0"]
+    assert corrupting_convolutions(ResNet("resnet18", width=8)) == []
+    assert corrupting_convolutions(ResNet("resnet50", width=64)) == []
+    narrow = ("model.arch=resnet18", "model.width=4")
+    with pytest.raises(ConfigError, match=r"1x1 stride-2 convolution of 4 input channels.*model.width >= 8"):
+        Trainer(_tiny_cfg(*narrow, "model.channels_last=true"), Comm(), CPU, steps_per_epoch=10)
+    tr = Trainer(_tiny_cfg(*narrow, "model.channels_last=false"), Comm(), CPU, steps_per_epoch=10)
+    x = torch.randn(8, 5, 16, 16)
+    assert torch.isfinite(tr.train_step(x, x.flip(-1))["loss"])
+
+
+def test_narrow_channels_last_cpu_finetuning_is_refused() -> None:
+    from photoz_hpc.models.cpu_guards import check_cpu_channels_last
+    from photoz_hpc.models.photoz_net import build_photoz_net
+
+    cfg = _tiny_cfg("model.width=4")
+    net = build_photoz_net(cfg.model)
+    with pytest.raises(ConfigError, match="layer2.0.downsample.0"):
+        check_cpu_channels_last(net, CPU, True)
+    check_cpu_channels_last(net, CPU, False)
+    check_cpu_channels_last(net, GPU, True)  # cuDNN has no such defect
+

@@ -30,6 +30,7 @@ from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import photoz_metrics
+from photoz_hpc.models.cpu_guards import check_cpu_channels_last
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
 from photoz_hpc.train.checkpoint import WrongCheckpointKind, checkpoint_dir, list_checkpoints, read_pretrained_encoder
 from photoz_hpc.train.inference import predict
@@ -149,6 +150,7 @@ class FinetuneTask:
             for p in net.encoder.parameters():
                 p.requires_grad_(False)
         net = net.to(device)
+        check_cpu_channels_last(net, device, channels_last)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.model = net

@@ -18,6 +18,7 @@ from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import Config
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.logs import get_logger
+from photoz_hpc.models.cpu_guards import check_cpu_channels_last
 from photoz_hpc.models.export import export_moco_encoder
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.momentum import momentum_at
@@ -60,6 +61,7 @@ class Trainer:
         self.memory_format = memory_format_name(self.channels_last)
         torch.manual_seed(cfg.seed)  # identical initial weights everywhere (and broadcast anyway)
         model = build_moco(cfg, comm).to(device)
+        check_cpu_channels_last(model, device, self.channels_last)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model

@@ -107,8 +107,11 @@ def memory_format_name(channels_last: bool) -> str:
 def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]], hold: RunDir | None = None,
                   interrupt: bool = False) -> dict[str, Any]:
     """Set up device, threads and communicator, and hold the output directory ``hold``, around
-    ``body(cfg, comm, device, flag)``. ``interrupt``: a first Ctrl-C only sets the flag too (training runs)."""
+    ``body(cfg, comm, device, flag)``. ``interrupt``: a first Ctrl-C only sets the flag too (training runs).
+    torch's thread count is the process's again afterwards: a run called from Python (a notebook, a test) leaves
+    no global state behind for what comes next."""
     flag = PreemptionFlag(interrupt).install()
+    threads_before = torch.get_num_threads()
     try:
         env = detect_env()
         device = resolve_device(cfg.train.device, env.local_rank)
@@ -125,4 +128,5 @@ def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]], h
             if own:
                 comm.shutdown()
     finally:
+        torch.set_num_threads(threads_before)
         flag.restore()
