@@ -314,8 +314,10 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
 
 
 def _signal_flags(flag: PreemptionFlag, device) -> torch.Tensor:
-    """[a pre-emption signal arrived, SIGINT arrived] on this rank, as a device tensor for the step's reduction."""
-    return torch.tensor([float(flag.preempted), float(flag.interrupted)], dtype=torch.float64).to(device)
+    """[a pre-emption signal arrived, SIGINT arrived] on this rank, as a device tensor for the step's reduction
+    (filled on the device: ``torch.tensor(list)`` would be a host->device copy every step)."""
+    return torch.stack([torch.full((), float(v), dtype=torch.float64, device=device)
+                        for v in (flag.preempted, flag.interrupted)])
 
 
 def finished_summary(out_dir: Path, step: int) -> dict[str, Any] | None:
