@@ -15,12 +15,13 @@ from photoz_hpc.comm.liveness import Watchdog
 from photoz_hpc.comm.select import init_comm
 from photoz_hpc.config import load_config
 from photoz_hpc.errors import ConfigError, PhotozError
+from photoz_hpc.torch_files import read_torch_file, write_torch_file
 from photoz_hpc.train.checkpoint import find_latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from photoz_hpc.train.metrics_log import MetricsLog
 from photoz_hpc.train.optim import LARS, build_optimizer, lr_at
 from photoz_hpc.train.precision import resolve_precision
 from photoz_hpc.train.pretrain import Trainer, local_queue_ptr
-from photoz_hpc.train.runtime import resolve_device
+from photoz_hpc.train.runtime import resolve_device, rng_state, set_rng_state
 
 
 def test_lr_linear_scaling_warmup_and_cosine() -> None:
@@ -146,6 +147,54 @@ def test_cuda_device_index_with_per_task_gpu_binding(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(PhotozError, match="no CUDA device"):
         cuda_device_index(0)
+
+
+class _FakeCudaRng:
+    """``n`` visible GPUs' generators (distinct byte states), as torch.cuda's RNG functions see them: a device
+    index past the visible ones is an IndexError, like torch's ``default_generators[idx]``."""
+
+    def __init__(self, monkeypatch, n: int) -> None:
+        self.states = [torch.full((8,), 10 * i, dtype=torch.uint8) for i in range(n)]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[self._index(device)].clone())
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in self.states])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [self.set(t, i) for i, t in enumerate(states)])
+
+    @staticmethod
+    def _index(device) -> int:
+        return device if isinstance(device, int) else (torch.device(device).index or 0)
+
+    def set(self, state: torch.Tensor, device="cuda") -> None:
+        self.states[self._index(device)] = state.clone()
+
+
+def test_cuda_rng_state_is_the_ranks_own_gpu_and_resumes_with_fewer_visible(monkeypatch, tmp_path: Path, caplog) -> None:
+    """Saved under torchrun with 4 GPUs visible (local rank 2 on cuda:2), resumed under ``srun --gpus-per-task=1``
+    (one GPU visible, cuda:0): cuda:0 gets what cuda:2 had. Older checkpoints (one state per visible GPU) give the
+    rank the entry of the GPU it used then; something else is skipped with a warning."""
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    _FakeCudaRng(monkeypatch, 4)
+    saved = rng_state(torch.device("cuda", 2))
+    assert torch.equal(saved["cuda"], torch.full((8,), 20, dtype=torch.uint8))
+    assert "cuda" not in rng_state(torch.device("cpu"))  # a CPU run has no GPU stream to keep
+    path = write_torch_file(tmp_path / "ck.pt", {"rng": [saved]})
+    loaded = read_torch_file(path, "checkpoint")["rng"][0]  # weights_only
+    one = _FakeCudaRng(monkeypatch, 1)
+    set_rng_state(loaded, torch.device("cuda", 0))
+    assert torch.equal(one.states[0], torch.full((8,), 20, dtype=torch.uint8))
+    old = {**loaded, "cuda": [torch.full((8,), 10 * i, dtype=torch.uint8) for i in range(4)]}  # get_rng_state_all
+    one = _FakeCudaRng(monkeypatch, 1)
+    set_rng_state(old, torch.device("cuda", 0))
+    assert torch.equal(one.states[0], torch.full((8,), 20, dtype=torch.uint8))
+    one = _FakeCudaRng(monkeypatch, 1)
+    with caplog.at_level(logging.WARNING):
+        set_rng_state({**loaded, "cuda": []}, torch.device("cuda", 0))
+    assert torch.equal(one.states[0], torch.zeros(8, dtype=torch.uint8)) and "GPU's random stream restarts" in caplog.text
+    set_rng_state(loaded, torch.device("cpu"))  # CPU resume of a GPU checkpoint: the CPU streams only
 
 
 def test_watchdog_start_stop_join() -> None:

@@ -265,7 +265,7 @@ class FinetuneTask:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self, loader=None) -> dict[str, Any] | None:
         self.sync_buffers()
-        rngs = self.comm.allgather_object(rng_state())
+        rngs = self.comm.allgather_object(rng_state(self.device))
         loaders = self.comm.allgather_object(loader.state_dict() if loader is not None else None)
         if self.comm.rank != 0:
             return None
@@ -291,7 +291,7 @@ class FinetuneTask:
         self.step = int(state["step"])
         self.best, self.last_val = state["best"], state.get("last_val")
         if state["world"] == self.comm.world and state["batch_size"] == self.batch:
-            set_rng_state(state["rng"][self.comm.rank])
+            set_rng_state(state["rng"][self.comm.rank], self.device)
             if loader is not None and state["loader"][self.comm.rank] is not None:
                 loader.load_state_dict(state["loader"][self.comm.rank])
                 return True

@@ -130,7 +130,7 @@ class Trainer:
         replicated = self.cfg.moco.queue_mode == "replicated"
         queue = model.queue.detach()
         shards = queue.unsqueeze(0) if (replicated or comm.world == 1) else comm.allgather(queue.unsqueeze(0))
-        rngs = comm.allgather_object(rng_state())
+        rngs = comm.allgather_object(rng_state(self.device))
         loaders = comm.allgather_object(loader.state_dict() if loader is not None else None)
         if comm.rank != 0:
             return None
@@ -180,7 +180,7 @@ class Trainer:
         self.step = int(state["step"])
         same_layout = saved_world == comm.world and saved_batch == self.batch
         if same_layout:
-            set_rng_state(state["rng"][comm.rank])
+            set_rng_state(state["rng"][comm.rank], self.device)
             if loader is not None and state["loader"][comm.rank] is not None:
                 loader.load_state_dict(state["loader"][comm.rank])
                 return True

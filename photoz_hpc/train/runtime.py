@@ -55,24 +55,42 @@ def set_cpu_threads(cfg, device: torch.device) -> int:
     return n
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG streams as plain data (tensors, lists, numbers: checkpoints load with weights_only=True)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG streams as plain data (tensors, lists, numbers: checkpoints load with weights_only=True).
+    ``device``: the rank's CUDA device, whose generator alone is saved (``cuda``: one state). Not every visible GPU's: a resume that sees fewer GPUs (``srun --gpus-per-task=1`` after torchrun)
+    would have nowhere to put the others."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore ``rng_state()``; also the numpy tuple of older checkpoints (its key array read as a tensor)."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore ``rng_state()``; also the numpy tuple of older checkpoints (its key array read as a tensor). The
+    saved CUDA state goes to ``device`` (the rank's own GPU) only; see ``_own_cuda_state`` for older checkpoints."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(_numpy_state(state["numpy"]))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None and device.type == "cuda" and state.get("cuda") is not None:
+        own = _own_cuda_state(state["cuda"])
+        if own is not None:
+            torch.cuda.set_rng_state(own, device)
+
+
+def _own_cuda_state(saved: Any) -> torch.Tensor | None:
+    """The saved state of the rank's own GPU. Older checkpoints hold one state per GPU visible at save time
+    (``get_rng_state_all``), and the rank used entry ``local_rank % len`` then (``comm/devices.py``), which holds
+    for the same launch layout (the RNG is restored only for the same world size)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if isinstance(saved, (list, tuple)) and saved and all(isinstance(t, torch.Tensor) for t in saved):
+        return saved[detect_env().local_rank % len(saved)]
+    log.warning("checkpoint's CUDA RNG state is not a state or a list of states (%s): the GPU's random stream "
+                "restarts", type(saved).__name__)
+    return None
 
 
 def _numpy_state(saved: Any) -> tuple[str, np.ndarray, int, int, float]:
