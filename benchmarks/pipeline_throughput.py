@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/pipeline_throughput.py [--data DIR] [--n 4096] [--batch-size 256]
        [--threads 2] [--batches 12] [--pipeline pretrain] [--json out.json]
+       python benchmarks/pipeline_throughput.py --store-only --work DIR --n 8192   (the GPU check's store step)
 
 Without ``--data`` it writes a synthetic store (random 107x107x5 cutouts via ``prepare``) under
 ``--work``. Each loader runs through the public ``build_loader`` API; the first ``--warmup``
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_store(work: Path, n: int, size: int = 107) -> Path:
+    import shutil
+
     import h5py
 
     from photoz_hpc.constants import R_DR12
@@ -36,6 +39,9 @@ def make_store(work: Path, n: int, size: int = 107) -> Path:
     if (out / "manifest.json").exists():
         return out
     work.mkdir(parents=True, exist_ok=True)
+    # A build killed midway leaves OUT.partial planned for the HDF5 it wrote then; the HDF5 is written anew
+    # below (another file to prepare's plan), so that staging could never be resumed and would fail every rerun.
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     rng = np.random.default_rng(0)
     h5 = work / f"bench-{n}-{size}.h5"
     with h5py.File(h5, "w") as fh:
@@ -92,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default="auto", help="cpu, gpu, or auto (cpu plus gpu when present)")
     ap.add_argument("--cold", action="store_true", help="include the first-read CRC check of every record (epoch 0)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--store-only", action="store_true", help="build (or reuse) the --work store, print its path, exit")
     args = ap.parse_args(argv)
+    if args.store_only:
+        print(make_store(args.work, args.n))
+        return 0
 
     import torch
 

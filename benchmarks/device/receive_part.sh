@@ -2,7 +2,8 @@
 # On the device: keep one carried wheel part outside the working copy (STORE, default /root/photoz-dali, which
 # stays while the machine is warm), and once every part named in the MANIFEST is there, check the sha256 sums,
 # reassemble the wheel and install it (no network, no dependencies resolved: the carried ones in deps/) into
-# STORE/site. benchmarks/gpu_check.sh puts STORE/site on PYTHONPATH when it holds nvidia/dali.
+# STORE/site. benchmarks/gpu_check.sh puts STORE/site on PYTHONPATH when it holds nvidia/dali, after
+# benchmarks/device/nvidia_ns (a regular nvidia package extending its path over every nvidia/ directory).
 #
 #   bash benchmarks/device/receive_part.sh PART_DIR     one part (e.g. .dali/part2); installs after the last
 #   bash benchmarks/device/receive_part.sh --status     which parts are there
@@ -37,6 +38,8 @@ rm -rf "$STORE/site"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$STORE/site" "$wheel" \
   "$STORE"/deps/*.whl || { echo "receive_part.sh: pip install failed" >&2; exit 1; }
 rm -f "$wheel" "$STORE"/parts/wheel.part*
-PYTHONPATH="$STORE/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
+# as benchmarks/gpu_check.sh imports it: nvidia_ns first (the image's regular nvidia package would hide DALI's)
+NS="$(cd "$(dirname "$0")" && pwd)/nvidia_ns"
+PYTHONPATH="$NS${PYTHONPATH:+:$PYTHONPATH}:$STORE/site" "$PY" -c \
   'import nvidia.dali as d, nvidia.dali.fn; print("DALI", d.__version__, "importable from", d.__file__)' \
   || { echo "receive_part.sh: installed, but nvidia.dali does not import" >&2; exit 1; }

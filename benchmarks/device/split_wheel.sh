@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Split a wheel (and the small wheels it needs) into parts that each fit one device call (the working tree
-# plus carried paths travel in at most 64 MiB), under PARTS (default /tmp/photoz-dali-parts), linked into the
-# repository as .dali (ignored by git, never committed), so that `carry: [".dali/partN"]` sends part N.
+# plus carried paths travel in at most 64 MiB), under PARTS (default: the repository's .dali, a real directory,
+# ignored by git and never committed), so that `carry: [".dali/partN"]` sends part N. A symbolic link to a
+# directory outside the repository would not do: a carried path travels as what it is, and a link would arrive
+# pointing at a directory the device machine does not have.
 #
 #   bash benchmarks/device/split_wheel.sh WHEEL [DEPS_DIR] [PART_MIB]
 #     WHEEL     e.g. nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl, fetched with
@@ -16,8 +18,8 @@ set -euo pipefail
 WHEEL=${1:?usage: split_wheel.sh WHEEL [DEPS_DIR] [PART_MIB]}
 DEPS=${2:-}
 MIB=${3:-48}
-PARTS=${PARTS:-/tmp/photoz-dali-parts}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
+PARTS=${PARTS:-$REPO/.dali}
 (( MIB <= 60 )) || { echo "split_wheel.sh: parts of at most 60 MiB (got $MIB)" >&2; exit 2; }
 [[ -f "$WHEEL" ]] || { echo "split_wheel.sh: no wheel at $WHEEL" >&2; exit 2; }
 rm -rf "$PARTS"
@@ -44,9 +46,7 @@ fi
   done
 } > "$PARTS/MANIFEST"
 for ((i = 0; i < n; i++)); do cp "$PARTS/MANIFEST" "$PARTS/part$i/"; done
-LINK=${LINK:-$REPO/.dali}
-ln -sfn "$PARTS" "$LINK"
 grep -qx '/.dali' "$REPO/.gitignore" 2>/dev/null || echo "note: add /.dali to .gitignore" >&2
 du -sh "$PARTS"/part* | sed 's/^/  /'
-echo "$n parts under $PARTS (linked as $LINK); send each with carry [\".dali/partN\"] and"
+echo "$n parts under $PARTS; send each with carry [\".dali/partN\"] and"
 echo "  bash benchmarks/device/receive_part.sh .dali/partN"
