@@ -249,6 +249,8 @@ def run_mode(mode: str, cfg, comm, device, args, loader=None) -> dict[str, Any]:
 def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb) -> dict[str, Any]:
     import torch
 
+    from photoz_hpc.train.late_reads import LateRead
+
     device = trainer.device if trainer is not None else None
     if mode == "synthetic":
         b, s = cfg.loader.batch_size, cfg.augment.crop_size
@@ -274,9 +276,9 @@ def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb) ->
             return
         res = trainer.train_batch(batch)
         local = torch.stack([res["loss"].detach().reshape(()).double(), res["metrics"]["acc"].reshape(()).double()])
-        reduced = comm.allreduce(local, "sum")  # the loop's one metric all-reduce per step (timed as comm)
+        reduced = LateRead(comm.allreduce(local, "sum"))  # the loop's one metric all-reduce per step (timed as comm)
         if pending is not None:
-            pending.tolist()  # read one step late, as train.loop does
+            pending.tolist()  # read one step late after its own copy's event, as train.loop does
         pending = reduced
 
     regions.enabled = False

@@ -3,7 +3,8 @@ CUDA tests that ``benchmarks/gpu_check.sh`` runs on a GPU machine (skipped here)
 
 Covered: the memory-format and precision choices, device set-up, Horovod with channels_last tensors and
 its collective names, split BatchNorm staying channels_last, SyncBN without host copies, no host
-synchronisation in a training step and metrics read one step late by the loop, the exported encoder
+synchronisation in a training step and metrics read one step late by the loop (on a faked GPU: a pinned
+non-blocking copy behind an event, waited for one step late; the benchmark's step too), the exported encoder
 (CPU, contiguous, loadable anywhere), and the DALI GPU path's pinned staging buffers.
 """
 
@@ -409,6 +410,183 @@ def test_loop_reads_each_steps_metrics_one_step_late(monkeypatch, tmp_path: Path
     assert windows[steps][:2] == ["read:tolist", "read:tolist"], windows[steps]  # step 6, then 7 after the loop
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == steps  # every step still logged (log_every=1), in order
+
+
+# ---------------------------------------------------------------------- a faked GPU timeline: late reads, event timing
+
+
+class FakeGpu:
+    """What ``train/late_reads.py`` uses of a GPU, faked on the CPU, every use logged in order (``log``, shared
+    with ``HostSyncs``): ``pin_memory`` (marks the tensor), a copy into a pinned tensor (blocking or not),
+    ``torch.cuda.Event`` (one stream: events complete in record order, an event's ``synchronize`` completes it and
+    every earlier one; ``elapsed_time`` raises unless both are complete, as CUDA does) and
+    ``torch.cuda.synchronize``."""
+
+    def __init__(self, monkeypatch, log: list[str]) -> None:
+        from photoz_hpc.train import late_reads
+
+        self.log, self.recorded, self.done = log, 0, 0
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                self.seq, self.timing = None, enable_timing
+
+            def record(self, stream=None) -> None:
+                gpu.recorded += 1
+                self.seq = gpu.recorded
+                log.append(f"record:{self.seq}")
+
+            def synchronize(self) -> None:
+                log.append(f"sync:{self.seq}")
+                gpu.done = max(gpu.done, self.seq)
+
+            def query(self) -> bool:
+                return self.seq is not None and self.seq <= gpu.done
+
+            def elapsed_time(self, end) -> float:
+                assert self.timing and end.timing, "elapsed_time of an event without enable_timing"
+                if not (self.query() and end.query()):
+                    raise RuntimeError("elapsed_time of an event that has not completed (it would block or fail)")
+                log.append(f"elapsed:{self.seq}-{end.seq}")
+                return 2.0 * (end.seq - self.seq)  # ms: the faked device time between them
+
+        def pin(t):
+            log.append("pin")
+            t.fake_pinned = True
+            return t
+
+        copy = torch.Tensor.copy_
+
+        def copy_(t, src, non_blocking: bool = False):
+            if getattr(t, "fake_pinned", False):
+                log.append("copy:" + ("non_blocking" if non_blocking else "blocking"))
+            return copy(t, src, non_blocking)
+
+        monkeypatch.setattr(late_reads, "_on_gpu", lambda device: True)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("device-sync"))
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+        monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+
+def test_late_read_copies_at_once_without_blocking_and_waits_for_its_own_event(monkeypatch) -> None:
+    from photoz_hpc.train.late_reads import LateRead
+
+    plain = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    syncs = HostSyncs(monkeypatch)
+    with syncs:
+        assert LateRead(plain).tolist() == [1.0, 2.0]  # a CPU: the values as they are
+    assert syncs.events == ["read:tolist"]
+    syncs.events.clear()
+    FakeGpu(monkeypatch, syncs.events)
+    with syncs:
+        late = LateRead(plain)
+        plain.add_(10)  # the next step's kernels may reuse the device tensor: the read holds the copy
+        launched = list(syncs.events)
+        values = late.tolist()
+    assert launched == ["pin", "copy:non_blocking", "record:1"]  # no read, no wait at the all-reduce
+    assert syncs.events[3:] == ["sync:1", "read:tolist"] and values == [1.0, 2.0]
+
+
+def _fake_gpu_windows(ev: list[str]) -> dict[int, list[str]]:
+    """What happens after step k ends and before step k + 1 starts (no host read inside a step)."""
+    windows: dict[int, list[str]] = {}
+    current = None
+    for e in ev[ev.index("start:1"):]:
+        if e.startswith("start:"):
+            current = None
+        elif e.startswith("end:"):
+            current = int(e[4:])
+            windows[current] = []
+        elif current is None:
+            if e.startswith(("read:", "op:", "sync:", "device-sync", "elapsed:")):
+                pytest.fail(f"a host read or wait inside a training step: {e} ({ev})")
+        else:
+            windows[current].append(e)
+    return windows
+
+
+def test_loop_on_a_gpu_reads_step_k_after_step_k1_launched_and_after_its_event(monkeypatch, tmp_path: Path) -> None:
+    """The loop on a (faked) GPU: step k's reduced metrics are copied into pinned memory without blocking and an
+    event recorded right after the all-reduce; they are read after step k + 1 was launched, right after that
+    event's ``synchronize`` (of step k, not a later one), and nothing else waits or reads in between."""
+    from photoz_hpc.train.pretrain import run_pretrain
+
+    steps = 6
+    cfg = _tiny_cfg(f"out_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "train.checkpoint_every=100000",
+                    "train.progress=false", "train.tensorboard=false", "train.log_every=1", "dist.backend=none")
+    syncs = HostSyncs(monkeypatch)
+    FakeGpu(monkeypatch, syncs.events)
+    inner = Trainer.train_step
+
+    def timed_step(self, v1, v2):
+        syncs.events.append(f"start:{self.step + 1}")
+        out = inner(self, v1, v2)
+        syncs.events.append(f"end:{self.step}")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    with syncs:
+        s = run_pretrain(cfg, loader=_SyntheticLoader(5, 8, 16), comm=Comm())
+    assert s["steps"] == steps
+    windows = _fake_gpu_windows(syncs.events)
+    copied: dict[int, int] = {}  # step -> the event recorded behind its metrics' copy
+    for k in range(1, steps + 1):
+        w = windows[k]
+        i = w.index("copy:non_blocking")
+        assert w[i - 1] == "pin" and w[i + 1].startswith("record:"), w
+        copied[k] = int(w[i + 1][7:])
+        waits = [e for e in w if e.startswith(("sync:", "read:", "op:", "device-sync"))]
+        if k == 1:
+            assert waits == [], w  # step 1 is not read right after it ...
+        elif k < steps:
+            assert waits == [f"sync:{copied[k - 1]}", "read:tolist"], w  # ... but after step 2 was launched
+            assert w.index(f"sync:{copied[k - 1]}") > i + 1  # and after this step's copy was enqueued
+    last = [e for e in windows[steps] if e.startswith(("sync:", "read:", "op:", "device-sync"))]
+    assert last[:4] == [f"sync:{copied[steps - 1]}", "read:tolist", f"sync:{copied[steps]}", "read:tolist"], last
+    assert "blocking" not in " ".join(syncs.events).replace("non_blocking", "")
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == steps
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_throughput_on_a_gpu_reads_each_step_after_the_next_launched(monkeypatch) -> None:
+    """benchmarks/train_throughput.py's step, as the loop's: step k's metrics copied without blocking behind an
+    event, read after step k + 1 was launched and after that event alone."""
+    bench = _benchmark("train_throughput")
+    syncs = HostSyncs(monkeypatch)
+    FakeGpu(monkeypatch, syncs.events)
+    inner = Trainer.train_step
+
+    def timed_step(self, v1, v2):
+        syncs.events.append(f"start:{self.step + 1}")
+        out = inner(self, v1, v2)
+        syncs.events.append(f"end:{self.step}")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    args = SimpleNamespace(warmup=1, windows=1, window_steps=4, breakdown=False)
+    cfg = _tiny_cfg("train.progress=false", "train.tensorboard=false")
+    with syncs:
+        out = bench.run_mode("synthetic", cfg, Comm(), CPU, args)
+    assert out["img_per_s"] > 0
+    windows = _fake_gpu_windows(syncs.events)
+    copied = {}
+    for k in range(1, 6):
+        w = windows[k]
+        i = w.index("copy:non_blocking")
+        copied[k] = int(w[i + 1][7:])
+        waits = [e for e in w if e.startswith(("sync:", "read:", "op:"))]
+        assert waits == ([] if k == 1 else [f"sync:{copied[k - 1]}", "read:tolist"]) + \
+            ([f"sync:{copied[k]}", "read:tolist"] if k == 5 else []), (k, w)
 
 
 # ---------------------------------------------------------------------- exported encoder

@@ -10,8 +10,9 @@ model-specific parts (see ``Task``). Every rank runs the same sequence of collec
 writes files.
 
 Host synchronisation: a step's metrics (loss, task metrics, the pre-emption flag) are reduced in
-one all-reduce into a device tensor and read on the host one step later, so the host never waits
-for the step it has just launched; the check for a non-finite loss and the pre-emption agreement
+one all-reduce into a device tensor, copied at once into pinned host memory behind a CUDA event
+(``train/late_reads.py``) and read on the host one step later, after that event: the host never waits
+for the step it has just launched (loader time and kernel launches overlap the GPU's work); the check for a non-finite loss and the pre-emption agreement
 therefore act one step late (the checkpoint written then is still a consistent state).
 """
 
@@ -33,6 +34,7 @@ from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
+from photoz_hpc.train.late_reads import LateRead
 from photoz_hpc.train.metrics_log import MetricsLog, ProgressLines
 from photoz_hpc.train.resume import dataset_identities, mismatch
 from photoz_hpc.train.signals import PreemptionFlag
@@ -185,7 +187,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     saved_step = start_step if state is not None else -1
     epoch = task.step // steps_per_epoch
     mid_epoch = loader_restored and task.step % steps_per_epoch != 0
-    pending = None  # (step, reduced device tensor, host values) of the previous step, read one step late
+    pending = None  # (step, LateRead of the reduced metrics, host values) of the previous step, read one step late
 
     def drain() -> bool:
         """Read the previous step's reduced metrics on the host; log them; True if a stop signal was raised."""
@@ -194,7 +196,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
             return False
         step, reduced, host = pending
         pending = None
-        values = (reduced / world).tolist()  # the one host read of the step
+        values = [v / world for v in reduced.tolist()]  # the one host read of the step (waits for its copy alone)
         loss = values[0]
         if not np.isfinite(loss):
             raise PhotozError(f"loss became {loss} at step {step}; lower optim.lr or use fp32/bf16")
@@ -231,7 +233,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                 local = torch.stack([res["loss"].detach().reshape(()).to(torch.float64),
                                      *(res["metrics"][n].detach().reshape(()).to(torch.float64) for n in names),
                                      *_signal_flags(flag, res["loss"].device)])
-                reduced = comm.allreduce(local, "sum")  # one collective per step: metrics + pre-emption flag
+                reduced = LateRead(comm.allreduce(local, "sum"))  # one collective per step: metrics + pre-emption flag
                 preempted = drain() or preempted  # the previous step's values: the device is busy with this one
                 t2 = time.perf_counter()
                 step = task.step
