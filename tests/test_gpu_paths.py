@@ -589,6 +589,81 @@ def test_train_throughput_on_a_gpu_reads_each_step_after_the_next_launched(monke
             ([f"sync:{copied[k]}", "read:tolist"] if k == 5 else []), (k, w)
 
 
+# ---------------------------------------------------------------------- loaders: no stream sync per batch
+# The "GPU" here is torch's meta device: tensors with shapes but no data, so reading a value back on the host
+# (.any(), nonzero, a boolean mask, .tolist()) raises instead of silently synchronising.
+
+META = torch.device("meta")
+
+
+def _record_moves(monkeypatch) -> list:
+    calls = []
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)  # no CUDA here
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **kw: calls.append(("to", a, kw)) or to(t, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("pipeline", ["finetune", "eval"])
+def test_loader_batch_labels_reach_the_gpu_pinned_non_blocking_and_index_valid_stay_on_the_host(monkeypatch, pipeline) -> None:
+    from photoz_hpc.augment.base import LoaderBase
+    from photoz_hpc.augment.pipelines import PIPELINES
+    from photoz_hpc.augment.source import SourceBatch
+
+    p = PIPELINES[pipeline]
+    loader = LoaderBase(SimpleNamespace(spec=SimpleNamespace(pipeline=p)), "cpu")
+    loader.torch_device = META
+    sb = SourceBatch(index=np.array([4, 7, -1]), valid=np.array([True, True, False]), images=[], views=[],
+                     labels={"z_bin": np.array([1, 2, 0]), "redshift": np.array([0.1, 0.2, 0.0], np.float32)})
+    calls = _record_moves(monkeypatch)
+    out = loader.make_batch(sb, [torch.zeros(3, 5, 4, 4, device=META)])
+    assert set(out) == set(p.keys)
+    assert calls == ["pin", ("to", (META,), {"non_blocking": True})] * len(p.label_keys)
+    assert all(out[k].device == META for k in p.label_keys)
+    assert out["index"].device.type == "cpu" and out["index"].tolist() == [4, 7, -1]
+    if not p.training:
+        assert out["valid"].device.type == "cpu" and out["valid"].tolist() == [True, True, False]
+
+
+def _mixed_matrices() -> torch.Tensor:
+    """Rows: a translation inside the image, one partly outside it, a rotation, another inside translation."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    m = np.array([[[1, 0, 2], [0, 1, 3]], [[1, 0, -2], [0, 1, 1]], [[c, -s, 4.5], [s, c, 2.0]], [[1, 0, 0], [0, 1, 4]]],
+                 np.float32)
+    return torch.from_numpy(m)
+
+
+def test_reference_warp_on_a_gpu_reads_nothing_back(monkeypatch) -> None:
+    """The reference loader's warp decides translations from the host matrices: on a device whose values cannot be
+    read it runs (any .any(), nonzero or boolean mask would raise), the index of the general path's rows is pinned
+    and moved non-blocking, and the whole view (multiplier, noise) follows."""
+    from photoz_hpc.augment.reference import apply_view, warp
+
+    host = _mixed_matrices()
+    images, matrix = torch.zeros(4, 5, 12, 12, device=META), host.to(META)
+    calls = _record_moves(monkeypatch)
+    out = warp(images, matrix, 8, host)
+    assert out.shape == (4, 5, 8, 8) and out.device == META
+    moves = [c for c in calls if c == "pin" or any(isinstance(a, torch.device) for a in c[1])]
+    assert moves == ["pin", ("to", (META,), {"non_blocking": True})]  # rows 1 and 2: the general path's index
+    view = apply_view(images, matrix, torch.ones(4, 5, device=META), 8, torch.ones(4, 5, device=META),
+                      torch.zeros(4, 8, 8, 5, device=META), host)
+    assert view.shape == (4, 5, 8, 8)
+
+
+def test_reference_warp_from_host_matrices_equals_row_by_row() -> None:
+    """Same values as warping each row alone (all-translation or all-general batches, no row selection), with the
+    host matrices given or read from ``matrix``."""
+    from photoz_hpc.augment.reference import warp
+
+    host = _mixed_matrices()
+    images = torch.randn(4, 5, 12, 12, generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([warp(images[i : i + 1], host[i : i + 1], 8) for i in range(4)])
+    assert torch.equal(warp(images, host.clone(), 8, host), rows)
+    assert torch.equal(warp(images, host, 8), rows)
+    assert torch.equal(rows[0], images[0, :, 3:11, 2:10])  # the exact crop of a translation
+
+
 # ---------------------------------------------------------------------- exported encoder
 
 

@@ -72,12 +72,22 @@ class LoaderBase:
         raise NotImplementedError
 
     def make_batch(self, source_batch: SourceBatch, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The pipeline's batch dict (``Pipeline.keys``) from the augmented views (B, C, S, S)."""
-        device, pipeline = self.torch_device, self.pipeline
+        """The pipeline's batch dict (``Pipeline.keys``) from the augmented views (B, C, S, S): the labels on the
+        loader's device (``to_device``: no stream sync), ``index`` and ``valid`` on the host, where their readers
+        want them (training never uses them; evaluation writes them out)."""
+        pipeline = self.pipeline
         out: dict[str, torch.Tensor] = dict(zip(pipeline.view_keys, views, strict=True))
         for key in pipeline.label_keys:
-            out[key] = torch.from_numpy(source_batch.labels[key]).to(device)
-        out["index"] = torch.from_numpy(np.ascontiguousarray(source_batch.index, dtype=np.int64)).to(device)
+            out[key] = to_device(torch.from_numpy(np.ascontiguousarray(source_batch.labels[key])), self.torch_device)
+        out["index"] = torch.from_numpy(np.ascontiguousarray(source_batch.index, dtype=np.int64))
         if not pipeline.training:
-            out["valid"] = torch.from_numpy(np.ascontiguousarray(source_batch.valid)).to(device)
+            out["valid"] = torch.from_numpy(np.ascontiguousarray(source_batch.valid))
         return out
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking: a copy from pageable memory synchronises the stream (the host
+    waits for every kernel queued), one from pinned memory with ``non_blocking`` does not. On a CPU: ``t`` itself."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

@@ -14,43 +14,50 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from photoz_hpc.augment.base import LoaderBase
+from photoz_hpc.augment.base import LoaderBase, to_device
 from photoz_hpc.augment.source import BatchSource, SourceBatch
 
 
-def warp(images: torch.Tensor, matrix: torch.Tensor, size: int) -> torch.Tensor:
-    """Warp (B, C, H, W) images with destination-to-source matrices (B, 2, 3) to (B, C, size, size)."""
+def warp(images: torch.Tensor, matrix: torch.Tensor, size: int, host_matrix: torch.Tensor | None = None) -> torch.Tensor:
+    """Warp (B, C, H, W) images with destination-to-source matrices (B, 2, 3) to (B, C, size, size).
+    ``host_matrix``: the same matrices on the host (the loader has them there; default: ``matrix`` read back). Which
+    rows are exact integer translations, and their offsets, are decided on the host, so a GPU warp reads nothing
+    back from the device (``.any()``, ``nonzero``, boolean masks: each a stream sync)."""
     b, c, h, w = images.shape
+    host = (matrix if host_matrix is None else host_matrix).cpu()
     out = images.new_empty((b, c, size, size))
-    linear = matrix[:, :, :2]
-    shift = matrix[:, :, 2]
-    translate = (linear == torch.eye(2, dtype=matrix.dtype, device=matrix.device)).all(dim=(1, 2)) & (shift == shift.round()).all(dim=1)
-    if translate.any():
-        sel = torch.nonzero(translate).flatten().tolist()
-        offs = shift[translate].to(torch.int64).tolist()
-        for i, (x0, y0) in zip(sel, offs, strict=True):
+    shift = host[:, :, 2]
+    translate = ((host[:, :, :2] == torch.eye(2, dtype=host.dtype)).all(dim=(1, 2)) & (shift == shift.round()).all(dim=1))
+    offsets = shift.to(torch.int64).tolist()
+    rest = []
+    for i, exact in enumerate(translate.tolist()):
+        if exact:
+            x0, y0 = offsets[i]
             window = images[i, :, max(y0, 0) : y0 + size, max(x0, 0) : x0 + size]
             if window.shape[1:] == (size, size):
                 out[i] = window
-            else:  # partly outside the image: fall back to the general path below
-                translate[i] = False
-    rest = ~translate
-    if rest.any():
-        coords = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5)
-        gy, gx = torch.meshgrid(coords, coords, indexing="ij")
-        base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # (S, S, 3) pixel centres
-        src = torch.einsum("yxk,bik->byxi", base, matrix[rest].to(images.dtype))  # (b, S, S, 2) in pixels
-        grid = src * src.new_tensor([2.0 / w, 2.0 / h]) - 1.0
-        out[rest] = F.grid_sample(images[rest], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out
+                continue
+        rest.append(i)  # not a translation, or one partly outside the image: the general path below
+    if not rest:
+        return out
+    index = None if len(rest) == b else to_device(torch.tensor(rest, dtype=torch.int64), images.device)
+    sub = images if index is None else images.index_select(0, index)
+    mats = matrix if index is None else matrix.index_select(0, index)
+    coords = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # (S, S, 3) pixel centres
+    src = torch.einsum("yxk,bik->byxi", base, mats.to(images.dtype))  # (b, S, S, 2) in pixels
+    grid = torch.stack([src[..., 0] * (2.0 / w), src[..., 1] * (2.0 / h)], dim=-1) - 1.0
+    warped = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped if index is None else out.index_copy_(0, index, warped)
 
 
 def apply_view(
     images: torch.Tensor, matrix: torch.Tensor, mult: torch.Tensor, size: int,
-    sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+    sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None, host_matrix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One view: warp, per-band multiplier (B, C), then ``+ sigma (B, C) * noise (B, S, S, C)``."""
-    out = warp(images, matrix, size) * mult[:, :, None, None]
+    out = warp(images, matrix, size, host_matrix) * mult[:, :, None, None]
     if sigma is not None:
         out = out + noise.permute(0, 3, 1, 2) * sigma[:, :, None, None]
     return out
@@ -77,9 +84,9 @@ def augment_raw(raw: dict, size: int, device: torch.device) -> list[torch.Tensor
     """Apply every view of a raw batch on ``device``; images move there first (GPU path)."""
     images = raw["images"].to(device, non_blocking=True).permute(0, 3, 1, 2)
     outs = []
-    for v in raw["views"]:
-        v = {k: t.to(device, non_blocking=True) for k, t in v.items()}
-        outs.append(apply_view(images, v["matrix"], v["mult"], size, v.get("sigma"), v.get("noise")))
+    for host in raw["views"]:
+        v = {k: t.to(device, non_blocking=True) for k, t in host.items()}
+        outs.append(apply_view(images, v["matrix"], v["mult"], size, v.get("sigma"), v.get("noise"), host["matrix"]))
     return outs
 
 

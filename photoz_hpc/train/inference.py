@@ -60,8 +60,8 @@ def predict(net: nn.Module, loader, comm: Comm, device: torch.device, autocast=N
         for batch in loader:
             log_p = batch_log_probs(net, batch["image"].to(device, non_blocking=True), tta, autocast, channels_last)
             probs = log_p.exp()
-            rows["index"].append(batch["index"].to(device))
-            rows["valid"].append(batch["valid"].to(device))
+            rows["index"].append(batch["index"])  # host tensors (loaders keep them there): moved once, below
+            rows["valid"].append(batch["valid"])
             rows["z_phot"].append(probs @ centres)
             if with_probs:
                 rows["probs"].append(probs)
@@ -73,7 +73,7 @@ def predict(net: nn.Module, loader, comm: Comm, device: torch.device, autocast=N
     empty = {"index": torch.zeros(0, dtype=torch.long, device=device),
              "valid": torch.zeros(0, dtype=torch.bool, device=device), "z_phot": torch.zeros(0, device=device),
              "probs": torch.zeros(0, n_bins, device=device), "log_probs": torch.zeros(0, n_bins, device=device)}
-    local = {key: torch.cat(parts) if parts else empty[key] for key, parts in rows.items()}
+    local = {key: (torch.cat(parts) if parts else empty[key]).to(device) for key, parts in rows.items()}
     out = {}
     for key, t in local.items():
         t = t.to(torch.uint8) if t.dtype == torch.bool else t
