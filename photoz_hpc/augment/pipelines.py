@@ -37,8 +37,8 @@ KEYS = {
     "image": "(B, 5, S, S) float32",
     "z_bin": f"(B,) int64: redshift bin, {N_Z_BINS} bins over [{Z_MIN:g}, {Z_MAX:g})",
     "redshift": "(B,) float32: spectroscopic redshift",
-    "index": "(B,) int64: dataset rows (of `ds.meta`); -1 on padding rows",
-    "valid": "(B,) bool: False on padding rows",
+    "index": "(B,) int64, on the host: dataset rows (of `ds.meta`); -1 on padding rows",
+    "valid": "(B,) bool, on the host: False on padding rows",
 }
 
 
