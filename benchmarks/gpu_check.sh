@@ -15,14 +15,15 @@
 #   store          30  the store of 8192 cutouts the later steps read (reused while the machine is warm; a build
 #                      killed midway is removed and built again)
 #   gpu_tests      55  pytest tests/test_gpu_paths.py on the GPU: crashes and wrong results of the CUDA-only paths
+#   split_bn       30  split BatchNorm on channels_last activations: eager and fused (torch.compile) backwards vs
+#                      the NCHW copy; prints the moco.split_bn_backward to use (docs/training.md); compiles the
+#                      fused backward the training runs use (auto = fused on a GPU)
 #   pretrain_bf16  45  MoCo ResNet-50, per-GPU batch 256, 64x64, bf16 + channels_last, 40 steps: img/s end to end
 #                      and compute-only (step time minus data wait; the reference loader limits the former)
-#   loader         25  GPU loader throughput: reference, and DALI when present (goal >= 40,000 two-view samples/s)
-#   split_bn       20  split BatchNorm on channels_last activations: layout-preserving paths vs NCHW copy (which
-#                      split-BN backward the GPU should use: docs/training.md)
+#   loader         20  GPU loader throughput: reference, and DALI when present (goal >= 40,000 two-view samples/s)
 #   pretrain_fp16  25  the same as pretrain_bf16 with fp16 + GradScaler, 20 steps
 #   dali_tests     25  augment tests on the DALI GPU path (PHOTOZ_AUGMENT_DEVICE=gpu)                     [DALI]
-#   pretrain_dali  25  bf16 with the DALI GPU loader, 20 steps                                             [DALI]
+#   pretrain_dali  20  bf16 with the DALI GPU loader, 20 steps                                             [DALI]
 #   torchrun_nccl  20  torchrun --standalone --nproc_per_node 1 ... dist.backend=torch (NCCL, DDP), 10 steps
 #   horovod        15  1-rank Horovod with the GPU defaults of configs/pretrain.yaml (channels_last, bf16) [Horovod]
 # Every run trains afresh (a new run directory, train.resume=never), so a rerun on a warm machine measures again.
@@ -52,9 +53,9 @@ WORK="${WORK:-/tmp/photoz-gpu-work}"
 PY="${PYTHON:-python3}"
 BUDGET_S=300
 # the limit of every step (seconds): they sum to BUDGET_S (tests/test_gpu_check.py)
-declare -A LIMIT=([env]=15 [store]=30 [gpu_tests]=55 [pretrain_bf16]=45 [loader]=25 [split_bn]=20 [pretrain_fp16]=25
-  [dali_tests]=25 [pretrain_dali]=25 [torchrun_nccl]=20 [horovod]=15)
-STEPS=(env store gpu_tests pretrain_bf16 loader split_bn pretrain_fp16 dali_tests pretrain_dali torchrun_nccl horovod)
+declare -A LIMIT=([env]=15 [store]=30 [gpu_tests]=55 [split_bn]=30 [pretrain_bf16]=45 [loader]=20 [pretrain_fp16]=25
+  [dali_tests]=25 [pretrain_dali]=20 [torchrun_nccl]=20 [horovod]=15)
+STEPS=(env store gpu_tests split_bn pretrain_bf16 loader pretrain_fp16 dali_tests pretrain_dali torchrun_nccl horovod)
 mkdir -p "$OUT_DIR" "$WORK"
 rm -f "$OUT_DIR"/*.log "$OUT_DIR"/*.json "$OUT_DIR"/table.txt
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -198,6 +199,10 @@ else
   rc=$?
   (( DRY )) || test_row gpu_tests $rc
 
+  run split_bn "$PY" benchmarks/split_bn.py --device cuda --dtype bf16 --json "$OUT_DIR/split_bn.json"
+  rc=$?
+  (( DRY )) || bench_row split_bn $rc split_bn
+
   pretrain pretrain_bf16 40 precision=bf16,memory_format=channels_last,backend=none train.precision=bf16 dist.backend=none
 
   if [[ ! -f "$DATA/manifest.json" ]] && (( ! DRY )); then
@@ -208,10 +213,6 @@ else
     rc=$?
     (( DRY )) || bench_row loader $rc loader
   fi
-
-  run split_bn "$PY" benchmarks/split_bn.py --device cuda --dtype bf16 --json "$OUT_DIR/split_bn.json"
-  rc=$?
-  (( DRY )) || bench_row split_bn $rc split_bn
 
   pretrain pretrain_fp16 20 precision=fp16,memory_format=channels_last train.precision=fp16 dist.backend=none \
     train.export_encoder=false

@@ -71,7 +71,8 @@ def loader(path: str) -> int:
 
 def split_bn(path: str) -> int:
     info = json.loads(Path(path).read_text())
-    print(", ".join(f"{r['variant']} {r['ms']:.1f} ms" for r in info["runs"]) + f" ({info['dtype']}, fwd+bwd)")
+    print(", ".join(f"{r['variant']} {r['ms']:.1f} ms" for r in info["runs"]) + f" ({info['dtype']}, fwd+bwd)"
+          + (f"; use {info['recommended']}" if info.get("recommended") else ""))
     return 0
 
 

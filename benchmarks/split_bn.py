@@ -3,7 +3,8 @@
 Times forward + backward of one ``SplitBatchNorm2d`` (single-process shuffle-BN, 8 splits) on a
 channels_last input, three ways:
   channels_last  the layout-preserving path ``SplitBatchNorm2d`` takes (statistics per (sub-batch, channel)
-                 on the NHWC storage, no layout copy)
+                 on the NHWC storage, no layout copy), backward in separate ops (moco.split_bn_backward=eager)
+  channels_last_fused  the same with the backward under torch.compile (fused; skipped where it cannot compile)
   nchw_copy      the reference reshape: the input copied to NCHW, ``F.batch_norm`` on (N/S, S*C, H, W), the
                  output copied back to channels_last for the next convolution (what the model did before)
   plain_bn       ``nn.BatchNorm2d`` on the same input, no split (the floor: cuDNN's NHWC kernels on a GPU)
@@ -68,9 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     n, c, h, w = (int(v) for v in args.shape.split(","))
     x = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn_like(x)
-    split = SplitBatchNorm2d(c, args.splits).to(dev)  # parameters fp32, as under autocast
+    from photoz_hpc.models.resnet import _fused_available
+
+    split = SplitBatchNorm2d(c, args.splits, backward="eager").to(dev)  # parameters fp32, as under autocast
+    fused = SplitBatchNorm2d(c, args.splits, backward="fused").to(dev)
     plain = torch.nn.BatchNorm2d(c).to(dev)
-    variants = {"channels_last": split, "nchw_copy": lambda t: nchw_copy(split, t), "plain_bn": plain}
+    variants = {"channels_last": split, "channels_last_fused": fused, "nchw_copy": lambda t: nchw_copy(split, t),
+                "plain_bn": plain}
+    if not _fused_available(dev):
+        del variants["channels_last_fused"]
     rows = []
     for name, fn in variants.items():
         sec = timed(fn, x, g, args.iters)
@@ -80,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["ms"]
     for r in rows[1:]:
         print(f"channels_last / {r['variant']}: {base / r['ms']:.2f}x the time")
-    info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": args.dtype,
+    setting = {"channels_last": "eager", "channels_last_fused": "fused", "nchw_copy": "copy"}
+    best = min((r for r in rows if r["variant"] in setting), key=lambda r: r["ms"])
+    print(f"fastest split BN: {best['variant']}: moco.split_bn_backward={setting[best['variant']]}")
+    info = {"recommended": f"moco.split_bn_backward={setting[best['variant']]}",
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": args.dtype,
             "shape": [n, c, h, w], "splits": args.splits, "iters": args.iters, "torch": torch.__version__,
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "runs": rows}
     if args.json:

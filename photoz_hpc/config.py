@@ -142,6 +142,9 @@ class MocoConfig:
     # node): BN statistics per sub-batch of loader.batch_size / bn_splits (must divide it); 1 = plain BN
     # (the query/key BatchNorm leak). Unused when keys are shuffled across ranks.
     bn_splits: int = 8
+    # split BN's backward on channels_last activations: auto (fused on a GPU with Triton, else eager), fused
+    # (torch.compile), eager, copy (NCHW copy); benchmarks/split_bn.py times them
+    split_bn_backward: Literal["auto", "fused", "eager", "copy"] = "auto"
 
     def __post_init__(self) -> None:
         if self.bn_mode == "shuffle_node":

@@ -13,8 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-# most important first: crashes (the CUDA tests), then training-step throughput, then the loader
-STEPS = ["env", "store", "gpu_tests", "pretrain_bf16", "loader", "split_bn", "pretrain_fp16", "dali_tests",
+# most important first: crashes (the CUDA tests; split BN's fused backward compiling), then training-step
+# throughput, then the loader
+STEPS = ["env", "store", "gpu_tests", "split_bn", "pretrain_bf16", "loader", "pretrain_fp16", "dali_tests",
          "pretrain_dali", "torchrun_nccl", "horovod"]
 
 

@@ -57,3 +57,64 @@ def test_export_load_embed_round_trip(tmp_path) -> None:
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(PhotozError, match="unreadable"):
         load_encoder(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+def test_split_bn_backwards_agree_with_the_reference(dtype, tol, caplog) -> None:
+    """moco.split_bn_backward on channels_last input: ``fused`` (torch.compile, no full-size fp32 temporaries),
+    ``eager`` and ``copy`` give the fp64 NCHW reference's outputs and gradients; fused equals eager to rounding;
+    the output stays channels_last; the choice is logged."""
+    import copy
+    import logging
+
+    from photoz_hpc.models import resnet
+    from photoz_hpc.models.resnet import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(16, 4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = (torch.randn(32, 16, 9, 7) * 2 + 0.5).to(dtype)
+    g = torch.randn(32, 16, 9, 7).to(dtype)
+    ref = copy.deepcopy(bn).double()
+    xr = x.double().requires_grad_()
+    yr = ref(xr)
+    yr.backward(g.double())
+    got = {}
+    resnet._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="photoz_hpc"):
+        for impl in ("eager", "fused", "copy"):
+            b = copy.deepcopy(bn)
+            b.backward_impl = impl
+            xi = x.contiguous(memory_format=torch.channels_last).detach().requires_grad_()
+            y = b(xi)
+            y.backward(g.contiguous(memory_format=torch.channels_last))
+            assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == dtype
+            assert xi.grad.is_contiguous(memory_format=torch.channels_last) and xi.grad.dtype == dtype
+            torch.testing.assert_close(y.double(), yr, atol=tol, rtol=tol)
+            torch.testing.assert_close(xi.grad.double(), xr.grad, atol=tol, rtol=tol)
+            torch.testing.assert_close(b.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(b.bias.grad.double(), ref.bias.grad, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(b.running_var.double(), ref.running_var, rtol=1e-4, atol=1e-5)
+            got[impl] = (xi.grad.double(), b.weight.grad.double(), b.bias.grad.double())
+    assert not resnet._COMPILED.get("failed"), "the fused backward fell back to eager"
+    for a, e in zip(got["fused"], got["eager"], strict=True):  # the same math, another summation order
+        torch.testing.assert_close(a, e, atol=1e-5 if dtype == torch.float32 else 2 ** -7, rtol=1e-5)
+    logged = [r.getMessage() for r in caplog.records if "split BatchNorm on channels_last" in r.getMessage()]
+    assert [m.split(": ")[1].split()[0] for m in logged] == ["eager", "fused", "copy"], logged
+
+
+def test_split_bn_backward_setting() -> None:
+    from photoz_hpc.config import load_config
+    from photoz_hpc.errors import ConfigError
+    from photoz_hpc.models.moco import build_moco
+    from photoz_hpc.models.resnet import SplitBatchNorm2d, resolve_split_bn_backward
+
+    assert resolve_split_bn_backward("auto", torch.device("cpu")) == "eager"  # CPU runs stay on the eager ops
+    with pytest.raises(ConfigError, match="split_bn_backward"):
+        SplitBatchNorm2d(8, 2, backward="bogus")
+    cfg = load_config(None, ["model.arch=resnet18", "model.width=8", "loader.batch_size=8", "moco.queue_size=16",
+                             "moco.bn_splits=2", "moco.split_bn_backward=copy"])
+    impls = {m.backward_impl for m in build_moco(cfg).modules() if isinstance(m, SplitBatchNorm2d)}
+    assert impls == {"copy"}

@@ -64,6 +64,7 @@ class MoCo(nn.Module):
         hidden_dim: int | None = None,
         seed: int = 0,
         bn_splits: int = 8,
+        split_bn_backward: str = "auto",
     ) -> None:
         super().__init__()
         if queue_mode not in QUEUE_MODES:
@@ -81,7 +82,7 @@ class MoCo(nn.Module):
         self.bn_splits = bn_splits if (bn_mode in SHUFFLE_MODES and self._shuffle_group()[1] == 1) else 1
         if self.bn_splits != 1:
             check_bn_splits(bn_splits, batch_size)
-            encoder_q = convert_split_bn(encoder_q, bn_splits)
+            encoder_q = convert_split_bn(encoder_q, bn_splits, split_bn_backward)
         hidden = hidden_dim or feature_dim
         head = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
         self.encoder_q = nn.Sequential(encoder_q, head)
@@ -218,4 +219,5 @@ def build_moco(cfg, comm=None) -> MoCo:
         hidden_dim=cfg.model.head_hidden_dim or None,
         seed=cfg.seed,
         bn_splits=cfg.moco.bn_splits,
+        split_bn_backward=cfg.moco.split_bn_backward,
     )

@@ -19,6 +19,15 @@ from photoz_hpc.models.dtypes import LOW_PRECISION, accumulation_dtype, widen
 
 NormFactory = Callable[[int], nn.Module]
 
+#: How the split BatchNorm of a channels_last activation runs its training backward (``moco.split_bn_backward``):
+#: ``eager`` the layout-preserving backward in separate torch ops (two full-size fp32 temporaries for bf16/fp16:
+#: the products g*x and the partial dx); ``fused`` the same math under ``torch.compile``, whose reduction and
+#: pointwise kernels upcast on the fly (no temporary: the memory traffic of cuDNN's backward); ``copy`` the NCHW
+#: reshape on a copy of the activations (two full copies per layer, cuDNN's kernels); ``auto`` = ``fused`` on a
+#: GPU where torch.compile has its Triton backend, else ``eager``. ``benchmarks/split_bn.py`` times all three; the
+#: choice made is logged once per process.
+SPLIT_BN_BACKWARDS = ("auto", "fused", "eager", "copy")
+
 #: (block type, blocks per stage) for each supported depth.
 ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -40,7 +49,7 @@ class _SplitBNChannelsLast(torch.autograd.Function):
     DIMS = (0, 2, 3)
 
     @staticmethod
-    def forward(ctx, x5, weight, bias, eps):
+    def forward(ctx, x5, weight, bias, eps, impl="eager"):
         dims, count = _SplitBNChannelsLast.DIMS, x5.shape[0] * x5.shape[2] * x5.shape[3]
         if x5.dtype not in LOW_PRECISION:
             var, mean = torch.var_mean(x5, dim=dims, correction=0, keepdim=True)
@@ -54,27 +63,98 @@ class _SplitBNChannelsLast(torch.autograd.Function):
         y = torch.empty_like(x5)
         torch.addcmul(shift, x5, scale, out=y)
         ctx.save_for_backward(x5, mean, invstd, weight)
-        ctx.count, ctx.bias_dtype = count, None if bias is None else bias.dtype
+        ctx.count, ctx.bias_dtype, ctx.backward_impl = count, None if bias is None else bias.dtype, impl
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar):
         x5, mean, invstd, weight = ctx.saved_tensors
-        dims, n = _SplitBNChannelsLast.DIMS, ctx.count
-        sum_g = gy.sum(dims, keepdim=True, dtype=accumulation_dtype(gy.dtype))
-        # sum g (x - mean): the products in fp32 (an fp32 addend makes addcmul upcast g and x on the fly;
-        # bf16 products would spoil the sums), not an fp32 copy of g
-        prod = gy * x5 if gy.dtype == x5.dtype and x5.dtype not in LOW_PRECISION else torch.addcmul(torch.zeros_like(mean), gy, x5)
-        dot = prod.sum(dims, keepdim=True) - mean * sum_g
         a = invstd if weight is None else invstd * widen(weight)
-        k = dot * invstd.square() / n
-        # dx = a (g - sum_g / n - (x - mean) k) = a g - a k x + a (mean k - sum_g / n)
-        gx = torch.empty_like(x5)
-        torch.addcmul(torch.addcmul(a * (mean * k - sum_g / n), x5, -a * k), gy, a, out=gx)
+        gx, sum_g, dot = _split_bn_backward(ctx.backward_impl)(gy, x5, mean, invstd, a, ctx.count)
         gw = (dot * invstd).sum((0, 1, 2, 3)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         gb = sum_g.sum((0, 1, 2, 3)).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
+
+
+def _backward_eager(gy, x5, mean, invstd, a, n: int):
+    """dx, sum g and sum g (x - mean) per (sub-batch, channel), in separate torch ops."""
+    dims = _SplitBNChannelsLast.DIMS
+    sum_g = gy.sum(dims, keepdim=True, dtype=accumulation_dtype(gy.dtype))
+    # sum g (x - mean): the products in fp32 (an fp32 addend makes addcmul upcast g and x on the fly;
+    # bf16 products would spoil the sums), not an fp32 copy of g
+    prod = gy * x5 if gy.dtype == x5.dtype and x5.dtype not in LOW_PRECISION else torch.addcmul(torch.zeros_like(mean), gy, x5)
+    dot = prod.sum(dims, keepdim=True) - mean * sum_g
+    k = dot * invstd.square() / n
+    # dx = a (g - sum_g / n - (x - mean) k) = a g - a k x + a (mean k - sum_g / n)
+    gx = torch.empty_like(x5)
+    torch.addcmul(torch.addcmul(a * (mean * k - sum_g / n), x5, -a * k), gy, a, out=gx)
+    return gx, sum_g, dot
+
+
+def _backward_math(gy, x5, mean, invstd, a, n):
+    """The same math written for ``torch.compile``: the upcasts fuse into one reduction kernel (sum g and
+    sum g x) and one pointwise kernel (dx), so no full-size temporary is ever written."""
+    dims = (0, 2, 3)  # _SplitBNChannelsLast.DIMS, a literal for the compiler
+    acc = accumulation_dtype(x5.dtype)
+    g, x = gy.to(acc), x5.to(acc)
+    sum_g = g.sum(dims, keepdim=True)
+    dot = (g * x).sum(dims, keepdim=True) - mean * sum_g
+    k = dot * invstd.square() / n
+    gx = (a * g - (a * k) * x + a * (mean * k - sum_g / n)).to(x5.dtype)
+    return gx, sum_g, dot
+
+
+_COMPILED: dict[str, Callable] = {}
+_LOGGED: set[str] = set()
+
+
+def _fused_available(device: torch.device) -> bool:
+    """``torch.compile`` can generate kernels for ``device`` (CUDA: Triton; CPU: a C++ compiler)."""
+    if device.type == "cuda":
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return device.type == "cpu"
+
+
+def resolve_split_bn_backward(impl: str, device: torch.device) -> str:
+    """The backward ``impl`` means on ``device`` (``auto`` resolved), logged once per process and choice."""
+    if impl not in SPLIT_BN_BACKWARDS:
+        raise ConfigError(f"moco.split_bn_backward '{impl}' is not one of {list(SPLIT_BN_BACKWARDS)}")
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" and _fused_available(device) else "eager"
+    elif impl == "fused" and not _fused_available(device):
+        impl = "eager"
+    if impl not in _LOGGED:
+        from photoz_hpc.logs import get_logger
+
+        _LOGGED.add(impl)
+        get_logger(__name__).info("split BatchNorm on channels_last activations: %s backward (moco.split_bn_backward)", impl)
+    return impl
+
+
+def _split_bn_backward(impl: str) -> Callable:
+    """The backward function of ``impl`` (``eager`` or ``fused``); a fused backward that fails to compile
+    falls back to ``eager`` for the rest of the process, with a warning (a run never dies of it)."""
+    if impl != "fused" or _COMPILED.get("failed"):
+        return _backward_eager
+    if "fused" not in _COMPILED:
+        _COMPILED["fused"] = torch.compile(_backward_math, dynamic=True, fullgraph=True)
+    compiled = _COMPILED["fused"]
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as exc:  # compiler missing or broken on this machine: the eager math is the same
+            from photoz_hpc.logs import get_logger
+
+            _COMPILED["failed"] = compiled
+            get_logger(__name__).warning("split BatchNorm: the fused backward failed (%s: %s); using the eager one",
+                                         type(exc).__name__, exc)
+            return _backward_eager(*args)
+
+    return run
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -89,11 +169,14 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     view of NHWC memory, and copying to NCHW and back around every BatchNorm would cost two full passes.
     """
 
-    def __init__(self, num_features: int, num_splits: int = 1, **kw) -> None:
+    def __init__(self, num_features: int, num_splits: int = 1, backward: str = "auto", **kw) -> None:
         super().__init__(num_features, **kw)
         if num_splits < 1:
             raise ConfigError(f"moco.bn_splits = {num_splits} must be >= 1")
+        if backward not in SPLIT_BN_BACKWARDS:
+            raise ConfigError(f"moco.split_bn_backward '{backward}' is not one of {list(SPLIT_BN_BACKWARDS)}")
         self.num_splits = int(num_splits)
+        self.backward_impl = backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.num_splits
@@ -108,8 +191,17 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return self._forward_channels_last(x, factor, track)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        impl = resolve_split_bn_backward(self.backward_impl, x.device) if channels_last else None
+        if channels_last and impl != "copy":
+            return self._forward_channels_last(x, factor, track, impl)
+        if channels_last:  # the NCHW reshape on a copy, the output back to channels_last for the next convolution
+            return self._forward_nchw(x.contiguous(), factor, track).contiguous(memory_format=torch.channels_last)
+        return self._forward_nchw(x, factor, track)
+
+    def _forward_nchw(self, x: torch.Tensor, factor: float, track: bool) -> torch.Tensor:
+        s = self.num_splits
+        n, c, h, w = x.shape
         rm = self.running_mean.repeat(s) if track else None
         rv = self.running_var.repeat(s) if track else None
         weight = self.weight.repeat(s) if self.affine else None
@@ -121,14 +213,14 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.copy_(rv.view(s, c).mean(0))
         return out.reshape(n, c, h, w)
 
-    def _forward_channels_last(self, x: torch.Tensor, factor: float, track: bool) -> torch.Tensor:
+    def _forward_channels_last(self, x: torch.Tensor, factor: float, track: bool, impl: str) -> torch.Tensor:
         s = self.num_splits
         n, c, h, w = x.shape
         count = (n // s) * h * w
         if count < 2:
             raise ValueError(f"split BatchNorm: expected more than 1 value per channel in training, got {count}")
         x5 = x.permute(0, 2, 3, 1).view(n // s, s, h, w, c)
-        y5, mean, var = _SplitBNChannelsLast.apply(x5, self.weight, self.bias, self.eps)
+        y5, mean, var = _SplitBNChannelsLast.apply(x5, self.weight, self.bias, self.eps, impl)
         if track:
             with torch.no_grad():  # the average of the S sub-batch updates, as in the NCHW path
                 self.running_mean.mul_(1 - factor).add_(mean.view(s, c).mean(0).to(self.running_mean.dtype), alpha=factor)
@@ -137,11 +229,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return y5.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+def convert_split_bn(module: nn.Module, num_splits: int, backward: str = "auto") -> nn.Module:
     """Replace every plain ``nn.BatchNorm2d`` in ``module`` by a ``SplitBatchNorm2d`` with the same
     parameters and buffers, like ``nn.SyncBatchNorm.convert_sync_batchnorm`` (returns the converted module)."""
     if type(module) is nn.BatchNorm2d:
-        new = SplitBatchNorm2d(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
+        new = SplitBatchNorm2d(module.num_features, num_splits, backward, eps=module.eps, momentum=module.momentum,
                                affine=module.affine, track_running_stats=module.track_running_stats)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias  # the same Parameters (device, dtype, grad)
@@ -150,7 +242,7 @@ def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        setattr(module, name, convert_split_bn(child, num_splits))
+        setattr(module, name, convert_split_bn(child, num_splits, backward))
     return module
 
 
