@@ -13,6 +13,13 @@ only). GB/s counts raw cutout bytes (H x W x C x 4 per sample). ``--threads`` ru
 threads on disjoint batches (NumPy copies release the GIL), the ceiling of moving reads into DALI's
 parallel external source. The target: two-view samples/s x bytes per cutout (40,000 x 107 x 107 x 5 x 4 =
 9.2 GB/s).
+
+``feed_sync`` / ``feed_ahead``: the GPU path's host callback (``_Feeder.host``: draws + staged read) as DALI
+calls it, once per batch, with ``--compute-ms`` of GIL-free waiting between calls (the training thread waiting
+on the GPU step; 6 ms = a batch of 256 at 40,000 samples/s), either doing the host work in the calling thread
+(``ahead`` = 0, the behaviour before) or taking batches prepared ``--ahead`` batches before in background
+threads. ``thread_ms`` is the training thread's time inside the callback per batch (what a step waits for);
+``samples_per_s`` the feed's rate including the waits. Without CUDA the staging buffers are pageable.
 """
 
 from __future__ import annotations
@@ -44,6 +51,34 @@ def _rate(fn, batches: int, batch_size: int, sample_bytes: int, repeats: int = 3
     return {"samples_per_s": sps, "gb_per_s": sps * sample_bytes / 1e9, "s_per_batch": best / batches}
 
 
+def _feed(source, ahead: int, batches: int, batch_size: int, sample_bytes: int, compute_s: float, cuda: bool,
+          warmup: int = 3) -> dict:
+    """The GPU path's host callback over ``batches`` batches after ``warmup`` (see the module docstring)."""
+    from types import SimpleNamespace
+
+    from photoz_hpc.augment.dali_pipeline import EpochSources, _Feeder
+
+    feeder = _Feeder(EpochSources(source, lambda e: e + 1), 0, "gpu", 0, ahead=ahead)
+    if not cuda:
+        feeder.alloc = lambda shape: np.empty(shape, np.float32)
+    inside = 0.0
+    for i in range(warmup + batches):
+        if i == warmup:
+            inside, t0 = 0.0, time.perf_counter()
+        t = time.perf_counter()
+        feeder.host(SimpleNamespace(iteration=i))
+        inside += time.perf_counter() - t
+        feeder.pending.pop(i, None)  # the noise callbacks (GPU work) are not called here
+        feeder.delivered_at.popleft()
+        feeder.release(feeder.delivered.popleft()[1])
+        time.sleep(compute_s)
+    wall = time.perf_counter() - t0
+    feeder.close()
+    sps = batches * batch_size / wall
+    return {"samples_per_s": sps, "gb_per_s": sps * sample_bytes / 1e9, "s_per_batch": wall / batches,
+            "thread_ms": 1e3 * inside / batches, "ahead": ahead, "compute_ms": 1e3 * compute_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path)
@@ -53,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--target", type=float, default=40000.0, help="two-view samples/s the GPU pipeline should get")
+    ap.add_argument("--compute-ms", type=float, default=6.0, help="GIL-free wait between batches in feed_*")
+    ap.add_argument("--ahead", type=int, default=2, help="batches prepared ahead in feed_ahead")
     ap.add_argument("--json", type=Path)
     ap.add_argument("overrides", nargs="*", help="config key=value (e.g. augment.crop_size=32)")
     args = ap.parse_args(argv)
@@ -114,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
 
         results["h2d"] = _rate(h2d, n_batches, args.batch_size, sample_bytes)
     del feeder
+    for name, ahead in (("feed_sync", 0), ("feed_ahead", args.ahead)):
+        results[name] = _feed(source, ahead, n_batches, args.batch_size, sample_bytes, args.compute_ms / 1e3, cuda)
     need = args.target * sample_bytes / 1e9
     # one thread does draws + read (+ padded on the CPU path) in series per batch
     serial = 1.0 / (results["draws"]["s_per_batch"] + results["read"]["s_per_batch"]) * args.batch_size
     print(f"{'stage':16s} {'samples/s':>10s} {'GB/s':>7s}  (raw cutouts {h}x{w}x{c} float32, {sample_bytes / 1e3:.0f} kB)")
     for name, r in results.items():
-        print(f"{name:16s} {r['samples_per_s']:10.0f} {r['gb_per_s']:7.2f}")
+        extra = f"  training thread {r['thread_ms']:.2f} ms/batch" if "thread_ms" in r else ""
+        print(f"{name:16s} {r['samples_per_s']:10.0f} {r['gb_per_s']:7.2f}{extra}")
     print(f"one thread, draws + staged read per batch: {serial:.0f} samples/s = {serial * sample_bytes / 1e9:.2f} GB/s; "
           f"target {args.target:.0f} samples/s needs {need:.2f} GB/s ({args.target / serial:.1f}x this)")
     info = {"benchmark": "host_feed", "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

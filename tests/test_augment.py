@@ -557,6 +557,83 @@ def test_dali_pass_abandoned_midway_does_not_leak_prefetched_batches(ds107):
     assert ev.builds == 1
 
 
+def _feed(feeder, iterations):
+    """What DALI gets from ``feeder`` at each iteration (host outputs and noise fields, copied: buffers are
+    reused once released) and the positions delivered; every batch is released after it, as the loader does."""
+    from types import SimpleNamespace
+
+    got = []
+    for i in range(iterations):
+        info = SimpleNamespace(iteration=i)
+        out = [np.array(a) for a in feeder.host(info)]
+        if feeder.spec.noise:
+            out += [np.array(feeder.noise(v)(info)) for v in range(feeder.spec.n_views)]
+        source_batch, buffer = feeder.delivered.popleft()
+        got.append((feeder.delivered_at.popleft(), source_batch.index.copy(), out))
+        feeder.release(buffer)
+    return got
+
+
+@pytest.mark.parametrize("overrides", [(), ("augment.crop_size=32", "augment.noise=false")])
+def test_dali_host_work_prepared_ahead_equals_the_synchronous_feed(ds107, monkeypatch, overrides):
+    """The host work of each batch (draws, records into the staging/bordered buffer) is prepared in background
+    threads ``ahead`` batches before DALI asks for it; the batches, their order and positions equal the
+    synchronous feed's across epoch boundaries and from a resume position, with buffers reused."""
+    import threading
+
+    from photoz_hpc.augment.dali_pipeline import EpochSources, _Feeder
+    from photoz_hpc.augment.source import BatchSource
+
+    source = build_loader(cfg_of(*overrides, batch=8), ds107, "pretrain", seed=3).source
+    n = len(source)
+    threads, real = [], BatchSource.batch
+
+    def batch(self, k):
+        threads.append(threading.current_thread().name)
+        return real(self, k)
+
+    monkeypatch.setattr(BatchSource, "batch", batch)
+    for epoch, start in ((0, 0), (1, 3)):  # a run from the start, and a resume mid-epoch 1
+        iterations = 2 * n + 1  # two epoch boundaries
+        want = _feed(_Feeder(EpochSources(source, lambda e: e + 1), start, DEVICE, epoch), iterations)
+        assert [pos for pos, _, _ in want[: n - start + 1]] == [(epoch, k) for k in range(start, n)] + [(epoch + 1, 0)]
+        assert not any(t.startswith("photoz-dali-feed") for t in threads)
+        threads.clear()
+        feeder = _Feeder(EpochSources(source, lambda e: e + 1), start, DEVICE, epoch, ahead=3)
+        got = _feed(feeder, iterations)
+        assert feeder._scheduled == iterations - 1 + 3  # handed to the threads 3 ahead of the last asked for
+        feeder.close()  # cancels what has not started
+        assert threads and all(t.startswith("photoz-dali-feed") for t in threads)  # never in the calling thread
+        assert iterations <= len(threads) <= iterations + 3  # each batch prepared once
+        threads.clear()
+        assert len(got) == len(want)
+        for (pos_a, ids_a, out_a), (pos_b, ids_b, out_b) in zip(got, want, strict=True):
+            assert pos_a == pos_b and np.array_equal(ids_a, ids_b)
+            assert len(out_a) == len(out_b) and all(np.array_equal(a, b) for a, b in zip(out_a, out_b, strict=True))
+
+
+def test_dali_loader_feeding_ahead_equals_feeding_in_the_training_thread(ds107):
+    """The whole loader with its default feed (prepared ahead in threads) against ``feed_ahead = 0`` (the host work
+    in the training thread): the same batches over three epochs and after a resume mid-epoch."""
+    cfg = cfg_of(batch=8)
+    ahead, sync = build_loader(cfg, ds107, "pretrain", seed=9), build_loader(cfg, ds107, "pretrain", seed=9)
+    assert ahead.feed_ahead == cfg.loader.prefetch > 0
+    sync.feed_ahead = 0
+    for epoch in range(3):
+        ahead.set_epoch(epoch)
+        sync.set_epoch(epoch)
+        _assert_same_batches(list(ahead), list(sync))
+    ahead.set_epoch(1)
+    it = iter(ahead)
+    next(it), next(it)
+    state = json.loads(json.dumps(ahead.state_dict()))
+    resumed = build_loader(cfg, ds107, "pretrain", seed=9)
+    resumed.feed_ahead = 0
+    resumed.load_state_dict(state)
+    _assert_same_batches(list(it), list(resumed))
+    ahead.close()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

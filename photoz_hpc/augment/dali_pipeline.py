@@ -14,11 +14,18 @@ and, at the end of an epoch, goes on with the first batch of the next one (``nex
 prefetch queue is full when the next epoch starts. A pass that starts anywhere else (a resume, a
 skipped epoch, a pass abandoned midway) gets a fresh pipeline: a prefetched batch of another position
 can never be delivered. The next epoch's plan and noise table are prepared in a background thread.
+
+The host work of a batch (its draws, ``BatchSource.batch``, and the copy of its records into a pinned staging
+or zero-bordered buffer: ~58 MB per batch of 256 on the GPU path) runs in a small thread pool, ``ahead``
+batches before DALI asks for them (NumPy copies release the GIL), not in the training thread, which DALI's
+callbacks run in. Positions are still assigned in order in the calling thread, and each prepared batch is
+keyed by its DALI iteration, so the batches and their order are those of the synchronous path (``ahead=0``).
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,8 +100,19 @@ class _Feeder:
     the pass's start, then batch after batch, across epoch boundaries (``EpochSources.next_epoch``).
     ``delivered`` holds (source batch, buffer) and ``delivered_at`` the position of each fed batch."""
 
-    def __init__(self, sources: EpochSources | BatchSource, start: int, device: str, epoch: int = 0) -> None:
+    #: threads preparing batches ahead (draws in one while another copies records: both are needed at 40,000
+    #: samples/s, ~6 ms per batch of 256)
+    THREADS = 2
+
+    def __init__(self, sources: EpochSources | BatchSource, start: int, device: str, epoch: int = 0,
+                 ahead: int = 0) -> None:
         self.sources = sources if isinstance(sources, EpochSources) else _OneSource(sources)
+        # iterations prepared in the pool (0: in the calling thread, as DALI asks for them)
+        self.ahead = max(0, int(ahead))
+        self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="photoz-dali-feed") if self.ahead else None
+        self._prepared: dict[int, Future] = {}
+        self._scheduled = -1  # the last iteration handed to the pool
+        self._lock = threading.Lock()  # the buffer pool, shared by the preparing threads and ``release``
         self.device = device
         self.spec = spec = self.sources.template.spec
         self.parts = 1 + (spec.n_views if spec.noise else 0)
@@ -127,12 +145,24 @@ class _Feeder:
         self._hold.pop(self._released, None)
         self._released += 1
         if buffer is not None:
-            self._free.append((buffer, ready))
+            with self._lock:
+                self._free.append((buffer, ready))
+
+    def close(self) -> None:
+        """Stop preparing ahead (the pipeline is let go); waits for a batch being prepared."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._prepared.clear()
 
     def _buffer(self, shape: tuple[int, ...], alloc) -> np.ndarray:
-        if not self._free:
+        with self._lock:
+            if not self._free:
+                buf = ready = None
+            else:
+                buf, ready = self._free.pop()
+        if buf is None:
             return alloc(shape)
-        buf, ready = self._free.pop()
         if ready is not None:
             ready.synchronize()  # long complete by now (prefetch_queue_depth batches later): no stall
         return buf
@@ -165,39 +195,63 @@ class _Feeder:
             self._positions[self._assigned] = self._last
         return self._positions[iteration]
 
-    def _take(self, iteration: int) -> tuple[tuple[int, int], BatchSource, SourceBatch]:
-        """(position, its epoch's source, the source batch) of DALI iteration ``iteration``."""
-        entry = self.pending.get(iteration)
-        if entry is None:
-            position = self._position(iteration)
-            del self._positions[iteration]
-            source = self.sources.get(position[0])
-            entry = self.pending[iteration] = [position, source, source.batch(position[1]), 0]
-        entry[3] += 1
-        if entry[3] == self.parts:
-            del self.pending[iteration]
-        return entry[0], entry[1], entry[2]
+    def _assign(self, iteration: int) -> tuple[tuple[int, int], BatchSource]:
+        """(position, its epoch's source) of ``iteration``: in order, in the calling thread (``EpochSources``
+        is not shared with the preparing threads)."""
+        position = self._position(iteration)
+        del self._positions[iteration]
+        return position, self.sources.get(position[0])
 
-    def host(self, info) -> list:
-        position, _, source_batch = self._take(info.iteration)
+    def _prepare(self, source: BatchSource, k: int) -> tuple[SourceBatch, np.ndarray | None, list]:
+        """The host work of batch ``k``: its draws, its records in a staging (GPU) or bordered (CPU) buffer,
+        and the host outputs DALI gets."""
+        source_batch = source.batch(k)
         if self.device == "gpu":
             buffer = self._staged(source_batch.images)
         else:
             buffer = self._padded(source_batch.images) if self.pad else None
         out: list = [source_batch.images if buffer is None else buffer]
-        self.delivered.append((source_batch, buffer))
-        self.delivered_at.append(position)
         for v in source_batch.views:
             matrix = v.matrix
             if self.pad:
                 matrix = matrix.copy()
                 matrix[:, :, 2] += 1.0
             out += [matrix, v.mult] + ([v.sigma] if v.sigma is not None else [])
+        return source_batch, buffer, out
+
+    def _ready(self, iteration: int) -> list:
+        """[position, source, source batch, buffer, host outputs] of ``iteration``; with ``ahead``, the
+        iterations up to ``iteration + ahead`` are handed to the pool first."""
+        if self._pool is None:
+            position, source = self._assign(iteration)
+            return [position, source, *self._prepare(source, position[1])]
+        while self._scheduled < iteration + self.ahead:
+            self._scheduled += 1
+            position, source = self._assign(self._scheduled)
+            self._prepared[self._scheduled] = (position, source, self._pool.submit(self._prepare, source, position[1]))
+        position, source, prepared = self._prepared.pop(iteration)
+        return [position, source, *prepared.result()]
+
+    def _take(self, iteration: int) -> list:
+        """[position, its epoch's source, source batch, buffer, host outputs] of DALI iteration ``iteration``
+        (asked for once per external source)."""
+        entry = self.pending.get(iteration)
+        if entry is None:
+            entry = self.pending[iteration] = [*self._ready(iteration), 0]
+        entry[-1] += 1
+        if entry[-1] == self.parts:
+            del self.pending[iteration]
+        return entry
+
+    def host(self, info) -> list:
+        position, _, source_batch, buffer, out = self._take(info.iteration)[:5]
+        self.delivered.append((source_batch, buffer))
+        self.delivered_at.append(position)
         return out
 
     def noise(self, view: int):
         def fields(info):
-            _, source, source_batch = self._take(info.iteration)
+            _, source, source_batch = self._take(info.iteration)[:3]
             if self.device != "gpu":
                 return source_batch.views[view].noise
             out = self._gpu_fields(source, source_batch, view)
@@ -280,6 +334,9 @@ class DaliLoader(LoaderBase):
         # False: a new pipeline and an inline epoch preparation at every pass, the behaviour before one
         # pipeline served the whole run (kept for the epoch-boundary A/B in benchmarks/train_throughput.py)
         self.persistent = True
+        # batches whose host work is prepared in background threads before DALI asks for them (0: in the
+        # training thread, the behaviour before; kept for benchmarks/host_feed.py's A/B)
+        self.feed_ahead = prefetch
 
     def __len__(self) -> int:
         return len(self.sources.get(self.epoch))
@@ -294,11 +351,13 @@ class DaliLoader(LoaderBase):
 
     def close(self) -> None:
         """Let the pipeline go (a later pass builds a new one)."""
+        if self._feeder is not None:
+            self._feeder.close()
         self._pipe = self._feeder = self._next = None
 
     def _build(self, epoch: int, start: int) -> None:
         self.close()
-        feeder = _Feeder(self.sources, start, self.device, epoch)
+        feeder = _Feeder(self.sources, start, self.device, epoch, ahead=self.feed_ahead)
         device_id = self.torch_device.index if self.device == "gpu" else None
         self._pipe = build_pipeline(feeder, self.source.batch_size, self.num_threads, self.prefetch, device_id)
         self._feeder, self._next = feeder, (epoch, start)
