@@ -3,8 +3,9 @@
   env OUT.json                 record GPU, torch/CUDA, native bf16, DALI, Horovod; exit 3 without a CUDA device
   pretrain SUMMARY STEPS k=v   one pretraining run: img/s end to end and compute-only (global batch / (step
                                time - data wait)), data wait, precision, memory format, backend, loss; exit 1
-                               unless it trained STEPS steps, each k=v matches the summary, and the exported
-                               encoder (if any) holds CPU, contiguous tensors
+                               unless it trained STEPS steps, each k=v matches the summary, a GPU run timed its
+                               data wait with CUDA events (the GPU's idle time: true without host syncs), and the
+                               exported encoder (if any) holds CPU, contiguous tensors
   loader JSON | split_bn JSON  the benchmark's figures in one line
 """
 
@@ -45,10 +46,13 @@ def pretrain(path: str, steps: str, *expect: str) -> int:
     s = json.loads(Path(path).read_text())
     st = s.get("step_time_s") or {}
     compute = s["global_batch"] / (st["step_s"] - st["data_s"]) if st else float("nan")
+    clock = s.get("data_wait_clock")
     print(f"{s['img_per_s'] or 0:.0f} img/s, compute-only {compute:.0f} img/s, data wait "
-          f"{100 * (s['data_wait_frac'] or 0):.0f}%, {s['precision']}, {s['memory_format']}, {s['backend']}, "
+          f"{100 * (s['data_wait_frac'] or 0):.0f}% ({clock}), {s['precision']}, {s['memory_format']}, {s['backend']}, "
           f"loss {s['first_step_loss']:.2f} -> {s['last_loss']:.2f}")
     bad = [f"{k}={s.get(k)} (expected {v})" for k, v in (e.split("=", 1) for e in expect) if str(s.get(k)) != v]
+    if str(s.get("device", "")).startswith("cuda") and clock != "cuda events":
+        bad.append(f"data wait timed with the {clock} on a GPU: the compute-only figure would be where the host blocks")
     if s["steps"] != int(steps) or s["preempted"]:
         bad.append(f"trained {s['steps']} of {steps} steps")
     if s.get("encoder"):  # loadable on any machine: CPU, contiguous tensors

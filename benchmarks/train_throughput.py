@@ -9,7 +9,8 @@ real loader feeding the trainer (``loader.*`` as configured), epochs rolling ove
 ``pipeline`` = the loader alone. Each mode runs ``--warmup`` steps, then ``--windows`` timed windows of
 ``--window-steps`` steps; images/s is the mean over windows with a 95% interval (Student t).
 
-Step breakdown (seconds per step, exclusive): data wait (host time blocked in the loader), forward (query and
+Step breakdown (seconds per step, exclusive): data wait (CUDA: the GPU's idle time while the host waits for the
+loader, from events around the wait, as in ``train.loop``; a CPU: host time blocked in the loader), forward (query and
 key encoders, loss), momentum update, queue (scoring against the queue and the enqueue), communication
 (explicit collectives: shuffle-BN gathers, the sharded queue's reductions, the per-step metric all-reduce; DDP's
 gradient all-reduce overlaps the backward and is counted there, Horovod's is in ``optimizer``, whose
@@ -91,10 +92,6 @@ class Regions:
         finally:
             self.open.pop()
             rec[2] = self._now()
-
-    def add_host(self, name: str, seconds: float) -> None:
-        """A region timed on the host (the data wait)."""
-        self.records.append([name, 0.0, seconds, []])
 
     def collect(self) -> dict[str, float]:
         """Exclusive seconds per region name since the last call (synchronises on CUDA)."""
@@ -249,7 +246,7 @@ def run_mode(mode: str, cfg, comm, device, args, loader=None) -> dict[str, Any]:
 def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb) -> dict[str, Any]:
     import torch
 
-    from photoz_hpc.train.late_reads import LateRead
+    from photoz_hpc.train.late_reads import DataWait, LateRead
 
     device = trainer.device if trainer is not None else None
     if mode == "synthetic":
@@ -261,17 +258,14 @@ def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb) ->
     else:
         stream = _loader_epochs(loader)
     pending = None
-    first_waits, windows, parts = [], [], []
+    first_waits, windows, parts, waits = [], [], [], []
 
     def step(record: bool) -> None:
         nonlocal pending
-        t0 = time.perf_counter()
+        wait = DataWait(device if device is not None else torch.device("cpu"))  # GPU: events, read after the window
         batch, first = next(stream)
-        wait = time.perf_counter() - t0
         if record:
-            regions.add_host("data", wait)
-            if first:
-                first_waits.append(wait)
+            waits.append((wait.stop(), first))
         if trainer is None:
             return
         res = trainer.train_batch(batch)
@@ -296,7 +290,11 @@ def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb) ->
         sync()
         dt = time.perf_counter() - t0
         windows.append(dt / args.window_steps)
-        parts.append(regions.collect())
+        part = regions.collect()
+        part["data"] = sum(w.seconds() for w, _ in waits)  # the window's events are complete now
+        first_waits.extend(w.seconds() for w, first in waits if first)
+        waits.clear()
+        parts.append(part)
     per_step = windows
     rates = [gb / w for w in per_step]
     mean, half = t_interval(rates)

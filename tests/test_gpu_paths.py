@@ -11,6 +11,7 @@ non-blocking copy behind an event, waited for one step late; the benchmark's ste
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import subprocess
 import sys
@@ -410,6 +411,7 @@ def test_loop_reads_each_steps_metrics_one_step_late(monkeypatch, tmp_path: Path
     assert windows[steps][:2] == ["read:tolist", "read:tolist"], windows[steps]  # step 6, then 7 after the loop
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == steps  # every step still logged (log_every=1), in order
+    assert s["data_wait_clock"] == ("cuda events" if torch.cuda.is_available() else "host clock")
 
 
 # ---------------------------------------------------------------------- a faked GPU timeline: late reads, event timing
@@ -489,6 +491,24 @@ def test_late_read_copies_at_once_without_blocking_and_waits_for_its_own_event(m
     assert syncs.events[3:] == ["sync:1", "read:tolist"] and values == [1.0, 2.0]
 
 
+def test_data_wait_is_the_host_clock_on_a_cpu_and_an_event_pair_read_later_on_a_gpu(monkeypatch) -> None:
+    from photoz_hpc.train.late_reads import DataWait, LateRead
+
+    w = DataWait(CPU).stop()
+    assert w.clock == "host clock" and w.seconds() == w.host_s >= 0
+    log: list[str] = []
+    FakeGpu(monkeypatch, log)
+    w = DataWait(CPU)  # a GPU, as far as late_reads can tell
+    log.append("next(loader)")
+    w.stop()
+    late = LateRead(torch.zeros(3))  # the step's metrics, behind which the wait's events complete
+    with pytest.raises(RuntimeError, match="not completed"):
+        w.seconds()  # read at once, it would block (or fail)
+    late.tolist()
+    assert w.clock == "cuda events" and w.seconds() == pytest.approx(0.002)
+    assert log == ["record:1", "next(loader)", "record:2", "pin", "copy:non_blocking", "record:3", "sync:3", "elapsed:1-2"]
+
+
 def _fake_gpu_windows(ev: list[str]) -> dict[int, list[str]]:
     """What happens after step k ends and before step k + 1 starts (no host read inside a step)."""
     windows: dict[int, list[str]] = {}
@@ -546,7 +566,15 @@ def test_loop_on_a_gpu_reads_step_k_after_step_k1_launched_and_after_its_event(m
     last = [e for e in windows[steps] if e.startswith(("sync:", "read:", "op:", "device-sync"))]
     assert last[:4] == [f"sync:{copied[steps - 1]}", "read:tolist", f"sync:{copied[steps]}", "read:tolist"], last
     assert "blocking" not in " ".join(syncs.events).replace("non_blocking", "")
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == steps
+    # the data wait: an event pair around each wait for a batch, read (elapsed_time, which the fake refuses before
+    # both completed) with its step's metrics, after their event; 2 ms of faked device time each
+    elapsed = [e for e in syncs.events if e.startswith("elapsed:")]
+    assert len(elapsed) == steps and all(int(e.split("-")[1]) == int(e[8:].split("-")[0]) + 1 for e in elapsed)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == steps and all(r["data_s"] == pytest.approx(0.002) for r in rows)
+    assert all(r["compute_s"] == pytest.approx(r["step_s"] - 0.002 - r["comm_s"]) for r in rows)
+    assert s["data_wait_clock"] == "cuda events"
+    assert s["step_time_s"]["data_s"] == pytest.approx(0.002)
 
 
 def _benchmark(name: str):
@@ -587,6 +615,27 @@ def test_train_throughput_on_a_gpu_reads_each_step_after_the_next_launched(monke
         waits = [e for e in w if e.startswith(("sync:", "read:", "op:"))]
         assert waits == ([] if k == 1 else [f"sync:{copied[k - 1]}", "read:tolist"]) + \
             ([f"sync:{copied[k]}", "read:tolist"] if k == 5 else []), (k, w)
+    # the data wait of the 4 timed steps: event pairs, read after the window's last wait (2 ms of faked time each)
+    assert [e for e in windows[5] if e.startswith("elapsed:")] == [e for e in syncs.events if e.startswith("elapsed:")]
+    assert len([e for e in syncs.events if e.startswith("elapsed:")]) == 4  # synthetic batches: no epoch starts
+    assert out["data_wait_frac"] == pytest.approx(0.002 / out["step_s"])
+
+
+@pytest.mark.parametrize("device, clock, rc", [("cuda:0", "cuda events", 0), ("cuda:0", "host clock", 1),
+                                               ("cpu", "host clock", 0)])
+def test_gpu_check_report_needs_an_event_timed_data_wait_on_a_gpu(tmp_path: Path, capsys, device, clock, rc) -> None:
+    """The GPU check's pretraining line: compute-only = global batch / (step time - data wait), and on a GPU the
+    data wait must come from CUDA events (else the figure is wherever the host blocked)."""
+    report = _benchmark("gpu_check_report")
+    summary = {"global_batch": 64, "step_time_s": {"step_s": 0.1, "data_s": 0.02}, "img_per_s": 640.0,
+               "data_wait_frac": 0.2, "data_wait_clock": clock, "precision": "bf16", "memory_format": "channels_last",
+               "backend": "none", "first_step_loss": 5.0, "last_loss": 4.0, "steps": 8, "preempted": False,
+               "device": device}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert report.pretrain(str(tmp_path / "summary.json"), "8") == rc
+    out = capsys.readouterr().out
+    assert f"compute-only 800 img/s, data wait 20% ({clock})" in out
+    assert ("data wait timed with the host clock on a GPU" in out) == (rc == 1)
 
 
 # ---------------------------------------------------------------------- loaders: no stream sync per batch

@@ -13,7 +13,10 @@ Host synchronisation: a step's metrics (loss, task metrics, the pre-emption flag
 one all-reduce into a device tensor, copied at once into pinned host memory behind a CUDA event
 (``train/late_reads.py``) and read on the host one step later, after that event: the host never waits
 for the step it has just launched (loader time and kernel launches overlap the GPU's work); the check for a non-finite loss and the pre-emption agreement
-therefore act one step late (the checkpoint written then is still a consistent state).
+therefore act one step late (the checkpoint written then is still a consistent state). The data wait
+(``data_s``) is read with them: on a GPU it is the time between CUDA events recorded around the wait for
+the batch, i.e. how long the GPU sat idle for it (``data_wait_clock`` in the summary), not where the host
+happens to block.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
-from photoz_hpc.train.late_reads import LateRead
+from photoz_hpc.train.late_reads import DataWait, LateRead
 from photoz_hpc.train.metrics_log import MetricsLog, ProgressLines
 from photoz_hpc.train.resume import dataset_identities, mismatch
 from photoz_hpc.train.signals import PreemptionFlag
@@ -179,7 +182,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     losses: list[float] = []
     times = {"data_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "step_s": 0.0}
     epoch_first = {"data_s": 0.0, "n": 0}
-    measured, last_ckpt = 0, None
+    measured, last_ckpt, wait_clock = 0, None, None
     # a signal during start-up: agree on it before the first step (ranks may differ)
     seen = dict(zip(("preempt", "interrupt"), (v > 0 for v in comm.allreduce(_signal_flags(flag, device), "max")
                                                   .cpu().tolist()), strict=True))
@@ -194,6 +197,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         nonlocal pending
         if pending is None:
             return False
+        nonlocal measured
         step, reduced, host = pending
         pending = None
         values = [v / world for v in reduced.tolist()]  # the one host read of the step (waits for its copy alone)
@@ -202,7 +206,17 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
             raise PhotozError(f"loss became {loss} at step {step}; lower optim.lr or use fp32/bf16")
         losses.append(loss)
         named = dict(zip(host["names"], values[1:-2], strict=True))
-        scalars = host["scalars"]
+        data_s, comm_s, step_s = host["wait"].seconds(), host["comm_s"], host["step_s"]  # the wait's events are done
+        step_times = {"data_s": data_s, "comm_s": comm_s, "compute_s": step_s - data_s - comm_s, "step_s": step_s}
+        if step - start_step > WARMUP_STEPS:
+            measured += 1
+            for k, v in step_times.items():
+                times[k] += v
+            if host["first_of_epoch"]:
+                epoch_first["data_s"] += data_s
+                epoch_first["n"] += 1
+        scalars = {**host["floats"], "img_per_s": task.global_batch / step_s, "data_wait_frac": data_s / step_s,
+                   **step_times}
         bar.set_postfix(ep=host["epoch"], loss=f"{loss:.3f}", img_s=f"{scalars['img_per_s']:.0f}",
                         wait=f"{100 * scalars['data_wait_frac']:.0f}%", refresh=False)
         if rank0 and (step % cfg.train.log_every == 0 or step == start_step + 1 or step == total):
@@ -222,11 +236,12 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
             first_of_epoch = True
             while task.step < total:
                 t0 = time.perf_counter()
+                wait = DataWait(device)  # on a GPU: the time it sat idle for this batch (CUDA events)
                 try:
                     batch = next(it)
                 except StopIteration:
                     break
-                t1 = time.perf_counter()
+                wait_clock = wait.stop().clock
                 c0 = comm.comm_seconds
                 res = task.train_batch(batch)
                 names = list(res.get("metrics", {}))
@@ -237,23 +252,13 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
                 preempted = drain() or preempted  # the previous step's values: the device is busy with this one
                 t2 = time.perf_counter()
                 step = task.step
-                comm_s = comm.comm_seconds - c0
-                step_times = {"data_s": t1 - t0, "comm_s": comm_s, "compute_s": t2 - t1 - comm_s, "step_s": t2 - t0}
-                if step - start_step > WARMUP_STEPS:
-                    measured += 1
-                    for k, v in step_times.items():
-                        times[k] += v
-                    if first_of_epoch:
-                        epoch_first["data_s"] += step_times["data_s"]
-                        epoch_first["n"] += 1
-                first_of_epoch = False
                 if watchdog is not None:
                     watchdog.beat(step)
-                scalars = {**{k: v for k, v in res.items() if isinstance(v, float)},
-                           "img_per_s": task.global_batch / step_times["step_s"],
-                           "data_wait_frac": step_times["data_s"] / step_times["step_s"], **step_times}
-                host = {"epoch": epoch, "names": names, "scalars": scalars}
-                pending = (step, reduced, host)
+                host = {"epoch": epoch, "names": names, "floats": {k: v for k, v in res.items() if isinstance(v, float)},
+                        "wait": wait, "comm_s": comm.comm_seconds - c0, "step_s": t2 - t0,
+                        "first_of_epoch": first_of_epoch}
+                first_of_epoch = False
+                pending = (step, reduced, host)  # its timings too are read when its values are
                 bar.update(1)
                 if preempted:
                     break
@@ -298,6 +303,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         "img_per_s": task.global_batch / step_s if measured else None,
         "step_time_s": {k: v / n_measured for k, v in times.items()} if measured else None,
         "data_wait_frac": times["data_s"] / times["step_s"] if measured else None,
+        "data_wait_clock": wait_clock,
         "epoch_start_data_wait_s": epoch_first["data_s"] / epoch_first["n"] if epoch_first["n"] else None,
         "world_size": world,
         "backend": comm.name,
