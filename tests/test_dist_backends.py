@@ -27,6 +27,15 @@ def _summary(log: str) -> dict:
     return json.loads(lines[-1])
 
 
+def test_finetune_buffer_average_is_one_gloo_all_reduce_with_the_per_buffer_values(tmp_path: Path) -> None:
+    out = tmp_path / "buffers.json"
+    for rc, log in run_torch("buffer_average.py", ["--out", str(out)]):
+        assert rc == 0, log[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["calls"] for r in results] == [["mean"], ["mean"]]  # float32 only: one collective (was one per buffer)
+    assert all(r["equal"] and r["changed"] for r in results) and results[0]["flat"] == results[1]["flat"]
+
+
 def test_shuffle_bn_unshuffles_exactly(tmp_path: Path) -> None:
     out = tmp_path / "shuffle.json"
     for rc, log in run_torch("shuffle_bn.py", ["--backend", "torch", "--out", str(out)]):

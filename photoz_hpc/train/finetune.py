@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from photoz_hpc.comm.base import Comm
 from photoz_hpc.config import FinetuneRunConfig
@@ -105,6 +106,24 @@ def select_data(cfg: FinetuneRunConfig, out_dir: Path | None = None) -> Finetune
                 raise ConfigError(f"{path} lists other galaxies than this config selects (data, finetune.label_fraction, "
                                   "subset_seed, val_* changed?): use a new out_dir")
     return FinetuneData(train, train_ids, val, val_ids, len(pool))
+
+
+# ---------------------------------------------------------------------- ranks agree on BatchNorm statistics
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module, comm: Comm) -> None:
+    """Average ``module``'s floating-point buffers over ranks in one all-reduce per (device, dtype): the buffers
+    flattened into one tensor. One all-reduce per buffer was ~200 collectives for a ResNet-50 (each synchronous
+    under Horovod); the mean of each element is the same."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        if buf.is_floating_point() and buf.numel():
+            groups.setdefault((buf.device, buf.dtype), []).append(buf)
+    for bufs in groups.values():
+        flat = comm.allreduce(_flatten_dense_tensors(bufs), "mean")
+        for buf, mean in zip(bufs, _unflatten_dense_tensors(flat, bufs), strict=True):
+            buf.copy_(mean)
 
 
 # ---------------------------------------------------------------------- which network is kept
@@ -218,10 +237,7 @@ class FinetuneTask:
         rank validates, checkpoints and exports the same network."""
         if self.comm.world < 2:
             return
-        with torch.no_grad():
-            for buf in self.model.buffers():
-                if buf.is_floating_point() and buf.numel():
-                    buf.copy_(self.comm.allreduce(buf, "mean"))
+        average_buffers(self.model, self.comm)
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics of the current network (collective; same dict on every rank)."""
