@@ -5,7 +5,10 @@ Covered: the memory-format and precision choices, device set-up, Horovod with ch
 its collective names, split BatchNorm staying channels_last, SyncBN without host copies, no host
 synchronisation in a training step and metrics read one step late by the loop (on a faked GPU: a pinned
 non-blocking copy behind an event, waited for one step late; the benchmark's step too), the exported encoder
-(CPU, contiguous, loadable anywhere), and the DALI GPU path's pinned staging buffers.
+(CPU, contiguous, loadable anywhere), and the DALI GPU path's pinned staging buffers. Issue 25: the GPU RNG
+state of the rank's own device, the data wait from CUDA events, loaders without a stream sync per batch (the meta
+device stands for a GPU whose values cannot be read back), fine-tuning's buffers in one all-reduce; each with a
+CUDA test for what only a GPU shows (``test_cuda_*``).
 """
 
 from __future__ import annotations
@@ -848,6 +851,133 @@ def test_cuda_pinned_staging_buffer_is_page_locked() -> None:
 
     a = _pinned_array((2, 3, 4))
     assert torch.from_numpy(a).is_pinned()
+
+
+@CUDA
+def test_cuda_rng_state_is_the_ranks_own_gpu_and_an_old_list_gives_its_entry(monkeypatch) -> None:
+    """Issue 25: one state (the rank's GPU) saved and restored; an older checkpoint's per-GPU list (4 GPUs visible
+    then, local rank 2) restores its entry 2 on the one GPU visible now, where set_rng_state_all raised IndexError."""
+    from photoz_hpc.train.runtime import rng_state, set_rng_state
+
+    prepare_device(GPU)
+    state = rng_state(GPU)
+    assert isinstance(state["cuda"], torch.Tensor)
+    first = torch.rand(4, device=GPU)
+    set_rng_state(state, GPU)
+    assert torch.equal(torch.rand(4, device=GPU), first)
+    other = torch.cuda.get_rng_state(GPU)  # a state after those draws: not entry 2's
+    for name, value in (("RANK", "2"), ("LOCAL_RANK", "2"), ("WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    set_rng_state({**state, "cuda": [other, other, state["cuda"], other]}, GPU)
+    assert torch.equal(torch.rand(4, device=GPU), first)
+
+
+def _busy(cycles: int = 2_000_000_000) -> None:
+    """Queue a kernel that keeps the GPU busy for a while (about a second at 2 GHz)."""
+    torch.cuda._sleep(cycles)
+
+
+@CUDA
+def test_cuda_late_read_waits_for_its_copy_not_for_the_work_launched_after() -> None:
+    """Issue 25: the metrics' copy is pinned and non-blocking (no sync at the all-reduce, sync debug mode 'error'),
+    and its read returns while later work still runs; a plain .tolist() (the old read) waits for that work."""
+    from photoz_hpc.train.late_reads import LateRead
+
+    prepare_device(GPU)
+    values = torch.arange(4, dtype=torch.float64, device=GPU)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        late = LateRead(values * 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert late._host.is_pinned()
+    _busy()  # step k + 1
+    assert late.tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert not torch.cuda.current_stream().query()  # the read did not wait for step k + 1
+    torch.cuda.synchronize()
+    _busy()
+    (values * 2).tolist()  # negative control: the old read waits for the whole stream
+    assert torch.cuda.current_stream().query()
+
+
+@CUDA
+def test_cuda_data_wait_is_the_gpus_idle_time() -> None:
+    """Issue 25: while queued work keeps the GPU busy, a host wait for the loader costs the GPU nothing (the event
+    pair is back to back); with the GPU idle it is the host's wait."""
+    import time as time_mod
+
+    from photoz_hpc.train.late_reads import DataWait, LateRead
+
+    prepare_device(GPU)
+    torch.cuda.synchronize()
+    _busy()
+    w = DataWait(GPU)
+    time_mod.sleep(0.05)  # the loader
+    w.stop()
+    LateRead(torch.zeros(1, device=GPU)).tolist()
+    assert w.clock == "cuda events" and w.seconds() < w.host_s / 2
+    torch.cuda.synchronize()
+    w = DataWait(GPU)
+    time_mod.sleep(0.05)
+    w.stop()
+    LateRead(torch.zeros(1, device=GPU)).tolist()
+    assert w.seconds() > w.host_s / 2
+
+
+@CUDA
+def test_cuda_loader_batch_and_reference_warp_do_not_sync() -> None:
+    """Issue 25: labels pinned and non-blocking, index/valid on the host, and the reference warp (translations
+    decided on the host, the general rows by a device index) run under sync debug mode 'error', with the CPU's
+    values."""
+    from photoz_hpc.augment.base import LoaderBase
+    from photoz_hpc.augment.pipelines import PIPELINES
+    from photoz_hpc.augment.reference import warp
+    from photoz_hpc.augment.source import SourceBatch
+
+    prepare_device(GPU)
+    loader = LoaderBase(SimpleNamespace(spec=SimpleNamespace(pipeline=PIPELINES["finetune"])), "gpu")
+    sb = SourceBatch(index=np.array([4, 7]), valid=np.array([True, True]), images=[], views=[],
+                     labels={"z_bin": np.array([1, 2]), "redshift": np.array([0.1, 0.2], np.float32)})
+    host = _mixed_matrices()
+    images = torch.randn(4, 5, 12, 12, generator=torch.Generator().manual_seed(0))
+    on_gpu, matrix = images.to(GPU), host.to(GPU)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = loader.make_batch(sb, [torch.zeros(2, 5, 4, 4, device=GPU)])
+        warped = warp(on_gpu, matrix, 8, host)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out["z_bin"].device == GPU and out["index"].device.type == "cpu"
+    assert out["z_bin"].tolist() == [1, 2]
+    torch.testing.assert_close(warped.cpu(), warp(images, host, 8), atol=1e-4, rtol=1e-4)
+
+
+@CUDA
+def test_cuda_buffer_average_is_one_all_reduce_per_dtype() -> None:
+    """Issue 25: fine-tuning's BatchNorm statistics on the GPU go to the communicator as one flattened tensor (one
+    GPU cannot run 2 NCCL ranks: the collective itself is in the torchrun/Horovod steps of the GPU check)."""
+    from photoz_hpc.models.photoz_net import build_photoz_net
+    from photoz_hpc.train.finetune import average_buffers
+
+    net = build_photoz_net(_tiny_cfg().model).to(GPU)
+    calls = []
+
+    class TwoRanks(Comm):
+        def __init__(self) -> None:
+            super().__init__()
+            self.world = 2
+
+        def allreduce(self, t, op="sum"):
+            calls.append((op, t.device, t.numel()))
+            return t * 3  # the mean with another rank holding 5 t
+
+    before = [b.clone() for b in net.buffers() if b.is_floating_point()]
+    average_buffers(net, TwoRanks())
+    after = [b for b in net.buffers() if b.is_floating_point()]
+    assert calls == [("mean", GPU, sum(b.numel() for b in before))]
+    assert all(torch.equal(a, 3 * b) for a, b in zip(after, before, strict=True))
 
 
 # ---------------------------------------------------------------------- a CPU kernel defect, refused up front
