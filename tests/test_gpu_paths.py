@@ -538,7 +538,8 @@ def test_loop_on_a_gpu_reads_step_k_after_step_k1_launched_and_after_its_event(m
 
     steps = 6
     cfg = _tiny_cfg(f"out_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "train.checkpoint_every=100000",
-                    "train.progress=false", "train.tensorboard=false", "train.log_every=1", "dist.backend=none")
+                    "train.progress=false", "train.tensorboard=false", "train.log_every=1", "dist.backend=none",
+                    "train.device=cpu")  # the faked GPU, also on a GPU machine
     syncs = HostSyncs(monkeypatch)
     FakeGpu(monkeypatch, syncs.events)
     inner = Trainer.train_step
@@ -605,7 +606,7 @@ def test_train_throughput_on_a_gpu_reads_each_step_after_the_next_launched(monke
 
     monkeypatch.setattr(Trainer, "train_step", timed_step)
     args = SimpleNamespace(warmup=1, windows=1, window_steps=4, breakdown=False)
-    cfg = _tiny_cfg("train.progress=false", "train.tensorboard=false")
+    cfg = _tiny_cfg("train.progress=false", "train.tensorboard=false", "augment.crop_size=16")
     with syncs:
         out = bench.run_mode("synthetic", cfg, Comm(), CPU, args)
     assert out["img_per_s"] > 0
