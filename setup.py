@@ -41,5 +41,5 @@ setup(
         # faiss-cpu: tests/test_similarity.py compares the faiss search with the torch one.
         "dev": ["pytest>=7", "ruff>=0.4", "pytest-timeout>=2.1", "qp-prob>=1.1", "pyarrow>=15", "faiss-cpu>=1.8"],
     },
-    entry_points={"console_scripts": ["photoz-hpc=photoz_hpc.cli:main"]},
+    entry_points={"console_scripts": ["photoz-hpc=photoz_hpc.cli:console_main"]},
 )

@@ -2,6 +2,6 @@
 
 import sys
 
-from photoz_hpc.cli import main
+from photoz_hpc.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -46,7 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command in this process and give the caller (a test, a notebook, a workflow tool) the process's
+    signal handlers back as they were: commands install pre-emption handlers and end by ignoring SIGTERM."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return console_main(argv)
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in _STOP_SIGNALS}
+    try:
+        return console_main(argv)
+    finally:
+        for name, handler in saved.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``photoz-hpc`` process: the handlers a command leaves stay in force until the process exits (a late
+    SIGTERM during interpreter shutdown must not turn a saved, pre-empted run's exit code 75 into 143)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -66,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
