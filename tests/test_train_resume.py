@@ -99,6 +99,8 @@ def test_resume_refuses_another_run_and_a_finished_run_writes_nothing(tmp_path: 
         run_pretrain(cfg("moco.temperature=0.5", "train.max_steps=8"))
     with pytest.raises(ConfigError, match=r"augment.crop_size: 16 -> 12"):
         run_pretrain(cfg("augment.crop_size=12"))  # also when the run is finished: it is another run
+    with pytest.raises(ConfigError, match=r"loader.batch_size: global batch 1 x 16 = 16 -> 1 x 8 = 8"):
+        run_pretrain(cfg("loader.batch_size=8", "train.max_steps=8"))  # lr scaling, steps per epoch: another run
     assert _snapshot(out) == before  # refused before anything was written
 
     # the same data elsewhere (staged, moved), a longer run, other logging and checkpointing: the same run, resumed
@@ -140,3 +142,29 @@ def test_mismatch_lists_result_keys_and_ignores_the_keys_that_may_change() -> No
     assert mismatch(saved, None, base, {}) == ([], ["finetune.select_max_eta"])
     assert all(k.split(".")[0] in {"out_dir", "log_level", "train", "dist", "loader", "model", "optim", "finetune",
                                    "data"} for k in MAY_CHANGE)
+
+
+def test_global_batch_may_follow_a_new_rank_count_but_not_change() -> None:
+    """The per-rank batch may change with the world size (2 x 8 -> 1 x 16); the global batch may not."""
+    from photoz_hpc.train.resume import global_batch_change
+
+    assert global_batch_change({"world": 2, "batch_size": 8}, 1, 16) is None
+    assert global_batch_change({"world": 2, "batch_size": 8}, 2, 8) is None
+    assert global_batch_change({"world": 2, "batch_size": 8}, 2, 16) == "loader.batch_size: global batch 2 x 8 = 16 -> 2 x 16 = 32"
+    assert global_batch_change({}, 2, 16) is None  # a checkpoint without them: not compared
+
+
+def test_init_paths_are_compared_as_files(tmp_path: Path, monkeypatch) -> None:
+    """A relative and an absolute path to the same encoder are the same init."""
+    import dataclasses
+
+    from photoz_hpc.config import FinetuneRunConfig, load_config
+    from photoz_hpc.train.resume import mismatch
+
+    monkeypatch.chdir(tmp_path)
+    saved = dataclasses.asdict(load_config(None, ["finetune.init=runs/x/encoder.pt"], root=FinetuneRunConfig))
+    absolute = load_config(None, [f"finetune.init={tmp_path / 'runs/x/encoder.pt'}"], root=FinetuneRunConfig)
+    assert mismatch(saved, None, absolute, {}) == ([], [])
+    other = load_config(None, [f"finetune.init={tmp_path / 'runs/y/encoder.pt'}"], root=FinetuneRunConfig)
+    assert [d.split(":")[0] for d in mismatch(saved, None, other, {})[0]] == ["finetune.init"]
+

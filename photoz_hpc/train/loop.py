@@ -39,7 +39,7 @@ from photoz_hpc.logs import get_logger
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
 from photoz_hpc.train.late_reads import DataWait, LateRead
 from photoz_hpc.train.metrics_log import MetricsLog, ProgressLines
-from photoz_hpc.train.resume import dataset_identities, mismatch
+from photoz_hpc.train.resume import dataset_identities, global_batch_change, mismatch
 from photoz_hpc.train.signals import PreemptionFlag
 
 log = get_logger(__name__)
@@ -92,7 +92,7 @@ def resume_state(cfg, comm: Comm, kind: str) -> tuple[str | None, dict[str, Any]
                 path = str(found) if found else None
             else:
                 path, state = cfg.train.resume, load_checkpoint(cfg.train.resume, kind)
-            problem = _other_run(cfg, path, state)
+            problem = _other_run(cfg, path, state, comm.world)
         except PhotozError as exc:  # every rank stops, not rank 0 alone
             error = exc
     path, problem, message = comm.broadcast_object((path, problem, str(error) if error else None))
@@ -107,14 +107,17 @@ def resume_state(cfg, comm: Comm, kind: str) -> tuple[str | None, dict[str, Any]
     return path, state
 
 
-def _other_run(cfg, path: str | None, state: dict[str, Any] | None) -> str | None:
-    """Why ``state`` is not a checkpoint of the run ``cfg`` describes (None: it is, or there is none)."""
+def _other_run(cfg, path: str | None, state: dict[str, Any] | None, world: int) -> str | None:
+    """Why ``state`` is not a checkpoint of the run ``cfg`` describes on ``world`` ranks (None: it is, or there
+    is none)."""
     if state is None:
         return None
     if not isinstance(state.get("config"), dict):
         log.warning("%s carries no config: cannot check that it is the same run", path)
         return None
     diffs, unknown = mismatch(state["config"], state.get("datasets"), cfg, dataset_identities(cfg))
+    batch = global_batch_change(state, world, cfg.loader.batch_size)
+    diffs += [batch] if batch else []
     if unknown:
         log.warning("%s predates config keys %s: not compared", path, ", ".join(unknown))
     if not diffs:

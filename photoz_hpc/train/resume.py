@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,8 @@ MAY_CHANGE: dict[str, str] = {
     "loader.prefetch": "how batches are made",
     "loader.num_workers": "how batches are made",
     "loader.verify_records": "how batches are made",
-    "loader.batch_size": "goes with the world size, which may change too: the queue is re-sharded and a warning "
-                         "says the data order restarts",
+    "loader.batch_size": "per rank, it goes with the world size, which may change too; the global batch (world x "
+                         "batch_size: lr scaling, steps per epoch, schedule) may not (``global_batch_change``)",
     "model.channels_last": "memory format",
     "optim.fused": "an implementation of the same optimiser",
     "finetune.eval_batch_size": "validation batching",
@@ -94,8 +93,20 @@ def _same(key: str, old: Any, new: Any) -> bool:
     if key == "finetune.init" and isinstance(old, str) and isinstance(new, str):
         if "none" in (old.lower(), new.lower()):
             return old.lower() == new.lower()
-        return os.path.normpath(old) == os.path.normpath(new)
+        return Path(old).resolve() == Path(new).resolve()  # relative or absolute, the same file
     return old == new
+
+
+def global_batch_change(state: dict[str, Any], world: int, batch_size: int) -> str | None:
+    """'loader.batch_size ...' when the checkpoint's global batch (its world x per-rank batch) differs from this
+    run's: the per-rank batch may follow a new rank count, the global batch may not."""
+    saved_world, saved_batch = state.get("world"), state.get("batch_size")
+    if not isinstance(saved_world, int) or not isinstance(saved_batch, int):
+        return None
+    if saved_world * saved_batch == world * batch_size:
+        return None
+    return (f"loader.batch_size: global batch {saved_world} x {saved_batch} = {saved_world * saved_batch} -> "
+            f"{world} x {batch_size} = {world * batch_size}")
 
 
 def mismatch(saved: dict[str, Any], saved_datasets: dict[str, Any] | None, cfg,
