@@ -190,6 +190,8 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     seen = dict(zip(("preempt", "interrupt"), (v > 0 for v in comm.allreduce(_signal_flags(flag, device), "max")
                                                   .cpu().tolist()), strict=True))
     preempted = seen["preempt"] or seen["interrupt"]  # stopped by a signal, with a checkpoint to resume from
+    if seen["interrupt"] and rank0:
+        log.warning("interrupted (Ctrl-C) during start-up: stopping; press Ctrl-C again to stop at once")
     saved_step = start_step if state is not None else -1
     epoch = task.step // steps_per_epoch
     mid_epoch = loader_restored and task.step % steps_per_epoch != 0
@@ -226,7 +228,9 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
             metrics.log(step, {"epoch": host["epoch"], "loss": loss, **named, **scalars})
         if lines is not None:
             lines.update(step, host["epoch"], loss, scalars["step_s"], scalars["data_s"])
-        seen["preempt"] |= values[-2] > 0
+        if values[-1] > 0 and not seen["interrupt"] and rank0:  # logged here, not in the signal handler (which
+            log.warning("interrupted (Ctrl-C): stopping after a checkpoint; press Ctrl-C again to stop at once")
+        seen["preempt"] |= values[-2] > 0  # could land mid-write on the stream a log line goes to)
         seen["interrupt"] |= values[-1] > 0
         return values[-2] > 0 or values[-1] > 0
 

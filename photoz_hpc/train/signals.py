@@ -14,10 +14,6 @@ import signal
 import threading
 from typing import Any
 
-from photoz_hpc.logs import get_logger
-
-log = get_logger(__name__)
-
 #: Exit code for a clean stop after a pre-emption signal (checkpoint written); the Slurm scripts
 #: requeue on it (tests/test_slurm.py checks they use this value).
 EXIT_PREEMPTED = 75
@@ -57,8 +53,7 @@ class PreemptionFlag:
         if signum == signal.SIGINT:
             if signal.SIGINT in self.received:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now
-            log.warning("interrupted (Ctrl-C): stopping after a checkpoint; press Ctrl-C again to stop at once")
-        self._record(signum)
+        self._record(signum)  # no logging here: the handler may interrupt a write to the log's stream (the loop logs)
 
     @property
     def raised(self) -> bool:
