@@ -59,8 +59,30 @@ def test_export_load_embed_round_trip(tmp_path) -> None:
         load_encoder(tmp_path / "bad.pt")
 
 
+def _no_cpu_compile() -> str | None:
+    from photoz_hpc.models.resnet import cpu_toolchain_missing
+
+    return cpu_toolchain_missing()
+
+
+#: the fused backward on the CPU is a real Inductor C++ compile: skipped, with the reason, where it cannot build
+needs_cpu_compile = pytest.mark.skipif(_no_cpu_compile() is not None, reason=f"fused split-BN backward: {_no_cpu_compile()}")
+
+
+def _split_bn_grads(bn, x, g, impl: str):
+    import copy
+
+    b = copy.deepcopy(bn)
+    b.backward_impl = impl
+    xi = x.contiguous(memory_format=torch.channels_last).detach().requires_grad_()
+    y = b(xi)
+    y.backward(g.contiguous(memory_format=torch.channels_last))
+    return b, xi, y
+
+
+@pytest.mark.parametrize("impl", ["eager", "copy", pytest.param("fused", marks=needs_cpu_compile)])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
-def test_split_bn_backwards_agree_with_the_reference(dtype, tol, caplog) -> None:
+def test_split_bn_backwards_agree_with_the_reference(impl, dtype, tol, caplog) -> None:
     """moco.split_bn_backward on channels_last input: ``fused`` (torch.compile, no full-size fp32 temporaries),
     ``eager`` and ``copy`` give the fp64 NCHW reference's outputs and gradients; fused equals eager to rounding;
     the output stays channels_last; the choice is logged."""
@@ -81,28 +103,138 @@ def test_split_bn_backwards_agree_with_the_reference(dtype, tol, caplog) -> None
     xr = x.double().requires_grad_()
     yr = ref(xr)
     yr.backward(g.double())
-    got = {}
     resnet._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="photoz_hpc"):
-        for impl in ("eager", "fused", "copy"):
-            b = copy.deepcopy(bn)
-            b.backward_impl = impl
-            xi = x.contiguous(memory_format=torch.channels_last).detach().requires_grad_()
-            y = b(xi)
-            y.backward(g.contiguous(memory_format=torch.channels_last))
-            assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == dtype
-            assert xi.grad.is_contiguous(memory_format=torch.channels_last) and xi.grad.dtype == dtype
-            torch.testing.assert_close(y.double(), yr, atol=tol, rtol=tol)
-            torch.testing.assert_close(xi.grad.double(), xr.grad, atol=tol, rtol=tol)
-            torch.testing.assert_close(b.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-3)
-            torch.testing.assert_close(b.bias.grad.double(), ref.bias.grad, rtol=1e-4, atol=1e-3)
-            torch.testing.assert_close(b.running_var.double(), ref.running_var, rtol=1e-4, atol=1e-5)
-            got[impl] = (xi.grad.double(), b.weight.grad.double(), b.bias.grad.double())
-    assert not resnet._COMPILED.get("failed"), "the fused backward fell back to eager"
-    for a, e in zip(got["fused"], got["eager"], strict=True):  # the same math, another summation order
-        torch.testing.assert_close(a, e, atol=1e-5 if dtype == torch.float32 else 2 ** -7, rtol=1e-5)
+        b, xi, y = _split_bn_grads(bn, x, g, impl)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == dtype
+    assert xi.grad.is_contiguous(memory_format=torch.channels_last) and xi.grad.dtype == dtype
+    torch.testing.assert_close(y.double(), yr, atol=tol, rtol=tol)
+    torch.testing.assert_close(xi.grad.double(), xr.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(b.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(b.bias.grad.double(), ref.bias.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(b.running_var.double(), ref.running_var, rtol=1e-4, atol=1e-5)
     logged = [r.getMessage() for r in caplog.records if "split BatchNorm on channels_last" in r.getMessage()]
-    assert [m.split(": ")[1].split()[0] for m in logged] == ["eager", "fused", "copy"], logged
+    assert [m.split(": ")[1].split()[0] for m in logged] == [impl], logged
+    if impl == "fused":
+        assert not resnet._COMPILED.get("failed"), "the fused backward fell back to eager"
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+        _, xe, _ = _split_bn_grads(bn, x, g, "eager")  # the same math, another summation order
+        torch.testing.assert_close(xi.grad.double(), xe.grad.double(), atol=1e-5 if dtype == torch.float32 else 2 ** -7,
+                                   rtol=1e-5)
+
+
+@needs_cpu_compile
+def test_split_bn_fused_backward_compiles_layer_shapes_without_falling_back(monkeypatch, caplog) -> None:
+    """Layer shapes and counts n = N/S*H*W that differ (ResNet stages, another batch) reuse the dynamic graph
+    (no recompile per count), and none of them runs the eager backward: no compile failure, no recompile limit."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    from photoz_hpc.models import resnet
+    from photoz_hpc.models.resnet import SplitBatchNorm2d
+
+    torch._dynamo.reset()
+    resnet._COMPILED.clear()
+    eager_calls, real_eager = [], resnet._backward_eager
+    monkeypatch.setattr(resnet, "_backward_eager", lambda *a: eager_calls.append(a) or real_eager(*a))
+    graphs = []
+    with caplog.at_level(logging.WARNING, logger="photoz_hpc"):
+        # (N, C, H, W) with 2 splits: one pattern of distinct sizes (n = 6*13*11, 5*9*7, 3*15*17: one graph),
+        # then the ResNet case of square maps, and a 1x1 map (a size of 1 is specialised: its own graph)
+        for shape in [(12, 16, 13, 11), (10, 24, 9, 7), (6, 40, 15, 17), (8, 32, 6, 6), (16, 8, 3, 3), (4, 64, 1, 1)]:
+            torch.manual_seed(0)
+            bn = SplitBatchNorm2d(shape[1], 2, backward="fused")
+            _split_bn_grads(bn, torch.randn(shape), torch.randn(shape), "fused")
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert not eager_calls and not resnet._COMPILED.get("failed")
+    assert not [r for r in caplog.records if "split BatchNorm" in r.getMessage()], caplog.records
+    assert graphs[0] == graphs[1] == graphs[2] >= 1, graphs  # another count n and other sizes: no recompile
+    assert graphs[-1] < graphs[0] + torch._dynamo.config.recompile_limit, graphs
+
+
+@needs_cpu_compile
+def test_split_bn_fused_backward_past_the_recompile_limit_runs_eager(monkeypatch, caplog) -> None:
+    """A shape past dynamo's recompile limit runs the eager backward (not the uncompiled math, which writes
+    fp32 temporaries), with one warning; the compiled shapes stay fused (no process-wide switch)."""
+    import logging
+
+    from photoz_hpc.models import resnet
+
+    torch._dynamo.reset()
+    resnet._COMPILED.clear()
+    resnet._LOGGED.clear()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    eager_calls = []
+    real_eager = resnet._backward_eager
+    monkeypatch.setattr(resnet, "_backward_eager", lambda *a: eager_calls.append(a) or real_eager(*a))
+
+    def args(m, s, h, w, c):
+        x5, gy = torch.randn(m, s, h, w, c), torch.randn(m, s, h, w, c)
+        mean, invstd = x5.mean((0, 2, 3), keepdim=True), torch.rand(1, s, 1, 1, c) + 0.5
+        return gy, x5, mean, invstd, invstd * 1.5, m * h * w
+
+    first, other = args(3, 2, 5, 7, 4), args(3, 2, 1, 1, 4)  # a size of 1: another graph
+    backward = resnet._split_bn_backward("fused")
+    with caplog.at_level(logging.WARNING, logger="photoz_hpc"):
+        backward(*first)
+        assert not eager_calls
+        got = backward(*other)
+        backward(*other)
+        backward(*first)
+    assert len(eager_calls) == 2 and not resnet._COMPILED.get("failed")
+    warned = [r.getMessage() for r in caplog.records if "recompile limit" in r.getMessage()]
+    assert len(warned) == 1, caplog.records
+    for a, e in zip(got, real_eager(*other), strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_split_bn_fused_fallback_only_for_compile_failures(monkeypatch, caplog) -> None:
+    """A compile failure switches the fused backward to eager for the process (a warning); a runtime error
+    or a CUDA OOM (also one raised inside the compile) is raised, and fused stays on."""
+    import logging
+
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from photoz_hpc.models import resnet
+
+    def raising(exc):
+        def compiled(*args):
+            raise exc
+        return compiled
+
+    args = (torch.randn(2, 2, 3, 3, 4), torch.randn(2, 2, 3, 3, 4), torch.zeros(1, 2, 1, 1, 4),
+            torch.ones(1, 2, 1, 1, 4), torch.ones(1, 2, 1, 1, 4), 18)
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    for exc in (RuntimeError("a genuine error"), oom, BackendCompilerFailed("inductor", oom, None)):
+        monkeypatch.setattr(resnet, "_COMPILED", {"fused": raising(exc)})
+        with pytest.raises(type(exc)):
+            resnet._split_bn_backward("fused")(*args)
+        assert not resnet._COMPILED.get("failed")
+    monkeypatch.setattr(resnet, "_COMPILED", {"fused": raising(BackendCompilerFailed("inductor", OSError("no g++"), None))})
+    with caplog.at_level(logging.WARNING, logger="photoz_hpc"):
+        got = resnet._split_bn_backward("fused")(*args)
+    assert resnet._COMPILED.get("failed") and "failed to compile" in caplog.text
+    for a, e in zip(got, resnet._backward_eager(*args), strict=True):
+        torch.testing.assert_close(a, e)
+    assert resnet._split_bn_backward("fused") is resnet._backward_eager  # for the rest of the process
+
+
+def test_fused_split_bn_needs_a_cpu_toolchain(monkeypatch) -> None:
+    """Without a C++ compiler for Inductor, ``fused`` on a CPU resolves to ``eager`` (no failing compile);
+    ``auto`` stays eager on a CPU either way."""
+    from torch._inductor import config
+
+    from photoz_hpc.models import resnet
+
+    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    resnet.cpu_toolchain_missing.cache_clear()
+    try:
+        assert "no C++ compiler" in resnet.cpu_toolchain_missing()
+        assert resnet.resolve_split_bn_backward("fused", torch.device("cpu")) == "eager"
+        assert resnet.resolve_split_bn_backward("auto", torch.device("cpu")) == "eager"
+    finally:
+        resnet.cpu_toolchain_missing.cache_clear()
 
 
 def test_split_bn_backward_setting() -> None:

@@ -141,7 +141,19 @@ def test_mismatch_lists_result_keys_and_ignores_the_keys_that_may_change() -> No
     del saved["finetune"]["select_max_eta"]
     assert mismatch(saved, None, base, {}) == ([], ["finetune.select_max_eta"])
     assert all(k.split(".")[0] in {"out_dir", "log_level", "train", "dist", "loader", "model", "optim", "finetune",
-                                   "data"} for k in MAY_CHANGE)
+                                   "data", "moco"} for k in MAY_CHANGE)
+
+
+def test_split_bn_backward_may_change_on_resume() -> None:
+    """moco.split_bn_backward picks an implementation of the same backward: a resume may switch it."""
+    import dataclasses
+
+    from photoz_hpc.config import load_config
+    from photoz_hpc.train.resume import mismatch
+
+    saved = dataclasses.asdict(load_config(None, ["moco.split_bn_backward=fused"]))
+    assert mismatch(saved, None, load_config(None, ["moco.split_bn_backward=copy"]), {}) == ([], [])
+    assert mismatch(saved, None, load_config(None, ["moco.bn_splits=4"]), {})[0]  # the split itself may not
 
 
 def test_global_batch_may_follow_a_new_rank_count_but_not_change() -> None:

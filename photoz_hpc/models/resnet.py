@@ -7,6 +7,7 @@ stage (64 = standard ResNet), so tests can run a width-8 ResNet-18 in millisecon
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -109,13 +110,32 @@ _COMPILED: dict[str, Callable] = {}
 _LOGGED: set[str] = set()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_toolchain_missing() -> str | None:
+    """Why Inductor cannot build CPU kernels here (no C++ compiler on PATH, no Python headers), or None:
+    checked up front, so a machine without them runs the eager backward instead of failing a compile."""
+    import os
+    import shutil
+    import sysconfig
+
+    from torch._inductor import config
+
+    cxx = config.cpp.cxx
+    if not any(shutil.which(c) for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c):
+        return f"no C++ compiler for torch.compile on the CPU (torch._inductor.config.cpp.cxx = {cxx!r})"
+    header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not os.path.exists(header):
+        return f"no Python headers for torch.compile on the CPU ({header} is missing)"
+    return None
+
+
 def _fused_available(device: torch.device) -> bool:
-    """``torch.compile`` can generate kernels for ``device`` (CUDA: Triton; CPU: a C++ compiler)."""
+    """``torch.compile`` can generate kernels for ``device`` (CUDA: Triton; CPU: a C++ compiler and Python.h)."""
     if device.type == "cuda":
         import importlib.util
 
         return importlib.util.find_spec("triton") is not None
-    return device.type == "cpu"
+    return device.type == "cpu" and cpu_toolchain_missing() is None
 
 
 def resolve_split_bn_backward(impl: str, device: torch.device) -> str:
@@ -134,24 +154,49 @@ def resolve_split_bn_backward(impl: str, device: torch.device) -> str:
     return impl
 
 
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    """The exceptions of a compile that failed (no compiler, a kernel that does not build), as this torch has
+    them; anything else (CUDA OOM, a genuine error in the math) is raised, not hidden behind a fallback."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = ("BackendCompilerFailed", "InductorError", "CppCompileError", "InvalidCxxCompiler", "TritonMissing",
+             "GPUTooOldForTriton")
+    return tuple(e for m in (dynamo_exc, inductor_exc) for n in names if isinstance(e := getattr(m, n, None), type))
+
+
 def _split_bn_backward(impl: str) -> Callable:
-    """The backward function of ``impl`` (``eager`` or ``fused``); a fused backward that fails to compile
-    falls back to ``eager`` for the rest of the process, with a warning (a run never dies of it)."""
+    """The backward function of ``impl`` (``eager`` or ``fused``). A fused backward that fails to compile
+    falls back to ``eager`` for the rest of the process, with a warning (a run never dies of it); a shape past
+    dynamo's recompile limit (``fullgraph``: it raises instead of running the math uncompiled, which would
+    write the fp32 temporaries) runs ``eager``, the shapes already compiled stay fused."""
     if impl != "fused" or _COMPILED.get("failed"):
         return _backward_eager
     if "fused" not in _COMPILED:
+        # dynamic=True: sizes and the count n are symbols, so a new layer shape or batch is no recompile
+        # (only a new dtype, a size of 1 or a new pattern of equal sizes is)
         _COMPILED["fused"] = torch.compile(_backward_math, dynamic=True, fullgraph=True)
     compiled = _COMPILED["fused"]
 
     def run(*args):
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        from photoz_hpc.logs import get_logger
+
         try:
             return compiled(*args)
-        except Exception as exc:  # compiler missing or broken on this machine: the eager math is the same
-            from photoz_hpc.logs import get_logger
-
+        except FailOnRecompileLimitHit as exc:
+            if "recompile_limit" not in _LOGGED:
+                _LOGGED.add("recompile_limit")
+                get_logger(__name__).warning("split BatchNorm: the fused backward hit torch._dynamo's recompile "
+                                             "limit (%s); new shapes use the eager backward", exc)
+            return _backward_eager(*args)
+        except _compile_failures() as exc:
+            if isinstance(getattr(exc, "inner_exception", None), torch.OutOfMemoryError):
+                raise
             _COMPILED["failed"] = compiled
-            get_logger(__name__).warning("split BatchNorm: the fused backward failed (%s: %s); using the eager one",
-                                         type(exc).__name__, exc)
+            get_logger(__name__).warning("split BatchNorm: the fused backward failed to compile (%s: %s); "
+                                         "using the eager one", type(exc).__name__, exc)
             return _backward_eager(*args)
 
     return run

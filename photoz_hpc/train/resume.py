@@ -46,6 +46,7 @@ MAY_CHANGE: dict[str, str] = {
                          "batch_size: lr scaling, steps per epoch, schedule) may not (``global_batch_change``)",
     "model.channels_last": "memory format",
     "optim.fused": "an implementation of the same optimiser",
+    "moco.split_bn_backward": "an implementation of the same backward",
     "finetune.eval_batch_size": "validation batching",
     "data.synth_n": "how the quickstart makes data.path (whose content is compared)",
     "data.synth_labeled": "how the quickstart makes data.path (whose content is compared)",
