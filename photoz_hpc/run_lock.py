@@ -5,15 +5,17 @@ Two runs writing one directory (a double submission, a requeued job racing its o
 metrics and checkpoints, so every command that writes a run directory holds it (``hold_directory``; multi-rank
 runs through ``hold_for_ranks``: rank 0 takes it and every rank learns the outcome before anything is written).
 
-What it relies on, so that it works on Lustre, GPFS, NFSv3+ and local disks alike: ``open(O_CREAT|O_EXCL)``
-and ``rename`` are atomic on the file system. Not on ``fcntl``/``flock``, which parallel file systems often
+What it relies on, so that it works on Lustre, GPFS, NFSv3+ and local disks alike: ``open(O_CREAT|O_EXCL)``,
+``rename`` and ``link`` are atomic on the file system. Not on ``fcntl``/``flock``, which parallel file systems often
 disable, emulate per client or lose with a node. A holder writes its identity (host, pid, Slurm job/step/
 restart count, command, start time, a random token) into the file and touches it every ``PHOTOZ_LOCK_HEARTBEAT_S``
 (15) seconds. A holder is stale -- and the lock is taken over with a log line -- when it is on this host and its
 process is gone, when it is an earlier incarnation of this Slurm job (a lower ``SLURM_RESTART_COUNT``: Slurm
 runs one incarnation of a job at a time), or when its heartbeat is older than ``PHOTOZ_LOCK_STALE_S`` (120)
 seconds (this compares another host's file time with our clock: clocks must agree to well within it).
-Takers serialise on a second exclusive file (``LOCK.takeover``) and remove only the lock they judged stale.
+Takers serialise on a second exclusive file (``LOCK.takeover``) and remove only the lock (or stale guard) they
+judged stale: they move it aside, check it, and put anything else back with ``link``, which never replaces a
+file created meanwhile.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ DEFAULT_HEARTBEAT_S, DEFAULT_STALE_S = 15.0, 120.0
 _SLURM_KEYS = {"job": "SLURM_JOB_ID", "step": "SLURM_STEP_ID", "restart": "SLURM_RESTART_COUNT",
                "array_job": "SLURM_ARRAY_JOB_ID", "array_task": "SLURM_ARRAY_TASK_ID", "cluster": "SLURM_CLUSTER_NAME"}
 
+_TAKEOVER_ROUNDS = 20  # looks at a lock that is being taken over, 0.05 s apart, before giving up
 _held: set[str] = set()  # lock files held by this process (a second hold from here is refused too)
 _held_guard = threading.Lock()
 
@@ -192,6 +195,29 @@ def _create(path: Path, info: dict[str, Any]) -> bool:
     return True
 
 
+def _remove_if(path: Path, token: str | None, me: dict[str, Any]) -> bool:
+    """Remove ``path`` if it is still the file judged stale (``token``); True if removed. Moved aside first
+    (atomic), so what is checked is what is removed; anything else goes back with ``link``, which, unlike
+    ``rename``, fails rather than replace a file another run created at ``path`` meanwhile."""
+    aside = path.with_name(f"{path.name}.stale-{me['token']}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False  # gone since it was judged (its holder released it): look again
+    moved = _read(aside)
+    if moved is None or (moved[0] or {}).get("token") == token:
+        aside.unlink(missing_ok=True)
+        return True
+    try:  # replaced in between: put it back
+        os.link(aside, path)
+    except FileExistsError:  # a third run created it meanwhile and holds it now: it keeps it
+        log.warning("%s: a takeover race displaced the lock file %s of %s, and another run has created it since: "
+                    "the displaced run reports this at its next heartbeat", path.parent, path,
+                    describe(moved[0]) if moved[0] else "a run whose lock file is unreadable")
+    aside.unlink(missing_ok=True)
+    return False
+
+
 def _take_over(path: Path, token: str | None, me: dict[str, Any], stale_s: float) -> bool:
     """Remove the lock file if it is still the one judged stale (``token``); True if removed. Takers serialise
     on ``path.takeover`` (created exclusively), so a lock created meanwhile by another taker is never removed."""
@@ -199,20 +225,13 @@ def _take_over(path: Path, token: str | None, me: dict[str, Any], stale_s: float
     if not _create(guard, me):
         found = _read(guard, tries=3)
         if found is not None and found[1] > stale_s:  # a taker died inside the few ms of its takeover
-            guard.unlink(missing_ok=True)
+            _remove_if(guard, (found[0] or {}).get("token"), me)
         return False
     try:
         found = _read(path)
         if found is None or (found[0] or {}).get("token") != token:
             return False  # gone or replaced since it was judged: judge again
-        aside = path.with_name(f"{path.name}.stale-{me['token']}")
-        os.rename(path, aside)
-        moved = _read(aside)
-        if moved is not None and (moved[0] or {}).get("token") != token:  # replaced in between: put it back
-            os.rename(aside, path)
-            return False
-        aside.unlink(missing_ok=True)
-        return True
+        return _remove_if(path, token, me)
     finally:
         guard.unlink(missing_ok=True)
 
@@ -301,7 +320,7 @@ def acquire(spec: RunDir, environ: Mapping[str, str] | None = None) -> Directory
 def _acquire(spec: RunDir, me: dict[str, Any], stale_s: float, heartbeat_s: float) -> DirectoryLock:
     """Create the lock, or judge its holder and take it over if stale (a few rounds: takers may race)."""
     path = spec.lock_path
-    for _ in range(20):
+    for _ in range(_TAKEOVER_ROUNDS):
         if _create(path, me):
             return DirectoryLock(spec, me, heartbeat_s)
         found = _read(path)

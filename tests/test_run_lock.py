@@ -25,6 +25,7 @@ import torch
 import yaml
 from helpers import REPO, SCRIPTS, TINY_MODEL, make_dataset, process_env, tiny_overrides
 
+from photoz_hpc import run_lock
 from photoz_hpc.cli import main as cli_main
 from photoz_hpc.config import Config, FinetuneRunConfig, load_config
 from photoz_hpc.data.prepare import prepare_hold
@@ -219,7 +220,92 @@ def test_a_late_taker_never_removes_the_lock_another_taker_just_made(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no leftovers (.takeover, .stale-*)
 
 
+def _on_first_rename_of(monkeypatch, src: Path, before=None, after=None) -> None:
+    """Run ``before``/``after`` around the first ``os.rename`` of ``src``: another process acting between a
+    taker's checks and its move, at exactly that moment."""
+    real, fired = os.rename, []
+
+    def rename(a, b, *args, **kw):
+        if Path(a) != src or fired:
+            return real(a, b, *args, **kw)
+        fired.append(a)
+        if before:
+            before()
+        try:
+            return real(a, b, *args, **kw)
+        finally:
+            if after:
+                after()
+    monkeypatch.setattr(run_lock.os, "rename", rename)
+
+
+def test_a_stale_holder_releasing_during_the_takeover_is_not_an_error(tmp_path, monkeypatch):
+    """The lock vanishes between the taker's token check and its move aside (the holder judged stale was alive
+    and released): the taker looks again and takes the free directory instead of failing."""
+    lock = tmp_path / LOCK_NAME
+    _write_lock(lock, age_s=1000)
+    _on_first_rename_of(monkeypatch, lock, before=lock.unlink)
+    with hold_directory(tmp_path, "pretrain") as held:
+        assert json.loads(lock.read_text())["token"] == held.info["token"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("third_run", [False, True])
+def test_a_lock_replaced_during_the_takeover_is_put_back_never_over_a_third_run(tmp_path, monkeypatch, caplog,
+                                                                               third_run):
+    """Between the taker's token check and its move aside the stale lock was released and run B created a new
+    one, which the taker moves aside and must put back. If run C created the lock in that gap, C keeps it (a
+    put-back must not replace it): the lock is C's and the taker is refused naming C. No copy is left over."""
+    lock = tmp_path / LOCK_NAME
+    _write_lock(lock, age_s=1000)
+
+    def b_replaces_it():
+        lock.unlink()
+        _write_lock(lock, host="b-node", pid=1111, token="b-token")
+    _on_first_rename_of(monkeypatch, lock, before=b_replaces_it,
+                        after=(lambda: _write_lock(lock, host="c-node", pid=2222, token="c-token")) if third_run
+                        else None)
+    with caplog.at_level(logging.WARNING, logger="photoz_hpc"), pytest.raises(DirectoryHeld) as err:
+        acquire(RunDir(tmp_path, "pretrain"))
+    expect = ("c-token", "pid 2222 on host c-node") if third_run else ("b-token", "pid 1111 on host b-node")
+    assert json.loads(lock.read_text())["token"] == expect[0]
+    assert f"{tmp_path} is in use by another run" in str(err.value) and expect[1] in str(err.value), str(err.value)
+    assert ("a takeover race displaced" in caplog.text and "pid 1111 on host b-node" in caplog.text) == third_run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # no .stale-* copy, no .takeover
+
+
+def test_a_stale_takeover_guard_is_removed_only_if_still_the_stale_one(tmp_path, monkeypatch):
+    """Two takers judged the same takeover guard stale: the first removed it and created its own; the second
+    must leave that fresh guard alone (and still removes a guard that is really the stale one)."""
+    lock = tmp_path / LOCK_NAME
+    guard = tmp_path / (LOCK_NAME + ".takeover")
+    _write_lock(lock, age_s=1000)
+    _write_lock(guard, age_s=1000, token="dead-taker")
+    me = holder_info("late taker")
+    real_read, fired = run_lock._read, []
+
+    def read(path, *args, **kw):  # the first taker acts just after the second judged the guard stale
+        found = real_read(path, *args, **kw)
+        if Path(path) == guard and not fired:
+            fired.append(path)
+            guard.unlink()
+            _write_lock(guard, token="first-taker")
+        return found
+    monkeypatch.setattr(run_lock, "_read", read)
+    assert not _take_over(lock, "their-token", me, 120.0)
+    assert json.loads(guard.read_text())["token"] == "first-taker"
+    assert json.loads(lock.read_text())["token"] == "their-token"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_NAME, guard.name])
+    _write_lock(guard, age_s=1000, token="first-taker")  # that one died too: now it goes
+    assert not _take_over(lock, "their-token", me, 120.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+    assert _take_over(lock, "their-token", me, 120.0) and sorted(tmp_path.iterdir()) == []
+
+
 def _race(directory: str, go, results, release) -> None:
+    # A loser looks again while the winner takes over: let it keep looking for as long as the test waits
+    # (20 looks, ~1 s, can run out on a loaded machine while the winner is not scheduled).
+    run_lock._TAKEOVER_ROUNDS = int(TIMEOUT / 0.05)
     go.wait()
     try:
         lock = acquire(RunDir(Path(directory), "racer"))
