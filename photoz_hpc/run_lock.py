@@ -160,9 +160,10 @@ def stale_reason(info: dict[str, Any], age_s: float, stale_s: float, me: dict[st
     return None
 
 
-def _read(path: Path, tries: int = 10) -> tuple[dict[str, Any] | None, float] | None:
+def _read(path: Path, tries: int = 50) -> tuple[dict[str, Any] | None, float] | None:
     """(holder info or None if unreadable, heartbeat age in s) of the lock file; None if there is none. A file
-    just created is empty for an instant: read again briefly before calling it unreadable."""
+    just created is empty until its holder writes it: read again for up to 5 s (a holder descheduled on a loaded
+    node) before calling it unreadable."""
     for attempt in range(tries):
         try:
             with open(path, "rb") as fh:
