@@ -190,3 +190,27 @@ def run_ranks(backend: str, script: str, args: list[str], world: int = 2, timeou
         require_horovod()
         return [run_horovod(script, args, np=world, timeout=timeout, env=env)]
     return run_torch(script, args, world=world, timeout=timeout, env=env)
+
+
+def split_bn_case(dtype):
+    """The split-BN tests' case: a SplitBatchNorm2d(16, 4) with non-trivial affine parameters, an input and an output
+    gradient in ``dtype`` (fixed seed), and the fp64 NCHW reference run forward and backward on them.
+    Returns (bn, x, g, ref, xr, yr): ``xr.grad`` and ``ref``'s parameter grads are the reference gradients."""
+    import copy
+
+    import torch
+
+    from photoz_hpc.models.resnet import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(16, 4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = (torch.randn(32, 16, 9, 7) * 2 + 0.5).to(dtype)
+    g = torch.randn(32, 16, 9, 7).to(dtype)
+    ref = copy.deepcopy(bn).double()
+    xr = x.double().requires_grad_()
+    yr = ref(xr)
+    yr.backward(g.double())
+    return bn, x, g, ref, xr, yr

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, process_env, require_horovod
+from helpers import REPO, process_env, require_horovod, split_bn_case
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from photoz_hpc.comm.base import Comm
@@ -205,19 +205,7 @@ class _Ops(TorchDispatchMode):
 def test_split_bn_stays_channels_last(dtype, tol) -> None:
     """Same outputs, gradients and running statistics as the NCHW path, the output channels_last, and no
     copy of the activations (the NCHW path copies to NCHW and back: see the negative control)."""
-    from photoz_hpc.models.resnet import SplitBatchNorm2d
-
-    torch.manual_seed(0)
-    bn = SplitBatchNorm2d(16, 4)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
-    x = (torch.randn(32, 16, 9, 7) * 2 + 0.5).to(dtype)
-    g = torch.randn(32, 16, 9, 7).to(dtype)
-    ref = copy.deepcopy(bn).double()
-    xr = x.double().requires_grad_()
-    yr = ref(xr)
-    yr.backward(g.double())
+    bn, x, g, ref, xr, yr = split_bn_case(dtype)
     results = {}
     for fmt in (torch.contiguous_format, torch.channels_last):
         b = copy.deepcopy(bn)
@@ -373,6 +361,42 @@ class _SyntheticLoader:
             yield {"view1": x, "view2": x.flip(-1)}
 
 
+def _mark_steps(monkeypatch, events: list[str]) -> None:
+    """Logs ``start:k`` before and ``end:k`` after each training step, so every read lands in a step or a window."""
+    inner = Trainer.train_step
+
+    def timed_step(self, v1, v2):
+        events.append(f"start:{self.step + 1}")
+        out = inner(self, v1, v2)
+        events.append(f"end:{self.step}")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+
+
+#: what a faked GPU's host reads and waits log; its launches (pin, copy, record) may happen inside a step
+_WAITS = ("read:", "op:", "sync:", "device-sync", "elapsed:")
+
+
+def _step_windows(ev: list[str], inside: tuple[str, ...] | None = None) -> dict[int, list[str]]:
+    """By k: what happens after step k ends and before step k + 1 starts. An event inside a step fails the test:
+    any event, or (``inside``) one starting with one of those prefixes."""
+    windows: dict[int, list[str]] = {}
+    current = None
+    for e in ev[ev.index("start:1"):]:
+        if e.startswith("start:"):
+            current = None
+        elif e.startswith("end:"):
+            current = int(e[4:])
+            windows[current] = []
+        elif current is None:
+            if inside is None or e.startswith(inside):
+                pytest.fail(f"a host read or wait inside a training step: {e} ({ev})")
+        else:
+            windows[current].append(e)
+    return windows
+
+
 def test_loop_reads_each_steps_metrics_one_step_late(monkeypatch, tmp_path: Path) -> None:
     """Within the loop no step is read back while it runs, and step k's reduced metrics are read only after
     step k + 1 has been issued: nothing is read in the window after step 1, one read after every later step
@@ -383,32 +407,12 @@ def test_loop_reads_each_steps_metrics_one_step_late(monkeypatch, tmp_path: Path
     cfg = _tiny_cfg(f"out_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "train.checkpoint_every=100000",
                     "train.progress=false", "train.tensorboard=false", "train.log_every=1", "dist.backend=none")
     syncs = HostSyncs(monkeypatch)
-    inner = Trainer.train_step
-
-    def timed_step(self, v1, v2):
-        syncs.events.append(f"start:{self.step + 1}")
-        out = inner(self, v1, v2)
-        syncs.events.append(f"end:{self.step}")
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    _mark_steps(monkeypatch, syncs.events)
     with syncs:
         s = run_pretrain(cfg, loader=_SyntheticLoader(5, 8, 16), comm=Comm())
     assert s["steps"] == steps  # on a GPU machine (the GPU check) the same run goes to the GPU, channels_last
     assert s["memory_format"] == ("channels_last" if torch.cuda.is_available() else "contiguous")
-    ev = syncs.events
-    windows: dict[int, list[str]] = {}  # what happens after step k ends and before step k + 1 starts
-    current = None
-    for e in ev[ev.index("start:1"):]:
-        if e.startswith("start:"):
-            current = None
-        elif e.startswith("end:"):
-            current = int(e[4:])
-            windows[current] = []
-        elif current is None:
-            pytest.fail(f"a host read inside a training step: {e} ({ev})")
-        else:
-            windows[current].append(e)
+    windows = _step_windows(syncs.events)
     assert windows[1] == [], windows  # step 1's own values are not read right after it ...
     assert all(windows[k] == ["read:tolist"] for k in range(2, steps)), windows  # ... but after step 2, etc.
     assert windows[steps][:2] == ["read:tolist", "read:tolist"], windows[steps]  # step 6, then 7 after the loop
@@ -512,22 +516,12 @@ def test_data_wait_is_the_host_clock_on_a_cpu_and_an_event_pair_read_later_on_a_
     assert log == ["record:1", "next(loader)", "record:2", "pin", "copy:non_blocking", "record:3", "sync:3", "elapsed:1-2"]
 
 
-def _fake_gpu_windows(ev: list[str]) -> dict[int, list[str]]:
-    """What happens after step k ends and before step k + 1 starts (no host read inside a step)."""
-    windows: dict[int, list[str]] = {}
-    current = None
-    for e in ev[ev.index("start:1"):]:
-        if e.startswith("start:"):
-            current = None
-        elif e.startswith("end:"):
-            current = int(e[4:])
-            windows[current] = []
-        elif current is None:
-            if e.startswith(("read:", "op:", "sync:", "device-sync", "elapsed:")):
-                pytest.fail(f"a host read or wait inside a training step: {e} ({ev})")
-        else:
-            windows[current].append(e)
-    return windows
+def _fake_gpu_steps(monkeypatch) -> HostSyncs:
+    """Host reads recorded, a faked GPU's events logged alongside them, and the training steps marked."""
+    syncs = HostSyncs(monkeypatch)
+    FakeGpu(monkeypatch, syncs.events)
+    _mark_steps(monkeypatch, syncs.events)
+    return syncs
 
 
 def test_loop_on_a_gpu_reads_step_k_after_step_k1_launched_and_after_its_event(monkeypatch, tmp_path: Path) -> None:
@@ -540,21 +534,11 @@ def test_loop_on_a_gpu_reads_step_k_after_step_k1_launched_and_after_its_event(m
     cfg = _tiny_cfg(f"out_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "train.checkpoint_every=100000",
                     "train.progress=false", "train.tensorboard=false", "train.log_every=1", "dist.backend=none",
                     "train.device=cpu")  # the faked GPU, also on a GPU machine
-    syncs = HostSyncs(monkeypatch)
-    FakeGpu(monkeypatch, syncs.events)
-    inner = Trainer.train_step
-
-    def timed_step(self, v1, v2):
-        syncs.events.append(f"start:{self.step + 1}")
-        out = inner(self, v1, v2)
-        syncs.events.append(f"end:{self.step}")
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    syncs = _fake_gpu_steps(monkeypatch)
     with syncs:
         s = run_pretrain(cfg, loader=_SyntheticLoader(5, 8, 16), comm=Comm())
     assert s["steps"] == steps
-    windows = _fake_gpu_windows(syncs.events)
+    windows = _step_windows(syncs.events, inside=_WAITS)
     copied: dict[int, int] = {}  # step -> the event recorded behind its metrics' copy
     for k in range(1, steps + 1):
         w = windows[k]
@@ -594,23 +578,13 @@ def test_train_throughput_on_a_gpu_reads_each_step_after_the_next_launched(monke
     """benchmarks/train_throughput.py's step, as the loop's: step k's metrics copied without blocking behind an
     event, read after step k + 1 was launched and after that event alone."""
     bench = _benchmark("train_throughput")
-    syncs = HostSyncs(monkeypatch)
-    FakeGpu(monkeypatch, syncs.events)
-    inner = Trainer.train_step
-
-    def timed_step(self, v1, v2):
-        syncs.events.append(f"start:{self.step + 1}")
-        out = inner(self, v1, v2)
-        syncs.events.append(f"end:{self.step}")
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    syncs = _fake_gpu_steps(monkeypatch)
     args = SimpleNamespace(warmup=1, windows=1, window_steps=4, breakdown=False)
     cfg = _tiny_cfg("train.progress=false", "train.tensorboard=false", "augment.crop_size=16")
     with syncs:
         out = bench.run_mode("synthetic", cfg, Comm(), CPU, args)
     assert out["img_per_s"] > 0
-    windows = _fake_gpu_windows(syncs.events)
+    windows = _step_windows(syncs.events, inside=_WAITS)
     copied = {}
     for k in range(1, 6):
         w = windows[k]

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import split_bn_case
 
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.models.export import embed, encoder_state_from_moco, export_encoder, load_encoder
@@ -86,23 +87,11 @@ def test_split_bn_backwards_agree_with_the_reference(impl, dtype, tol, caplog) -
     """moco.split_bn_backward on channels_last input: ``fused`` (torch.compile, no full-size fp32 temporaries),
     ``eager`` and ``copy`` give the fp64 NCHW reference's outputs and gradients; fused equals eager to rounding;
     the output stays channels_last; the choice is logged."""
-    import copy
     import logging
 
     from photoz_hpc.models import resnet
-    from photoz_hpc.models.resnet import SplitBatchNorm2d
 
-    torch.manual_seed(0)
-    bn = SplitBatchNorm2d(16, 4)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
-    x = (torch.randn(32, 16, 9, 7) * 2 + 0.5).to(dtype)
-    g = torch.randn(32, 16, 9, 7).to(dtype)
-    ref = copy.deepcopy(bn).double()
-    xr = x.double().requires_grad_()
-    yr = ref(xr)
-    yr.backward(g.double())
+    bn, x, g, ref, xr, yr = split_bn_case(dtype)
     resnet._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="photoz_hpc"):
         b, xi, y = _split_bn_grads(bn, x, g, impl)

@@ -478,14 +478,36 @@ def _read_until(proc: subprocess.Popen, marker: str) -> str:
     pytest.fail(f"the run exited before {marker!r}:\n" + "".join(lines)[-3000:])
 
 
+@dataclasses.dataclass
+class _Paused:
+    proc: subprocess.Popen
+    head: str  # its output up to the pause
+    out: str = ""  # all its output, once it finished
+
+
+@contextmanager
+def _paused_pretrain(args: list[str], steps: int, gate: Path):
+    """A pretraining run paused after ``steps`` steps (holding its directory) while the block runs; then the gate
+    is released and the run's whole output read (``.out``). Killed if it is still running when the block fails."""
+    proc = _pretrain([f"--pause-after={steps}", f"--until={gate}", *args])
+    try:
+        paused = _Paused(proc, _read_until(proc, f"TEST: paused after {steps} steps"))
+        yield paused
+        gate.touch()
+        paused.out = paused.head + proc.communicate(timeout=TIMEOUT)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_second_concurrent_pretrain_is_refused_and_the_first_is_unharmed(tmp_path):
     data = make_dataset(tmp_path / "data", n=128, size=20)
     more = ("train.max_steps=8", "train.checkpoint_every=3", "dist.backend=none")
     ref, run = tmp_path / "alone", tmp_path / "shared"
     gate = tmp_path / "go-on"
-    first = _pretrain(["--pause-after=4", f"--until={gate}", *tiny_overrides(data, run, 16, 64, more)])
-    try:
-        head = _read_until(first, "TEST: paused after 4 steps")  # holding its directory, its writes so far done
+    with _paused_pretrain(tiny_overrides(data, run, 16, 64, more), 4, gate) as paused:
+        first, head = paused.proc, paused.head  # holding its directory, its writes so far done
         assert json.loads((run / LOCK_NAME).read_text())["pid"] == first.pid, head
         before = _snapshot(run, skip=(LOCK_NAME,))
         second = subprocess.run([sys.executable, "-m", "photoz_hpc", "pretrain", *tiny_overrides(data, run, 16, 64, more)],
@@ -494,12 +516,7 @@ def test_second_concurrent_pretrain_is_refused_and_the_first_is_unharmed(tmp_pat
         assert f"photoz-hpc pretrain: error: {run} is in use by another run" in second.stderr, second.stderr
         assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr
         assert _snapshot(run, skip=(LOCK_NAME,)) == before  # the second run wrote nothing
-        gate.touch()
-        out = head + first.communicate(timeout=TIMEOUT)[0]
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    out = paused.out
     assert first.returncode == 0, out[-3000:]
     alone = _pretrain(tiny_overrides(data, ref, 16, 64, more))
     out_ref, _ = alone.communicate(timeout=TIMEOUT)
@@ -539,17 +556,9 @@ def test_preempted_pretrain_releases_its_directory_for_the_requeued_run(tmp_path
     data = make_dataset(tmp_path / "data", n=128, size=20)
     run, gate = tmp_path / "run", tmp_path / "go-on"
     args = tiny_overrides(data, run, 16, 64, ("train.max_steps=8", "train.checkpoint_every=100", "dist.backend=none"))
-    first = _pretrain(["--pause-after=3", f"--until={gate}", *args])
-    try:
-        head = _read_until(first, "TEST: paused after 3 steps")
-        first.send_signal(signal.SIGUSR1)
-        gate.touch()
-        out = head + first.communicate(timeout=TIMEOUT)[0]
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    assert first.returncode == 75, out[-3000:]
+    with _paused_pretrain(args, 3, gate) as paused:
+        paused.proc.send_signal(signal.SIGUSR1)
+    assert paused.proc.returncode == 75, paused.out[-3000:]
     assert not (run / LOCK_NAME).exists()
     resumed = _pretrain(args)
     out, _ = resumed.communicate(timeout=TIMEOUT)

@@ -58,23 +58,29 @@ def test_pretrain_loss_falls_and_outputs_exist(tmp_path: Path, data: Path) -> No
     assert embed(enc, torch.randn(3, 5, 16, 16)).shape == (3, 64)
 
 
-def test_sigterm_saves_checkpoint_and_exits_75(tmp_path: Path, data: Path) -> None:
-    out = tmp_path / "run"
-    args = tiny_overrides(data, out, 32, 64, ("train.max_steps=100000", "train.checkpoint_every=100000"))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "photoz_hpc", "pretrain", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _signal_pretrain(out: Path, args: list[str], sig: signal.Signals) -> tuple[int, str]:
+    """Starts ``pretrain`` in a subprocess, sends ``sig`` once 3 steps are logged, and returns (exit code, output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "photoz_hpc", "pretrain", *args], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     try:
         log, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail("pretrain did not stop after SIGTERM")
-    assert proc.returncode == 75, log[-3000:]
+        pytest.fail(f"pretrain did not stop after {sig.name}")
+    return proc.returncode, log
+
+
+def test_sigterm_saves_checkpoint_and_exits_75(tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "run"
+    args = tiny_overrides(data, out, 32, 64, ("train.max_steps=100000", "train.checkpoint_every=100000"))
+    rc, log = _signal_pretrain(out, args, signal.SIGTERM)
+    assert rc == 75, log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preempted"] is True and 3 <= summary["steps"] < 100000
     assert Path(summary["checkpoint"]).name == f"ckpt_{summary['steps']:09d}.pt"
@@ -86,26 +92,15 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes(tmp_path: Path,
     requeues a run its user stopped); the same command then resumes from that checkpoint."""
     out = tmp_path / "run"
     args = tiny_overrides(data, out, 32, 64, ("train.max_steps=100000", "train.checkpoint_every=100000"))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "photoz_hpc", "pretrain", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    try:
-        log, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("pretrain did not stop after SIGINT")
-    assert proc.returncode == 130, log[-3000:]
+    rc, log = _signal_pretrain(out, args, signal.SIGINT)
+    assert rc == 130, log[-3000:]
     assert "press Ctrl-C again to stop at once" in log and "run the same command to resume" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preempted"] is True and summary["interrupted"] is True and summary["steps"] >= 3
     assert Path(summary["checkpoint"]).name == f"ckpt_{summary['steps']:09d}.pt"
     assert Path(summary["checkpoint"]).is_file() and summary["encoder"] is None
     more = tiny_overrides(data, out, 32, 64, (f"train.max_steps={summary['steps'] + 2}", "train.checkpoint_every=100000"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     resumed = subprocess.run([sys.executable, "-m", "photoz_hpc", "pretrain", *more], cwd=REPO, env=env, text=True,
                              capture_output=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
