@@ -298,3 +298,11 @@ def test_science_benchmark_configs_validate(monkeypatch):
         for _, cfg in task_configs(sweep):
             assert cfg.finetune.val_data and sweep.test_data and cfg.finetune.val_data != sweep.test_data
             assert cfg.model.width in (8, 32) and cfg.out_dir.startswith(sweep.runs_dir)
+
+
+def test_a_task_stopped_by_ctrl_c_ends_the_sweep_with_130_not_a_requeue() -> None:
+    from photoz_hpc.launch.sweep import stop_code
+
+    assert (stop_code("preempted"), stop_code("interrupted"), stop_code("done"), stop_code("skipped (finished)")) \
+        == (75, 130, 0, 0)
+

@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from photoz_hpc.data.verify import dataset_info
     from photoz_hpc.launch.photoz_cli import finetune_and_evaluate
     from photoz_hpc.train.pretrain import run_pretrain
+    from photoz_hpc.train.signals import exit_code
 
     t0 = time.perf_counter()
     pre_cfg, runs = stage_configs(args)
@@ -186,16 +187,16 @@ def run(args: argparse.Namespace) -> int:
     save_config(pre_cfg, out)
     print("== 1/3 MoCo pretraining ==", flush=True)
     pre = run_pretrain(pre_cfg)
-    if pre["preempted"]:
-        print("pre-empted during pretraining: re-run the same command to resume")
-        return 75
+    if pre["preempted"]:  # a pre-emption signal (exit 75: requeue) or Ctrl-C (exit 130), after a checkpoint
+        print("stopped during pretraining: re-run the same command to resume")
+        return exit_code(pre)
     results = {}
     for i, (method, cfg) in enumerate(runs.items(), start=2):
         print(f"== {i}/3 fine-tuning: {METHODS[method]} ==", flush=True)
         results[method] = finetune_and_evaluate(cfg)
         if results[method]["preempted"]:
-            print("pre-empted during fine-tuning: re-run the same command to resume")
-            return 75
+            print("stopped during fine-tuning: re-run the same command to resume")
+            return exit_code(results[method])
     report = write_report(out, dataset, pre, results, runs, time.perf_counter() - t0)
     print(report.read_text())
     print(f"Quickstart done in {(time.perf_counter() - t0) / 60:.1f} min.\n  report      {report}\n"

@@ -371,7 +371,7 @@ def run_task(sweep: Sweep, task: SweepTask, cfg: FinetuneRunConfig) -> dict[str,
         log.info("sweep task %d (%s): %s", task.index, task.name, "resuming" if state == "resumable" else "starting")
         summary = finetune_and_evaluate(cfg)
         if summary["preempted"]:
-            return {**out, "status": "preempted"}
+            return {**out, "status": "interrupted" if summary.get("interrupted") else "preempted"}
     if sweep.test_data:
         run_evaluate(task.dir / "best_model.pt", sweep.test_data, task.dir / "test")
     metrics = eval_metrics(read_summary(task.dir)) or {}
@@ -392,10 +392,9 @@ def select_tasks(sweep: Sweep, tasks: list, task_id: str) -> list:
 
 def run_sweep(sweep_path: str | Path, task_id: str) -> tuple[int, list[dict[str, Any]]]:
     """``finetune --sweep FILE --task-id N|all``: (exit code, outcomes). Every selected task's config is
-    checked against its directory before anything runs; a pre-empted task stops the loop (exit 75)."""
+    checked against its directory before anything runs; a pre-empted task stops the loop (exit 75; 130 after Ctrl-C)."""
     from photoz_hpc.io_utils import atomic_write_json
     from photoz_hpc.launch_env import detect_env
-    from photoz_hpc.train.signals import EXIT_PREEMPTED
 
     sweep = load_sweep(sweep_path)
     pairs = select_tasks(sweep, task_configs(sweep), task_id)
@@ -412,9 +411,18 @@ def run_sweep(sweep_path: str | Path, task_id: str) -> tuple[int, list[dict[str,
     outcomes = []
     for task, cfg in pairs:
         outcomes.append(run_task(sweep, task, cfg))
-        if outcomes[-1]["status"] == "preempted":
-            return EXIT_PREEMPTED, outcomes
+        code = stop_code(outcomes[-1]["status"])
+        if code:
+            return code, outcomes
     return 0, outcomes
+
+
+def stop_code(status: str) -> int:
+    """A task's outcome as the sweep's exit code: 75 pre-empted (the job script requeues), 130 stopped by Ctrl-C
+    (never requeued), 0 otherwise (the loop goes on)."""
+    from photoz_hpc.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+    return {"preempted": EXIT_PREEMPTED, "interrupted": EXIT_INTERRUPTED}.get(status, 0)
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
