@@ -10,8 +10,12 @@ What is checked (CPU only, about ten seconds):
   ``load_sweep``/``task_configs``, the quickstart's overrides through its router, other commands' overrides
   against the config sections. Usage notation is read as a reader would: ``[...]`` is optional and checked
   with its contents, ``a|b`` takes the first choice, ``...`` and the ``key=value`` placeholder are dropped,
-  and the placeholders of ``PLACEHOLDERS`` (``N``, ``K``, ``ID``...) get sample values. Nothing is run:
-  these commands train, submit jobs or need data.
+  and the placeholders of ``PLACEHOLDERS`` (``N``, ``K``, ``ID``...) get sample values. Only the blocks
+  marked ``run`` (below) are run: the others train for hours, submit jobs or need data.
+* A shell block marked ``run`` is executed, in order, in a copy of the Python blocks' scratch directory
+  (with ``configs/`` linked in): each ``photoz-hpc`` command (read as above) as ``python -m photoz_hpc`` with
+  ``PYTHONPATH`` = the repository and ``OMP_NUM_THREADS=1``, any other command by ``bash -e -c``; each must exit
+  0 and leave the outputs it names (``--out``, ``--json``, ``out_dir=``, an export's last argument).
 * Every ``configs/``, ``slurm/``, ``launch/`` and ``benchmarks/`` path named in a shell block exists (unless
   the block makes it with ``cp``).
 * Every Python block compiles, and runs in a scratch directory holding a tiny prepared dataset at
@@ -22,7 +26,8 @@ What is checked (CPU only, about ten seconds):
 A block is scaled down or skipped by an HTML comment (invisible on GitHub) on the line just above its fence:
 ``<!-- doc-test: sub OLD => NEW; OLD2 => NEW2 -->`` replaces text before running (e.g. ``n=10_000 => n=4``),
 ``<!-- doc-test: skip REASON -->`` keeps a Python block to compiling (a block that needs data not shipped,
-a GPU, or hours). The mechanism is described for doc writers in docs/README.md.
+a GPU, or hours), ``<!-- doc-test: run -->`` runs a shell block, and ``<!-- doc-test: run; sub OLD => NEW -->``
+scales it down first (e.g. ``--n 5000 => --n 32``, tiny-model overrides after ``out_dir=...``). The mechanism is described for doc writers in docs/README.md.
 """
 
 from __future__ import annotations
@@ -30,8 +35,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +54,24 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 #: sample values of the usage placeholders (an int where the option takes one)
 PLACEHOLDERS = {"N": "1", "K": "2", "ID": "3", "I/N": "1/2"}
-_MARKER = re.compile(r"<!--\s*doc-test:\s*(\w+)\s*(.*?)\s*-->")
+_MARKER = re.compile(r"<!--\s*doc-test:\s*(.*?)\s*-->")
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 
 
+def _marker(body: str) -> dict[str, str]:
+    """``run``, ``run; sub SPEC``, ``sub SPEC`` or ``skip REASON`` as {'run': '', 'sub': SPEC}, {'skip': REASON}."""
+    mark = {}
+    run = re.match(r"run\b\s*(?:;\s*)?(.*)$", body)
+    if run:
+        mark["run"], body = "", run.group(1)
+    word = re.match(r"(\w+)\s*(.*)$", body)
+    if word:
+        mark[word.group(1)] = word.group(2)
+    return mark
+
+
 def _blocks() -> list[tuple[str, str, str, dict[str, str]]]:
-    """(where, language, text, marker) for every fenced block; marker: {'skip': reason} or {'sub': spec}."""
+    """(where, language, text, marker) for every fenced block; marker: see ``_marker``."""
     out = []
     for path in DOCS:
         text = path.read_text()
@@ -59,13 +80,14 @@ def _blocks() -> list[tuple[str, str, str, dict[str, str]]]:
             before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
             mark = _MARKER.search(before)
             out.append((f"{path.relative_to(REPO)}:{line}", m.group(1), m.group(2),
-                        {mark.group(1): mark.group(2)} if mark else {}))
+                        _marker(mark.group(1)) if mark else {}))
     return out
 
 
 BLOCKS = _blocks()
 SHELL = [b for b in BLOCKS if b[1] in ("", "bash", "sh", "console")]
 PYTHON = [b for b in BLOCKS if b[1] == "python"]
+RUN = [(where, text, mark) for where, _, text, mark in SHELL if "run" in mark]
 
 
 def _substitute(text: str, spec: str) -> str:
@@ -101,16 +123,20 @@ def _logical_lines(block: str) -> list[str]:
     return [re.sub(r"\$\{?\w+\}?", "0", line) for line in out]
 
 
-def _photoz_commands(block: str) -> list[list[str]]:
-    """The argument lists of the ``photoz-hpc`` (or ``python -m photoz_hpc``) commands of a shell block."""
+def _commands(block: str) -> list[tuple[str, list[str] | None]]:
+    """Each command of a shell block: (its text, its ``photoz-hpc`` arguments or None for another command)."""
     commands = []
     for line in _logical_lines(block):
         line = re.sub(r"\s{2,}\(alias: \w+\)$", "", line)  # a remark after the usage
-        for part in re.split(r"\s*(?:;|&&|\|\|)\s*", line):
+        for part in filter(None, re.split(r"\s*(?:;|&&|\|\|)\s*", line)):
             m = re.match(r"^(?:\w+=\S+\s+)*(?:photoz-hpc|python -m photoz_hpc)(?:\s+(.*))?$", part)
-            if m:
-                commands.append(_usage_to_args(m.group(1) or ""))
+            commands.append((part, _usage_to_args(m.group(1) or "") if m else None))
     return commands
+
+
+def _photoz_commands(block: str) -> list[list[str]]:
+    """The argument lists of the ``photoz-hpc`` (or ``python -m photoz_hpc``) commands of a shell block."""
+    return [args for _, args in _commands(block) if args is not None]
 
 
 def _usage_to_args(text: str) -> list[str]:
@@ -171,6 +197,7 @@ DOC_COMMANDS = [(where, args) for where, _, text, _ in SHELL for args in _photoz
 def test_the_docs_have_commands_to_check():
     assert len(DOC_COMMANDS) > 50 and len(PYTHON) >= 4
     assert {"pretrain", "finetune", "predict", "embed", "sweep-plan"} <= {a[0] for _, a in DOC_COMMANDS if a}
+    assert len(RUN) >= 3
 
 
 @pytest.mark.parametrize("where, args", DOC_COMMANDS, ids=[f"{w}:{' '.join(a)[:60]}" for w, a in DOC_COMMANDS])
@@ -204,7 +231,8 @@ def workspace(tmp_path_factory):
     cfg = load_config(None, tiny_overrides(root / "data" / "quickstart", root / "runs" / "x", 8, 16,
                                            ("train.epochs=1",)))
     (root / "runs" / "pretrain").mkdir(parents=True)
-    save_encoder(build_encoder(cfg.model).state_dict(), None, cfg.model, root / "runs" / "pretrain" / "encoder.pt")
+    save_encoder(build_encoder(cfg.model).state_dict(), None, cfg.model, root / "runs" / "pretrain" / "encoder.pt",
+                 augment_cfg=cfg.augment)  # as pretrain exports it: an encoder.pt brings its view settings
     return root, cfg
 
 
@@ -239,3 +267,28 @@ def test_similarity_doc_lists_the_csv_columns_the_commands_write():
         assert written, f"similarity_cli writes {name} with an inline header"
         header = ",".join(eval(written.group(1)))  # noqa: S307 - a list literal of the module's own source
         assert f"`{header}`" in doc, f"docs/similarity.md does not list {name}'s columns {header}"
+
+
+def _outputs(args: list[str]) -> list[str]:
+    """The paths a ``photoz-hpc`` command names as its outputs: ``--out`` and the ``out_dir=`` override."""
+    outs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--out", "--json")]
+    outs += [a.split("=", 1)[1] for a in args if a.startswith("out_dir=")]
+    if args and args[0] in ("export-encoder", "export-qp", "resave", "import-checkpoint"):
+        outs.append(args[-1])
+    return outs
+
+
+@pytest.mark.parametrize("where, text, mark", RUN, ids=[w for w, *_ in RUN])
+def test_marked_shell_blocks_run_on_tiny_data(where, text, mark, workspace, tmp_path):
+    """A ``run`` block's commands, in order, in a copy of the Python blocks' scratch directory."""
+    root, _ = workspace
+    scratch = tmp_path / "scratch"
+    shutil.copytree(root, scratch)
+    (scratch / "configs").symlink_to(REPO / "configs")  # the docs' --config paths, read only
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for part, args in _commands(_substitute(text, mark["sub"]) if "sub" in mark else text):
+        command = [sys.executable, "-m", "photoz_hpc", *args] if args is not None else ["bash", "-e", "-c", part]
+        done = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{where}: {part} exited {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+        for out in _outputs(args or []):
+            assert (scratch / out).exists(), f"{where}: {part} did not write {out}"
