@@ -34,12 +34,20 @@ def _process_state() -> dict[str, object]:
 def no_state_left_behind():
     """Fail (and repair) a test that changes process-global state: a later test would run under it. A leaked
     thread count once turned a latent heap corruption into an abort of the whole run, far from its cause."""
+    import logging
     import signal
 
     import torch
 
+    package_logger = logging.getLogger("photoz_hpc")
+    logging_before = (list(package_logger.handlers), package_logger.level, package_logger.propagate)
     before = _process_state()
     yield
+    # the package logger as it was (repaired, not failed: a command run in-process configures logging, as it
+    # should); otherwise a test's caplog sees records or not depending on which tests ran before it
+    package_logger.handlers[:] = logging_before[0]
+    package_logger.setLevel(logging_before[1])
+    package_logger.propagate = logging_before[2]
     after = _process_state()
     changed = {k: (before[k], after[k]) for k in before if after[k] != before[k]}
     if not changed:
