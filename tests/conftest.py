@@ -18,13 +18,16 @@ def release_h5(tmp_path: Path):
     return make
 
 
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
 def _process_state() -> dict[str, object]:
     """Process-global state a test could leave behind for later tests in the same pytest process."""
     import signal
 
     import torch
 
-    handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")}
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS}
     return {"torch threads": torch.get_num_threads(), "torch default dtype": torch.get_default_dtype(),
             "torch grad mode": torch.is_grad_enabled(), "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
             "torch deterministic": torch.are_deterministic_algorithms_enabled(), **handlers}
@@ -56,6 +59,6 @@ def no_state_left_behind():
     torch.set_default_dtype(before["torch default dtype"])
     torch.set_grad_enabled(before["torch grad mode"])
     torch.use_deterministic_algorithms(before["torch deterministic"])
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
+    for name in _SIGNALS:
         signal.signal(getattr(signal, name), before[name])
     pytest.fail(f"the test left process-global state changed (before, after): {changed}")
