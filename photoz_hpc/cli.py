@@ -27,7 +27,7 @@ COMMAND_MODULES = (
     "photoz_hpc.evaluate.cli",
     "photoz_hpc.evaluate.similarity_cli",
     "photoz_hpc.launch.photoz_cli",
-    "photoz_hpc.launch.sweep",
+    "photoz_hpc.launch.sweep_cli",
     "photoz_hpc.launch.quickstart",
 )
 

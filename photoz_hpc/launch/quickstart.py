@@ -169,7 +169,7 @@ def write_report(out: Path, dataset: Path, pre: dict[str, Any], results: dict[st
 def run(args: argparse.Namespace) -> int:
     from photoz_hpc.config import save_config
     from photoz_hpc.data.verify import dataset_info
-    from photoz_hpc.launch.photoz_cli import finetune_and_evaluate
+    from photoz_hpc.launch.finetune_eval import finetune_and_evaluate
     from photoz_hpc.train.pretrain import run_pretrain
     from photoz_hpc.train.signals import exit_code
 
