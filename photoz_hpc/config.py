@@ -31,9 +31,14 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
 
 @dataclass
 class DataConfig:
-    """Where the prepared dataset lives and how the demo survey is generated."""
+    """Where the prepared dataset lives and how the demo survey is generated.
+
+    ``survey``: the survey the quickstart synthesises (a shipped name, ``sdss`` ``legacy`` ``hsc`` ``lsst``, or a
+    survey YAML path; docs/surveys.md). Training reads the survey from the prepared data, never from here.
+    """
 
     path: str = "data/synthetic"
+    survey: str = "sdss"
     synth_n: int = 2048
     synth_labeled: bool = True
     samples_per_shard: int = 1024

@@ -51,6 +51,7 @@ MAY_CHANGE: dict[str, str] = {
     "data.synth_n": "how the quickstart makes data.path (whose content is compared)",
     "data.synth_labeled": "how the quickstart makes data.path (whose content is compared)",
     "data.samples_per_shard": "how the quickstart makes data.path (whose content is compared)",
+    "data.survey": "how the quickstart makes data.path (whose content, survey included, is compared)",
 }
 
 #: Dataset keys compared by content when both sides know it (``dataset_identity``), else by path.
