@@ -58,6 +58,10 @@ class AugmentConfig:
     the pretraining reddening (off: reddening on top of the observed image, which is what the paper
     describes). Which
     pipeline may apply what: ``photoz_hpc.augment.pipelines``. See docs/augmentations.md.
+
+    ``crop_size`` and ``jitter_max`` (pixels) default to ``None``: the dataset's survey's numbers (SDSS 64 and 7,
+    the paper's; a survey of finer pixels needs more of them for the same ~25 arcsec). Runs save them resolved
+    (``photoz_hpc.augment.draws.resolve_augment``), so a saved config always holds the numbers used.
     """
 
     reddening: bool = True
@@ -66,8 +70,8 @@ class AugmentConfig:
     rotation: bool = True
     rotation_max_deg: float = 360.0
     jitter: bool = True
-    jitter_max: int = 7
-    crop_size: int = 64
+    jitter_max: int | None = None  # None: the survey's (SDSS 7)
+    crop_size: int | None = None  # None: the survey's (SDSS 64)
     noise: bool = True
     noise_scale_min: float = 1.0
     noise_scale_max: float = 3.0
@@ -81,8 +85,10 @@ class AugmentConfig:
         if self.ebv_max < self.ebv_min:
             raise ConfigError("config key 'augment.ebv_max' must be >= 'augment.ebv_min'")
         _check_range("augment.rotation_max_deg", self.rotation_max_deg, 0.0, 360.0)
-        _check_range("augment.jitter_max", self.jitter_max, 0)
-        _check_range("augment.crop_size", self.crop_size, 1)
+        if self.jitter_max is not None:
+            _check_range("augment.jitter_max", self.jitter_max, 0)
+        if self.crop_size is not None:
+            _check_range("augment.crop_size", self.crop_size, 1)
         _check_range("augment.noise_scale_min", self.noise_scale_min, 0.0)
         if self.noise_scale_max < self.noise_scale_min:
             raise ConfigError("config key 'augment.noise_scale_max' must be >= 'augment.noise_scale_min'")

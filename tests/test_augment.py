@@ -19,15 +19,17 @@ from photoz_hpc.augment.pipelines import PIPELINES, Pipeline, markdown_table
 from photoz_hpc.augment.reference import augment_batch
 from photoz_hpc.augment.sampler import PAD_ID, plan_epoch
 from photoz_hpc.config import load_config
-from photoz_hpc.constants import R_SF11
 from photoz_hpc.data import open_dataset
 from photoz_hpc.data.prepare import prepare
 from photoz_hpc.errors import ConfigError, DatasetError
+from photoz_hpc.survey import load_survey
 
 #: benchmarks/gpu_check.sh runs these tests on the GPU path with PHOTOZ_AUGMENT_DEVICE=gpu.
 DEVICE = os.environ.get("PHOTOZ_AUGMENT_DEVICE", "cpu")
 VIEW_KEYS = {name: p.view_keys for name, p in PIPELINES.items()}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "augmentations.md"
+#: The SDSS reddening vector (Schlafly & Finkbeiner 2011), which the release-layout test stores use.
+R_SF11 = load_survey("sdss").reddening_vector
 
 
 def _store(root: Path, n: int, size: int, unlabeled: int = 0) -> Path:

@@ -53,7 +53,7 @@ def _augment(args: argparse.Namespace) -> int:
     keep = np.ones(args.n, bool) if pipeline.training else batch["valid"].numpy()
     ids = batch["index"].numpy()[keep]
     views = [batch[key].contiguous().numpy() for key in pipeline.view_keys]
-    views = np.stack(views, axis=1) if pipeline.n_views > 1 else views[0]  # (n, [views,] 5, S, S)
+    views = np.stack(views, axis=1) if pipeline.n_views > 1 else views[0]  # (n, [views,] C, S, S)
     views = np.ascontiguousarray(views[keep], dtype=np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":

@@ -1,6 +1,6 @@
 """The DALI pipelines: one definition for CPU (``device_id=None``) and GPU.
 
-Per view, ONE ``warp_affine`` (rotation + jitter + crop fused, 64x64 output, bilinear, zero fill)
+Per view, ONE ``warp_affine`` (rotation + jitter + crop fused, S x S output, bilinear, zero fill)
 followed by one fused arithmetic expression ``view * multiplier + noise * sigma`` (reddening or
 dereddening and the noise scale are per-sample per-band arrays). Raw cutouts, matrices and
 multipliers enter through a batch ``external_source`` reading zero-copy memory-mapped records; on

@@ -4,10 +4,15 @@ The DALI pipelines and the PyTorch reference never draw anything themselves: the
 arrays made here (affine matrices, per-band multipliers, noise sigmas and noise fields) and only
 apply them. Feeding both the same arrays therefore gives the same batch, and all randomness comes
 from NumPy generators keyed by (seed, epoch, rank, batch), so a loader's state is just its position.
+
+Nothing here knows a survey: the band count, the extinction vector of the reddening and the pixel numbers
+(crop, jitter) come from the survey the dataset's manifest records (``photoz_hpc.survey.survey_of_manifest``),
+the label grid from the model (``RedshiftGrid``), so any band count works the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -16,8 +21,8 @@ import numpy as np
 
 from photoz_hpc.augment.pipelines import Pipeline, get_pipeline
 from photoz_hpc.config import AugmentConfig
-from photoz_hpc.constants import R_SF11
 from photoz_hpc.errors import ConfigError, DatasetError
+from photoz_hpc.survey import RedshiftGrid, Survey, survey_of_manifest
 
 
 class StreamTag(enum.IntEnum):
@@ -34,9 +39,27 @@ def generator(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *(int(k) for k in key)]))
 
 
+def resolve_augment(aug: AugmentConfig, survey: Survey) -> AugmentConfig:
+    """A copy of ``aug`` with concrete ``crop_size`` and ``jitter_max``: the survey's defaults where unset (None).
+
+    Runs save this (config.yaml, checkpoints, encoder files), so a saved config holds the numbers used and a
+    model trained on one survey's crop is not silently re-cropped by another survey's default. Resolving a
+    resolved config changes nothing. A crop larger than the survey's cutouts is an error naming both."""
+    crop = survey.crop_size if aug.crop_size is None else int(aug.crop_size)
+    jitter = survey.jitter_max if aug.jitter_max is None else int(aug.jitter_max)
+    if crop > survey.cutout_size:
+        raise ConfigError(
+            f"augment.crop_size={crop} is larger than the {survey.cutout_size}x{survey.cutout_size} pixel cutouts of "
+            f"survey '{survey.name}' (its default crop is {survey.crop_size}, jitter {survey.jitter_max}); "
+            f"lower augment.crop_size or leave it unset for the survey's default"
+        )
+    return dataclasses.replace(aug, crop_size=crop, jitter_max=jitter)
+
+
 @dataclass(frozen=True)
 class AugmentSpec:
-    """Everything an augmentation backend needs, resolved from the config and the dataset manifest."""
+    """Everything an augmentation backend needs, resolved from the config, the dataset manifest (its survey and
+    image shape) and the model's redshift grid."""
 
     pipeline: Pipeline
     in_hw: tuple[int, int]
@@ -54,6 +77,9 @@ class AugmentSpec:
     mad: np.ndarray | None
     noise_method: str
     noise_table_size: int
+    survey: Survey  # the dataset's (its manifest's): band names, extinction vector, cutout size
+    grid: RedshiftGrid  # the grid of the ``z_bin`` labels: the model's (default the survey's)
+    reddening_vector: np.ndarray  # (C,) float64 A_b / E(B-V): the survey's; SDSS exactly SF11
 
     @property
     def n_views(self) -> int:
@@ -65,10 +91,13 @@ class AugmentSpec:
         return self.crop * self.crop * self.bands
 
 
-def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str | Pipeline, where: str = "dataset") -> AugmentSpec:
-    """Check the config against the dataset's image shape and statistics; clear errors, no silent clipping.
+def resolve_spec(
+    aug: AugmentConfig, manifest: dict, pipeline: str | Pipeline, where: str = "dataset", grid: RedshiftGrid | None = None,
+) -> AugmentSpec:
+    """Check the config against the dataset's survey, image shape and statistics; clear errors, no silent clipping.
 
-    An augmentation is on where the pipeline allows it (``pipelines.PIPELINES``) and its switch is on."""
+    An augmentation is on where the pipeline allows it (``pipelines.PIPELINES``) and its switch is on. ``grid``:
+    the redshift grid of the ``z_bin`` labels (the model's); None: the survey's."""
     from photoz_hpc.data.dataset import pixel_stats
 
     pipeline = get_pipeline(pipeline)
@@ -76,15 +105,20 @@ def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str | Pipeline, w
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3):
         raise DatasetError(f"{where}: manifest image_shape must be [H, W, C], got {shape!r}")
     height, width, bands = (int(v) for v in shape)
-    if bands != len(R_SF11):
-        raise DatasetError(f"{where}: images have {bands} bands, the augmentations need {len(R_SF11)} (ugriz)")
+    survey = survey_of_manifest(manifest, where)
+    if bands != survey.n_bands:
+        raise DatasetError(f"{where}: images have {bands} bands but the manifest's survey '{survey.name}' has "
+                           f"{survey.n_bands} ({list(survey.bands)})")
+    aug = resolve_augment(aug, survey)
     jitter = aug.jitter and pipeline.allows("jitter")
     reach = aug.crop_size + (2 * aug.jitter_max if jitter else 0)
     if reach > min(height, width):
         what = f"crop {aug.crop_size}" + (f" + 2 x jitter {aug.jitter_max}" if jitter else "")
         raise ConfigError(
-            f"augment.crop_size={aug.crop_size} does not fit the {height}x{width} images of {where}: "
-            f"{what} = {reach} pixels > {min(height, width)}; lower augment.crop_size or augment.jitter_max"
+            f"augment.crop_size={aug.crop_size} does not fit the {height}x{width} images of {where} (survey "
+            f"'{survey.name}', native cutouts {survey.cutout_size}x{survey.cutout_size}, default crop "
+            f"{survey.crop_size} + 2 x jitter {survey.jitter_max}): {what} = {reach} pixels > {min(height, width)}; "
+            f"lower augment.crop_size or augment.jitter_max"
         )
     noise = aug.noise and pipeline.allows("noise")
     mad = None
@@ -110,6 +144,9 @@ def resolve_spec(aug: AugmentConfig, manifest: dict, pipeline: str | Pipeline, w
         mad=mad,
         noise_method=aug.noise_method,
         noise_table_size=aug.noise_table_size,
+        survey=survey,
+        grid=survey.redshift_grid if grid is None else grid,
+        reddening_vector=survey.reddening_vector,
     )
 
 
@@ -162,8 +199,9 @@ def net_ebv(spec: AugmentSpec, reddening: np.ndarray, ebv_sfd: np.ndarray | None
 
 
 def band_multipliers(spec: AugmentSpec, ebv: np.ndarray) -> np.ndarray:
-    """Per-sample per-band flux factors (B, C) float32 = 10**(-0.4 R E) for the net E(B-V) E of ``net_ebv``."""
-    return (10.0 ** (-0.4 * np.outer(ebv, R_SF11))).astype(np.float32)
+    """Per-sample per-band flux factors (B, C) float32 = 10**(-0.4 R E) for the net E(B-V) E of ``net_ebv``
+    (R: the survey's ``reddening_vector``)."""
+    return (10.0 ** (-0.4 * np.outer(ebv, spec.reddening_vector))).astype(np.float32)
 
 
 def noise_sigmas(spec: AugmentSpec, scale: np.ndarray) -> np.ndarray:

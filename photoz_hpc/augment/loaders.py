@@ -12,6 +12,7 @@ from photoz_hpc.config import Config
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.logs import get_logger
+from photoz_hpc.survey import RedshiftGrid
 
 log = get_logger(__name__)
 
@@ -30,12 +31,15 @@ def build_loader(
     device: str | None = None,
     ids=None,
     batch_size: int | None = None,
+    grid: RedshiftGrid | None = None,
 ) -> LoaderBase:
     """A loader of ``pipeline`` batches for this rank (a name of ``pipelines.PIPELINES``: 'pretrain' | 'finetune' | 'eval').
 
     ``cfg.loader.backend``: 'dali', 'reference' or 'auto' (DALI when installed); ``device``
     (default ``cfg.loader.device``): 'cpu' or 'gpu' (tensors are delivered there). ``ids`` restricts the
-    samples (a label subset or a validation split); ``batch_size`` overrides ``cfg.loader.batch_size``.
+    samples (a label subset or a validation split); ``batch_size`` overrides ``cfg.loader.batch_size``; ``grid`` is
+    the redshift grid of the ``z_bin`` labels, the model's (default: that of the survey the dataset's manifest
+    records). The bands, extinction vector and default crop and jitter are the dataset survey's.
     """
     if not isinstance(dataset, ShardedDataset):
         dataset = open_dataset(dataset)
@@ -54,7 +58,7 @@ def build_loader(
         backend = "dali" if dali_available() else "reference"
     elif backend == "dali" and not dali_available():
         raise ConfigError("loader.backend=dali but nvidia-dali is not installed (pip install nvidia-dali-cuda120)")
-    spec = resolve_spec(cfg.augment, dataset.manifest, pipeline, str(dataset.root))
+    spec = resolve_spec(cfg.augment, dataset.manifest, pipeline, str(dataset.root), grid)
     seed = cfg.seed if seed is None else seed
     reader = RecordReader(dataset, verify=cfg.loader.verify_records)
     source = BatchSource(dataset, spec, batch_size or cfg.loader.batch_size, rank, world_size, seed, reader, ids)

@@ -17,25 +17,30 @@ import numpy as np
 
 from photoz_hpc.config import AugmentConfig
 from photoz_hpc.errors import ConfigError
-from photoz_hpc.redshift_grid import N_Z_BINS, Z_MAX, Z_MIN, redshift_bins
+from photoz_hpc.survey import RedshiftGrid
 
 #: The augmentations, in the order docs/augmentations.md lists them (the warp and the flux factor commute).
 AUGMENTATIONS = ("reddening", "rotation", "jitter", "noise")
 
 
-def _redshift(z: np.ndarray) -> np.ndarray:
+def _z_bin(z: np.ndarray, grid: RedshiftGrid) -> np.ndarray:
+    return grid.bins(z)
+
+
+def _redshift(z: np.ndarray, grid: RedshiftGrid) -> np.ndarray:
     return z.astype(np.float32)
 
 
-#: Each label key and how it is computed from the samples' spectroscopic redshifts.
-LABELS = {"z_bin": redshift_bins, "redshift": _redshift}
+#: Each label key and how it is computed from the samples' spectroscopic redshifts and the model's redshift grid.
+LABELS = {"z_bin": _z_bin, "redshift": _redshift}
 
-#: What each batch key holds (B: per-rank batch, S: ``augment.crop_size``).
+#: What each batch key holds (B: per-rank batch, C: the dataset's bands, S: ``augment.crop_size``).
 KEYS = {
-    "view1": "(B, 5, S, S) float32: the query view",
-    "view2": "(B, 5, S, S) float32: the key view, augmented independently",
-    "image": "(B, 5, S, S) float32",
-    "z_bin": f"(B,) int64: redshift bin, {N_Z_BINS} bins over [{Z_MIN:g}, {Z_MAX:g})",
+    "view1": "(B, C, S, S) float32: the query view",
+    "view2": "(B, C, S, S) float32: the key view, augmented independently",
+    "image": "(B, C, S, S) float32",
+    "z_bin": "(B,) int64: redshift bin on the model's grid (`finetune.n_z_bins` bins over [`finetune.z_min`, "
+             "`finetune.z_max`); default the survey's, SDSS 180 over [0, 0.4))",
     "redshift": "(B,) float32: spectroscopic redshift",
     "index": "(B,) int64, on the host: dataset rows (of `ds.meta`); -1 on padding rows",
     "valid": "(B,) bool, on the host: False on padding rows",

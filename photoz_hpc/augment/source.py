@@ -107,7 +107,7 @@ class BatchSource:
         self.ebv_sfd = meta["ebv_sfd"][self.read_ids] if self.spec.deredden else None
         keys = self.spec.pipeline.label_keys
         z = meta["specz_redshift"][self.read_ids] if keys else None
-        self.labels = {key: LABELS[key](z) for key in keys}
+        self.labels = {key: LABELS[key](z, self.spec.grid) for key in keys}
         self.epoch = epoch  # last: a set_epoch that failed midway is redone, not taken as done
 
     def __len__(self) -> int:
