@@ -10,8 +10,12 @@ from photoz_hpc.errors import ConfigError
 
 
 def test_defaults_are_the_paper_values():
+    from photoz_hpc.augment.draws import resolve_augment
+    from photoz_hpc.survey import load_survey
+
     cfg = Config()
-    assert cfg.augment.ebv_max == 0.5 and cfg.augment.jitter_max == 7 and cfg.augment.crop_size == 64
+    sdss = resolve_augment(cfg.augment, load_survey("sdss"))  # crop and jitter unset: the survey's, SDSS 64 and 7
+    assert cfg.augment.ebv_max == 0.5 and sdss.jitter_max == 7 and sdss.crop_size == 64
     assert cfg.moco.momentum == 0.999 and cfg.moco.temperature == 0.2 and cfg.moco.queue_size == 65536
 
 
