@@ -16,6 +16,7 @@ import numpy as np
 
 from photoz_hpc.data import format as store_format
 from photoz_hpc.errors import DatasetError
+from photoz_hpc.survey import Survey, survey_of_manifest
 
 PIXEL_STATS_KEYS = ("median", "mad")
 
@@ -50,6 +51,11 @@ def read_manifest(root: str | Path) -> dict:
             raise DatasetError(f"{path}: manifest lacks '{key}'")
     if manifest["layout"] != store_format.LAYOUT:
         raise DatasetError(f"{path}: unsupported layout '{manifest['layout']}' (expected {store_format.LAYOUT})")
+    survey = survey_of_manifest(manifest, str(path))
+    bands = manifest["image_shape"][-1] if isinstance(manifest["image_shape"], list) and manifest["image_shape"] else None
+    if bands != survey.n_bands:
+        raise DatasetError(f"{path}: image_shape {manifest['image_shape']} does not have the {survey.n_bands} bands "
+                           f"{list(survey.bands)} of its survey '{survey.name}'")
     return manifest
 
 
@@ -68,11 +74,19 @@ def pixel_stats(manifest: dict, where: str = "dataset") -> dict[str, np.ndarray]
 
 
 class ShardedDataset:
-    """Random access to a prepared dataset; images are memory-mapped (H, W, C) records."""
+    """Random access to a prepared dataset; images are memory-mapped (H, W, C) records.
+
+    ``survey`` is the survey the manifest records (SDSS for a store from before surveys existed) and ``bands``
+    its band names, in channel order; ``id_field`` / ``object_ids`` name each galaxy (``ObjID`` int64 for
+    release-layout input, ``object_id`` int64 or unicode for Multimodal Universe input).
+    """
 
     def __init__(self, root: str | Path, verify_records: bool = True) -> None:
         self.root = Path(root).resolve()
         self.manifest = read_manifest(self.root)
+        self.survey: Survey = survey_of_manifest(self.manifest, str(self.root / store_format.MANIFEST_NAME))
+        self.meta_dtype = store_format.meta_dtype_of_manifest(self.manifest, str(self.root / store_format.MANIFEST_NAME))
+        self.id_field: str = store_format.id_field(self.meta_dtype)
         self.image_shape: tuple[int, int, int] = tuple(self.manifest["image_shape"])
         self.record_bytes = store_format.record_bytes(*self.image_shape)
         self.verify_records = verify_records
@@ -97,8 +111,17 @@ class ShardedDataset:
         return int(self.offsets[-1])
 
     @property
+    def bands(self) -> tuple[str, ...]:
+        return self.survey.bands
+
+    @property
+    def object_ids(self) -> np.ndarray:
+        """Each sample's galaxy id (``meta[id_field]``): int64 ``ObjID`` or MMU ``object_id`` (int64 or str)."""
+        return self.meta[self.id_field]
+
+    @property
     def meta(self) -> np.ndarray:
-        """All samples' metadata as one structured array (``format.META_DTYPE``), loaded on first use."""
+        """All samples' metadata as one structured array (``meta_dtype``, the manifest's), loaded on first use."""
         if self._meta is None:
             parts = []
             for shard in self.shards:
@@ -107,10 +130,11 @@ class ShardedDataset:
                     part = np.load(path, allow_pickle=False)
                 except (OSError, ValueError) as exc:
                     raise DatasetError(f"{path}: unreadable metadata ({exc})") from None
-                if part.dtype != store_format.META_DTYPE or len(part) != shard["count"]:
-                    raise DatasetError(f"{path}: metadata has {len(part)} rows of {part.dtype}, expected {shard['count']}")
+                if part.dtype != self.meta_dtype or len(part) != shard["count"]:
+                    raise DatasetError(f"{path}: metadata has {len(part)} rows of {part.dtype}, expected "
+                                       f"{shard['count']} of {self.meta_dtype}")
                 parts.append(part)
-            self._meta = np.concatenate(parts) if parts else np.zeros(0, store_format.META_DTYPE)
+            self._meta = np.concatenate(parts) if parts else np.zeros(0, self.meta_dtype)
         return self._meta
 
     def pixel_stats(self) -> dict[str, np.ndarray]:
@@ -179,7 +203,7 @@ class ShardedDataset:
         image = np.ascontiguousarray(self.image_hwc(index).transpose(2, 0, 1))
         row = self.meta[index]
         item: dict[str, Any] = {"image": image, "index": int(index % len(self))}
-        for key in store_format.PUBLIC_META_FIELDS:
+        for key in store_format.public_fields(self.meta_dtype):
             value = row[key]
             item[key] = value.copy() if isinstance(value, np.ndarray) else value.item()
         return item

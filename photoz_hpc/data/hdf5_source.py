@@ -13,10 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from photoz_hpc.constants import N_BANDS
 from photoz_hpc.errors import InputDataError
 
 REQUIRED_KEYS = ("images", "e_bv", "ra", "dec", "ObjID", "specObjID")
+SDSS_N_BANDS = 5
 LABEL_KEYS = ("specz_redshift", "specz_redshift_err")
 
 
@@ -36,7 +36,8 @@ class SourceFile:
         return {"path": self.path, "rows": self.rows, "size": self.size, "mtime_ns": self.mtime_ns}
 
 
-def _open(path: str) -> h5py.File:
+def open_h5(path: str) -> h5py.File:
+    """Open an input HDF5 file for reading; a missing or unreadable file is an error naming it."""
     if not os.path.isfile(path):
         raise InputDataError(f"{path}: input file does not exist")
     try:
@@ -45,10 +46,11 @@ def _open(path: str) -> h5py.File:
         raise InputDataError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {exc}") from None
 
 
-def validate_source(path: str | os.PathLike) -> SourceFile:
-    """Check keys, shapes, dtypes and lengths of one release file; raise ``InputDataError`` naming it."""
+def validate_source(path: str | os.PathLike, n_bands: int = SDSS_N_BANDS) -> SourceFile:
+    """Check keys, shapes, dtypes and lengths of one release file of ``n_bands`` bands (the survey's: SDSS 5);
+    raise ``InputDataError`` naming it."""
     path = str(Path(path).resolve())
-    with _open(path) as fh:
+    with open_h5(path) as fh:
         missing = [k for k in REQUIRED_KEYS if k not in fh]
         if missing:
             raise InputDataError(f"{path}: missing required key(s) {missing} (has {sorted(fh.keys())})")
@@ -58,12 +60,12 @@ def validate_source(path: str | os.PathLike) -> SourceFile:
         images = fh["images"]
         if not isinstance(images, h5py.Dataset):
             raise InputDataError(f"{path}: 'images' is not a dataset")
-        if images.ndim != 4 or images.shape[1] != N_BANDS:
-            raise InputDataError(f"{path}: 'images' has shape {images.shape}, expected (N, {N_BANDS}, H, W)")
+        if images.ndim != 4 or images.shape[1] != n_bands:
+            raise InputDataError(f"{path}: 'images' has shape {images.shape}, expected (N, {n_bands}, H, W)")
         if images.dtype != np.float32:
             raise InputDataError(f"{path}: 'images' has dtype {images.dtype}, expected float32 (stored bit-exactly)")
         n = images.shape[0]
-        expected = {"e_bv": (n, N_BANDS), "ra": (n,), "dec": (n,), "ObjID": (n,), "specObjID": (n,)}
+        expected = {"e_bv": (n, n_bands), "ra": (n,), "dec": (n,), "ObjID": (n,), "specObjID": (n,)}
         expected.update({k: (n,) for k in labels_present})
         for key, shape in expected.items():
             ds = fh[key]
@@ -95,14 +97,14 @@ def _as_int64(path: str, key: str, values: np.ndarray) -> np.ndarray:
 
 def open_source(src: SourceFile) -> h5py.File:
     """Open a validated source for reading (a context manager); errors name the file."""
-    return _open(src.path)
+    return open_h5(src.path)
 
 
 def read_rows(src: SourceFile, start: int, stop: int, fh: h5py.File | None = None) -> dict[str, np.ndarray]:
     """Read rows [start, stop) of one source (from ``fh`` if given, else opened here); images stay
-    float32 (N,5,H,W), bit-exact."""
+    float32 (N, bands, H, W), bit-exact."""
     if fh is None:
-        with _open(src.path) as own:
+        with open_h5(src.path) as own:
             return read_rows(src, start, stop, own)
     try:
         out = {

@@ -1,4 +1,7 @@
-"""``photoz-hpc prepare``: stream release HDF5 files into a sharded fixed-record store.
+"""``photoz-hpc prepare``: stream release-layout or Multimodal Universe HDF5 files into a sharded fixed-record store.
+
+What is read (layout, survey, bands, metadata dtype, extinction, labels) is settled by ``data.inputs`` before
+anything is written; the survey is recorded in the manifest and travels with the data.
 
 Shard boundaries are fixed by the input rows (shard i holds input rows [i*S, (i+1)*S) of the
 concatenated inputs, minus skipped bad rows), so the dataset is the same whatever the number of
@@ -18,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz_hpc.constants import BANDS, N_BANDS, R_DR12, sfd_ebv
-from photoz_hpc.data import format as store_format
 from photoz_hpc.comm.select import prepare_comm
-from photoz_hpc.data.hdf5_source import SourceFile, bad_rows, open_source, read_rows, validate_source
+from photoz_hpc.data import format as store_format
+from photoz_hpc.data.hdf5_source import open_h5
+from photoz_hpc.data.inputs import PrepareOptions, StoreInput, resolve_inputs
 from photoz_hpc.data.stats import exact_median_mad
 from photoz_hpc.errors import InputDataError, PhotozError
 from photoz_hpc.io_utils import atomic_open, atomic_write_json
@@ -40,7 +43,7 @@ class ShardPlan:
     segments: tuple[tuple[int, int, int], ...]
 
 
-def plan_shards(sources: list[SourceFile], samples_per_shard: int) -> list[ShardPlan]:
+def plan_shards(sources: list, samples_per_shard: int) -> list[ShardPlan]:
     """Cut the concatenated inputs into consecutive runs of ``samples_per_shard`` rows."""
     if samples_per_shard < 1:
         raise PhotozError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
@@ -60,29 +63,31 @@ def plan_shards(sources: list[SourceFile], samples_per_shard: int) -> list[Shard
     return plans
 
 
-def _meta_rows(src_index: int, start: int, rows: dict[str, np.ndarray], keep: np.ndarray) -> np.ndarray:
-    meta = np.zeros(int(keep.sum()), dtype=store_format.META_DTYPE)
-    for key in ("specz_redshift", "specz_redshift_err", "e_bv", "ra", "dec", "ObjID", "specObjID"):
-        meta[key] = rows[key][keep]
-    meta["ebv_sfd"] = sfd_ebv(meta["e_bv"])
+def _meta_rows(inp: StoreInput, src_index: int, start: int, rows: dict[str, np.ndarray], keep: np.ndarray) -> np.ndarray:
+    meta = np.zeros(int(keep.sum()), dtype=inp.meta_dtype)
+    for key in inp.meta_dtype.names:
+        if key in rows:
+            meta[key] = rows[key][keep]
+    if "ebv_sfd" not in rows:  # release layout: from the per-band e_bv, in the survey's input convention
+        meta["ebv_sfd"] = inp.survey.sfd_ebv(meta["e_bv"])
     meta["source_file"] = src_index
     meta["source_row"] = start + np.flatnonzero(keep)
     return meta
 
 
-def write_shard(out: Path, plan: ShardPlan, sources: list[SourceFile], policy: str, chunk_rows: int) -> dict:
+def write_shard(out: Path, plan: ShardPlan, inp: StoreInput, policy: str, chunk_rows: int) -> dict:
     """Write one shard's ``.bin`` and ``.meta.npy`` atomically, then its JSON commit marker."""
     stem = store_format.shard_stem(plan.index)
     metas, skipped = [], []
     sha = hashlib.sha256()
     with atomic_open(out / f"{stem}.bin", "wb") as fh:
         for f, seg_start, seg_stop in plan.segments:
-            src = sources[f]
-            with open_source(src) as h5:  # once per segment: reopening per chunk is costly on Lustre/GPFS
+            src = inp.sources[f]
+            with open_h5(src.path) as h5:  # once per segment: reopening per chunk is costly on Lustre/GPFS
                 for start in range(seg_start, seg_stop, chunk_rows):
                     stop = min(start + chunk_rows, seg_stop)
-                    rows = read_rows(src, start, stop, h5)
-                    mask, reasons = bad_rows(src, rows)
+                    rows = inp.read(f, start, stop, h5)
+                    mask, reasons = inp.bad(f, rows)
                     if mask.any():
                         first = int(np.flatnonzero(mask)[0])
                         if policy == "reject":
@@ -94,14 +99,14 @@ def write_shard(out: Path, plan: ShardPlan, sources: list[SourceFile], policy: s
                     keep = ~mask
                     images = rows["images"] if keep.all() else rows["images"][keep]
                     hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-                    meta = _meta_rows(f, start, rows, keep)
+                    meta = _meta_rows(inp, f, start, rows, keep)
                     for i in range(len(hwc)):
                         meta["crc32"][i] = zlib.crc32(hwc[i])
                     data = hwc.tobytes()
                     sha.update(data)
                     fh.write(data)
                     metas.append(meta)
-    meta_all = np.concatenate(metas) if metas else np.zeros(0, dtype=store_format.META_DTYPE)
+    meta_all = np.concatenate(metas) if metas else np.zeros(0, dtype=inp.meta_dtype)
     with atomic_open(out / f"{stem}.meta.npy", "wb") as fh:
         np.save(fh, meta_all, allow_pickle=False)
     record = {
@@ -148,12 +153,14 @@ def shard_blocks(root: Path, records: list[dict], shape: tuple[int, int, int], r
     return blocks
 
 
-def _plan_fingerprint(sources: list[SourceFile], samples_per_shard: int, policy: str) -> dict:
+def _plan_fingerprint(inp: StoreInput, samples_per_shard: int, policy: str) -> dict:
     return {
         "format_version": store_format.FORMAT_VERSION,
         "samples_per_shard": samples_per_shard,
         "bad_rows": policy,
-        "inputs": [s.fingerprint() for s in sources],
+        "inputs": [s.fingerprint() for s in inp.sources],
+        "layout": inp.layout,
+        "options": inp.options,
     }
 
 
@@ -165,8 +172,10 @@ def prepare(
     chunk_rows: int = 256,
     overwrite: bool = False,
     comm=None,
+    options: PrepareOptions | None = None,
 ) -> Path:
-    """Convert release HDF5 files into a dataset directory; returns its path. Resumable, MPI-aware."""
+    """Convert release-layout or Multimodal Universe HDF5 files (or directories of them) into a dataset
+    directory; returns its path. Resumable, MPI-aware. ``options``: survey, bands, extinction and labels."""
     comm = comm or prepare_comm("auto")
     if bad_row_policy not in BAD_ROW_POLICIES:
         raise PhotozError(f"--bad-rows must be one of {BAD_ROW_POLICIES}, got '{bad_row_policy}'")
@@ -174,7 +183,8 @@ def prepare(
         raise PhotozError("prepare needs at least one input HDF5 file")
     out = Path(out).resolve()
     with hold_for_ranks(comm, prepare_hold(out)):
-        return _prepare_held(inputs, out, samples_per_shard, bad_row_policy, chunk_rows, overwrite, comm)
+        return _prepare_held(inputs, out, samples_per_shard, bad_row_policy, chunk_rows, overwrite, comm,
+                             options or PrepareOptions())
 
 
 def prepare_hold(out: Path) -> RunDir:
@@ -184,7 +194,7 @@ def prepare_hold(out: Path) -> RunDir:
 
 
 def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str, chunk_rows: int, overwrite: bool,
-                  comm) -> Path:
+                  comm, options: PrepareOptions) -> Path:
     """``prepare`` once ``out`` is held by this run."""
     staging = out.with_name(out.name + ".partial")
     if (out / store_format.MANIFEST_NAME).exists():
@@ -194,15 +204,13 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
         # Never replace anything that is not a prepared dataset (it may hold the inputs themselves).
         raise PhotozError(f"{out}: exists and is not a prepared dataset; choose a new or empty --out directory")
 
-    sources = [validate_source(p) for p in inputs]
-    shapes = {(s.height, s.width) for s in sources}
-    if len(shapes) != 1:
-        raise InputDataError(f"inputs have different image sizes {sorted(shapes)}: {[s.path for s in sources]}")
-    height, width = shapes.pop()
-    shape = (height, width, N_BANDS)
+    inp = resolve_inputs(inputs, options)
+    sources = inp.sources
+    shape = inp.shape
+    height, width, n_bands = shape
     record_size = store_format.record_bytes(*shape)
     plans = plan_shards(sources, samples_per_shard)
-    fingerprint = _plan_fingerprint(sources, samples_per_shard, bad_row_policy)
+    fingerprint = _plan_fingerprint(inp, samples_per_shard, bad_row_policy)
 
     error = ""
     if comm.rank == 0:
@@ -226,7 +234,7 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
         for plan in plans[comm.rank :: comm.world]:
             record = _load_committed(staging, plan, record_size)
             if record is None:
-                record = write_shard(staging, plan, sources, bad_row_policy, chunk_rows)
+                record = write_shard(staging, plan, inp, bad_row_policy, chunk_rows)
                 log.info("wrote %s (%d samples)", record["file"], record["count"])
             else:
                 reused += 1
@@ -259,14 +267,14 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
         if comm.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise InputDataError(f"no usable rows in {[s.path for s in sources]}")
-    median, mad = exact_median_mad(shard_blocks(staging, records, shape), N_BANDS, count * height * width, comm)
+    median, mad = exact_median_mad(shard_blocks(staging, records, shape), n_bands, count * height * width, comm)
 
     all_records = comm.gather_object(records)
     error = ""
     if comm.rank == 0:
         try:
             shards = sorted((r for part in all_records for r in part), key=lambda r: r["index"])
-            manifest = build_manifest(sources, shards, shape, samples_per_shard, bad_row_policy, median, mad)
+            manifest = build_manifest(inp, shards, samples_per_shard, bad_row_policy, median, mad)
             atomic_write_json(staging / store_format.MANIFEST_NAME, manifest)
             _publish(staging, out)
             log.info("prepared %d samples in %d shards at %s", manifest["count"], len(shards), out)
@@ -278,16 +286,19 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
     return out
 
 
-def build_manifest(sources, shards, shape, samples_per_shard, policy, median, mad) -> dict:
+def build_manifest(inp: StoreInput, shards, samples_per_shard, policy, median, mad) -> dict:
     skipped = [s for r in shards for s in r["skipped"]]
-    return {
+    shape = inp.shape
+    manifest = {
         "format": "photoz-hpc-shards",
         "format_version": store_format.FORMAT_VERSION,
         "layout": store_format.LAYOUT,
         "dtype": "float32",
         "byte_order": "little",
         "image_shape": list(shape),
-        "bands": list(BANDS),
+        "bands": list(inp.survey.bands),
+        "survey": inp.survey.to_dict(),
+        "input_layout": inp.layout,
         "record_bytes": store_format.record_bytes(*shape),
         "samples_per_shard": samples_per_shard,
         "count": sum(r["count"] for r in shards),
@@ -295,9 +306,11 @@ def build_manifest(sources, shards, shape, samples_per_shard, policy, median, ma
         "skipped_count": len(skipped),
         "skipped": skipped,
         "bad_rows": policy,
-        "r_dr12": R_DR12.tolist(),
-        "meta_fields": list(store_format.META_DTYPE.names),
-        "inputs": [{"path": s.path, "rows": s.rows, "labeled": s.labeled} for s in sources],
+        **inp.manifest,
+        "meta_fields": list(inp.meta_dtype.names),
+        "meta_dtype": store_format.meta_dtype_to_json(inp.meta_dtype),
+        "id_field": store_format.id_field(inp.meta_dtype),
+        "inputs": [{"path": s.path, "rows": s.rows, "labeled": s.labeled} for s in inp.sources],
         "shards": [
             {k: r[k] for k in ("file", "meta", "count", "labeled", "sha256", "meta_sha256")} for r in shards
         ],
@@ -307,6 +320,7 @@ def build_manifest(sources, shards, shape, samples_per_shard, policy, median, ma
             "mad": [float(v) for v in mad],
         },
     }
+    return manifest
 
 
 def _publish(staging: Path, out: Path) -> None:

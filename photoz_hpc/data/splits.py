@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photoz_hpc.data import format as store_format
 from photoz_hpc.data.dataset import ShardedDataset
 from photoz_hpc.errors import ConfigError, DatasetError
 from photoz_hpc.io_utils import atomic_open
@@ -59,13 +60,23 @@ def nested_subset(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 def check_disjoint(train: ShardedDataset, train_ids: np.ndarray, val: ShardedDataset, val_ids: np.ndarray) -> None:
     """A separate validation set must not contain training galaxies (same ``ObjID``, or same
-    ``specObjID`` when ObjIDs are absent); same dataset: the id sets must not intersect."""
+    ``specObjID`` when ObjIDs are absent; Multimodal Universe stores: same ``object_id``); same dataset:
+    the id sets must not intersect."""
     if Path(train.root).resolve() == Path(val.root).resolve():
         common = np.intersect1d(train_ids, val_ids)
         if len(common):
             raise ConfigError(f"validation set overlaps training: {len(common)} galaxies of {train.root} are in both")
         return
-    for key in ("ObjID", "specObjID"):
+    mmu = store_format.MMU_ID_FIELD
+    if mmu in (train.id_field, val.id_field):
+        if train.id_field != val.id_field or train.meta.dtype[mmu].kind != val.meta.dtype[mmu].kind:
+            return  # ids of different catalogues cannot name the same galaxy
+        common = np.intersect1d(train.meta[mmu][train_ids], val.meta[mmu][val_ids])
+        if len(common):
+            raise ConfigError(f"validation set {val.root} overlaps training set {train.root}: {len(common)} "
+                              f"galaxies share an {mmu} (e.g. {common[0]!s}); a galaxy must never be both")
+        return
+    for key in store_format.RELEASE_ID_FIELDS:
         a, b = train.meta[key][train_ids], val.meta[key][val_ids]
         a, b = a[a > 0], b[b > 0]
         if len(a) and len(b):

@@ -32,11 +32,12 @@ def verify_dataset(root) -> dict:
             problems.append(str(exc))
     if problems:
         raise DatasetError("verify failed:\n  " + "\n  ".join(problems))
-    return {"path": str(ds.root), "count": len(ds), "shards": len(ds.shards), "ok": True}
+    return {"path": str(ds.root), "count": len(ds), "shards": len(ds.shards), "ok": True,
+            "survey": ds.survey.name, "bands": list(ds.bands)}
 
 
 def dataset_info(root) -> dict:
-    """Counts, redshift range and pixel statistics of a dataset."""
+    """Survey and bands, counts, redshift range and pixel statistics of a dataset."""
     ds = open_dataset(root)
     meta = ds.meta
     z = meta["specz_redshift"][np.isfinite(meta["specz_redshift"])]
@@ -48,6 +49,9 @@ def dataset_info(root) -> dict:
         "labeled_count": int(len(z)),
         "skipped_count": man.get("skipped_count", 0),
         "shards": len(ds.shards),
+        "survey": ds.survey.name,
+        "bands": list(ds.bands),
+        "id_field": ds.id_field,
         "image_shape": man["image_shape"],
         "layout": man["layout"],
         "size_gb": round(len(ds) * ds.record_bytes / 1e9, 3),
