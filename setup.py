@@ -16,7 +16,7 @@ setup(
     # configs/ ships inside the package as photoz_hpc.configs (the quickstart runs from any directory)
     packages=find_packages(include=["photoz_hpc", "photoz_hpc.*"]) + ["photoz_hpc.configs"],
     package_dir={"photoz_hpc.configs": "configs"},
-    package_data={"photoz_hpc": ["sim/*.json"], "photoz_hpc.configs": ["*.yaml", "*/*.yaml"]},
+    package_data={"photoz_hpc": ["sim/*.json", "sim/template_grids/*.json"], "photoz_hpc.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         "numpy>=1.24",
         "h5py>=3.8",

@@ -29,7 +29,7 @@ from photoz_hpc.errors import InputDataError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger, setup_logging
 from photoz_hpc.sim import cosmology
-from photoz_hpc.sim.compare import compare, observe, plot_comparison
+from photoz_hpc.sim.compare import compare, observe, plot_comparison, read_catalogue
 from photoz_hpc.sim.population import sample_population, survey_model, type_evolution
 from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid
 
@@ -59,17 +59,6 @@ DQ_DRAW = 10000
 Z_TAIL = 0.2
 #: size of the rendered sample of the difficulty regression test (the real reference is cut to the same size).
 DIFFICULTY_TEST_N = 800
-
-
-def read_catalogue(path: str | Path) -> dict[str, np.ndarray]:
-    """MLZ MGS table: zs, ugriz model mags (dereddened), colours, then errors eu..ez (cols 10-14)."""
-    try:
-        data = np.loadtxt(path, comments="#")
-    except (OSError, ValueError) as exc:
-        raise InputDataError(f"{path}: cannot read catalogue ({exc})") from exc
-    if data.ndim != 2 or data.shape[1] < 15:
-        raise InputDataError(f"{path}: expected >= 15 columns, got shape {data.shape}")
-    return {"z": data[:, 0], "mag": data[:, 1:6], "err": data[:, 10:15]}
 
 
 def baldry_red(c: np.ndarray, abs_r: np.ndarray, grid: TemplateGrid) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Synthetic-vs-real comparison statistics and figures (n(z), colour-z and r-z relations).
 
-Shared by calibrate.py (population model vs the MGS catalogue) and by ``measure_file`` checks of a
-generated HDF5 file, so the report's numbers and plots come from one implementation.
+Shared by calibrate.py (population model vs the MGS catalogue), difficulty.py and by ``measure_file`` checks of a
+generated HDF5 file, so the report's numbers and plots come from one implementation. ``read_catalogue`` (the real
+MGS table) lives here so that calibrate.py and difficulty.py, which both need it, do not import each other.
 """
 
 from __future__ import annotations
@@ -12,11 +13,25 @@ import h5py
 import numpy as np
 from scipy import stats
 
-from photoz_hpc.constants import BANDS, NMGY_ZEROPOINT
+from photoz_hpc.errors import InputDataError
+from photoz_hpc.sim.camera import sdss_camera
 
 Z_EDGES = np.array([0.0, 0.05, 0.08, 0.11, 0.14, 0.18, 0.25, 0.4])
 COLOURS = (("u", "g"), ("g", "r"), ("r", "i"), ("i", "z"))
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+#: the calibrated survey's bands: the MGS catalogue's ugriz model magnitudes.
+BANDS = ("u", "g", "r", "i", "z")
+
+
+def read_catalogue(path: str | Path) -> dict[str, np.ndarray]:
+    """MLZ MGS table: zs, ugriz model mags (dereddened), colours, then errors eu..ez (cols 10-14)."""
+    try:
+        data = np.loadtxt(path, comments="#")
+    except (OSError, ValueError) as exc:
+        raise InputDataError(f"{path}: cannot read catalogue ({exc})") from exc
+    if data.ndim != 2 or data.shape[1] < 15:
+        raise InputDataError(f"{path}: expected >= 15 columns, got shape {data.shape}")
+    return {"z": data[:, 0], "mag": data[:, 1:6], "err": data[:, 10:15]}
 
 
 def binned(z: np.ndarray, y: np.ndarray, edges: np.ndarray = Z_EDGES) -> dict[str, list[float]]:
@@ -117,7 +132,7 @@ def measure_file(path: str | Path, max_n: int | None = None) -> dict[str, np.nda
     with h5py.File(path, "r") as fh:
         n = fh["images"].shape[0] if max_n is None else min(max_n, fh["images"].shape[0])
         flux = np.stack([fh["images"][i].sum(axis=(1, 2)) for i in range(n)])
-        mag = NMGY_ZEROPOINT - 2.5 * np.log10(np.clip(flux, 1e-3, None)) - fh["e_bv"][:n]
+        mag = sdss_camera().zeropoint - 2.5 * np.log10(np.clip(flux, 1e-3, None)) - fh["e_bv"][:n]
         return {"z": fh["specz_redshift"][:n].astype(float), "mag": mag}
 
 

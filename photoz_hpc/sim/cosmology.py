@@ -15,12 +15,17 @@ H0 = 70.0
 OM0 = 0.3
 _ZGRID_MAX = 1.0
 _NGRID = 4001
+#: the grid goes on in the same steps to Z_MAX (other surveys' synthetic z_max); the first _NGRID points (and so
+#: every SDSS distance) are exactly those of the original [0, 1] grid.
+Z_MAX = 4.0
 
 
 @lru_cache(maxsize=4)
 def _grid(h0: float = H0, om0: float = OM0) -> tuple[np.ndarray, np.ndarray]:
-    """Comoving distance D_C(z) [Mpc] on a fine grid (trapezoid integral of c/H(z))."""
-    z = np.linspace(0.0, _ZGRID_MAX, _NGRID)
+    """Comoving distance D_C(z) [Mpc] on a fine grid (trapezoid integral of c/H(z)), z in [0, Z_MAX]."""
+    step = _ZGRID_MAX / (_NGRID - 1)
+    n_more = int(round((Z_MAX - _ZGRID_MAX) / step))
+    z = np.concatenate([np.linspace(0.0, _ZGRID_MAX, _NGRID), np.linspace(_ZGRID_MAX, Z_MAX, n_more + 1)[1:]])
     inv_e = 1.0 / np.sqrt(om0 * (1 + z) ** 3 + (1 - om0))
     dc = np.concatenate([[0.0], np.cumsum(0.5 * (inv_e[1:] + inv_e[:-1]) * np.diff(z))]) * C_KMS / h0
     return z, dc

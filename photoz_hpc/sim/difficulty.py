@@ -25,9 +25,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from photoz_hpc.constants import CUTOUT_SIZE, NMGY_ZEROPOINT
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.metrics import photoz_metrics
+from photoz_hpc.sim.camera import sdss_camera
+from photoz_hpc.sim.compare import read_catalogue
 
 APERTURE_RADIUS_PX = 6.0
 N_TREES, MIN_LEAF, N_FOLDS = 200, 3, 5
@@ -40,8 +41,10 @@ GOAL_BAND = (0.8, 1.25)
 
 
 @lru_cache(maxsize=2)
-def aperture_weights(radius: float = APERTURE_RADIUS_PX, size: int = CUTOUT_SIZE, sub: int = 8) -> np.ndarray:
-    """Fraction of each pixel inside a circle of ``radius`` pixels about the cutout centre (sub x sub sampling)."""
+def aperture_weights(radius: float = APERTURE_RADIUS_PX, size: int | None = None, sub: int = 8) -> np.ndarray:
+    """Fraction of each pixel inside a circle of ``radius`` pixels about the cutout centre (sub x sub sampling);
+    ``size`` defaults to the SDSS cutout (the check compares with the SDSS MGS)."""
+    size = sdss_camera().size if size is None else size
     c = (size - 1) / 2
     s = (np.arange(sub) + 0.5) / sub - 0.5
     x = (np.arange(size)[:, None] + s[None, :]).ravel() - c
@@ -57,7 +60,7 @@ def aperture_photometry(path: str | Path, max_n: int | None = None, radius: floa
         n = fh["images"].shape[0] if max_n is None else min(max_n, fh["images"].shape[0])
         flux = np.concatenate([np.einsum("nbhw,hw->nb", fh["images"][s:min(s + block, n)].astype(np.float64), w)
                                for s in range(0, n, block)])
-        mag = NMGY_ZEROPOINT - 2.5 * np.log10(np.clip(flux, 1e-3, None)) - fh["e_bv"][:n]
+        mag = sdss_camera().zeropoint - 2.5 * np.log10(np.clip(flux, 1e-3, None)) - fh["e_bv"][:n]
         return {"z": fh["specz_redshift"][:n].astype(float), "mag": mag}
 
 
@@ -242,8 +245,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="JSON with both metric sets")
     ap.add_argument("--figure", default=None, help="z_phot-vs-z_spec PNG")
     args = ap.parse_args(argv)
-    from photoz_hpc.sim.calibrate import read_catalogue
-
     cat = read_catalogue(args.catalogue)
     phot = [aperture_photometry(f, args.max_n) for f in args.file]
     syn = {k: np.concatenate([p[k] for p in phot]) for k in ("z", "mag")}

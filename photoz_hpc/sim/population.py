@@ -16,7 +16,7 @@ import numpy as np
 
 from photoz_hpc.sim import cosmology, sky
 from photoz_hpc.sim.params import load_calibration
-from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid, apparent_mags, k_terms, template_grid
+from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid, apparent_mags, k_terms, k_terms_through, template_grid
 
 M_PIVOT = -20.5
 #: lower bound of the blue/red weight of ``type_evolution``; its upper bound is ``sed["evolution_cap"]``, or
@@ -267,3 +267,162 @@ def sample_population(n: int, seed: int, start: int = 0, model: SurveyModel | No
         "bulge_frac": np.array([g["bulge_frac"] for g in gals]),
         "ebv": np.array([g["ebv"] for g in gals]),
     }
+
+
+# ---- other surveys: the same population observed through another survey's filters ----------------------------
+
+#: log-mean wavelengths (Angstrom) of kcorrect's sdss_u0 ... sdss_z0 (``bandpass.effective_wavelength``; a test
+#: recomputes them): where the calibrated colour residuals sit in the spectrum.
+SDSS_WAVE_EFF = np.array([3546.0, 4669.6, 6156.25, 7471.57, 8917.4])
+
+
+@dataclass(frozen=True)
+class BandModel:
+    """Sampling tables of a synthetic survey seen through other filters than SDSS's (docs/synthetic_survey.md).
+
+    The population (LF and its evolution, SED prototypes, colour residuals, sizes) is ``base``, the one calibrated
+    on the SDSS MGS; ``grid`` holds the same templates through the survey's filters (all its bands, rest-frame SDSS
+    r normalisation from ``base.grid``), and the flux limit is ``mag_limit`` in band ``select`` (total magnitude,
+    extinction-corrected), with z drawn in [base z_min, z_max].
+    """
+
+    base: SurveyModel
+    bands: tuple[str, ...]
+    grid: TemplateGrid
+    wave_eff: np.ndarray
+    psf_fwhm: np.ndarray
+    select: int
+    mag_limit: float
+    z_tab: np.ndarray
+    zcdf_tab: np.ndarray
+    m_faint_tab: np.ndarray
+
+
+def residual_margin(sed: dict) -> float:
+    """How much brighter than its templates (4 sigma) a colour residual can make any band: the draw's room."""
+    if "resid_a" not in sed:
+        return 0.0
+    a, b, sd, zr = (np.asarray(sed[key]) for key in ("resid_a", "resid_b", "resid_sd", "resid_z_range"))
+    ends = np.stack([a + b * (zr[:, i:i + 1] - 0.1) for i in (0, 1)])  # the trend is linear inside zr
+    return float(max(0.0, np.max(-ends.min(axis=0) + 4 * sd)))
+
+
+@lru_cache(maxsize=8)
+def band_model(filters: tuple[str, ...], bands: tuple[str, ...], psf_fwhm: tuple[float, ...], select_band: str,
+               mag_limit: float, z_max: float, grid_dir: str | None = None) -> BandModel:
+    """Sampling tables for a survey's filters, flux limit and redshift range (cached per process).
+
+    n(z) is the LF times the volume inside the faintest M_r any template mixture (and a 4-sigma colour residual)
+    could still pass at each z, as ``survey_model`` does for SDSS r; the exact limit is applied per galaxy.
+    """
+    from photoz_hpc.sim.bandpass import load_band_grid
+
+    base = survey_model()
+    grid, wave = load_band_grid(filters, z_max, grid_dir)
+    lf, sel = base.lf, base.sel
+    s = bands.index(select_band)
+    z_tab = np.linspace(sel["z_min"], z_max, 1601)
+    k_min = np.min(-2.5 * np.log10(grid.at(z_tab)[:, :, s] / base.grid.rest_r[None, :]), axis=1)
+    m_faint = np.minimum(mag_limit - cosmology.distance_modulus(z_tab) - k_min + 0.05 + residual_margin(base.sed),
+                         lf["M_faint"])
+    m_star = lf["M_star"] - lf["Q"] * (z_tab - 0.1)
+    lo = np.interp(lf["M_bright"] - m_star, base.x_tab, base.xcdf_tab)
+    hi = np.interp(m_faint - m_star, base.x_tab, base.xcdf_tab)
+    dens = cosmology.dvdz(z_tab) * np.maximum(hi - lo, 0) * 10 ** (0.4 * lf.get("P", 0.0) * (z_tab - 0.1))
+    zcdf = np.concatenate([[0.0], np.cumsum(0.5 * (dens[1:] + dens[:-1]) * np.diff(z_tab))])
+    return BandModel(base, bands, grid, wave, np.asarray(psf_fwhm, dtype=float), s, float(mag_limit), z_tab,
+                     zcdf / zcdf[-1], m_faint)
+
+
+def band_residuals(k: np.ndarray, z: np.ndarray, normals: np.ndarray, sed: dict, wave_eff: np.ndarray) -> np.ndarray:
+    """The calibrated colour residuals (``colour_residuals``, SDSS ugriz) carried to other filters (n, nband).
+
+    The residuals are what the templates miss of real spectra, so they are placed at rest-frame wavelengths
+    (SDSS band / (1 + z), z clipped to the prototype's range as in ``colour_residuals``) and interpolated in
+    log wavelength at each band's rest-frame wavelength lambda_b / (1 + z), held at the end values outside
+    (bluer than rest u, redder than rest z: extrapolated). SDSS filters at a z inside the range give back
+    ``colour_residuals`` itself.
+    """
+    z = np.asarray(z, dtype=float)
+    if "resid_a" not in sed:
+        return np.zeros((len(k), len(wave_eff)))
+    d = colour_residuals(k, z, normals, sed)
+    zc = np.clip(z, *(np.asarray(sed["resid_z_range"])[k].T))
+    x_sdss = np.log(SDSS_WAVE_EFF[None, :] / (1 + zc[:, None]))
+    x_band = np.log(np.asarray(wave_eff)[None, :] / (1 + z[:, None]))
+    return np.stack([np.interp(x_band[i], x_sdss[i], d[i]) for i in range(len(k))])
+
+
+def _draw_band_candidates(rng: np.random.Generator, model: BandModel) -> dict:
+    """``_draw_candidates`` through the survey's filters: _CANDIDATES (z, M_r, SED, colour residual) draws."""
+    n, base = _CANDIDATES, model.base
+    z = np.interp(rng.random(n), model.zcdf_tab, model.z_tab)
+    ms = base.m_star(z)
+    lo = np.interp(base.lf["M_bright"] - ms, base.x_tab, base.xcdf_tab)
+    hi = np.interp(np.interp(z, model.z_tab, model.m_faint_tab) - ms, base.x_tab, base.xcdf_tab)
+    abs_r = ms + np.interp(lo + rng.random(n) * (hi - lo), base.xcdf_tab, base.x_tab)
+    w, red, proto = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), base.sed, z, base.lf)
+    dcol = band_residuals(proto, z, rng.standard_normal((n, 5)), base.sed, model.wave_eff)
+    kt = k_terms_through(w, z, base.grid, model.grid)
+    mags = abs_r[:, None] + cosmology.distance_modulus(z)[:, None] + kt + dcol
+    bt = np.clip(np.where(red, rng.normal(0.65, 0.15, n), rng.normal(0.15, 0.12, n)), 0.0, 0.95)
+    return dict(z=z, abs_r=abs_r, w=w, red=red, mags=mags, bt=bt, dcol=dcol)
+
+
+def draw_band_galaxy(seed: int, index: int, model: BandModel) -> dict:
+    """Galaxy ``index`` of survey ``seed`` through the model's filters: the keys of ``draw_galaxy`` (magnitudes AB,
+    one per band of the survey), the first candidate with total magnitude <= the limit in the selection band."""
+    rng = _rng(seed, index)
+    while True:
+        cand = _draw_band_candidates(rng, model)
+        ok = np.flatnonzero(cand["mags"][:, model.select] <= model.mag_limit)
+        if ok.size:
+            k = int(ok[0])
+            break
+    base = model.base
+    z, abs_r, w, red = float(cand["z"][k]), float(cand["abs_r"][k]), cand["w"][k], bool(cand["red"][k])
+    bt, dcol = float(cand["bt"][k]), cand["dcol"][k]
+    wb, wd = _bulge_disk(w, bt, base.sed, abs_r)
+    kb, kd = k_terms_through(np.stack([wb, wd]), np.array([z, z]), base.grid, model.grid)
+    mag_base = abs_r + float(cosmology.distance_modulus(np.array([z]))[0])
+    r50 = float(cosmology.kpc_to_arcsec(_half_light_kpc(abs_r, red, rng), z))
+    cos_i = rng.random()
+    q0 = 0.2
+    ra, dec = sky.draw_position(rng)
+    ebv = sky.draw_ebv(float(sky.galactic_latitude(np.array(ra), np.array(dec))), rng)
+    mag = cand["mags"][k]
+    nb = len(model.bands)
+    return dict(
+        index=index,
+        z=z,
+        abs_r=abs_r,
+        red=red,
+        w=w,
+        mag=mag,
+        bulge_frac=bt,
+        bulge_mag=np.where(bt > 0, mag_base + kb - 2.5 * np.log10(max(bt, 1e-12)), np.inf) + dcol,
+        disk_mag=np.where(bt < 1, mag_base + kd - 2.5 * np.log10(max(1 - bt, 1e-12)), np.inf) + dcol,
+        r50=r50,
+        bulge_hlr=r50 * (0.35 + 0.65 * bt),
+        disk_hlr=r50 * (1.0 + 0.5 * bt),
+        disk_q=float(np.sqrt(cos_i**2 * (1 - q0**2) + q0**2)),
+        bulge_q=float(np.clip(rng.normal(0.8, 0.1), 0.5, 1.0)),
+        beta=float(rng.uniform(0, np.pi)),
+        offset=rng.uniform(-0.5, 0.5, 2),
+        psf_fwhm=model.psf_fwhm * np.exp(SEEING_SIGMA_LN * rng.standard_normal()) * np.exp(0.03 * rng.standard_normal(nb)),
+        sky_dmag=SKY_SIGMA_MAG * rng.standard_normal(nb),
+        ra=ra,
+        dec=dec,
+        ebv=ebv,
+        # the MGS spec-z error relation at the selection-band magnitude relative to the limit, times (1 + z)
+        specz_err=float(np.clip(10 ** rng.normal(-4.55 + 0.12 * (mag[model.select] - model.mag_limit + 0.77), 0.2),
+                                5e-6, 3e-4) * (1 + z) / 1.1),
+        rng=rng,
+    )
+
+
+def sample_band_population(n: int, seed: int, model: BandModel, start: int = 0) -> dict[str, np.ndarray]:
+    """``sample_population`` through a survey's filters (AB magnitudes in all its bands)."""
+    gals = [draw_band_galaxy(seed, i, model) for i in range(start, start + n)]
+    return {key: np.array([g[key] for g in gals]) for key in ("z", "abs_r", "mag", "red", "w", "r50", "bulge_frac",
+                                                               "ebv", "psf_fwhm")}

@@ -64,6 +64,14 @@ def k_terms(w: np.ndarray, z: np.ndarray, grid: TemplateGrid) -> np.ndarray:
     return -2.5 * np.log10(np.maximum(flux, 1e-30))
 
 
+def k_terms_through(w: np.ndarray, z: np.ndarray, rest: TemplateGrid, obs: TemplateGrid) -> np.ndarray:
+    """-2.5 log10(A_b(z).c / A_r(0).c) (n, nband) with A_b from ``obs`` (another survey's filters) and the
+    rest-frame SDSS r normalisation A_r(0) from ``rest``: the same rest-r light fractions w seen through any filters."""
+    c = weights_to_coeffs(np.atleast_2d(w), rest)
+    flux = np.einsum("nt,ntb->nb", c, obs.at(z))
+    return -2.5 * np.log10(np.maximum(flux, 1e-30))
+
+
 def apparent_mags(abs_r: np.ndarray, w: np.ndarray, z: np.ndarray, grid: TemplateGrid, dm: np.ndarray) -> np.ndarray:
     """SDSS-system apparent model magnitudes (n, 5) for rest-frame absolute r magnitude ``abs_r``."""
     ab = np.asarray(abs_r)[:, None] + np.asarray(dm)[:, None] + k_terms(w, z, grid)

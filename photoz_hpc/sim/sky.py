@@ -8,9 +8,9 @@ median ~0.03, 90th percentile ~0.07 and a tail to ~0.2-0.3, like SFD over the SD
 
 from __future__ import annotations
 
-import numpy as np
+from functools import lru_cache
 
-from photoz_hpc.constants import R_DR12
+import numpy as np
 
 #: ICRS -> Galactic rotation matrix (J2000; Hipparcos/Liu et al. 2011 values as used by astropy).
 _ICRS_TO_GAL = np.array(
@@ -54,6 +54,15 @@ def draw_ebv(b_deg: float, rng: np.random.Generator) -> float:
     return float(min(EBV_E0 * csc * np.exp(EBV_SIGMA_LN * rng.standard_normal()), EBV_MAX))
 
 
-def extinction(ebv: np.ndarray | float) -> np.ndarray:
-    """Per-band DR12 extinction A_b = R_DR12 * E(B-V), the release's ``e_bv`` column."""
-    return np.asarray(ebv, dtype=np.float64)[..., None] * R_DR12
+@lru_cache(maxsize=1)
+def _sdss_input_coefficients() -> np.ndarray:
+    from photoz_hpc.survey import load_survey
+
+    return np.asarray(load_survey("sdss").input_coefficients, dtype=np.float64)
+
+
+def extinction(ebv: np.ndarray | float, coefficients: np.ndarray | None = None) -> np.ndarray:
+    """Per-band extinction A_b = coefficient_b * E(B-V). Default: SDSS DR12's coefficients (sdss.yaml
+    ``extinction_input``), the release's ``e_bv`` column; another survey passes its own."""
+    coef = _sdss_input_coefficients() if coefficients is None else np.asarray(coefficients, dtype=np.float64)
+    return np.asarray(ebv, dtype=np.float64)[..., None] * coef
