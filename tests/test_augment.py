@@ -651,10 +651,10 @@ def test_missing_pixel_stats_is_an_error(ds107, tmp_path):
 
 def test_crop_larger_than_images_is_an_error(ds48):
     with pytest.raises(ConfigError, match="does not fit the 48x48"):
-        build_loader(cfg_of(), ds48, "pretrain")
+        build_loader(cfg_of("augment.crop_size=64"), ds48, "pretrain")
     with pytest.raises(ConfigError, match="jitter"):
-        build_loader(cfg_of("augment.crop_size=42"), ds48, "finetune")
-    assert len(build_loader(cfg_of("augment.crop_size=42", batch=4), ds48, "eval")) > 0  # no jitter in eval
+        build_loader(cfg_of("augment.crop_size=42", "augment.jitter_max=7"), ds48, "finetune")
+    assert len(build_loader(cfg_of("augment.crop_size=42", "augment.jitter_max=7", batch=4), ds48, "eval")) > 0  # no jitter in eval
 
 
 @pytest.mark.parametrize("backend", ["dali", "reference"])

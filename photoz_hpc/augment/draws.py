@@ -49,7 +49,7 @@ def resolve_augment(aug: AugmentConfig, survey: Survey) -> AugmentConfig:
     jitter = survey.jitter_max if aug.jitter_max is None else int(aug.jitter_max)
     if crop > survey.cutout_size:
         raise ConfigError(
-            f"augment.crop_size={crop} is larger than the {survey.cutout_size}x{survey.cutout_size} pixel cutouts of "
+            f"augment.crop_size={crop} does not fit the {survey.cutout_size}x{survey.cutout_size} pixel cutouts of "
             f"survey '{survey.name}' (its default crop is {survey.crop_size}, jitter {survey.jitter_max}); "
             f"lower augment.crop_size or leave it unset for the survey's default"
         )
