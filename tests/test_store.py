@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 from helpers import process_env, run_cli
 
-from photoz_hpc.constants import sfd_ebv
+from photoz_hpc.data import format as store_format
 from photoz_hpc.data import open_dataset
 from photoz_hpc.data import prepare as prepare_mod
+from photoz_hpc.data.inputs import PrepareOptions
 from photoz_hpc.data.prepare import plan_shards, prepare
 from photoz_hpc.data.stats import reference_median_mad
 from photoz_hpc.data.verify import dataset_info, verify_dataset
 from photoz_hpc.errors import DatasetError, InputDataError, PhotozError
+from photoz_hpc.survey import load_survey
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +47,7 @@ def test_round_trip_is_bit_exact_with_metadata(release_h5, tmp_path):
         assert item["specz_redshift"] == float(fh["specz_redshift"][5])
         assert item["ObjID"] == int(fh["ObjID"][5]) and item["specObjID"] == int(fh["specObjID"][5])
         np.testing.assert_array_equal(item["e_bv"], fh["e_bv"][5].astype(np.float64))
-        assert item["ebv_sfd"] == pytest.approx(float(sfd_ebv(fh["e_bv"][5])), rel=1e-12)
+        assert item["ebv_sfd"] == pytest.approx(float(load_survey("sdss").sfd_ebv(fh["e_bv"][5])), rel=1e-12)
         assert item["ra"] == fh["ra"][5] and item["dec"] == fh["dec"][5]
     assert np.isnan(ds[35]["specz_redshift"])
     man = ds.manifest
@@ -212,6 +214,46 @@ def test_missing_manifest_and_newer_format(release_h5, tmp_path):
         open_dataset(tmp_path / "nothing")
 
 
+def test_manifest_records_the_sdss_survey_and_an_old_manifest_means_sdss(release_h5, tmp_path):
+    out = prepare([release_h5("a.h5", 6)], tmp_path / "ds")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["survey"] == load_survey("sdss").to_dict() and man["bands"] == ["u", "g", "r", "i", "z"]
+    assert man["input_layout"] == "release" and man["id_field"] == "ObjID"
+    assert store_format.meta_dtype_from_json(man["meta_dtype"], "test") == store_format.META_DTYPE
+    ds = open_dataset(out)
+    assert ds.meta.dtype == store_format.META_DTYPE and ds.object_ids.tolist() == ds.meta["ObjID"].tolist()
+    for key in ("survey", "meta_dtype", "id_field", "input_layout"):  # as written before surveys existed
+        del man[key]
+    (out / "manifest.json").write_text(json.dumps(man))
+    old = open_dataset(out)
+    assert old.survey.name == "sdss" and old.bands == ("u", "g", "r", "i", "z") and old.id_field == "ObjID"
+    assert old[2]["ObjID"] == ds[2]["ObjID"] and verify_dataset(out)["survey"] == "sdss"
+    man["image_shape"] = [107, 107, 3]
+    (out / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DatasetError, match=r"image_shape \[107, 107, 3\] does not have the 5 bands"):
+        open_dataset(out)
+
+
+def test_release_layout_of_another_survey_and_a_band_subset(release_h5, tmp_path):
+    lsst = load_survey("lsst")
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((5, 6, 20, 20)).astype(np.float32)
+    e_bv = (rng.uniform(0.01, 0.1, (5, 1)) * np.array(lsst.input_coefficients)).astype(np.float32)
+    src = release_h5("lsst.h5", 5, size=20, images=images, e_bv=e_bv)
+    with pytest.raises(InputDataError, match=r"lsst.h5: 'images' has shape \(5, 6, 20, 20\), expected \(N, 5, H, W\)"):
+        prepare([src], tmp_path / "sdss")
+    ds = open_dataset(prepare([src], tmp_path / "ds", options=PrepareOptions(survey="lsst")))
+    assert ds.survey.name == "lsst" and ds.image_shape == (20, 20, 6) and ds.meta["e_bv"].shape == (5, 6)
+    assert ds.manifest["survey"]["cutout_size"] == 20 and ds.manifest["r_dr12"] == list(lsst.input_coefficients)
+    np.testing.assert_allclose(ds.meta["ebv_sfd"], lsst.sfd_ebv(e_bv.astype(np.float64)), rtol=1e-12)
+    assert ds.image_hwc(3).tobytes() == np.ascontiguousarray(images[3].transpose(1, 2, 0)).tobytes()
+    sub = open_dataset(prepare([src], tmp_path / "iu", options=PrepareOptions(survey="lsst", bands=("i", "u"))))
+    assert sub.bands == ("i", "u") and sub.image_hwc(3).tobytes() == np.ascontiguousarray(images[3, [3, 0]].transpose(1, 2, 0)).tobytes()
+    np.testing.assert_array_equal(sub.meta["e_bv"], e_bv[:, [3, 0]].astype(np.float64))
+    with pytest.raises(PhotozError, match="--labels and --no-extinction apply to Multimodal Universe input"):
+        prepare([src], tmp_path / "x", options=PrepareOptions(survey="lsst", no_extinction=True))
+
+
 def _cli(*args, env=None, cwd=None):
     return run_cli(*args, env=env, cwd=cwd, timeout=300)
 
@@ -221,7 +263,7 @@ def test_cli_prepare_verify_info(release_h5, tmp_path):
     res = _cli("prepare", str(src), "--out", str(tmp_path / "ds"), "--samples-per-shard", "4")
     assert res.returncode == 0, res.stderr
     res = _cli("verify", str(tmp_path / "ds"))
-    assert res.returncode == 0 and "9 samples in 3 shards" in res.stdout
+    assert res.returncode == 0 and "9 samples in 3 shards" in res.stdout and "survey sdss, bands u g r i z" in res.stdout
     res = _cli("info", str(tmp_path / "ds"), "--json")
     assert json.loads(res.stdout)["count"] == 9
     (tmp_path / "ds" / "shard-00000.bin").write_bytes(b"x")
