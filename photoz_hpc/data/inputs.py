@@ -8,6 +8,7 @@ redshift labels come from. The result reads rows as the store wants them; every 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,8 @@ from photoz_hpc.data.hdf5_source import SourceFile, bad_rows, open_h5, read_rows
 from photoz_hpc.data.labels import LabelTable, clean_redshift, join_report, read_labels
 from photoz_hpc.data.mmu_source import MMUFile, read_columns, read_ids, validate_mmu
 from photoz_hpc.errors import InputDataError, PhotozError
-from photoz_hpc.logs import get_logger
 from photoz_hpc.survey import Survey, load_survey, shipped_surveys, spec_to_dict, survey_from_dict
 
-log = get_logger(__name__)
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 MASK_POLICY = ("pixels are stored exactly as in image_array; image_mask and image_ivar are not applied "
                "(NaN/inf pixels are bad rows: --bad-rows)")
@@ -56,6 +55,7 @@ class StoreInput:
     labels: LabelTable | None = None
     manifest: dict[str, Any] = field(default_factory=dict)  # layout-specific manifest keys
     options: dict[str, Any] = field(default_factory=dict)  # what a resumed prepare must agree on
+    notes: list[tuple[int, str]] = field(default_factory=list)  # (logging level, message): rank 0 logs them
 
     def read(self, f: int, start: int, stop: int, fh) -> dict[str, np.ndarray]:
         """Rows [start, stop) of source ``f``: ``images`` (n, bands, H, W) float32 and the metadata fields."""
@@ -137,7 +137,7 @@ def resolve_inputs(inputs: list[str | os.PathLike], options: PrepareOptions | No
     return _resolve_release(paths, options)
 
 
-def _with_cutout(survey: Survey, height: int, width: int) -> Survey:
+def _with_cutout(survey: Survey, height: int, width: int, notes: list[tuple[int, str]]) -> Survey:
     """The survey as stored: ``cutout_size`` is the images' side (a crop larger than that is clamped, logged)."""
     side = min(height, width)
     if side == survey.cutout_size:
@@ -145,8 +145,8 @@ def _with_cutout(survey: Survey, height: int, width: int) -> Survey:
     values = spec_to_dict(survey.spec)
     values["cutout_size"] = side
     if values["crop_size"] > side:
-        log.warning("survey '%s': crop_size %d exceeds the %d px cutouts; recorded as %d (jitter_max 0)",
-                    survey.name, values["crop_size"], side, side)
+        notes.append((logging.WARNING, f"survey '{survey.name}': crop_size {values['crop_size']} exceeds the {side} px "
+                      f"cutouts; recorded as {side} (jitter_max 0)"))
         values["crop_size"], values["jitter_max"] = side, 0
     return survey_from_dict(values, f"survey '{survey.name}' with {side} px cutouts")
 
@@ -174,10 +174,11 @@ def _resolve_release(paths: list[str], options: PrepareOptions) -> StoreInput:
         raise InputDataError(f"inputs have different image sizes {sorted(shapes)}: {[s.path for s in sources]}")
     height, width = shapes.pop()
     kept, channels = _subset(survey, list(survey.bands), options.bands)
-    kept = _with_cutout(kept, height, width)
+    notes: list[tuple[int, str]] = []
+    kept = _with_cutout(kept, height, width, notes)
     manifest = {"r_dr12": list(kept.input_coefficients)}  # the coefficients the release's e_bv were made with
     return StoreInput("release", sources, kept, store_format.meta_dtype(kept.n_bands), (height, width, kept.n_bands),
-                      channels, manifest=manifest, options=_options(options, kept))
+                      channels, manifest=manifest, options=_options(options, kept), notes=notes)
 
 
 def _options(options: PrepareOptions, survey: Survey) -> dict[str, Any]:
@@ -239,7 +240,8 @@ def _resolve_mmu(paths: list[str], options: PrepareOptions) -> StoreInput:
     sources = [validate_mmu(p) for p in paths]
     file_survey, file_bands = _match(sources, options.survey)
     kept, channels = _subset(file_survey, file_bands, options.bands)
-    kept = _with_cutout(kept, sources[0].height, sources[0].width)
+    notes: list[tuple[int, str]] = []
+    kept = _with_cutout(kept, sources[0].height, sources[0].width, notes)
     extinction = [_extinction(s, kept, options.no_extinction) for s in sources]
 
     id_kind = sources[0].id_kind
@@ -262,11 +264,12 @@ def _resolve_mmu(paths: list[str], options: PrepareOptions) -> StoreInput:
         labels = read_labels(options.labels, options.redshift_key, id_kind, width)
         report = join_report(labels, ids)
         if any(s.has_z_spec for s in sources):
-            log.info("--labels %s replaces the files' z_spec column", labels.path)
+            notes.append((logging.INFO, f"--labels {labels.path} replaces the files' z_spec column"))
         if report["not_in_images"]:
-            log.warning("labels: %d of %d ids in %s have no image (e.g. %s); they are not in the store",
-                        report["not_in_images"], report["rows"], labels.path, report["not_in_images_examples"][:3])
-        log.info("labels: %d of %d images have a redshift from %s", report["labeled_images"], len(ids), labels.path)
+            notes.append((logging.WARNING, f"labels: {report['not_in_images']} of {report['rows']} ids in {labels.path} "
+                          f"have no image (e.g. {report['not_in_images_examples'][:3]}); they are not in the store"))
+        notes.append((logging.INFO, f"labels: {report['labeled_images']} of {len(ids)} images have a redshift "
+                      f"from {labels.path}"))
     id_dtype = np.dtype(np.int64) if id_kind == "int" else np.dtype(f"<U{width}")
     label_source = ("labels file" if labels is not None else
                     "z_spec column" if all(s.has_z_spec for s in sources) else
@@ -289,7 +292,8 @@ def _resolve_mmu(paths: list[str], options: PrepareOptions) -> StoreInput:
     opts = _options(options, kept)
     opts["labels"] = labels.fingerprint() if labels is not None else None
     return StoreInput("mmu", sources, kept, store_format.meta_dtype(kept.n_bands, id_dtype),
-                      (sources[0].height, sources[0].width, kept.n_bands), channels, extinction, labels, manifest, opts)
+                      (sources[0].height, sources[0].width, kept.n_bands), channels, extinction, labels, manifest, opts,
+                      notes)
 
 
 __all__ = ["PrepareOptions", "StoreInput", "detect_layout", "expand_inputs", "resolve_inputs"]

@@ -205,6 +205,9 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
         raise PhotozError(f"{out}: exists and is not a prepared dataset; choose a new or empty --out directory")
 
     inp = resolve_inputs(inputs, options)
+    if comm.rank == 0:
+        for level, message in inp.notes:
+            log.log(level, message)
     sources = inp.sources
     shape = inp.shape
     height, width, n_bands = shape
