@@ -8,14 +8,18 @@ import h5py
 import numpy as np
 import pytest
 
-from photoz_hpc.constants import CUTOUT_SIZE, NMGY_ZEROPOINT, R_DR12, sfd_ebv
 from photoz_hpc.sim import cosmology, generate_survey
 from photoz_hpc.sim.population import draw_galaxy, sample_population, sed_weights, survey_model
 from photoz_hpc.sim.render import render_galaxy
 from photoz_hpc.sim.sky import extinction
+from photoz_hpc.survey import load_survey
 from photoz_hpc.viz import lupton_rgb, save_grid
 
 N = 24
+SDSS = load_survey("sdss")
+CUTOUT_SIZE, NMGY_ZEROPOINT = SDSS.cutout_size, SDSS.zeropoint
+#: the release's e_bv = DR12 coefficients x SFD E(B-V) (sdss.yaml extinction_input)
+R_DR12 = np.asarray(SDSS.input_coefficients)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def test_deterministic_and_independent_of_workers(labeled, tmp_path):
 
 def test_e_bv_is_dr12_extinction_of_sfd(labeled):
     e = _read(labeled)["e_bv"].astype(np.float64)
-    ebv = sfd_ebv(e)
+    ebv = SDSS.sfd_ebv(e)
     np.testing.assert_allclose(e, ebv[:, None] * R_DR12[None, :], rtol=1e-5)
     assert np.all((ebv > 0) & (ebv < 0.5))
 

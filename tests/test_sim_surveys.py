@@ -242,3 +242,23 @@ def test_cosmology_grid_extension_keeps_sdss_distances():
     ref = FlatLambdaCDM(H0=70, Om0=0.3, Tcmb0=0)
     zz = np.array([1.5, 2.0, 3.0])
     np.testing.assert_allclose(cosmology.distance_modulus(zz), ref.distmod(zz).value, atol=2e-3)
+
+
+def test_colour_residuals_carried_by_rest_wavelength():
+    """Through the SDSS bands at a z inside each prototype's range the carried residual is the SDSS one; a band
+    observing rest-frame u (i at z ~ 1.1) gets the prototype's u residual; bluer than rest u it is held there."""
+    from photoz_hpc.sim.population import band_residuals, colour_residuals, survey_model
+
+    sed = survey_model().sed
+    zr = np.asarray(sed["resid_z_range"])
+    k = np.arange(len(zr))
+    normals = np.random.default_rng(1).standard_normal((len(k), 5))
+    z = zr.mean(axis=1)
+    np.testing.assert_allclose(band_residuals(k, z, normals, sed, SDSS_WAVE_EFF), colour_residuals(k, z, normals, sed),
+                               atol=1e-12)
+    z_hi = np.full(len(k), 1.3)
+    rest_u = colour_residuals(k, z_hi, normals, sed)[:, 0]  # z clipped to the range: the prototype's u residual
+    zc = np.clip(z_hi, zr[:, 0], zr[:, 1])
+    at_u = SDSS_WAVE_EFF[0] / (1 + zc) * (1 + z_hi)  # the observed wavelength that sees rest-frame u at z 1.3
+    np.testing.assert_allclose(band_residuals(k, z_hi, normals, sed, np.array([at_u[0]]))[0], rest_u[0], atol=1e-12)
+    np.testing.assert_allclose(band_residuals(k, z_hi, normals, sed, np.array([3000.0]))[:, 0], rest_u, atol=1e-12)
