@@ -199,11 +199,15 @@ def test_bad_requests_are_clear_errors(tmp_path):
         bandpass.load_band_grid(("decam2014-g", "bessell-V"), 1.0)
     with pytest.raises(ConfigError, match="beyond the template grids"):
         bandpass.load_band_grid(("decam2014-g",), 5.0)
+    values = load_survey("legacy").to_dict()
+    values["synthetic"]["mag_limit"] = 5.0  # brighter than any galaxy of the population at z <= 0.8
+    from photoz_hpc.survey import survey_from_dict
+
+    with pytest.raises(ConfigError, match="no galaxy of the population"):
+        generate_survey(tmp_path / "x.h5", n=1, seed=0, survey=survey_from_dict(values, "test"))
     # a survey described without a synthetic section cannot be synthesised
     values = load_survey("legacy").to_dict()
     values["name"], values["synthetic"] = "mine", {"filters": []}
-    from photoz_hpc.survey import survey_from_dict
-
     with pytest.raises(ConfigError, match="no synthetic section"):
         generate_survey(tmp_path / "x.h5", n=1, seed=0, survey=survey_from_dict(values, "test"))
     assert list(tmp_path.iterdir()) == []

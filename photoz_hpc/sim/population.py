@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from photoz_hpc.errors import ConfigError
 from photoz_hpc.sim import cosmology, sky
 from photoz_hpc.sim.params import load_calibration
 from photoz_hpc.sim.seds import AB_OFFSET, TemplateGrid, apparent_mags, k_terms, k_terms_through, template_grid
@@ -330,6 +331,9 @@ def band_model(filters: tuple[str, ...], bands: tuple[str, ...], psf_fwhm: tuple
     hi = np.interp(m_faint - m_star, base.x_tab, base.xcdf_tab)
     dens = cosmology.dvdz(z_tab) * np.maximum(hi - lo, 0) * 10 ** (0.4 * lf.get("P", 0.0) * (z_tab - 0.1))
     zcdf = np.concatenate([[0.0], np.cumsum(0.5 * (dens[1:] + dens[:-1]) * np.diff(z_tab))])
+    if not zcdf[-1] > 0:
+        raise ConfigError(f"synthetic selection {select_band} <= {mag_limit} at z <= {z_max}: no galaxy of the "
+                          f"population (M_r {lf['M_bright']}..{lf['M_faint']}) can pass it")
     return BandModel(base, bands, grid, wave, np.asarray(psf_fwhm, dtype=float), s, float(mag_limit), z_tab,
                      zcdf / zcdf[-1], m_faint)
 
