@@ -239,3 +239,13 @@ def test_sdss_multipliers_are_the_papers_sf11_bit_for_bit():
     ebv = np.random.default_rng(0).uniform(-0.1, 0.5, 64)
     want = (10.0 ** (-0.4 * np.outer(ebv, np.array(SF11_UGRIZ)))).astype(np.float32)
     assert dr.band_multipliers(spec, ebv).tobytes() == want.tobytes()
+
+
+def test_docs_survey_table_is_the_shipped_surveys():
+    from pathlib import Path
+
+    from photoz_hpc.augment.pipelines import survey_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "augmentations.md").read_text()
+    assert survey_table() in docs, "regenerate the table: python -m photoz_hpc.augment.pipelines"
+    assert "| `hsc` | g r i z y | g 3.24, r 2.276" in survey_table()  # the vectors themselves, per band

@@ -5,7 +5,8 @@ new shuffle every epoch, drop-last) or evaluates (in order, padded, every sample
 which samples it may use, which augmentations it may apply (each still switched by its
 ``augment.*`` key), which ``augment.*`` switch dereddens by the galaxy's own SFD E(B-V), and the
 keys of its batches. A new pipeline (e.g. test-time augmentation for prediction) is one more row.
-The pipeline table of docs/augmentations.md is ``markdown_table()`` (a test checks it).
+The pipeline table of docs/augmentations.md is ``markdown_table()``, its survey table ``survey_table()`` (tests
+check both).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from photoz_hpc.config import AugmentConfig
 from photoz_hpc.errors import ConfigError
-from photoz_hpc.survey import RedshiftGrid
+from photoz_hpc.survey import RedshiftGrid, shipped_surveys
 
 #: The augmentations, in the order docs/augmentations.md lists them (the warp and the flux factor commute).
 AUGMENTATIONS = ("reddening", "rotation", "jitter", "noise")
@@ -130,5 +131,25 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def survey_table() -> str:
+    """The per-survey table of docs/augmentations.md: bands, extinction vector, pixel, cutout and the default crop
+    and jitter (pixels and arcsec) of every shipped survey description (configs/surveys/*.yaml)."""
+    rows = [
+        "| survey | bands | A_b / E(B-V) | pixel | cutout | crop | jitter | source of the vector |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in shipped_surveys():
+        arcsec = s.pixel_scale
+        coeffs = ", ".join(f"{b} {c:g}" for b, c in zip(s.bands, s.extinction_coefficients, strict=True))
+        rows.append(
+            f"| `{s.name}` | {' '.join(s.bands)} | {coeffs} | {arcsec:g}\" | {s.cutout_size} px ({s.cutout_size * arcsec:.1f}\") "
+            f"| {s.crop_size} px ({s.crop_size * arcsec:.1f}\") | +-{s.jitter_max} px (+-{s.jitter_max * arcsec:.1f}\") "
+            f"| {s.spec.extinction_source} |"
+        )
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":  # python -m photoz_hpc.augment.pipelines: the tables for docs/augmentations.md
     print(markdown_table())
+    print()
+    print(survey_table())
