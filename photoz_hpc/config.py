@@ -252,7 +252,9 @@ class FinetuneConfig:
     galaxies are used, a subset nested across fractions for one ``subset_seed``. ``val_data``: a
     separate prepared dataset; empty = hold out ``val_fraction`` of ``data.path``, fixed by ``split_seed``.
     ``select_max_eta``: the best network is the lowest validation sigma_MAD among validations with an outlier
-    rate eta at most this (else the lowest eta); 1.0 = sigma_MAD alone.
+    rate eta at most this (else the lowest eta); 1.0 = sigma_MAD alone. ``z_min``, ``z_max``, ``n_z_bins``: the
+    model's redshift grid (``n_z_bins`` equal bins over [z_min, z_max)); unset (None): the training data's survey's
+    (SDSS: 0.0, 0.4, 180, the paper's). A run saves them resolved, and the model records its grid.
     """
 
     init: str = "none"
@@ -268,8 +270,19 @@ class FinetuneConfig:
     # (else the lowest eta); 1.0: sigma_MAD alone (docs/finetuning.md, "Which network is kept")
     select_max_eta: float = 0.5
     eval_batch_size: int = 0  # 0: loader.batch_size
+    z_min: float | None = None  # redshift grid of the head; None: the survey's (SDSS 0.0)
+    z_max: float | None = None  # None: the survey's (SDSS 0.4)
+    n_z_bins: int | None = None  # None: the survey's (SDSS 180)
 
     def __post_init__(self) -> None:
+        if self.z_min is not None:
+            _check_range("finetune.z_min", self.z_min, 0.0)
+        if self.z_max is not None:
+            _check_range("finetune.z_max", self.z_max, 0.0)
+            if self.z_min is not None and self.z_max <= self.z_min:
+                raise ConfigError(f"config key 'finetune.z_max' = {self.z_max} must be > finetune.z_min = {self.z_min}")
+        if self.n_z_bins is not None:
+            _check_range("finetune.n_z_bins", self.n_z_bins, 2)
         if not self.init:
             raise ConfigError("config key 'finetune.init' must be a checkpoint path, an encoder.pt or 'none'")
         if not 0 < self.label_fraction <= 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from photoz_hpc.redshift_grid import Z_MAX, Z_MIN
+from photoz_hpc.survey import SDSS_GRID, RedshiftGrid
 
 #: 1 / Phi^-1(0.75): makes the MAD a consistent estimator of a Gaussian sigma.
 MAD_SCALE: float = 1.4826
@@ -30,8 +30,19 @@ IQR_SCALE: float = 1.349
 ETA_THRESHOLD: float = 0.05
 #: floor of the LSST catastrophic-outlier threshold max(0.06, 3 sigma_IQR).
 LSST_OUTLIER_FLOOR: float = 0.06
-#: default z_spec bin edges of ``per_bin``: 0, 0.05, ..., 0.4, the range of the redshift grid.
-DEFAULT_Z_BINS: tuple[float, ...] = tuple(round(z, 12) for z in np.linspace(Z_MIN, Z_MAX, 9).tolist())
+#: ``per_bin`` rows over a model's redshift grid (``grid_z_bins``).
+N_METRIC_BINS = 8
+
+
+def grid_z_bins(grid: RedshiftGrid, n: int = N_METRIC_BINS) -> tuple[float, ...]:
+    """z_spec bin edges of ``per_bin`` for a model of redshift grid ``grid``: ``n`` equal bins over its range
+    (SDSS: 0, 0.05, ..., 0.4)."""
+    return tuple(round(z, 12) for z in np.linspace(grid.z_min, grid.z_max, n + 1).tolist())
+
+
+#: default z_spec bin edges of ``per_bin``: those of the paper's grid (0, 0.05, ..., 0.4); pass
+#: ``z_bins=grid_z_bins(model_grid)`` for a model of another grid.
+DEFAULT_Z_BINS: tuple[float, ...] = grid_z_bins(SDSS_GRID)
 
 METRIC_KEYS = ("sigma_mad", "sigma_iqr", "eta", "bias", "bias_median", "outlier_rate_lsst")
 

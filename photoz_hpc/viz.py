@@ -1,4 +1,6 @@
-"""RGB previews of 5-band (u,g,r,i,z) cutouts: Lupton et al. (2004) asinh stretch of g,r,i, and grids."""
+"""RGB previews of multi-band cutouts: Lupton et al. (2004) asinh stretch of the survey's three preview bands
+(``Survey.rgb``, e.g. i, r, g for SDSS ugriz), and grids. The survey is passed in (that of the data shown): the
+band names say which channels are red, green and blue."""
 
 from __future__ import annotations
 
@@ -7,19 +9,31 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz_hpc.constants import BANDS
+from photoz_hpc.survey import DEFAULT_SURVEY, Survey, load_survey
 
-#: per-band scale so a typical galaxy looks neutral (SDSS-like i,r,g -> R,G,B weighting).
+#: per-channel scale of R, G, B so a typical galaxy looks neutral (SDSS-like i,r,g -> R,G,B weighting).
 _RGB_SCALE = (1.0, 1.1, 1.6)
 
 
-def lupton_rgb(images: np.ndarray, stretch: float = 0.5, q: float = 8.0) -> np.ndarray:
-    """(..., 5, H, W) nanomaggy images -> (..., H, W, 3) uint8 RGB from i, r, g with an asinh stretch.
+def rgb_channels(survey: Survey | None = None, n_channels: int | None = None) -> tuple[int, int, int]:
+    """Channel indices of the survey's red, green and blue preview bands (``survey.rgb``; None: the default
+    survey's, SDSS i, r, g). ``n_channels``, the images' band count, must be the survey's."""
+    survey = survey or load_survey(DEFAULT_SURVEY)
+    if n_channels is not None and n_channels != survey.n_bands:
+        raise ValueError(f"images have {n_channels} bands but survey '{survey.name}' has {survey.n_bands} "
+                         f"{list(survey.bands)}: pass the survey of the data shown")
+    return tuple(survey.bands.index(b) for b in survey.rgb)  # type: ignore[return-value]
+
+
+def lupton_rgb(images: np.ndarray, stretch: float = 0.5, q: float = 8.0, survey: Survey | None = None) -> np.ndarray:
+    """(..., bands, H, W) images -> (..., H, W, 3) uint8 RGB from the survey's ``rgb`` bands (SDSS: i, r, g) with an
+    asinh stretch (``stretch`` in the survey's flux unit). ``survey``: that of the images (None: SDSS).
 
     The asinh is applied to the summed intensity so colours are preserved (Lupton et al. 2004).
     """
     images = np.asarray(images, dtype=np.float64)
-    rgb = np.stack([images[..., BANDS.index(b), :, :] * s for b, s in zip("irg", _RGB_SCALE, strict=True)], axis=-1)
+    channels = rgb_channels(survey, images.shape[-3])
+    rgb = np.stack([images[..., c, :, :] * s for c, s in zip(channels, _RGB_SCALE, strict=True)], axis=-1)
     intensity = rgb.mean(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         factor = np.where(intensity > 0, np.arcsinh(q * intensity / stretch) / (q * np.maximum(intensity, 1e-12)), 0.0)
@@ -30,9 +44,10 @@ def lupton_rgb(images: np.ndarray, stretch: float = 0.5, q: float = 8.0) -> np.n
 
 def save_grid(images: np.ndarray, labels: Sequence[str], path: str | Path, ncols: int = 8, dpi: int = 110,
               crop: int | None = None, **rgb_kw) -> Path:
-    """PNG grid of RGB renderings of (N, 5, H, W) images, each labelled (inside its panel, so labels never overlap).
+    """PNG grid of RGB renderings of (N, bands, H, W) images, each labelled (inside its panel, so labels never overlap).
 
-    ``crop``: keep the central crop x crop pixels; ``dpi`` sets the file size (~1 px per image pixel at 110).
+    ``crop``: keep the central crop x crop pixels; ``dpi`` sets the file size (~1 px per image pixel at 110);
+    ``rgb_kw``: ``lupton_rgb``'s ``survey`` (that of the images: which bands are red, green, blue), ``stretch``, ``q``.
     """
     import matplotlib
 

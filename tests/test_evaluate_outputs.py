@@ -8,10 +8,11 @@ import pytest
 from photoz_hpc.evaluate.pdfs import summarize_pdfs
 from photoz_hpc.evaluate.plots import plot_evaluation
 from photoz_hpc.evaluate.predictions import read_predictions, write_predictions
-from photoz_hpc.redshift_grid import N_Z_BINS, Z_MAX, z_bin_centres, z_bin_edges
+from photoz_hpc.survey import SDSS_GRID
 
-EDGES, CENTRES = z_bin_edges(), z_bin_centres()
-WIDTH = Z_MAX / N_Z_BINS
+GRID = SDSS_GRID  # the paper's: 180 bins over [0, 0.4)
+EDGES, CENTRES, N_Z_BINS = GRID.edges(), GRID.centres(), GRID.n_bins
+WIDTH = GRID.z_max / N_Z_BINS
 
 
 def softmax_probs(z: np.ndarray, sigma: float = 0.015) -> np.ndarray:
@@ -26,7 +27,7 @@ def test_delta_pdfs_give_their_bin():
     bins = np.array([0, 17, 90, 179])
     probs = np.zeros((4, N_Z_BINS))
     probs[np.arange(4), bins] = 1.0
-    s = summarize_pdfs(probs)
+    s = summarize_pdfs(probs, GRID)
     assert np.array_equal(s["z_phot"], CENTRES[bins])
     assert np.array_equal(s["z_mode"], CENTRES[bins])
     # all mass uniform inside one bin: the 16th/84th percentiles are 16%/84% of the way across it
@@ -39,7 +40,7 @@ def test_uniform_pdf_interval_and_std_are_analytic():
     probs = np.zeros((2, N_Z_BINS))
     probs[0] = 1.0 / N_Z_BINS  # U(0, 0.4)
     probs[1, 45:135] = 1.0 / 90  # U(0.1, 0.3)
-    s = summarize_pdfs(probs)
+    s = summarize_pdfs(probs, GRID)
     np.testing.assert_allclose(s["z_lo68"], [0.16 * 0.4, 0.1 + 0.16 * 0.2], atol=1e-12)
     np.testing.assert_allclose(s["z_hi68"], [0.84 * 0.4, 0.1 + 0.84 * 0.2], atol=1e-12)
     np.testing.assert_allclose(s["z_phot"], [0.2, 0.2], atol=1e-12)
@@ -49,7 +50,7 @@ def test_uniform_pdf_interval_and_std_are_analytic():
 def test_two_peak_pdf_percentiles_and_mode():
     probs = np.zeros((1, N_Z_BINS))
     probs[0, 10], probs[0, 100] = 0.4, 0.6
-    s = summarize_pdfs(probs, with_std=False)
+    s = summarize_pdfs(probs, GRID, with_std=False)
     assert set(s) == {"z_phot", "z_mode", "z_lo68", "z_hi68"}
     assert s["z_mode"][0] == CENTRES[100]
     assert s["z_phot"][0] == pytest.approx(0.4 * CENTRES[10] + 0.6 * CENTRES[100])
@@ -76,7 +77,7 @@ def test_custom_edges_and_renormalisation():
 ])
 def test_bad_probs_raise(probs, match):
     with pytest.raises(ValueError, match=match):
-        summarize_pdfs(probs)
+        summarize_pdfs(probs, GRID)
 
 
 # --- predictions CSV -----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def test_predictions_csv_round_trips_exactly(tmp_path):
     rng = np.random.default_rng(1)
     n = 50
     z_spec = rng.uniform(0.01, 0.35, n)
-    summary = summarize_pdfs(softmax_probs(z_spec + 0.01 * rng.standard_normal(n)))
+    summary = summarize_pdfs(softmax_probs(z_spec + 0.01 * rng.standard_normal(n)), GRID)
     ids = {"index": np.arange(n), "ObjID": 1237650000000000000 + np.arange(n, dtype=np.int64) * 7919,
            "specObjID": np.full(n, 2**63 - 1, dtype=np.int64)}
     path = write_predictions(tmp_path / "out" / "predictions.csv", ids, z_spec, summary)
@@ -123,17 +124,17 @@ def test_plots_write_non_empty_pngs(tmp_path):
     n = 400
     z_spec = rng.uniform(0.01, 0.38, n)
     probs = softmax_probs(np.clip(z_spec + 0.015 * rng.standard_normal(n), 0, 0.4))
-    z_phot = summarize_pdfs(probs)["z_phot"]
-    paths = plot_evaluation(tmp_path / "plots", z_phot, z_spec, probs, "test run")
+    z_phot = summarize_pdfs(probs, GRID)["z_phot"]
+    paths = plot_evaluation(tmp_path / "plots", z_phot, z_spec, probs, "test run", GRID)
     assert [p.name for p in paths] == ["zphot_vs_zspec.png", "dz_vs_zspec.png", "pdfs.png"]
     for p in paths:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in paths)
-    assert [p.name for p in plot_evaluation(tmp_path / "no_pdfs", z_phot, z_spec, None, "points")] == \
+    assert [p.name for p in plot_evaluation(tmp_path / "no_pdfs", z_phot, z_spec, None, "points", GRID)] == \
         ["zphot_vs_zspec.png", "dz_vs_zspec.png"]
     with pytest.raises(ValueError, match="rows for"):
-        plot_evaluation(tmp_path / "bad", z_phot, z_spec, probs[:10], "bad")
+        plot_evaluation(tmp_path / "bad", z_phot, z_spec, probs[:10], "bad", GRID)
 
 
 # --- the evaluate command: its own output directory, the training-galaxy warning --------------------------------

@@ -41,13 +41,14 @@ from photoz_hpc.evaluate.catalogue import (
 )
 from photoz_hpc.evaluate.pdfs import summarize_catalogue
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
-from photoz_hpc.redshift_grid import N_Z_BINS, z_bin_centres, z_bin_edges
+from photoz_hpc.survey import SDSS_GRID
 from photoz_hpc.train.inference import batch_log_probs
 
 TINY = [*TINY_MODEL, "augment.crop_size=16", "loader.backend=reference",
         "train.precision=fp32", "dist.backend=auto", "seed=1"]
 N_A, N_B = 200, 70  # galaxies of the two inputs; shards of 64 -> parts of 64, 64, 64, 8 and 64, 6
-EDGES, CENTRES = z_bin_edges(), z_bin_centres()
+GRID = SDSS_GRID  # the paper's: 180 bins over [0, 0.4)
+EDGES, CENTRES, N_Z_BINS = GRID.edges(), GRID.centres(), GRID.n_bins
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def test_catalogue_summaries_of_known_pdfs():
     probs[0] = 1.0 / N_Z_BINS  # U(0, 0.4)
     probs[1, 90] = 1.0  # one bin
     probs[2, [40, 120]] = 0.5  # two separated spikes
-    s = summarize_catalogue(probs)
+    s = summarize_catalogue(probs, GRID)
     w = EDGES[1]
     np.testing.assert_allclose([s["z_median"][0], s["z_lo95"][0], s["z_hi95"][0]], [0.2, 0.01, 0.39], atol=1e-12)
     assert s["z_mode"][0] == CENTRES[0]  # ties: the first bin
@@ -232,7 +233,7 @@ def test_pit_and_coverage_are_honest_for_exact_pdfs_and_not_for_overconfident_on
     mu = rng.uniform(0.1, 0.3, n)
     log_p = _gaussian_log_p(mu, 0.02)
     probs = softmax_log(log_p)
-    exact = calibration_report(probs, _draw_from(probs, rng), log_p)
+    exact = calibration_report(probs, _draw_from(probs, rng), GRID, log_p)
     assert exact["pit_ks"] < 0.015  # 1.63 / sqrt(n) = 0.0115 is the 1% KS critical value
     assert exact["coverage_68"] == pytest.approx(0.68, abs=0.015)
     assert exact["coverage_95"] == pytest.approx(0.95, abs=0.008)
@@ -244,23 +245,23 @@ def test_pit_and_coverage_are_honest_for_exact_pdfs_and_not_for_overconfident_on
     # the truth is twice as wide as the pdfs claim: a U-shaped PIT and too few z_spec inside the intervals
     wide = softmax_log(_gaussian_log_p(mu, 0.04))
     z_wide = _draw_from(wide, rng)
-    over = calibration_report(probs, z_wide, log_p)
+    over = calibration_report(probs, z_wide, GRID, log_p)
     assert over["pit_ks"] > 0.1 and over["coverage_68"] < 0.45 and over["coverage_95"] < 0.75
     dens = over["pit_hist"]["density"]
     assert dens[0] > 2 and dens[-1] > 2 and dens[len(dens) // 2] < 0.6
     # a temperature fitted on one half (sigma_T = sigma sqrt(T): T = 4 is the answer) fixes the other half
     calib, evaluate = calibration_split(np.arange(n), 0.5, seed=0)
     assert np.intersect1d(calib, evaluate).size == 0 and len(calib) + len(evaluate) == n
-    fixed = calibrate(log_p, z_wide, calib, evaluate)
+    fixed = calibrate(log_p, z_wide, calib, evaluate, GRID)
     assert fixed["temperature"] == pytest.approx(4.0, rel=0.05)
     assert fixed["after"]["coverage_68"] == pytest.approx(0.68, abs=0.02) and fixed["after"]["pit_ks"] < 0.02
     assert fixed["after"]["nll"] < fixed["before"]["nll"]
     # coverage through the PIT is coverage through the catalogue's intervals
-    s = summarize_catalogue(probs)
+    s = summarize_catalogue(probs, GRID)
     inside = (s["z_lo68"] <= z_wide) & (z_wide <= s["z_hi68"])
     assert over["coverage_68"] == pytest.approx(inside.mean(), abs=1e-3)
     with pytest.raises(ValueError, match="overlaps"):
-        calibrate(log_p, z_wide, calib, calib[:10])
+        calibrate(log_p, z_wide, calib, calib[:10], GRID)
 
 
 @pytest.mark.parametrize("outliers", [0.0, 0.1])
@@ -277,7 +278,7 @@ def test_fitted_temperature_sharpens_underconfident_and_widens_overconfident_pdf
     bad = rng.uniform(size=n) < outliers
     z[bad] = rng.uniform(0.0, 0.4, int(bad.sum()))
     calib, evaluate = calibration_split(np.arange(n), 0.5, seed=1)
-    fit = calibrate(log_p, z, calib, evaluate)
+    fit = calibrate(log_p, z, calib, evaluate, GRID)
     before, after = fit["before"]["coverage_68"], fit["after"]["coverage_68"]
     assert (before > 0.68) == sharpen and (fit["temperature"] < 1.0) == sharpen, fit["temperature"]
     assert abs(after - 0.68) < abs(before - 0.68) and after == pytest.approx(0.68, abs=0.03), (before, after)
@@ -372,7 +373,7 @@ def test_bad_checkpoint_wrong_kind_or_wrong_images_fail_before_any_work(setup, t
     four_bands = _patched(a, tmp_path / "four_bands", [20, 25, 4])  # 20*20*5 = 20*25*4 floats per record
     small = _patched(a, tmp_path / "small", [10, 40, 5])  # 10 px high: no 16x16 crop fits
     cases = [(garbage, [a], "unreadable"), (moco, [a], r"pretraining \(MoCo\) checkpoint"),
-             (setup["ckpt"], [a, four_bands], "images have 4 bands but the network takes 5"),
+             (setup["ckpt"], [a, four_bands], r"image_shape \[20, 25, 4\] does not have the 5 bands"),
              (setup["ckpt"], [small], r"images are 10x40 pixels .* at least 16x16"),
              (setup["ckpt"], [tmp_path / "missing"], "does not exist")]
     for ckpt, data, message in cases:

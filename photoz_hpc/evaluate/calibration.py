@@ -17,7 +17,8 @@
   coverage 0.68). The NLL before and after is still reported.
 
 Everything here works on log-probabilities (N, n_bins): a float32 softmax underflows to 0 far from
-the peak, and a temperature > 1 must see those tails.
+the peak, and a temperature > 1 must see those tails. The pdfs live on the network's own redshift grid
+(``edges``: its ``RedshiftGrid`` or bin edges), which every function here takes.
 """
 
 from __future__ import annotations
@@ -27,9 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz_hpc.evaluate.pdfs import HI68, HI95, LO68, LO95, ODDS_HALF_WIDTH, pdf_cdf_at, summarize_catalogue
+from photoz_hpc.evaluate.pdfs import (
+    HI68,
+    HI95,
+    LO68,
+    LO95,
+    ODDS_HALF_WIDTH,
+    bin_edges,
+    pdf_cdf_at,
+    summarize_catalogue,
+)
 from photoz_hpc.io_utils import atomic_path
-from photoz_hpc.redshift_grid import redshift_bins, z_bin_edges
+from photoz_hpc.survey import RedshiftGrid
+
+Edges = np.ndarray | RedshiftGrid
 
 #: PIT histogram bins, credibility levels of the reliability curve, odds bins of the odds reliability.
 PIT_BINS = 20
@@ -51,66 +63,73 @@ def softmax_log(log_p: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def pit_values(probs: np.ndarray, z_spec) -> np.ndarray:
+def pit_values(probs: np.ndarray, z_spec, edges: Edges) -> np.ndarray:
     """PIT of each galaxy: its pdf's CDF at its z_spec (1 above the grid, 0 below)."""
-    return pdf_cdf_at(probs, np.asarray(z_spec, dtype=np.float64), z_bin_edges(np.shape(probs)[1]))
+    return pdf_cdf_at(probs, np.asarray(z_spec, dtype=np.float64), edges)
 
 
-def nll(log_p: np.ndarray, z_spec, temperature: float = 1.0) -> float:
+def z_bins_of(z: np.ndarray, edges: Edges) -> np.ndarray:
+    """The grid bin of each redshift (outside the grid: the edge bins, as the training labels)."""
+    e = bin_edges(edges)
+    return np.clip(np.searchsorted(e, np.asarray(z, dtype=np.float64), side="right") - 1, 0, e.size - 2)
+
+
+def nll(log_p: np.ndarray, z_spec, edges: Edges, temperature: float = 1.0) -> float:
     """Mean -log p_T(bin of z_spec) (z_spec outside the grid counts in the edge bin, as in training)."""
     x = np.asarray(log_p, dtype=np.float64) / float(temperature)
     m = x.max(axis=1)
     lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
-    bins = redshift_bins(np.asarray(z_spec, dtype=np.float64))
+    bins = z_bins_of(z_spec, edges)
     return float(np.mean(lse - x[np.arange(len(x)), bins]))
 
 
-def coverage_error(log_p: np.ndarray, z_spec, temperature: float = 1.0) -> float:
+def coverage_error(log_p: np.ndarray, z_spec, edges: Edges, temperature: float = 1.0) -> float:
     """Mean squared difference between the coverage of the central intervals of p_T and their credibility
     levels ``FIT_LEVELS`` (0: the reliability curve on its diagonal)."""
-    pit = pit_values(softmax_log(log_p, temperature), z_spec)
+    pit = pit_values(softmax_log(log_p, temperature), z_spec, edges)
     level_needed = np.sort(np.abs(pit - 0.5) * 2.0)  # the smallest central interval holding each z_spec
     coverage = np.searchsorted(level_needed, FIT_LEVELS, side="right") / max(len(pit), 1)
     return float(np.mean((coverage - FIT_LEVELS) ** 2))
 
 
-def fit_temperature(log_p: np.ndarray, z_spec, t_range: tuple[float, float] = T_RANGE, tol: float = 1e-4) -> float:
+def fit_temperature(log_p: np.ndarray, z_spec, edges: Edges, t_range: tuple[float, float] = T_RANGE,
+                    tol: float = 1e-4) -> float:
     """The T in ``t_range`` whose interval coverage is closest to nominal (``coverage_error``): the best of a
     log-spaced grid, refined by golden section on log T between its neighbours (coverage is a step function
     of T, so a grid first: no local search can be trapped far from the minimum)."""
     z_spec = np.asarray(z_spec, dtype=np.float64)
     grid = np.log(np.geomspace(t_range[0], t_range[1], T_GRID_POINTS))
-    errors = [coverage_error(log_p, z_spec, float(np.exp(u))) for u in grid]
+    errors = [coverage_error(log_p, z_spec, edges, float(np.exp(u))) for u in grid]
     best = int(np.argmin(errors))
     a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
     g = (np.sqrt(5.0) - 1.0) / 2.0
     c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = coverage_error(log_p, z_spec, float(np.exp(c))), coverage_error(log_p, z_spec, float(np.exp(d)))
+    fc, fd = coverage_error(log_p, z_spec, edges, float(np.exp(c))), coverage_error(log_p, z_spec, edges, float(np.exp(d)))
     while b - a > tol:
         if fc <= fd:
             b, d, fd = d, c, fc
             c = b - g * (b - a)
-            fc = coverage_error(log_p, z_spec, float(np.exp(c)))
+            fc = coverage_error(log_p, z_spec, edges, float(np.exp(c)))
         else:
             a, c, fc = c, d, fd
             d = a + g * (b - a)
-            fd = coverage_error(log_p, z_spec, float(np.exp(d)))
-    u = min((grid[best], errors[best]), (0.5 * (a + b), coverage_error(log_p, z_spec, float(np.exp(0.5 * (a + b))))),
+            fd = coverage_error(log_p, z_spec, edges, float(np.exp(d)))
+    u = min((grid[best], errors[best]), (0.5 * (a + b), coverage_error(log_p, z_spec, edges, float(np.exp(0.5 * (a + b))))),
             key=lambda pair: pair[1])[0]
     return float(np.exp(u))
 
 
-def calibration_report(probs: np.ndarray, z_spec, log_p: np.ndarray | None = None,
+def calibration_report(probs: np.ndarray, z_spec, edges: Edges, log_p: np.ndarray | None = None,
                        temperature: float = 1.0) -> dict:
     """PIT histogram and statistics, coverage, reliability curves (and NLL when ``log_p`` is given) as a
-    JSON-ready dict. ``probs``: (N, n_bins) pdfs already at ``temperature`` (recorded, not applied)."""
+    JSON-ready dict. ``probs``: (N, n_bins) pdfs over ``edges`` already at ``temperature`` (recorded, not applied)."""
     z_spec = np.asarray(z_spec, dtype=np.float64).ravel()
-    pit = pit_values(probs, z_spec)
+    pit = pit_values(probs, z_spec, edges)
     n = pit.size
     counts, _ = np.histogram(pit, bins=PIT_BINS, range=(0.0, 1.0))
     ecdf = np.sort(pit)
     ks = float(max(np.max(np.arange(1, n + 1) / n - ecdf), np.max(ecdf - np.arange(n) / n)))
-    summary = summarize_catalogue(probs, z_bin_edges(np.shape(probs)[1]))
+    summary = summarize_catalogue(probs, edges)
     half = ODDS_HALF_WIDTH * (1.0 + summary["z_mode"])
     inside = np.abs(z_spec - summary["z_mode"]) <= half
     odds_edges = np.linspace(0.0, 1.0, ODDS_BINS + 1)
@@ -134,24 +153,26 @@ def calibration_report(probs: np.ndarray, z_spec, log_p: np.ndarray | None = Non
         "odds_reliability": odds_rows,
     }
     if log_p is not None:
-        report["nll"] = nll(log_p, z_spec, temperature)
+        report["nll"] = nll(log_p, z_spec, edges, temperature)
     return report
 
 
-def calibrate(log_p: np.ndarray, z_spec, calib: np.ndarray, evaluate: np.ndarray) -> dict:
-    """Fit T on rows ``calib`` only, report before (T = 1) and after on rows ``evaluate`` (disjoint)."""
+def calibrate(log_p: np.ndarray, z_spec, calib: np.ndarray, evaluate: np.ndarray, edges: Edges) -> dict:
+    """Fit T on rows ``calib`` only, report before (T = 1) and after on rows ``evaluate`` (disjoint); the pdfs
+    are over ``edges`` (the network's grid)."""
     calib, evaluate = np.asarray(calib), np.asarray(evaluate)
     if len(calib) == 0 or len(evaluate) == 0:
         raise ValueError("calibration and evaluation splits must both be non-empty")
     if np.intersect1d(calib, evaluate).size:
         raise ValueError("the calibration split overlaps the evaluation split")
     z_spec = np.asarray(z_spec, dtype=np.float64)
-    t = fit_temperature(log_p[calib], z_spec[calib])
+    t = fit_temperature(log_p[calib], z_spec[calib], edges)
     lp, z = log_p[evaluate], z_spec[evaluate]
     return {"temperature": t, "n_calib": int(len(calib)), "n_eval": int(len(evaluate)),
-            "nll_calib_before": nll(log_p[calib], z_spec[calib]), "nll_calib_after": nll(log_p[calib], z_spec[calib], t),
-            "before": calibration_report(softmax_log(lp), z, lp, 1.0),
-            "after": calibration_report(softmax_log(lp, t), z, lp, t)}
+            "nll_calib_before": nll(log_p[calib], z_spec[calib], edges),
+            "nll_calib_after": nll(log_p[calib], z_spec[calib], edges, t),
+            "before": calibration_report(softmax_log(lp), z, edges, lp, 1.0),
+            "after": calibration_report(softmax_log(lp, t), z, edges, lp, t)}
 
 
 def plot_calibration(path: str | os.PathLike, reports: dict[str, dict], title: str = "") -> Path:
@@ -216,13 +237,12 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
                   tta: int = 1, batch_size: int = 64, precision: str = "auto", overrides=None) -> dict:
     """The ``calibrate`` command: the network over labeled galaxies on every rank (gathered: a validation
     set, not a survey), a temperature fitted on the calibration split, before/after on the evaluation split;
-    rank 0 writes ``calibration.json`` and ``calibration.png`` under ``out_dir``."""
-
-
+    rank 0 writes ``calibration.json`` and ``calibration.png`` under ``out_dir``. Data of other bands than the
+    network's is refused before any work."""
     from photoz_hpc.augment.loaders import build_loader
     from photoz_hpc.data.splits import labeled_ids, load_ids
     from photoz_hpc.errors import DatasetError, PhotozError
-    from photoz_hpc.evaluate.catalogue import check_inputs
+    from photoz_hpc.evaluate.inputs import check_inputs
     from photoz_hpc.evaluate.run import load_network
     from photoz_hpc.io_utils import atomic_write_json
     from photoz_hpc.run_lock import RunDir
@@ -231,7 +251,7 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
     from photoz_hpc.train.runtime import run_with_comm, use_channels_last
 
     net, cfg, meta = load_network(checkpoint, overrides)
-    (ds,) = check_inputs(net, cfg, [data])
+    (ds,) = check_inputs(net, cfg, [data], f"the network {checkpoint}")
     ids = load_ids(Path(ids_path)) if ids_path else labeled_ids(ds)
     z_all = ds.meta["specz_redshift"]
     if not np.isfinite(z_all[ids]).all():
@@ -248,15 +268,16 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
         channels_last = use_channels_last(cfg, device)
         model = net.to(device).eval()
         loader = build_loader(cfg, ds, "eval", comm.rank, comm.world, cfg.seed, ids=ids, batch_size=batch_size,
-                              device="gpu" if device.type == "cuda" else "cpu")
+                              device="gpu" if device.type == "cuda" else "cpu", grid=net.grid)
         pred = predict(model, loader, comm, device, prec.autocast, channels_last=channels_last, tta=tta,
                        with_log_probs=True)
         index, logp = pred["index"], pred["log_probs"].astype(np.float64)
         report = None
         if comm.rank == 0:
             # ``index`` is sorted and holds every id once: the rows of each split are found by bisection
-            report = calibrate(logp, z_all[index], np.searchsorted(index, calib_ids), np.searchsorted(index, eval_ids))
-            report.update({"checkpoint": str(checkpoint), "dataset": str(ds.root), "tta": tta,
+            report = calibrate(logp, z_all[index], np.searchsorted(index, calib_ids), np.searchsorted(index, eval_ids),
+                               net.grid)
+            report.update({"redshift_grid": net.grid.to_dict(), "checkpoint": str(checkpoint), "dataset": str(ds.root), "tta": tta,
                            "calib_fraction": calib_fraction, "split_seed": split_seed, "precision": prec.name,
                            "source": {k: v for k, v in meta.items() if isinstance(v, (str, int, float)) or v is None}})
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ small done marker holding its sha256. A part whose marker and checksum match is 
 so a killed or pre-empted run resumes where it stopped and no galaxy is ever written twice.
 
     CATALOGUE/
-      catalogue.json        the plan: checkpoint sha256, config, bin edges, inputs, columns, parts
+      catalogue.json        the plan: checkpoint sha256, config, the model's bands and redshift grid (bin edges),
+                            inputs, columns, parts
       parts/d000-s00000.parquet (or .h5)   one row per galaxy of input 0, shard 0, in dataset order
       done/d000-s00000.json marker: rows, sha256, bytes, rank, device, precision, seconds
       manifest.json         written last, once every part is done: plan + per-part checksums + counts
@@ -33,14 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from photoz_hpc.data.dataset import ShardedDataset, open_dataset, read_manifest
-from photoz_hpc.errors import DatasetError, PhotozError
+from photoz_hpc.data.dataset import ShardedDataset, open_dataset
+from photoz_hpc.errors import PhotozError
 from photoz_hpc.evaluate.calibration import softmax_log
+from photoz_hpc.evaluate.inputs import check_inputs
 from photoz_hpc.evaluate.pdfs import summarize_catalogue
 from photoz_hpc.io_utils import atomic_path, atomic_write_json, sha256_file
 from photoz_hpc.logs import get_logger
-from photoz_hpc.redshift_grid import z_bin_edges
 from photoz_hpc.run_lock import LOCK_NAME, RunDir
+from photoz_hpc.survey import RedshiftGrid, Survey
 from photoz_hpc.train.inference import MAX_TTA, batch_log_probs
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ log = get_logger(__name__)
 CATALOGUE_FORMAT = "photoz-hpc/catalogue/1"
 PLAN_NAME, MANIFEST_NAME, PARTS_DIR, DONE_DIR = "catalogue.json", "manifest.json", "parts", "done"
 FORMATS = {"parquet": ".parquet", "hdf5": ".h5"}
-#: catalogue columns in order, with their dtypes; ``pdf`` (n_bins float16) follows when requested.
+#: catalogue columns in order, with their dtypes; ``pdf`` (the model's n_bins, float16) follows when requested.
 COLUMNS: dict[str, str] = {
     "ObjID": "int64", "ra": "float64", "dec": "float64",
     "z_phot": "float32", "z_mode": "float32", "z_median": "float32", "z_lo68": "float32", "z_hi68": "float32",
@@ -112,46 +114,26 @@ def parse_block(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def check_inputs(net, cfg, paths: list[str | Path]) -> list[ShardedDataset]:
-    """Open every input and check it against the network before any work: 5 bands (the stem's input
-    channels) and images that hold the network's ``augment.crop_size`` crop. Errors name the directory."""
-    if not paths:
-        raise PhotozError("no input dataset given (--data DIR [DIR ...])")
-    bands = net.encoder.conv1.in_channels
-    crop = cfg.augment.crop_size
-    out = []
-    for path in paths:
-        manifest = read_manifest(path)
-        shape = manifest.get("image_shape")
-        if not (isinstance(shape, (list, tuple)) and len(shape) == 3):
-            raise DatasetError(f"{path}: manifest image_shape must be [H, W, C], got {shape!r}")
-        h, w, c = (int(v) for v in shape)
-        if c != bands:
-            raise DatasetError(f"{path}: images have {c} bands but the network takes {bands} (ugriz); "
-                               "this dataset was not made for this model")
-        if min(h, w) < crop:
-            raise DatasetError(f"{path}: images are {h}x{w} pixels but the network was trained on {crop}x{crop} "
-                               f"centre crops (augment.crop_size={crop}); they need at least {crop}x{crop}")
-        out.append(open_dataset(path))
-    return out
-
-
 def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
 def make_plan(checkpoint: Path, cfg, meta: dict, datasets: list[ShardedDataset], fmt: str, with_pdf: bool,
-              tta: int, temperature: float, overrides: list[str]) -> dict[str, Any]:
-    """What the catalogue is (deterministic: array tasks writing it concurrently write the same bytes)."""
+              tta: int, temperature: float, overrides: list[str], *, grid: RedshiftGrid, survey: Survey
+              ) -> dict[str, Any]:
+    """What the catalogue is (deterministic: array tasks writing it concurrently write the same bytes); ``grid``
+    and ``survey``: the model's (the pdf bins and the bands it read)."""
     parts = plan_parts(datasets)
+    edges = grid.edges()
     columns = list(COLUMNS) + ([PDF_COLUMN] if with_pdf else [])
     return {
         "format": CATALOGUE_FORMAT, "file_format": fmt,
         "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint), "model": _json_safe(meta),
         "config": dataclasses.asdict(cfg), "overrides": list(overrides),
         "tta": tta, "temperature": float(temperature), "pdf": with_pdf, "pdf_dtype": PDF_DTYPE if with_pdf else None,
-        "bin_edges": z_bin_edges().tolist(), "columns": columns,
-        "column_dtypes": {**COLUMNS, **({PDF_COLUMN: f"{PDF_DTYPE}[{len(z_bin_edges()) - 1}]"} if with_pdf else {})},
+        "survey": survey.name, "bands": list(survey.bands), "redshift_grid": grid.to_dict(),
+        "bin_edges": edges.tolist(), "columns": columns,
+        "column_dtypes": {**COLUMNS, **({PDF_COLUMN: f"{PDF_DTYPE}[{grid.n_bins}]"} if with_pdf else {})},
         "inputs": [{"path": str(ds.root), "count": len(ds), "shards": len(ds.shards),
                     "image_shape": list(ds.image_shape), "manifest_sha256": sha256_file(ds.root / "manifest.json")}
                    for ds in datasets],
@@ -283,10 +265,11 @@ def part_done(root: Path, part: Part, fmt: str, check_sha: bool = True) -> dict 
     return part_state(root, part, fmt, check_sha)[1]
 
 
-def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, probs: np.ndarray, with_pdf: bool) -> dict[str, np.ndarray]:
-    """The catalogue columns of galaxies ``index`` of input ``d`` from their (N, n_bins) pdfs."""
+def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, probs: np.ndarray, with_pdf: bool,
+                 grid: RedshiftGrid) -> dict[str, np.ndarray]:
+    """The catalogue columns of galaxies ``index`` of input ``d`` from their (N, grid.n_bins) pdfs."""
     meta = ds.meta[index]
-    s = summarize_catalogue(probs)
+    s = summarize_catalogue(probs, grid)
     cols = {"ObjID": meta["ObjID"], "ra": meta["ra"], "dec": meta["dec"], **s, "z_spec": meta["specz_redshift"],
             "dataset": np.full(len(index), d), "index": index}
     out = {k: np.ascontiguousarray(cols[k], dtype=dt) for k, dt in COLUMNS.items()}
@@ -334,7 +317,7 @@ def write_parts(root: Path, net, cfg, datasets: list[ShardedDataset], parts: lis
         stream = _stream_parts(net, cfg, datasets[d], [p for p in todo if p.dataset == d], opts, device, precision,
                                channels_last, loader_device)
         for part, index, log_p, t_part in stream:
-            done = _finish_part(root, datasets[d], part, index, log_p, opts, rank, device, precision, t_part)
+            done = _finish_part(root, datasets[d], part, index, log_p, opts, net.grid, rank, device, precision, t_part)
             written, rows = written + 1, rows + part.count
             if on_part is not None:
                 on_part(part, done)
@@ -359,7 +342,8 @@ def _stream_parts(net, cfg, ds: ShardedDataset, parts: list[Part], opts: Predict
     from photoz_hpc.augment.loaders import build_loader
 
     ids = np.concatenate([np.arange(p.start, p.start + p.count, dtype=np.int64) for p in parts])
-    loader = build_loader(cfg, ds, "eval", 0, 1, cfg.seed, device=loader_device, ids=ids, batch_size=opts.batch_size)
+    loader = build_loader(cfg, ds, "eval", 0, 1, cfg.seed, device=loader_device, ids=ids, batch_size=opts.batch_size,
+                          grid=net.grid)
     loader.set_epoch(0)
     pending = list(parts)
     index_buf: list[np.ndarray] = []
@@ -384,9 +368,9 @@ def _stream_parts(net, cfg, ds: ShardedDataset, parts: list[Part], opts: Predict
 
 
 def _finish_part(root: Path, ds: ShardedDataset, part: Part, index: np.ndarray, log_p: np.ndarray,
-                 opts: PredictOptions, rank: int, device, precision, t0: float) -> dict:
+                 opts: PredictOptions, grid: RedshiftGrid, rank: int, device, precision, t0: float) -> dict:
     probs = softmax_log(log_p, opts.temperature)
-    cols = part_columns(ds, part.dataset, index, probs, opts.with_pdf)
+    cols = part_columns(ds, part.dataset, index, probs, opts.with_pdf, grid)
     path, marker = part_path(root, part.name, opts.fmt), root / DONE_DIR / f"{part.name}.json"
     marker.unlink(missing_ok=True)  # a part being redone is unfinished until its new marker
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run (only this rank writes this part)
@@ -556,7 +540,7 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
     task, n_tasks = parse_block(block_spec)
     overrides = list(overrides or [])
     net, cfg, meta = load_network(checkpoint, overrides)
-    datasets = check_inputs(net, cfg, list(data))
+    datasets = check_inputs(net, cfg, list(data), f"the network {checkpoint}")  # before any work
     root = Path(out)
     explicit_loader_device = any(o.split("=", 1)[0].strip() == "loader.device" for o in overrides)
 
@@ -566,7 +550,7 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 claim_catalogue(root, make_plan(checkpoint, cfg, meta, datasets, opts.fmt, opts.with_pdf, opts.tta,
-                                                opts.temperature, overrides))
+                                                opts.temperature, overrides, grid=net.grid, survey=net.survey))
             except (PhotozError, OSError) as exc:
                 error = str(exc)
         error = comm.broadcast_object(error)

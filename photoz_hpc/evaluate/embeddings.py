@@ -8,9 +8,12 @@ through the ``eval`` pipeline (dereddened, centre crop, no augmentation).
 Ranks: the eval sampler gives rank r the contiguous block r of the dataset ids, padded so that every
 rank runs the same number of batches; padding rows are dropped, so each galaxy is embedded exactly once.
 Each rank streams its block into its own ``.npy`` memory map (never the whole set in one process), and
-rank 0 writes ``index.json`` last, after checking that the blocks tile ``0..N-1``:
+rank 0 writes ``index.json`` last, after checking that the blocks tile ``0..N-1``. The encoder's survey (the
+bands its stem reads, as its file records them; none: SDSS) must be the data's: another is refused before any
+work.
 
-    EMB/index.json              format, dataset (path, fingerprint, N), feature, dim, checkpoint, parts
+    EMB/index.json              format, dataset (path, fingerprint, N), survey and bands, feature, dim, checkpoint,
+                                parts
     EMB/part-00000.npy          (n_0, dim) float32, rows in dataset-id order
     EMB/part-00000.ids.npy      (n_0,) [('index', i8), ('ObjID', i8)]
 """
@@ -37,8 +40,11 @@ from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.errors import DatasetError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
+from photoz_hpc.models.records import check_bands, dataset_survey
 from photoz_hpc.models.resnet import build_encoder
+from photoz_hpc.survey import Survey
 from photoz_hpc.train.checkpoint import read_pretrained_encoder
+from photoz_hpc.train.surveys import resolve_run_config
 
 log = get_logger(__name__)
 
@@ -51,9 +57,10 @@ ID_DTYPE = np.dtype([("index", "<i8"), ("ObjID", "<i8")])
 class Embedder(nn.Module):
     """ResNet trunk (+ the MoCo projection MLP) -> L2-normalised (B, dim) embeddings."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Module | None) -> None:
+    def __init__(self, trunk: nn.Module, head: nn.Module | None, survey: Survey | None = None) -> None:
         super().__init__()
         self.trunk, self.head = trunk, head
+        self.survey = survey or getattr(trunk, "survey", None)  # the bands it reads
 
     @property
     def dim(self) -> int:
@@ -78,19 +85,20 @@ def _mlp(state: dict[str, torch.Tensor], where: str) -> nn.Sequential:
 
 
 def load_embedder(path: str | Path, feature: str = "projection") -> tuple[Embedder, dict[str, Any]]:
-    """The network of a MoCo checkpoint or an ``encoder.pt`` (eval mode) and the config values it carries
-    (the full pretraining config of a checkpoint; ``model`` and the trained view settings ``augment`` of an
-    export, ``model`` alone of an old one)."""
+    """The network of a MoCo checkpoint or an ``encoder.pt`` (eval mode; ``.survey`` the bands its stem reads, as
+    recorded, none: SDSS) and the config values it carries (the full pretraining config of a checkpoint; ``model``
+    and the trained view settings ``augment`` of an export, ``model`` alone of an old one)."""
     path = Path(path)
     if feature not in FEATURES:
         raise PhotozError(f"feature '{feature}' is not one of {list(FEATURES)}")
     source = read_pretrained_encoder(path, "embeddings:")
-    values, trunk_state, head_state = source["config"], source["trunk"], source["head"]
-    trunk = build_encoder(SimpleNamespace(**values["model"]))
+    values, trunk_state, head_state, survey = source["config"], source["trunk"], source["head"], source["survey"]
+    trunk = build_encoder(SimpleNamespace(**values["model"]), survey=survey)
     try:
         trunk.load_state_dict(trunk_state)
     except RuntimeError as exc:
-        raise PhotozError(f"{path}: the encoder weights do not fit {values['model']} ({exc})") from None
+        raise PhotozError(f"{path}: the encoder weights do not fit {values['model']} for the {survey.n_bands} bands "
+                          f"{list(survey.bands)} it records ({exc})") from None
     head = None
     if feature == "projection":
         if not head_state:
@@ -98,7 +106,7 @@ def load_embedder(path: str | Path, feature: str = "projection") -> tuple[Embedd
                               "re-export it from its checkpoint (photoz-hpc export-encoder CKPT OUT), embed the "
                               "checkpoint itself, or use --feature trunk")
         head = _mlp(head_state, str(path))
-    return Embedder(trunk, head).eval(), values
+    return Embedder(trunk, head, survey).eval(), values
 
 
 def check_view_settings(path: str | Path, trained: dict[str, Any] | None, used: dict[str, Any]) -> list[str]:
@@ -167,19 +175,27 @@ def _embed_block(net: Embedder, loader, dataset: ShardedDataset, out: Path, rank
 
 def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, feature: str = "projection",
                   overrides: list[str] | None = None) -> dict[str, Any]:
-    """The ``embed`` command on this rank (every rank calls it); returns the index (same on every rank)."""
+    """The ``embed`` command on this rank (every rank calls it); returns the index (same on every rank). Data of
+    other bands than the encoder's is refused before any work; crops as the encoder was trained (its recorded
+    ``augment``, else its survey's default)."""
     from photoz_hpc.augment.loaders import build_loader
     from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.precision import resolve_precision
     from photoz_hpc.train.runtime import run_with_comm
 
     net, values = load_embedder(checkpoint, feature)
-    cfg = config_from_dict(apply_overrides(values, list(overrides or []), Config), Config)
-    check_view_settings(checkpoint, values.get("augment"), dataclasses.asdict(cfg.augment))
+    dataset = open_dataset(data)
+    check_bands(net.survey, f"the encoder {checkpoint}", dataset_survey(dataset), f"dataset {dataset.root}")
+    cfg = resolve_run_config(config_from_dict(apply_overrides(values, list(overrides or []), Config), Config),
+                             net.survey)
+    trained = values.get("augment")
+    if trained is not None:  # an older export's or checkpoint's unset crop is its survey's default, as trained
+        trained = dataclasses.asdict(resolve_run_config(config_from_dict({"augment": trained}, Config),
+                                                        net.survey).augment)
+    check_view_settings(checkpoint, trained, dataclasses.asdict(cfg.augment))
     out = Path(out)
 
     def body(cfg, comm, device, flag):
-        dataset = open_dataset(data)
         if comm.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / INDEX_NAME).unlink(missing_ok=True)  # incomplete until the new index is written
@@ -190,7 +206,8 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
         part = _embed_block(model, loader, dataset, out, comm.rank, comm.world, device, autocast)
         parts = comm.allgather_object(part)
         index = {"format": EMBED_FORMAT, "dataset": str(dataset.root), "fingerprint": dataset_fingerprint(dataset),
-                 "n": len(dataset), "dim": model.dim, "feature": feature, "normalised": True, "dtype": "float32",
+                 "n": len(dataset), "survey": net.survey.name, "bands": list(net.survey.bands),
+                 "dim": model.dim, "feature": feature, "normalised": True, "dtype": "float32",
                  "checkpoint": str(checkpoint), "model": dataclasses.asdict(cfg.model), "pipeline": "eval",
                  "crop_size": cfg.augment.crop_size, "world_size": comm.world, "parts": parts}
         if comm.rank == 0:

@@ -1,7 +1,8 @@
 """Per-galaxy summaries of binned redshift pdfs: expectation, mode, 68% central interval, width.
 
 A row of ``probs`` is read as a piecewise-constant density: probability ``p_k`` spread uniformly
-over bin k of ``photoz_hpc.redshift_grid.z_bin_edges``. Its CDF is then piecewise linear between
+over bin k of the model's redshift grid (``edges``: a ``RedshiftGrid`` or its bin edges; every function takes
+them, there is no default grid: a pdf means nothing off its own). Its CDF is then piecewise linear between
 the edges, so a percentile is found in the bin where the CDF crosses it and interpolated linearly
 inside that bin; a pdf in one bin gives the interval [e_k + 0.16 w, e_k + 0.84 w], not a point.
 The expectation of that density is ``sum_k p_k c_k`` over the bin centres, the project's ``z_phot``.
@@ -11,15 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from photoz_hpc.redshift_grid import z_bin_edges
+from photoz_hpc.survey import RedshiftGrid
 
 #: the central 68% interval: the 16th and 84th percentiles (+-1 sigma of a Gaussian).
 LO68, HI68 = 0.16, 0.84
 
 
-def check_probs(probs, edges: np.ndarray | None = None, atol: float = 1e-4) -> np.ndarray:
+def bin_edges(edges: np.ndarray | RedshiftGrid) -> np.ndarray:
+    """The bin edges (float64) of a ``RedshiftGrid`` or of an array of edges."""
+    return edges.edges() if isinstance(edges, RedshiftGrid) else np.asarray(edges, dtype=np.float64)
+
+
+def check_probs(probs, edges: np.ndarray | RedshiftGrid, atol: float = 1e-4) -> np.ndarray:
     """``probs`` as float64 (N, n_bins) after checking shape, finiteness, p >= 0 and rows summing to 1."""
-    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    edges = bin_edges(edges)
     n_bins = edges.size - 1
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != n_bins or p.shape[0] == 0:
@@ -49,16 +55,16 @@ def _percentile(p: np.ndarray, cdf: np.ndarray, edges: np.ndarray, q: float) -> 
     return edges[k] + frac * (edges[k + 1] - edges[k])
 
 
-def summarize_pdfs(probs, edges: np.ndarray | None = None, atol: float = 1e-4,
+def summarize_pdfs(probs, edges: np.ndarray | RedshiftGrid, atol: float = 1e-4,
                    with_std: bool = True) -> dict[str, np.ndarray]:
     """Per-galaxy ``z_phot``, ``z_mode``, ``z_lo68``, ``z_hi68`` (and ``pdf_std``) from (N, n_bins) ``probs``.
 
-    ``edges``: the bin edges (default: the project's 180-bin grid). Rows are renormalised to sum to
+    ``edges``: the model's grid or its bin edges. Rows are renormalised to sum to
     exactly 1 after validation (``atol`` is the accepted deviation, e.g. float32 softmax rounding).
     ``pdf_std`` is the standard deviation of the piecewise-constant density: the spread of the bin
     centres plus the within-bin term w_k^2 / 12, so it is consistent with the interval.
     """
-    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    edges = bin_edges(edges)
     p = check_probs(probs, edges, atol)
     p = p / p.sum(axis=1, keepdims=True)
     centres = 0.5 * (edges[:-1] + edges[1:])
@@ -84,19 +90,19 @@ LO95, HI95 = 0.025, 0.975
 ODDS_HALF_WIDTH = 0.03
 
 
-def pdf_quantiles(probs, qs, edges: np.ndarray | None = None, atol: float = 1e-4) -> np.ndarray:
+def pdf_quantiles(probs, qs, edges: np.ndarray | RedshiftGrid, atol: float = 1e-4) -> np.ndarray:
     """(N, len(qs)) quantiles of each row's piecewise-constant density (the percentile rule above)."""
-    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    edges = bin_edges(edges)
     p = check_probs(probs, edges, atol)
     p = p / p.sum(axis=1, keepdims=True)
     cdf = np.cumsum(p, axis=1)
     return np.stack([_percentile(p, cdf, edges, float(q)) for q in qs], axis=1)
 
 
-def pdf_cdf_at(probs, z, edges: np.ndarray | None = None, atol: float = 1e-4) -> np.ndarray:
+def pdf_cdf_at(probs, z, edges: np.ndarray | RedshiftGrid, atol: float = 1e-4) -> np.ndarray:
     """CDF of row i's piecewise-constant density at ``z[i]`` (piecewise linear; 0 below the grid, 1 above).
     With ``z`` = z_spec this is the PIT value."""
-    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    edges = bin_edges(edges)
     p = check_probs(probs, edges, atol)
     p = p / p.sum(axis=1, keepdims=True)
     z = np.asarray(z, dtype=np.float64).ravel()
@@ -112,10 +118,10 @@ def _cdf_at(p: np.ndarray, cdf: np.ndarray, edges: np.ndarray, z: np.ndarray) ->
     return np.clip(cdf[rows, k] - p[rows, k] + frac * p[rows, k], 0.0, 1.0)
 
 
-def summarize_catalogue(probs, edges: np.ndarray | None = None, atol: float = 1e-4) -> dict[str, np.ndarray]:
+def summarize_catalogue(probs, edges: np.ndarray | RedshiftGrid, atol: float = 1e-4) -> dict[str, np.ndarray]:
     """``summarize_pdfs`` plus ``z_median``, the 95% interval ``z_lo95``/``z_hi95`` and ``odds``: the
     probability within +-``ODDS_HALF_WIDTH`` (1 + z_mode) of the mode (bins cut by the window count pro rata)."""
-    edges = z_bin_edges() if edges is None else np.asarray(edges, dtype=np.float64)
+    edges = bin_edges(edges)
     out = summarize_pdfs(probs, edges, atol)
     p = check_probs(probs, edges, atol)
     p = p / p.sum(axis=1, keepdims=True)

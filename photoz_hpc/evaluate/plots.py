@@ -1,7 +1,8 @@
 """Diagnostic PNGs of photo-z predictions: z_phot vs z_spec, dz vs z_spec, and a few pdfs.
 
 Each figure shows the numbers of ``photoz_hpc.metrics`` it illustrates (the same function computes
-them), so a plot and the metrics table of a run never disagree. Written atomically, Agg backend.
+them), so a plot and the metrics table of a run never disagree. Axis ranges follow the network's redshift
+grid (``RedshiftGrid``), widened upwards to every galaxy shown. Written atomically, Agg backend.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 
 from photoz_hpc.evaluate.pdfs import check_probs
 from photoz_hpc.io_utils import atomic_path
-from photoz_hpc.metrics import ETA_THRESHOLD, photoz_metrics
-from photoz_hpc.redshift_grid import Z_MAX, Z_MIN, z_bin_edges
+from photoz_hpc.metrics import ETA_THRESHOLD, grid_z_bins, photoz_metrics
+from photoz_hpc.survey import RedshiftGrid
 
 #: z_spec bins of the running median and sigma_MAD band of ``dz_vs_zspec.png``.
 RUNNING_BINS = 16
@@ -47,19 +48,21 @@ def _count_colorbar(fig, mappable, ax):
     return bar
 
 
-def _zphot_vs_zspec(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, m: dict, title: str) -> Path:
-    hi = max(Z_MAX, float(z_spec.max()), float(z_phot.max()))
+def _zphot_vs_zspec(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, m: dict, title: str,
+                    grid: RedshiftGrid) -> Path:
+    lo = grid.z_min
+    hi = max(grid.z_max, float(z_spec.max()), float(z_phot.max()))
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    hb = ax.hexbin(z_spec, z_phot, gridsize=60, extent=(Z_MIN, hi, Z_MIN, hi), mincnt=1, bins="log", cmap="viridis")
+    hb = ax.hexbin(z_spec, z_phot, gridsize=60, extent=(lo, hi, lo, hi), mincnt=1, bins="log", cmap="viridis")
     _count_colorbar(fig, hb, ax)
-    z = np.linspace(Z_MIN, hi, 2)
+    z = np.linspace(lo, hi, 2)
     ax.plot(z, z, color="k", lw=1, label="1:1")
     for sign in (1, -1):
         ax.plot(z, z + sign * ETA_THRESHOLD * (1 + z), color="r", lw=0.8, ls="--",
                 label=f"$|\\Delta z| = {ETA_THRESHOLD}(1+z)$" if sign > 0 else None)
     ax.text(0.03, 0.97, _metrics_text(m), transform=ax.transAxes, va="top", ha="left", fontsize=8,
             bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
-    ax.set(xlim=(Z_MIN, hi), ylim=(Z_MIN, hi), xlabel="$z_{spec}$", ylabel="$z_{phot}$", title=title)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="$z_{spec}$", ylabel="$z_{phot}$", title=title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     out = _save(fig, path)
@@ -67,9 +70,9 @@ def _zphot_vs_zspec(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, m: 
     return out
 
 
-def _dz_vs_zspec(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, title: str) -> Path:
+def _dz_vs_zspec(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, title: str, grid: RedshiftGrid) -> Path:
     dz = (z_phot - z_spec) / (1 + z_spec)
-    edges = np.linspace(Z_MIN, max(Z_MAX, float(z_spec.max()) + 1e-9), RUNNING_BINS + 1)
+    edges = np.linspace(grid.z_min, max(grid.z_max, float(z_spec.max()) + 1e-9), RUNNING_BINS + 1)
     rows = [r for r in photoz_metrics(z_phot, z_spec, z_bins=edges)["per_bin"] if r["n"] >= RUNNING_MIN_N]
     mid = np.array([0.5 * (r["z_lo"] + r["z_hi"]) for r in rows])
     med = np.array([r["bias_median"] for r in rows])
@@ -94,8 +97,9 @@ def _dz_vs_zspec(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, title:
     return out
 
 
-def _pdfs(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, probs: np.ndarray, title: str) -> Path:
-    edges = z_bin_edges(probs.shape[1])
+def _pdfs(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, probs: np.ndarray, title: str,
+          grid: RedshiftGrid) -> Path:
+    edges = grid.edges()
     # the galaxies nearest to evenly spaced redshifts across the bulk (2nd-98th percentile) of z_spec
     targets = np.linspace(*np.percentile(z_spec, [2.0, 98.0]), N_PDFS)
     picks = list(dict.fromkeys(int(np.argmin(np.abs(z_spec - t))) for t in targets))
@@ -120,9 +124,10 @@ def _pdfs(plt, path: Path, z_phot: np.ndarray, z_spec: np.ndarray, probs: np.nda
     return out
 
 
-def plot_evaluation(out_dir: str | os.PathLike, z_phot, z_spec, probs, title: str) -> list[Path]:
+def plot_evaluation(out_dir: str | os.PathLike, z_phot, z_spec, probs, title: str, grid: RedshiftGrid) -> list[Path]:
     """Write ``zphot_vs_zspec.png``, ``dz_vs_zspec.png`` and (when ``probs`` is not None) ``pdfs.png``
-    under ``out_dir``; return their paths. ``probs`` is (N, n_bins) over the project's redshift grid."""
+    under ``out_dir``; return their paths. ``grid``: the network's redshift grid (axis ranges, the metrics'
+    z bins); ``probs`` is (N, grid.n_bins) over it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,14 +135,14 @@ def plot_evaluation(out_dir: str | os.PathLike, z_phot, z_spec, probs, title: st
 
     z_phot = np.asarray(z_phot, dtype=np.float64).ravel()
     z_spec = np.asarray(z_spec, dtype=np.float64).ravel()
-    m = photoz_metrics(z_phot, z_spec)  # validates shapes and finiteness
+    m = photoz_metrics(z_phot, z_spec, z_bins=grid_z_bins(grid))  # validates shapes and finiteness
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [_zphot_vs_zspec(plt, out_dir / "zphot_vs_zspec.png", z_phot, z_spec, m, title),
-             _dz_vs_zspec(plt, out_dir / "dz_vs_zspec.png", z_phot, z_spec, title)]
+    paths = [_zphot_vs_zspec(plt, out_dir / "zphot_vs_zspec.png", z_phot, z_spec, m, title, grid),
+             _dz_vs_zspec(plt, out_dir / "dz_vs_zspec.png", z_phot, z_spec, title, grid)]
     if probs is not None:
-        p = check_probs(probs, z_bin_edges(np.shape(probs)[1]) if np.ndim(probs) == 2 else None)
+        p = check_probs(probs, grid)
         if p.shape[0] != z_spec.size:
             raise ValueError(f"probs has {p.shape[0]} rows for {z_spec.size} galaxies")
-        paths.append(_pdfs(plt, out_dir / "pdfs.png", z_phot, z_spec, p, title))
+        paths.append(_pdfs(plt, out_dir / "pdfs.png", z_phot, z_spec, p, title, grid))
     return paths

@@ -9,6 +9,10 @@ an evaluation of another network or dataset): its default output directory is na
 the data (``evaluate-<checkpoint>-<dataset>[-<ids>]`` next to the checkpoint), and a directory that holds
 anything else is refused. It warns when the evaluated galaxies include the network's training galaxies
 (read from the run directory's ``train_ids.npy`` and ``labels.json``).
+
+The network comes with its survey and redshift grid (``load_network``: as its file records them; none: SDSS and
+the paper's 180 bins): data of other bands is refused before any work, and the pdf summaries, metrics bins and
+plots follow the network's grid.
 """
 
 from __future__ import annotations
@@ -26,31 +30,44 @@ from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_di
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.data.splits import labeled_ids, load_ids
 from photoz_hpc.errors import PhotozError
+from photoz_hpc.evaluate.inputs import check_inputs
 from photoz_hpc.evaluate.pdfs import summarize_pdfs
 from photoz_hpc.evaluate.plots import plot_evaluation
 from photoz_hpc.evaluate.predictions import write_predictions
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
-from photoz_hpc.metrics import photoz_metrics
+from photoz_hpc.metrics import grid_z_bins, photoz_metrics
 from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
+from photoz_hpc.models.records import check_bands, dataset_survey, recorded_grid, recorded_survey
 from photoz_hpc.torch_files import read_torch_file
 from photoz_hpc.train.checkpoint import checkpoint_task, validate_checkpoint
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.precision import resolve_precision
+from photoz_hpc.train.surveys import resolve_run_config
 
 log = get_logger(__name__)
 
 
 def load_network(path: str | Path, overrides: list[str] | None = None) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
-    """The network, the config it was trained with (loader/augment settings for evaluation; ``overrides``
-    applied) and the file's metadata, from a photo-z model file (``best_model.pt``, ``photoz_model.pt``, an
-    imported paper model) or a fine-tuning checkpoint; a pretraining checkpoint or anything else is an error."""
+    """The network (``net.survey``: the bands it reads; ``net.grid``: its redshift grid), the config it was trained
+    with (loader/augment settings for evaluation; ``overrides`` applied; crops resolved for the network's survey,
+    ``finetune.z_*`` its grid) and the file's metadata, from a photo-z model file (``best_model.pt``,
+    ``photoz_model.pt``, an imported paper model) or a fine-tuning checkpoint; a pretraining checkpoint or anything
+    else is an error."""
     net, cfg, meta = _load_network(Path(path))
     if overrides:
         cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), list(overrides), FinetuneRunConfig),
                                FinetuneRunConfig)
-    return net, cfg, meta
+    return net, model_config(cfg, net), meta
+
+
+def model_config(cfg: FinetuneRunConfig, net: PhotoZNet) -> FinetuneRunConfig:
+    """``cfg`` resolved for the network: its survey's crops where the config leaves them unset (a model file of
+    no config), and the redshift grid the network has (``finetune.z_*``)."""
+    grid = net.grid
+    ft = dataclasses.replace(cfg.finetune, z_min=grid.z_min, z_max=grid.z_max, n_z_bins=grid.n_bins)
+    return resolve_run_config(dataclasses.replace(cfg, finetune=ft), net.survey)
 
 
 def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
@@ -65,9 +82,15 @@ def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, A
     if kind == "finetune":
         state = validate_checkpoint(blob, path, "finetune")
         cfg = config_from_dict(state["config"], FinetuneRunConfig)
-        net = build_photoz_net(cfg.model)
-        net.load_state_dict(state["model"])
-        return net.eval(), cfg, {"step": state["step"], "kind": "finetune checkpoint"}
+        survey, grid = recorded_survey(state, str(path)), recorded_grid(state, str(path))
+        net = build_photoz_net(cfg.model, survey, grid)
+        try:
+            net.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise PhotozError(f"{path}: the weights do not fit a {cfg.model.arch}/{cfg.model.width} network for bands "
+                              f"{list(survey.bands)} and {grid.n_bins} redshift bins ({exc})") from None
+        return net.eval(), cfg, {"step": state["step"], "kind": "finetune checkpoint", "survey": survey.name,
+                                 "bands": list(survey.bands), "redshift_grid": grid.to_dict()}
     if kind == "pretrain":
         raise PhotozError(f"{path} is a pretraining (MoCo) checkpoint: it has no redshift head. Fine-tune it first "
                           f"(photoz-hpc finetune finetune.init={path})")
@@ -83,34 +106,38 @@ def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDat
                      ) -> dict[str, Any]:
     """Metrics of ``net`` on ``ids`` (default: every labeled galaxy) of ``dataset``; rank 0 writes the
     outputs under ``out_dir`` when given, recording ``command`` (which command owns them) and ``extra``.
-    Collective: every rank calls it; same dict on every rank."""
+    Data of other bands than the network's is an error before any work. Collective: every rank calls it; same
+    dict on every rank."""
     from photoz_hpc.augment.loaders import build_loader
 
     if not isinstance(dataset, ShardedDataset):
         dataset = open_dataset(dataset)
+    check_bands(net.survey, "the network", dataset_survey(dataset), f"dataset {dataset.root}")
+    grid = net.grid
     ids = labeled_ids(dataset) if ids is None else np.asarray(ids, dtype=np.int64)
     z_all = dataset.meta["specz_redshift"]
     if not np.isfinite(z_all[ids]).all():
         raise PhotozError(f"{dataset.root}: {int((~np.isfinite(z_all[ids])).sum())} of the galaxies to evaluate "
                           "have no spectroscopic redshift")
     loader = build_loader(cfg, dataset, "eval", comm.rank, comm.world, cfg.seed, ids=ids,
-                          batch_size=cfg.finetune.eval_batch_size or cfg.loader.batch_size)
+                          batch_size=cfg.finetune.eval_batch_size or cfg.loader.batch_size, grid=grid)
     net = net.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     pred = predict(net, loader, comm, device, precision.autocast, with_probs=True)
     z_spec = z_all[pred["index"]]
-    metrics = photoz_metrics(pred["z_phot"], z_spec)
+    metrics = photoz_metrics(pred["z_phot"], z_spec, z_bins=grid_z_bins(grid))
     report = {"command": command, "metrics": metrics, "dataset": str(dataset.root), "n": int(len(pred["index"])),
-              "model": cfg.model.arch, "device": str(device), "world_size": comm.world, **(extra or {})}
+              "model": cfg.model.arch, "survey": net.survey.name, "bands": list(net.survey.bands),
+              "redshift_grid": grid.to_dict(), "device": str(device), "world_size": comm.world, **(extra or {})}
     if out_dir is not None and comm.rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        summary = summarize_pdfs(pred["probs"])
+        summary = summarize_pdfs(pred["probs"], grid)
         meta = dataset.meta[pred["index"]]
         write_predictions(out / "predictions.csv",
                           {"index": pred["index"], "ObjID": meta["ObjID"], "specObjID": meta["specObjID"]},
                           z_spec, summary)
-        report["plots"] = [str(p) for p in plot_evaluation(out, pred["z_phot"], z_spec, pred["probs"], title)]
+        report["plots"] = [str(p) for p in plot_evaluation(out, pred["z_phot"], z_spec, pred["probs"], title, grid)]
         report["predictions"] = str(out / "predictions.csv")
         atomic_write_json(out / "metrics.json", report)
         log.info("evaluated %d galaxies of %s: sigma_MAD %.5f, eta %.3f%%, bias %+.5f -> %s", report["n"],
@@ -203,10 +230,10 @@ def run_evaluate(checkpoint: str | Path, data: str | Path, out_dir: str | Path |
     from photoz_hpc.train.runtime import run_with_comm
 
     net, cfg, meta = load_network(checkpoint, overrides)
+    (dataset,) = check_inputs(net, cfg, [data], f"the network {checkpoint}")  # its bands: before any work
     ids = load_ids(Path(ids_path)) if ids_path else None
     out_dir = Path(out_dir) if out_dir else default_out_dir(checkpoint, data, ids_path)
     check_out_dir(out_dir, checkpoint, data, ids_path)
-    dataset = open_dataset(data)
     overlap = training_overlap(checkpoint, dataset, labeled_ids(dataset) if ids is None else ids)
     if overlap and overlap["n_training_galaxies"]:
         log.warning("%d of the evaluated galaxies trained this network (%s/train_ids.npy): their metrics are "

@@ -54,8 +54,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="the dataset (default: the one recorded by embed; it must be the same)")
     p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto", help="search backend (default auto)")
     p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--crop", type=int, default=64, help="central crop of the drawn cutouts in pixels (default 64)")
+    p.add_argument("--crop", type=int, default=None, help="central crop of the drawn cutouts in pixels (default: the "
+                   "crop the embeddings were made with, SDSS 64)")
     p.add_argument("--no-figure", action="store_true", help="skip the figure")
+
+
+def _crop(args: argparse.Namespace, emb) -> int | None:
+    """The drawn crop: --crop, else the one the embeddings were made with."""
+    return args.crop if args.crop is not None else emb.index.get("crop_size")
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -100,7 +106,7 @@ def _search(args: argparse.Namespace) -> int:
                                           for s, r in zip(s_row, r_row, strict=True)]}
                           for qi, s_row, r_row in zip(q, sims, rows, strict=True)]}
     if not args.no_figure:
-        result["figure"] = str(plot_search(dataset, q, sims, rows, out / "search.png", args.crop))
+        result["figure"] = str(plot_search(dataset, q, sims, rows, out / "search.png", _crop(args, emb)))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -132,6 +138,6 @@ def _anomalies(args: argparse.Namespace) -> int:
     result = {"backend": backend, "k": args.k, "n": len(scores), "scores": str(out / "anomaly_scores.csv"),
               "top": [{"rank": n + 1, "index": int(i), "score": float(scores[i])} for n, i in enumerate(top)]}
     if not args.no_figure:
-        result["figure"] = str(plot_anomalies(dataset, top, scores, out / "anomalies.png", args.crop))
+        result["figure"] = str(plot_anomalies(dataset, top, scores, out / "anomalies.png", _crop(args, emb)))
     print(json.dumps(result, indent=2))
     return 0

@@ -12,10 +12,12 @@ from photoz_hpc.torch_files import TRUST_FLAG, add_trust_pickle_flag
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "import-checkpoint",
-        help="convert the paper authors' released PyTorch checkpoint into a photoz-hpc file",
+        help="convert the paper authors' released PyTorch checkpoint (SDSS ugriz) into a photoz-hpc file",
         description="Convert a checkpoint of Hayat et al. (2021) (github.com/mahayat/ssl-sky-surveys): a MoCo "
         "pretraining checkpoint becomes an encoder export (as export-encoder writes), a fine-tuned photo-z "
-        "model becomes a photo-z model file. Every tensor must map onto our network with the same shape.",
+        "model becomes a photo-z model file. Every tensor must map onto our network with the same shape. SDSS "
+        "only: the stem takes the 5 bands ugriz and the head the paper's 180 bins over [0, 0.4); the file written "
+        "records that survey and grid (it is refused on data of other bands).",
     )
     p.add_argument("src", help="the authors' file, e.g. pretrained_paper_model.pth.tar or photoz_finetuned_model.pth.tar")
     p.add_argument("out", help="output file, e.g. encoder.pt or photoz_model.pt")

@@ -34,6 +34,7 @@ from photoz_hpc.models.queue import (
     local_queue_size,
 )
 from photoz_hpc.models.resnet import build_encoder, convert_split_bn
+from photoz_hpc.survey import Survey
 
 BN_MODES = ("shuffle", "shuffle-node", "sync", "none")
 SHUFFLE_MODES = ("shuffle", "shuffle-node")
@@ -201,11 +202,12 @@ def check_bn_splits(bn_splits: int, batch: int) -> None:
         )
 
 
-def build_moco(cfg, comm=None) -> MoCo:
-    """MoCo from a full ``Config`` (model, moco, loader.batch_size, seed); BN layers follow moco.bn_mode
-    (and moco.bn_splits for shuffle-BN in a shuffle group of one rank)."""
+def build_moco(cfg, comm=None, survey: Survey | None = None) -> MoCo:
+    """MoCo from a full ``Config`` (model, moco, loader.batch_size, seed) for data of ``survey`` (the stem's bands;
+    None: the default survey, SDSS); BN layers follow moco.bn_mode (and moco.bn_splits for shuffle-BN in a shuffle
+    group of one rank)."""
     norm = sync_norm_factory(comm if comm is not None else Comm()) if cfg.moco.bn_mode == "sync" else None
-    encoder = build_encoder(cfg.model, norm)
+    encoder = build_encoder(cfg.model, norm, survey)
     return MoCo(
         encoder,
         encoder.feature_dim,

@@ -26,6 +26,9 @@ model becomes our photo-z model file (``save_photoz_model``).
 
 The authors' loader feeds ``np.swapaxes(image, 0, 2)`` through ``ToTensor``, i.e. (C, W, H) cutouts;
 ``transpose_hw=True`` transposes every conv kernel so that our (C, H, W) inputs give their outputs.
+
+SDSS only: the paper's networks read the 5 SDSS bands ugriz and predict its 180 bins over [0, 0.4). The files
+written record that survey and grid (``models.records``), so they are refused on data of other bands.
 """
 
 from __future__ import annotations
@@ -40,13 +43,13 @@ import torch
 from torch import nn
 
 from photoz_hpc.config import ModelConfig
-from photoz_hpc.constants import N_BANDS
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.moco import MoCo
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, save_photoz_model
+from photoz_hpc.models.records import survey_record
 from photoz_hpc.models.resnet import ARCHS, ResNet
-from photoz_hpc.redshift_grid import N_Z_BINS
+from photoz_hpc.survey import SDSS_GRID, Survey, load_survey
 from photoz_hpc.torch_files import read_torch_file, write_torch_file
 
 #: What each kind is, for messages.
@@ -58,6 +61,13 @@ _TRUNK = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 _MLP = re.compile(r"fc\.(\d+)\.(weight|bias)")
 _ENCODERS = ("encoder_q", "encoder_k")
 _SHOW = 8  # keys listed per problem in an error message
+
+
+def paper_survey() -> Survey:
+    """The paper's data: SDSS ugriz (the authors' stem reads those 5 bands; their head the 180-bin grid
+    ``SDSS_GRID``). An imported model records both, so it is refused on data of other bands."""
+    return load_survey("sdss")
+
 
 
 def load_source(src: str | Path, trust_pickle: bool = False) -> Any:
@@ -144,8 +154,11 @@ def infer_trunk(state: Mapping[str, torch.Tensor], prefix: str, name: str) -> di
     if w is None or w.ndim != 4:
         raise PhotozError(f"{name}: no 4-d stem convolution weight '{prefix}conv1.weight'")
     width, cin, kh, kw = (int(s) for s in w.shape)
-    if cin != N_BANDS:
-        raise PhotozError(f"{name}: the stem convolution takes {cin} input channels; ours take the {N_BANDS} ugriz bands")
+    sdss = paper_survey()
+    if cin != sdss.n_bands:
+        raise PhotozError(f"{name}: the stem convolution takes {cin} input channels; import-checkpoint reads the paper's "
+                          f"SDSS checkpoints only, whose stem takes the {sdss.n_bands} bands "
+                          f"{''.join(sdss.bands)} (other surveys: train with photoz-hpc pretrain/finetune)")
     if kh != kw or kh % 2 == 0:
         raise PhotozError(f"{name}: stem kernel {kh}x{kw} is not square and odd (ours pads by kernel // 2)")
     blocks = []
@@ -168,10 +181,12 @@ def build_target(kind: str, state: Mapping[str, torch.Tensor], name: str) -> tup
     queue), and the ModelConfig written into the output file."""
     prefix = "encoder_q." if kind == "moco" else ""
     trunk = infer_trunk(state, prefix, name)
-    encoder = ResNet(trunk["arch"], trunk["width"], N_BANDS, trunk["stem_kernel"])
+    sdss = paper_survey()
+    encoder = ResNet(trunk["arch"], trunk["width"], sdss.n_bands, trunk["stem_kernel"])
+    encoder.survey = sdss
     feat = encoder.feature_dim
-    if kind == "photoz":
-        return PhotoZNet(encoder, _dim(state, "fc.weight", 0, N_Z_BINS)), ModelConfig(**trunk)
+    if kind == "photoz":  # the paper's grid: a head of another size is a shape mismatch (match_state)
+        return PhotoZNet(encoder, SDSS_GRID), ModelConfig(**trunk)
     hidden = _dim(state, "encoder_q.fc.0.weight", 0, feat)
     dim = _dim(state, "encoder_q.fc.2.weight", 0, 128)
     queue_size = _dim(state, "queue", 1, 65536)
@@ -247,9 +262,10 @@ def _cpu(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_encoder(moco: MoCo, cfg: ModelConfig, out: Path, provenance: dict[str, Any]) -> Path:
     """The ``export_encoder`` layout (trunk only, read by ``load_encoder``) plus ``projection_head``
-    (our MoCo MLP, keys ``0.*`` / ``2.*``) and ``source`` (provenance), written atomically."""
+    (our MoCo MLP, keys ``0.*`` / ``2.*``), ``source`` (provenance) and ``survey`` (SDSS), written atomically."""
     blob = {"format": ENCODER_FORMAT, "model": dataclasses.asdict(cfg), "state_dict": _cpu(moco.encoder),
-            "step": provenance.get("iters"), "projection_head": _cpu(moco.encoder_q[1]), "source": provenance}
+            "step": provenance.get("iters"), "projection_head": _cpu(moco.encoder_q[1]), "source": provenance,
+            **survey_record(paper_survey())}
     return write_torch_file(out, blob)
 
 
@@ -267,12 +283,14 @@ def import_checkpoint(src: str | Path, out: str | Path, transpose_hw: bool = Fal
         fmt, written = PHOTOZ_MODEL_FORMAT, len(net.state_dict())
     report = {"kind": kind, "source": str(src), "out": str(out), "format": fmt, "n_tensors": prov["n_tensors"],
               "n_written": written, "arch": cfg.arch, "width": cfg.width, "stem_kernel": cfg.stem_kernel,
-              "ddp_prefix": prov["ddp_prefix"], "transpose_hw": transpose_hw, "epoch": prov.get("epoch")}
+              "ddp_prefix": prov["ddp_prefix"], "transpose_hw": transpose_hw, "epoch": prov.get("epoch"),
+              "survey": paper_survey().name, "bands": list(paper_survey().bands)}
     if kind == "moco":
         report["embed_dim"] = cfg.embed_dim
         report["dropped"] = "encoder_k.*, queue, queue_ptr (checked, pretraining-only)"
     else:
         report["n_bins"] = net.head.out_features
+        report["redshift_grid"] = net.grid.to_dict()
     return report
 
 

@@ -1,7 +1,9 @@
-"""ResNet encoder for 5-band cutouts (own implementation; torchvision is not installable here).
+"""ResNet encoder for multi-band cutouts (own implementation; torchvision is not installable here).
 
 The ImageNet stem (7x7 stride-2 conv + max-pool) would throw away most of a 64-pixel galaxy cutout,
-so it is replaced by one stride-1 conv over the 5 bands, as in the paper. ``width`` scales every
+so it is replaced by one stride-1 conv over the survey's bands (SDSS: 5, as in the paper). The band count
+is the data's: ``build_encoder`` takes the ``Survey`` of the training data (or of a model file) and keeps it
+on the encoder (``ResNet.survey``), so what is saved records which bands it reads. ``width`` scales every
 stage (64 = standard ResNet), so tests can run a width-8 ResNet-18 in milliseconds.
 """
 
@@ -14,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from photoz_hpc.constants import N_BANDS
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.models.dtypes import LOW_PRECISION, accumulation_dtype, widen
+from photoz_hpc.models.records import default_survey
+from photoz_hpc.survey import Survey
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -338,17 +341,26 @@ def _downsample(cin: int, cout: int, stride: int, norm: NormFactory) -> nn.Modul
 
 
 class ResNet(nn.Module):
-    """ResNet trunk + global average pool; ``forward`` returns (B, feature_dim) features."""
+    """ResNet trunk + global average pool; ``forward`` returns (B, feature_dim) features.
+
+    ``in_channels``: the stem's input bands (None: the default survey's, SDSS ugriz). ``survey``: the survey whose
+    bands it reads, when known (``build_encoder`` sets it; not part of the state dict)."""
+
+    survey: Survey | None = None
 
     def __init__(
         self,
         arch: str = "resnet50",
         width: int = 64,
-        in_channels: int = N_BANDS,
+        in_channels: int | None = None,
         stem_kernel: int = 3,
         norm: NormFactory | None = None,
     ) -> None:
         super().__init__()
+        if in_channels is None:
+            in_channels = default_survey().n_bands
+        if in_channels < 1:
+            raise ConfigError(f"a ResNet stem needs at least one input band, got {in_channels}")
         if arch not in ARCHS:
             raise ConfigError(f"model.arch '{arch}' is not one of {sorted(ARCHS)}")
         if stem_kernel < 1 or stem_kernel % 2 == 0:
@@ -388,6 +400,10 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def build_encoder(model_cfg, norm: NormFactory | None = None) -> ResNet:
-    """Encoder from a ``ModelConfig`` (arch, width, stem_kernel)."""
-    return ResNet(model_cfg.arch, model_cfg.width, N_BANDS, model_cfg.stem_kernel, norm)
+def build_encoder(model_cfg, norm: NormFactory | None = None, survey: Survey | None = None) -> ResNet:
+    """Encoder from a ``ModelConfig`` (arch, width, stem_kernel) for data of ``survey``: its stem reads
+    ``survey.n_bands`` channels (None: the default survey, SDSS ugriz, as for a file that records none)."""
+    survey = survey or default_survey()
+    encoder = ResNet(model_cfg.arch, model_cfg.width, survey.n_bands, model_cfg.stem_kernel, norm)
+    encoder.survey = survey
+    return encoder

@@ -106,19 +106,24 @@ def read_pretrained_encoder(path: str | Path, what: str) -> dict[str, Any]:
     """The pretrained encoder a MoCo pretraining checkpoint or an ``encoder.pt`` holds:
     ``{'config'`` (the run's config values; ``model`` and, when it has them, ``augment`` for an export),
     ``'trunk'`` (ResNet state dict),
-    ``'head'`` (projection-head state dict, or None)}. ``what`` names the caller's argument in errors
-    (e.g. ``finetune.init``); a fine-tuning checkpoint or anything else is an error naming the file."""
+    ``'head'`` (projection-head state dict, or None),
+    ``'survey'`` (the ``Survey`` of its training data: the bands its stem reads; none recorded: SDSS)}. ``what``
+    names the caller's argument in errors (e.g. ``finetune.init``); a fine-tuning checkpoint or anything else is an
+    error naming the file."""
     from photoz_hpc.models.export import ENCODER_FORMAT, HEAD_PREFIX, encoder_state_from_moco
+    from photoz_hpc.models.records import recorded_survey
 
     path = Path(path)
     blob = read_torch_file(path, what)
     if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
         config = {"model": blob["model"]} | ({"augment": blob["augment"]} if blob.get("augment") else {})
-        return {"config": config, "trunk": blob["state_dict"], "head": blob.get("projection_head")}
+        return {"config": config, "trunk": blob["state_dict"], "head": blob.get("projection_head"),
+                "survey": recorded_survey(blob, f"{what} {path}")}
     kind = checkpoint_task(blob)
     if kind == "pretrain":
         head = {k[len(HEAD_PREFIX):]: v for k, v in blob["model"].items() if k.startswith(HEAD_PREFIX)}
-        return {"config": blob["config"], "trunk": encoder_state_from_moco(blob["model"]), "head": head or None}
+        return {"config": blob["config"], "trunk": encoder_state_from_moco(blob["model"]), "head": head or None,
+                "survey": recorded_survey(blob, f"{what} {path}")}
     if kind == "finetune":
         raise WrongCheckpointKind(f"{what} {path} is a fine-tuning checkpoint, not a MoCo pretraining checkpoint or "
                                   "its encoder.pt")

@@ -3,8 +3,11 @@
 One network and one loop for the three methods of the paper's comparison: ``finetune.init`` a
 pretraining checkpoint or an exported ``encoder.pt`` (self-supervised), ``none`` (the supervised
 baseline), and ``finetune.freeze_backbone`` (linear probe: trunk frozen, BatchNorm statistics too).
-Training: cross-entropy over the 180 redshift bins on dereddened, rotated and jitter-cropped labeled
-images (the ``finetune`` pipeline), the trunk at ``backbone_lr_scale`` x the head's lr. Validation on
+Training: cross-entropy over the model's redshift bins (``finetune.z_min`` / ``z_max`` / ``n_z_bins``, by default
+the survey's: SDSS 180 bins over [0, 0.4)) on dereddened, rotated and jitter-cropped labeled images (the
+``finetune`` pipeline), the trunk at ``backbone_lr_scale`` x the head's lr. The stem reads the training data's
+bands; a ``finetune.init`` encoder of other bands, or validation data of other bands, is refused before any
+loader is built or file written. Checkpoints and the exported models record the survey and the grid. Validation on
 the ``eval`` pipeline every ``val_every`` epochs; the best network by validation sigma_MAD, among
 validations whose outlier rate is at most ``finetune.select_max_eta`` (``selection_key``), is kept as
 ``best_model.pt`` (bin accuracy rewards the mode, sigma_MAD what we report).
@@ -30,14 +33,17 @@ from photoz_hpc.data.splits import check_disjoint, holdout_split, labeled_ids, l
 from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
-from photoz_hpc.metrics import photoz_metrics
+from photoz_hpc.metrics import grid_z_bins, photoz_metrics
 from photoz_hpc.models.cpu_guards import check_cpu_channels_last
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
+from photoz_hpc.models.records import check_bands, dataset_survey, grid_record, survey_record
+from photoz_hpc.survey import RedshiftGrid, Survey
 from photoz_hpc.train.checkpoint import WrongCheckpointKind, checkpoint_dir, list_checkpoints, read_pretrained_encoder
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
 from photoz_hpc.train.runtime import rng_state, set_rng_state
+from photoz_hpc.train.surveys import data_survey, finetune_grid, resolve_run_config
 
 log = get_logger(__name__)
 
@@ -49,9 +55,11 @@ _ARCH_KEYS = ("arch", "width", "stem_kernel")
 # ---------------------------------------------------------------------- initialisation
 
 
-def encoder_init_state(init: str, model_cfg) -> dict[str, torch.Tensor] | None:
+def encoder_init_state(init: str, model_cfg, survey: Survey | None = None,
+                       data: str = "the training data") -> dict[str, torch.Tensor] | None:
     """The trunk weights ``finetune.init`` names: None for 'none', else from a pretraining checkpoint
-    (its query encoder) or an ``encoder.pt``; the architecture must match ``model``."""
+    (its query encoder) or an ``encoder.pt``; the architecture must match ``model`` and, when ``survey`` (that of
+    ``data``, the training data) is given, the bands it was pretrained on must be the data's."""
     if init.lower() == "none":
         return None
     path = Path(init)
@@ -61,6 +69,8 @@ def encoder_init_state(init: str, model_cfg) -> dict[str, torch.Tensor] | None:
         source = read_pretrained_encoder(path, "finetune.init")
     except WrongCheckpointKind as exc:
         raise PhotozError(f"{exc}: to continue that run use train.resume=PATH (or its out_dir)") from None
+    if survey is not None:
+        check_bands(source["survey"], f"finetune.init {path}", survey, data)
     arch, state = source["config"]["model"], source["trunk"]
     want = {k: getattr(model_cfg, k) for k in _ARCH_KEYS}
     have = {k: arch.get(k) for k in _ARCH_KEYS}
@@ -68,6 +78,13 @@ def encoder_init_state(init: str, model_cfg) -> dict[str, torch.Tensor] | None:
         overrides = " ".join(f"model.{k}={v}" for k, v in have.items())
         raise ConfigError(f"finetune.init {path} holds a {have} encoder but the config asks for {want}: set {overrides}")
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderInit:
+    """The trunk weights ``finetune.init`` names, read and checked (``state`` None: random, the baseline)."""
+
+    state: dict[str, torch.Tensor] | None
 
 
 # ---------------------------------------------------------------------- data
@@ -87,12 +104,15 @@ class FinetuneData:
 def select_data(cfg: FinetuneRunConfig, out_dir: Path | None = None) -> FinetuneData:
     """Split and subset per ``finetune``; checked against ``out_dir``'s ``train_ids.npy``/``val_ids.npy`` once that
     run has a checkpoint (the selection it trained on). Files of a run that never checkpointed bind nothing: they
-    are replaced when this run starts training (``FinetuneTask.begin``), so a failed start never pins a selection."""
+    are replaced when this run starts training (``FinetuneTask.begin``), so a failed start never pins a selection.
+    Validation data (``finetune.val_data``) of other bands than the training data is an error naming both."""
     ft = cfg.finetune
     train = open_dataset(cfg.data.path)
     pool = labeled_ids(train)
     if ft.val_data:
         val = open_dataset(ft.val_data)
+        check_bands(dataset_survey(train), f"data.path {train.root}", dataset_survey(val),
+                    f"finetune.val_data {val.root}")
         val_ids = labeled_ids(val)
     else:
         val = train
@@ -149,8 +169,15 @@ class FinetuneTask:
     kind = "finetune"
 
     def __init__(self, cfg: FinetuneRunConfig, comm: Comm, device: torch.device, steps_per_epoch: int,
-                 data: FinetuneData, val_loader, channels_last: bool = False) -> None:
-        self.cfg, self.comm, self.device, self.data, self.val_loader = cfg, comm, device, data, val_loader
+                 data: FinetuneData, val_loader, channels_last: bool = False, survey: Survey | None = None,
+                 init: EncoderInit | None = None) -> None:
+        """``survey``: the training data's (None: read from ``data.train``); ``init``: ``finetune.init`` already
+        read and checked (None: read here)."""
+        self.comm, self.device, self.data, self.val_loader = comm, device, data, val_loader
+        self.survey = survey or dataset_survey(data.train)
+        cfg = self.cfg = resolve_run_config(cfg, self.survey)  # the grid and crops as numbers (idempotent)
+        self.grid = finetune_grid(cfg.finetune, self.survey)
+        self.records = {**survey_record(self.survey), **grid_record(self.grid)}  # checked on resume
         ft = cfg.finetune
         self.batch = cfg.loader.batch_size
         self.global_batch = self.batch * comm.world
@@ -158,10 +185,11 @@ class FinetuneTask:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
         self.channels_last = channels_last
         torch.manual_seed(cfg.seed)  # identical head init everywhere (and broadcast anyway)
-        net = build_photoz_net(cfg.model)
-        init = encoder_init_state(ft.init, cfg.model)
-        if init is not None:
-            missing, unexpected = net.encoder.load_state_dict(init, strict=False)
+        net = build_photoz_net(cfg.model, self.survey, self.grid)
+        if init is None:
+            init = EncoderInit(encoder_init_state(ft.init, cfg.model, self.survey, f"data.path {cfg.data.path}"))
+        if init.state is not None:
+            missing, unexpected = net.encoder.load_state_dict(init.state, strict=False)
             if missing or unexpected:
                 raise PhotozError(f"finetune.init {ft.init} does not fit the encoder (missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]})")
@@ -189,7 +217,10 @@ class FinetuneTask:
     def describe(self) -> str:
         ft = self.cfg.finetune
         method = "linear probe" if ft.freeze_backbone else ("supervised baseline" if ft.init.lower() == "none" else "fine-tune")
-        return (f"{method} of {self.cfg.model.arch}/{self.cfg.model.width} on {len(self.data.train_ids)} labeled "
+        grid = self.grid
+        return (f"{method} of {self.cfg.model.arch}/{self.cfg.model.width} ({self.survey.name} bands "
+                f"{''.join(self.survey.bands)}, {grid.n_bins} redshift bins over [{grid.z_min:g}, {grid.z_max:g})) "
+                f"on {len(self.data.train_ids)} labeled "
                 f"galaxies ({ft.label_fraction:g} of {self.data.n_labeled}), validation {len(self.data.val_ids)}, batch "
                 f"{self.batch}/rank, {self.precision.name}, "
                 f"{'channels_last' if self.channels_last else 'contiguous'} on {self.device}")
@@ -245,7 +276,7 @@ class FinetuneTask:
         pred = predict(self.model, self.val_loader, self.comm, self.device, self.precision.autocast,
                        channels_last=self.channels_last)
         z_spec = self.data.val.meta["specz_redshift"][pred["index"]]
-        m = photoz_metrics(pred["z_phot"], z_spec)
+        m = photoz_metrics(pred["z_phot"], z_spec, z_bins=grid_z_bins(self.grid))
         self._set_train_mode()
         return m
 
@@ -292,7 +323,7 @@ class FinetuneTask:
             "world": self.comm.world, "batch_size": self.batch,
             "schedule": {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch},
             "best": self.best, "last_val": self.last_val,
-            "rng": rngs, "loader": loaders, "config": dataclasses.asdict(self.cfg),
+            "rng": rngs, "loader": loaders, "config": dataclasses.asdict(self.cfg), **self.records,
         }
 
     def load_state(self, state: dict[str, Any], loader=None) -> bool:
@@ -353,15 +384,17 @@ def run_finetune(cfg: FinetuneRunConfig, comm: Comm | None = None, loader=None) 
                          hold=RunDir(Path(cfg.out_dir), "finetune"), interrupt=True)
 
 
-def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData):
-    """(training loader over the label subset, validation loader over the validation set) of this rank."""
+def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData, grid: RedshiftGrid | None = None):
+    """(training loader over the label subset, validation loader over the validation set) of this rank; the
+    ``z_bin`` labels on ``grid``, the model's (None: ``finetune.z_*`` resolved for the training data's survey)."""
     from photoz_hpc.augment.loaders import build_loader
 
-    loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids)
+    grid = grid or finetune_grid(cfg.finetune, dataset_survey(data.train))
+    loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids, grid=grid)
     if len(loader) < 1:
         raise ConfigError(no_batch_advice(len(data.train_ids), comm.world, cfg))
     val_loader = build_loader(cfg, data.val, "eval", comm.rank, comm.world, cfg.seed, ids=data.val_ids,
-                              batch_size=cfg.finetune.eval_batch_size or cfg.loader.batch_size)
+                              batch_size=cfg.finetune.eval_batch_size or cfg.loader.batch_size, grid=grid)
     return loader, val_loader
 
 
@@ -382,13 +415,21 @@ def no_batch_advice(n_train: int, world: int, cfg: FinetuneRunConfig) -> str:
 
 
 def run_finetune_on(cfg: FinetuneRunConfig, comm: Comm, device: torch.device, flag, loader=None) -> dict[str, Any]:
-    """The fine-tuning run on an existing communicator and device (``run_finetune`` sets those up)."""
+    """The fine-tuning run on an existing communicator and device (``run_finetune`` sets those up). Before any
+    loader is built or file written: the survey of the training data (the stem's bands), the config resolved for it
+    (crops, redshift grid), a checkpoint of another run refused, ``finetune.init`` of other bands refused."""
     from photoz_hpc.train.loop import resume_state, run_loop
     from photoz_hpc.train.runtime import use_channels_last
 
-    resumed = resume_state(cfg, comm, "finetune")  # another run's checkpoint: refused before anything else
+    survey = data_survey(cfg.data.path)
+    cfg = resolve_run_config(cfg, survey)
+    grid = finetune_grid(cfg.finetune, survey)
+    records = {**survey_record(survey), **grid_record(grid)}
+    resumed = resume_state(cfg, comm, "finetune", records)  # another run's checkpoint: refused before anything else
+    init = EncoderInit(encoder_init_state(cfg.finetune.init, cfg.model, survey, f"data.path {cfg.data.path}"))
     data = select_data(cfg, Path(cfg.out_dir))
-    own_loader, val_loader = finetune_loaders(cfg, comm, data)
+    own_loader, val_loader = finetune_loaders(cfg, comm, data, grid)
     loader = loader or own_loader
-    task = FinetuneTask(cfg, comm, device, len(loader), data, val_loader, use_channels_last(cfg, device))
+    task = FinetuneTask(cfg, comm, device, len(loader), data, val_loader, use_channels_last(cfg, device),
+                        survey=survey, init=init)
     return run_loop(cfg, task, loader, flag, device, resumed=resumed)  # files written once it trains (begin)

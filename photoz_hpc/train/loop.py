@@ -39,7 +39,7 @@ from photoz_hpc.logs import get_logger
 from photoz_hpc.train.checkpoint import checkpoint_dir, find_latest_valid, load_checkpoint, save_checkpoint
 from photoz_hpc.train.late_reads import DataWait, LateRead
 from photoz_hpc.train.metrics_log import MetricsLog, ProgressLines
-from photoz_hpc.train.resume import dataset_identities, global_batch_change, mismatch
+from photoz_hpc.train.resume import dataset_identities, global_batch_change, mismatch, records_mismatch
 from photoz_hpc.train.signals import PreemptionFlag
 
 log = get_logger(__name__)
@@ -57,6 +57,7 @@ class Task(Protocol):
     steps_per_epoch: int
     global_batch: int
     comm: Comm
+    records: dict[str, Any]  # what the model records about its data (survey, redshift grid): checked on resume
 
     def describe(self) -> str: ...  # one log line: model, precision, memory format, device
 
@@ -77,10 +78,11 @@ class Task(Protocol):
     def summary(self, losses: list[float], start_step: int) -> dict[str, Any]: ...
 
 
-def resume_state(cfg, comm: Comm, kind: str) -> tuple[str | None, dict[str, Any] | None]:
+def resume_state(cfg, comm: Comm, kind: str, records: dict[str, Any] | None = None
+                 ) -> tuple[str | None, dict[str, Any] | None]:
     """The checkpoint this run continues from (``train.resume``: auto | never | path), on every rank; a
-    checkpoint of another run (other data, lr, init...: ``train.resume.mismatch``) is a ``ConfigError`` on every
-    rank, listing the differing keys."""
+    checkpoint of another run (other data, lr, init...: ``train.resume.mismatch``; another survey or redshift grid
+    than ``records``, the task's) is a ``ConfigError`` on every rank, listing the differences."""
     ckdir = checkpoint_dir(cfg.out_dir)
     if cfg.train.resume in ("never", "none"):
         return None, None
@@ -92,7 +94,7 @@ def resume_state(cfg, comm: Comm, kind: str) -> tuple[str | None, dict[str, Any]
                 path = str(found) if found else None
             else:
                 path, state = cfg.train.resume, load_checkpoint(cfg.train.resume, kind)
-            problem = _other_run(cfg, path, state, comm.world)
+            problem = _other_run(cfg, path, state, comm.world, records)
         except PhotozError as exc:  # every rank stops, not rank 0 alone
             error = exc
     path, problem, message = comm.broadcast_object((path, problem, str(error) if error else None))
@@ -107,15 +109,20 @@ def resume_state(cfg, comm: Comm, kind: str) -> tuple[str | None, dict[str, Any]
     return path, state
 
 
-def _other_run(cfg, path: str | None, state: dict[str, Any] | None, world: int) -> str | None:
-    """Why ``state`` is not a checkpoint of the run ``cfg`` describes on ``world`` ranks (None: it is, or there
-    is none)."""
+def _other_run(cfg, path: str | None, state: dict[str, Any] | None, world: int,
+               records: dict[str, Any] | None = None) -> str | None:
+    """Why ``state`` is not a checkpoint of the run ``cfg`` describes on ``world`` ranks for a model recording
+    ``records`` (None: it is, or there is none)."""
     if state is None:
         return None
+    surveys = records_mismatch(state, records)
     if not isinstance(state.get("config"), dict):
+        if surveys:
+            return f"{path} was written for other data than this run's ({'; '.join(surveys)}): use a new out_dir"
         log.warning("%s carries no config: cannot check that it is the same run", path)
         return None
     diffs, unknown = mismatch(state["config"], state.get("datasets"), cfg, dataset_identities(cfg))
+    diffs = surveys + diffs
     batch = global_batch_change(state, world, cfg.loader.batch_size)
     diffs += [batch] if batch else []
     if unknown:
@@ -145,7 +152,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         raise ConfigError(f"the dataset yields no full global batch of {world} x {cfg.loader.batch_size}")
     ckdir = checkpoint_dir(out_dir)
 
-    path, state = resumed if resumed is not None else resume_state(cfg, comm, task.kind)
+    path, state = resumed if resumed is not None else resume_state(cfg, comm, task.kind, getattr(task, "records", None))
     loader_restored = False
     if state is not None:
         loader_restored = task.load_state(state, loader)

@@ -23,9 +23,12 @@ from photoz_hpc.models.export import export_moco_encoder
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.momentum import momentum_at
 from photoz_hpc.models.queue import shard_queue, unshard_queue
+from photoz_hpc.models.records import dataset_survey, default_survey, survey_record
+from photoz_hpc.survey import Survey
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
 from photoz_hpc.train.runtime import memory_format_name, rng_state, set_rng_state, use_channels_last
+from photoz_hpc.train.surveys import loader_survey, resolve_run_config
 
 log = get_logger(__name__)
 
@@ -51,8 +54,12 @@ class Trainer:
 
     kind = "pretrain"
 
-    def __init__(self, cfg: Config, comm: Comm, device: torch.device, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, comm: Comm, device: torch.device, steps_per_epoch: int,
+                 survey: Survey | None = None) -> None:
         self.cfg, self.comm, self.device = cfg, comm, device
+        self.survey = survey or default_survey()  # the training data's: the stem reads its bands
+        self.records = survey_record(self.survey)  # what checkpoints and encoder.pt record about the data
+        cfg = self.cfg = resolve_run_config(cfg, self.survey)  # encoder.pt's view settings: concrete numbers
         self.batch = cfg.loader.batch_size
         self.global_batch = self.batch * comm.world
         self.steps_per_epoch = steps_per_epoch
@@ -60,7 +67,7 @@ class Trainer:
         self.channels_last = use_channels_last(cfg, device)
         self.memory_format = memory_format_name(self.channels_last)
         torch.manual_seed(cfg.seed)  # identical initial weights everywhere (and broadcast anyway)
-        model = build_moco(cfg, comm).to(device)
+        model = build_moco(cfg, comm, self.survey).to(device)
         check_cpu_channels_last(model, device, self.channels_last)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -150,6 +157,7 @@ class Trainer:
             "rng": rngs,
             "loader": loaders,
             "config": dataclasses.asdict(self.cfg),
+            **self.records,
         }
 
     def load_state(self, state: dict[str, Any], loader=None) -> bool:
@@ -194,14 +202,14 @@ class Trainer:
 # ---------------------------------------------------------------------- the run
 
 
-def _build_loader(cfg: Config, comm: Comm):
+def _build_loader(cfg: Config, comm: Comm, dataset=None):
     from photoz_hpc.data import open_dataset
 
     try:
         from photoz_hpc.augment.loaders import build_loader
     except ImportError as exc:
         raise PhotozError(f"the data loaders (photoz_hpc.augment.loaders) are not available: {exc}") from None
-    dataset = open_dataset(cfg.data.path)
+    dataset = dataset if dataset is not None else open_dataset(cfg.data.path)
     return build_loader(cfg, dataset, pipeline="pretrain", rank=comm.rank, world_size=comm.world, seed=cfg.seed,
                         device=None)
 
@@ -215,15 +223,23 @@ def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str
     signal during start-up (loader, checkpoint load) or after the loop (final save, export, summary)
     only sets the flag, so the run still ends with a checkpoint (or, with nothing trained yet, a clean
     pre-empted exit) instead of being killed."""
+    from photoz_hpc.data import open_dataset
     from photoz_hpc.run_lock import RunDir
     from photoz_hpc.train.loop import run_loop
     from photoz_hpc.train.runtime import run_with_comm
 
     def body(cfg, comm, device, flag):
         nonlocal loader
+        dataset = None
         if loader is None:
-            loader = _build_loader(cfg, comm)
-        trainer = Trainer(cfg, comm, device, len(loader))
+            dataset = open_dataset(cfg.data.path)
+            survey = dataset_survey(dataset)
+        else:
+            survey = loader_survey(loader, cfg)
+        cfg = resolve_run_config(cfg, survey)  # saved (config.yaml, checkpoints, encoder.pt) with concrete crops
+        if loader is None:
+            loader = _build_loader(cfg, comm, dataset)
+        trainer = Trainer(cfg, comm, device, len(loader), survey)
         return run_loop(cfg, trainer, loader, flag, device)
 
     return run_with_comm(cfg, comm, body, hold=RunDir(Path(cfg.out_dir), "pretrain"), interrupt=True)

@@ -7,7 +7,9 @@ this run's config differ, leaving out the keys of ``MAY_CHANGE``; the loop refus
 
 Datasets (``data.path``, ``finetune.val_data``) are compared by content, not by path: the checkpoint carries
 each dataset's identity (a hash of its manifest's shard checksums), so a dataset staged to node-local disk or
-moved keeps resuming, and other data at the same path is refused.
+moved keeps resuming, and other data at the same path is refused. What the model records about its data (the
+survey, the redshift grid: ``records_mismatch``) must be the same too, so a resume on another survey's data
+names both surveys and their bands.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from photoz_hpc.models.records import GRID_KEY, SURVEY_KEY, default_survey
+from photoz_hpc.survey import SDSS_GRID
 
 #: Keys (or whole sections) that may differ on resume, and why: they change how the run is executed, logged,
 #: checkpointed or how long it runs, never what a training step computes from which data.
@@ -109,6 +114,26 @@ def global_batch_change(state: dict[str, Any], world: int, batch_size: int) -> s
         return None
     return (f"loader.batch_size: global batch {saved_world} x {saved_batch} = {saved_world * saved_batch} -> "
             f"{world} x {batch_size} = {world * batch_size}")
+
+
+def records_mismatch(state: dict[str, Any], records: dict[str, Any] | None) -> list[str]:
+    """What the model of checkpoint ``state`` records about its data (survey, redshift grid; none recorded: SDSS
+    and the paper's 180 bins) that differs from this run's ``records``, as 'key: old -> new' lines naming both."""
+    diffs = []
+    records = records or {}
+    if SURVEY_KEY in records:
+        old, new = state.get(SURVEY_KEY) or default_survey().to_dict(), records[SURVEY_KEY]
+        if old != new:
+            what = f"survey: '{old.get('name')}' bands {old.get('bands')} -> '{new.get('name')}' bands {new.get('bands')}"
+            if (old.get("name"), old.get("bands")) == (new.get("name"), new.get("bands")):
+                what += f" (its description differs in {sorted(k for k in new if old.get(k) != new[k])})"
+            diffs.append(what)
+    if GRID_KEY in records:
+        old, new = state.get(GRID_KEY) or SDSS_GRID.to_dict(), records[GRID_KEY]
+        if old != new:
+            diffs.append(f"redshift grid: {old['n_bins']} bins over [{old['z_min']}, {old['z_max']}) -> "
+                         f"{new['n_bins']} bins over [{new['z_min']}, {new['z_max']})")
+    return diffs
 
 
 def mismatch(saved: dict[str, Any], saved_datasets: dict[str, Any] | None, cfg,
