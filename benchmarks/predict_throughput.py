@@ -81,12 +81,12 @@ def macs_per_galaxy(net, crop: int = 64) -> float:
 def summary_rate(n: int = 20000) -> float:
     from photoz_hpc.evaluate.calibration import softmax_log
     from photoz_hpc.evaluate.pdfs import summarize_catalogue
-    from photoz_hpc.redshift_grid import z_bin_centres
+    from photoz_hpc.survey import SDSS_GRID
 
     mu = np.random.default_rng(0).uniform(0.05, 0.35, n)
-    probs = softmax_log(-0.5 * ((z_bin_centres()[None, :] - mu[:, None]) / 0.02) ** 2)
+    probs = softmax_log(-0.5 * ((SDSS_GRID.centres()[None, :] - mu[:, None]) / 0.02) ** 2)
     t0 = time.perf_counter()
-    summarize_catalogue(probs)
+    summarize_catalogue(probs, SDSS_GRID)
     return n / (time.perf_counter() - t0)
 
 
