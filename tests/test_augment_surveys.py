@@ -6,6 +6,7 @@ band's MAD; the z_bin labels follow the grid passed down; crop and jitter defaul
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from photoz_hpc.data.prepare import prepare
 from photoz_hpc.errors import ConfigError, DatasetError
 from photoz_hpc.survey import RedshiftGrid, load_survey, survey_of_manifest
 
+#: benchmarks/gpu_check.sh can run these on the DALI GPU path with PHOTOZ_AUGMENT_DEVICE=gpu, as tests/test_augment.py
+DEVICE = os.environ.get("PHOTOZ_AUGMENT_DEVICE", "cpu")
 SIZE, CROP, JITTER = 32, 16, 4
 #: name -> (survey, the bands kept: None for all)
 STORES = {"legacy": ("legacy", ("g", "r", "z")), "hsc": ("hsc", None), "lsst": ("lsst", None)}
@@ -57,7 +60,7 @@ def stores(tmp_path_factory):
 
 
 def cfg_of(*overrides: str, batch: int = 8, backend: str = "dali"):
-    return load_config(None, [f"loader.batch_size={batch}", f"loader.backend={backend}", "loader.device=cpu",
+    return load_config(None, [f"loader.batch_size={batch}", f"loader.backend={backend}", f"loader.device={DEVICE}",
                               f"augment.crop_size={CROP}", f"augment.jitter_max={JITTER}", *overrides])
 
 
@@ -124,9 +127,9 @@ def test_reddening_follows_the_surveys_vector(stores, name, backend):
     np.testing.assert_array_equal(loader.source.spec.reddening_vector, coeff)
     seen = 0
     for k, batch in enumerate(loader):
-        raw = _raw_crop(ds, batch["index"].numpy())
+        raw = _raw_crop(ds, batch["index"].cpu().numpy())
         for v, key in enumerate(("view1", "view2")):
-            log_ratio = np.log10(batch[key].numpy().astype(np.float64) / raw)  # (B, C, S, S)
+            log_ratio = np.log10(batch[key].cpu().numpy().astype(np.float64) / raw)  # (B, C, S, S)
             ratios = log_ratio / log_ratio[:, r : r + 1]
             want = np.broadcast_to((coeff / coeff[r])[None, :, None, None], ratios.shape)
             np.testing.assert_allclose(ratios, want, rtol=1e-4)
@@ -146,11 +149,11 @@ def test_dereddening_uses_the_surveys_vector(stores, name):
     ds = stores[name]
     coeff = _survey(ds).reddening_vector
     batch = next(iter(build_loader(cfg_of(batch=10), ds, "eval")))
-    ids = batch["index"].numpy()
+    ids = batch["index"].cpu().numpy()
     ebv_sfd = ds.meta["ebv_sfd"][ids]
     assert ebv_sfd.min() > 0
     want = _raw_crop(ds, ids) * 10 ** (0.4 * np.outer(ebv_sfd, coeff))[:, :, None, None]
-    np.testing.assert_allclose(batch["image"].numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(batch["image"].cpu().numpy(), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(STORES))
@@ -165,14 +168,14 @@ def test_noise_is_each_bands_mad_times_the_scale(stores, name):
     spec = loader.source.spec
     np.testing.assert_allclose(spec.mad, mad, rtol=1e-6)
     batch = next(iter(loader))
-    raw = _raw_crop(ds, batch["index"].numpy())
+    raw = _raw_crop(ds, batch["index"].cpu().numpy())
     for v, key in enumerate(("view1", "view2")):
         inputs = loader.source.batch(0).views[v]
         assert inputs.sigma.shape == (8, 1, 1, bands)
         sigma = np.outer(inputs.draws.scale, mad)  # (B, C)
         fields = np.stack(inputs.noise).transpose(0, 3, 1, 2)  # (B, C, S, S)
         want = raw + sigma[:, :, None, None] * fields
-        np.testing.assert_allclose(batch[key].numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(batch[key].cpu().numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_z_bin_labels_follow_the_grid_passed_down(stores):
@@ -186,11 +189,11 @@ def test_z_bin_labels_follow_the_grid_passed_down(stores):
     assert default.source.spec.grid == survey_grid == RedshiftGrid(0.0, 0.8, 200)  # the survey's, by default
     differ = 0
     for batch, plain in zip(loader, default, strict=True):
-        ids = batch["index"].numpy()
-        np.testing.assert_array_equal(batch["z_bin"].numpy(), grid.bins(z[ids]))
-        np.testing.assert_array_equal(plain["z_bin"].numpy(), survey_grid.bins(z[ids]))
+        ids = batch["index"].cpu().numpy()
+        np.testing.assert_array_equal(batch["z_bin"].cpu().numpy(), grid.bins(z[ids]))
+        np.testing.assert_array_equal(plain["z_bin"].cpu().numpy(), survey_grid.bins(z[ids]))
         edges = grid.edges()
-        b = batch["z_bin"].numpy()
+        b = batch["z_bin"].cpu().numpy()
         assert ((edges[b] <= z[ids]) & (z[ids] < edges[b + 1])).all()
         differ += int((batch["z_bin"] != plain["z_bin"]).sum())
     assert differ > 0
@@ -249,3 +252,17 @@ def test_docs_survey_table_is_the_shipped_surveys():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "augmentations.md").read_text()
     assert survey_table() in docs, "regenerate the table: python -m photoz_hpc.augment.pipelines"
     assert "| `hsc` | g r i z y | g 3.24, r 2.276" in survey_table()  # the vectors themselves, per band
+
+
+def test_cli_writes_views_of_any_band_count(stores, tmp_path):
+    from photoz_hpc.cli import main
+
+    ds = stores["lsst"]
+    tiny = [f"augment.crop_size={CROP}", f"augment.jitter_max={JITTER}"]
+    out = tmp_path / "views.npz"
+    assert main(["augment", "--data", str(ds.root), "--n", "4", "--out", str(out), *tiny]) == 0
+    assert np.load(out)["views"].shape == (4, 2, 6, CROP, CROP)
+    pytest.importorskip("matplotlib")  # the PNG is drawn by viz.py; the GPU machine's image has no matplotlib
+    png = tmp_path / "views.png"
+    assert main(["augment", "--data", str(stores["legacy"].root), "--n", "4", "--out", str(png), *tiny]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # previews from the survey's rgb bands (z r g of g r z)

@@ -59,13 +59,14 @@ def _augment(args: argparse.Namespace) -> int:
     if out.suffix.lower() == ".npz":
         np.savez(out, views=views, ids=ids.astype(np.int64))
     else:
-        _save_png(views, ids, pipeline, out)
+        _save_png(views, ids, pipeline, out, loader.source.spec.survey)
     print(out)
     return 0
 
 
-def _save_png(views, ids, pipeline: Pipeline, out) -> None:
-    """Grid of RGB cutouts via photoz_hpc.viz (several views of a sample side by side)."""
+def _save_png(views, ids, pipeline: Pipeline, out, survey) -> None:
+    """Grid of RGB cutouts via photoz_hpc.viz (several views of a sample side by side), in the preview bands of
+    the dataset's survey (``Survey.rgb``)."""
     from photoz_hpc.viz import save_grid
 
     if pipeline.n_views > 1:
@@ -73,4 +74,4 @@ def _save_png(views, ids, pipeline: Pipeline, out) -> None:
         labels = [f"{i} v{v + 1}" for i in ids for v in range(pipeline.n_views)]
     else:
         images, labels = views, [str(i) for i in ids]
-    save_grid(images, labels, out, ncols=8)
+    save_grid(images, labels, out, ncols=8, survey=survey)
