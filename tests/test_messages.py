@@ -63,7 +63,9 @@ def test_the_zphot_vs_zspec_colour_bar_has_plain_integer_ticks(tmp_path, monkeyp
     rng = np.random.default_rng(0)
     z_spec = rng.uniform(0.02, 0.3, 300)
     z_phot = z_spec + rng.normal(0, 0.01, 300)
-    plots.plot_evaluation(tmp_path, z_phot, z_spec, None, "t")
+    from photoz_hpc.survey import SDSS_GRID
+
+    plots.plot_evaluation(tmp_path, z_phot, z_spec, None, "t", SDSS_GRID)
     fig = figures[0]  # zphot_vs_zspec.png
     fig.canvas.draw()
     bar = fig.axes[-1]

@@ -22,12 +22,12 @@ from helpers import TINY_MODEL, run_torch, write_release_h5
 
 from photoz_hpc.cli import main
 from photoz_hpc.config import Config, load_config
-from photoz_hpc.constants import R_DR12
 from photoz_hpc.data.prepare import prepare
 from photoz_hpc.errors import DatasetError, PhotozError
 from photoz_hpc.evaluate.embeddings import INDEX_NAME, Embeddings, embed_dataset, load_embedder
 from photoz_hpc.evaluate.similarity import anomaly_scores, faiss_available, knn
 from photoz_hpc.models.moco import build_moco
+from photoz_hpc.survey import load_survey
 from photoz_hpc.train.checkpoint import export_checkpoint_encoder, save_checkpoint
 
 N_GAL, N_COPY, SIZE = 40, 8, 33
@@ -59,7 +59,8 @@ def make_set(root: Path, seed: int = 3) -> Path:
     dead = img[N_COPY + 2].copy()
     dead[:, :, SIZE // 2 - 3:SIZE // 2 + 3] = 0.0
     images = np.ascontiguousarray(np.concatenate([img, copies, streak[None], dead[None]]), dtype=np.float32)
-    e_bv = np.tile((R_DR12 * 0.02).astype(np.float32), (len(images), 1))  # the same for all: copies stay copies
+    r_dr12 = np.asarray(load_survey("sdss").input_coefficients)  # the release's per-band extinction coefficients
+    e_bv = np.tile((r_dr12 * 0.02).astype(np.float32), (len(images), 1))  # the same for all: copies stay copies
     root.mkdir(parents=True, exist_ok=True)
     h5 = write_release_h5(root / "release.h5", len(images), seed=seed, size=SIZE, images=images, e_bv=e_bv)
     return prepare([h5], root / "prepared", samples_per_shard=20, overwrite=True)
