@@ -146,8 +146,8 @@ def _with_cutout(survey: Survey, height: int, width: int, notes: list[tuple[int,
     values["cutout_size"] = side
     if values["crop_size"] > side:
         notes.append((logging.WARNING, f"survey '{survey.name}': crop_size {values['crop_size']} exceeds the {side} px "
-                      f"cutouts; recorded as {side} (jitter_max 0)"))
-        values["crop_size"], values["jitter_max"] = side, 0
+                      f"cutouts; recorded as {side} (set augment.crop_size and jitter_max to fit)"))
+        values["crop_size"] = side  # jitter_max is kept: an explicit smaller crop keeps the survey's jitter
     return survey_from_dict(values, f"survey '{survey.name}' with {side} px cutouts")
 
 
