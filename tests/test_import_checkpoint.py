@@ -170,6 +170,10 @@ def test_photoz_model_imports_every_tensor_and_gives_the_same_output(tmp_path, p
         mine = ours["head." + key[3:]] if key.startswith("fc.") else ours["encoder." + key]
         assert torch.equal(mine, value), key
     assert blob["source"].get("epoch") == (64 if wrapped else None)
+    # the paper's data: SDSS ugriz and its 180 bins over [0, 0.4), recorded so other bands are refused
+    assert blob["survey"]["name"] == "sdss" and blob["survey"]["bands"] == ["u", "g", "r", "i", "z"]
+    assert blob["redshift_grid"] == {"z_min": 0.0, "z_max": 0.4, "n_bins": 180} and net.grid.n_bins == 180
+    assert report["bands"] == ["u", "g", "r", "i", "z"] and report["redshift_grid"] == blob["redshift_grid"]
     with torch.no_grad():
         ref = F.linear(tv_trunk(photoz_sd, X), photoz_sd["fc.weight"], photoz_sd["fc.bias"])
         close(net(X), ref)
@@ -185,6 +189,7 @@ def test_moco_checkpoint_becomes_an_encoder_export_with_the_same_features(tmp_pa
 
     blob = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert blob["format"] == ENCODER_FORMAT and blob["model"]["stem_kernel"] == 7
+    assert blob["survey"]["name"] == "sdss" and report["survey"] == "sdss"
     q = {k[len("encoder_q."):]: v for k, v in moco_sd.items() if k.startswith("encoder_q.")}
     trunk = {k: v for k, v in q.items() if not k.startswith("fc.")}
     assert blob["state_dict"].keys() == trunk.keys()  # the query trunk, all of it
@@ -257,7 +262,7 @@ def test_wrong_shapes_are_listed(tmp_path, small_sd) -> None:
     _expect(tmp_path, {"model_state": sd}, "2 shape mismatches", "layer2.0.conv2.weight (16, 16, 5, 5) (ours (16, 16, 3, 3))",
             "fc.weight (180, 100) (ours (180, 256))")
     sd = dict(small_sd, **{"conv1.weight": torch.randn(8, 3, 7, 7)})
-    _expect(tmp_path, sd, "3 input channels")
+    _expect(tmp_path, sd, "3 input channels", "SDSS checkpoints only", "ugriz")
 
 
 def test_missing_and_leftover_keys_are_listed(tmp_path, small_sd) -> None:
