@@ -1,6 +1,7 @@
 """What a trained network says about galaxies: metrics runs, catalogues, calibration, embeddings.
 
-``run`` (the evaluate command), ``pdfs`` (point estimates and intervals from binned probabilities),
+``run`` (the evaluate command), ``inputs`` (what every command checks first: the data's bands are the network's),
+``pdfs`` (point estimates and intervals from binned probabilities on the network's redshift grid),
 ``predictions`` / ``plots`` (evaluation CSV and figures), ``catalogue`` (survey-scale predict),
 ``calibration`` (PIT, coverage, temperature), ``qp_export`` (RAIL), ``embeddings`` / ``similarity``
 (embed, search, anomalies). The metrics themselves live in ``photoz_hpc.metrics``; sweeps and their
