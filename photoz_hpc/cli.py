@@ -35,7 +35,7 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="photoz-hpc",
-        description="Self-supervised photometric redshifts from SDSS cutouts on HPC systems.",
+        description="Self-supervised photometric redshifts from multi-band survey images (SDSS, Legacy Surveys, HSC, LSST...) on HPC systems.",
     )
     parser.add_argument("--version", action="version", version=f"photoz-hpc {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],

@@ -120,7 +120,7 @@ class LoaderConfig:
 
 @dataclass
 class ModelConfig:
-    """Encoder architecture (ResNet with a stride-1 5-band stem) and projection head."""
+    """Encoder architecture (ResNet with a stride-1 stem over the data's bands, 5 for SDSS) and projection head."""
 
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
     width: int = 64

@@ -305,6 +305,26 @@ def shipped_surveys() -> list[Survey]:
     return [load_survey(name) for name in SHIPPED_SURVEYS]
 
 
+def presets_table() -> str:
+    """The table of docs/surveys.md: each shipped description's facts and sources (a test checks the docs hold it)."""
+    rows = ["| survey | bands (channel order) | A_b / E(B-V), SFD scale | input extinction | pixel | cutout | "
+            "flux unit (AB zero point) | redshift grid | sources |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in shipped_surveys():
+        coeffs = ", ".join(f"{b} {c:g}" for b, c in zip(s.bands, s.extinction_coefficients, strict=True))
+        if s.input_coefficients is None:
+            given = "E(B-V)"
+        elif s.input_coefficients == s.extinction_coefficients:
+            given = "A_b with the same vector"
+        else:
+            given = "A_b with " + ", ".join(f"{c:g}" for c in s.input_coefficients)
+        g = s.redshift_grid
+        extra = f"; input: {s.spec.extinction_input.source}" if given.startswith("A_b with ") and "same" not in given else ""
+        rows.append(f"| `{s.name}` | {' '.join(s.bands)} | {coeffs} | {given} | {s.pixel_scale:g}\" | "
+                    f"{s.cutout_size} px | {s.flux_unit} ({s.zeropoint:g}) | {g.n_bins} bins over [{g.z_min:g}, "
+                    f"{g.z_max:g}) | {s.spec.extinction_source}{extra} |")
+    return "\n".join(rows)
+
+
 def survey_of_manifest(manifest: dict[str, Any], where: str) -> Survey:
     """The survey a prepared dataset records; a manifest from before surveys existed is SDSS."""
     if "survey" not in manifest:
@@ -314,5 +334,9 @@ def survey_of_manifest(manifest: dict[str, Any], where: str) -> Survey:
 
 __all__ = [
     "DEFAULT_SURVEY", "SDSS_GRID", "SHIPPED_SURVEYS", "RedshiftGrid", "Survey", "SurveySpec", "load_survey",
-    "shipped_surveys", "survey_from_dict", "survey_of_manifest",
+    "presets_table", "shipped_surveys", "survey_from_dict", "survey_of_manifest",
 ]
+
+
+if __name__ == "__main__":  # python -m photoz_hpc.survey: the presets table of docs/surveys.md
+    print(presets_table())

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune the photo-z classifier (self-supervised init, supervised baseline, linear probe)",
-        description="Train the 180-bin redshift classifier on labeled images, validate every epoch, keep the best "
+        description="Train the redshift classifier (bins: finetune.z_min/z_max/n_z_bins, default the survey's grid; SDSS 180 over [0, 0.4)) on labeled images, validate every epoch, keep the best "
         "network by validation sigma_MAD and evaluate it. finetune.init=PATH (pretraining checkpoint or "
         "encoder.pt) or none (supervised baseline). Exit code 75 means pre-empted (requeue to resume).",
     )

@@ -26,6 +26,7 @@ from photoz_hpc.config import Config, FinetuneRunConfig, apply_overrides, config
 from photoz_hpc.data.format import MANIFEST_NAME
 from photoz_hpc.errors import ConfigError
 from photoz_hpc.logs import get_logger
+from photoz_hpc.survey import load_survey, survey_of_manifest
 from photoz_hpc.torch_files import add_trust_pickle_flag
 
 log = get_logger(__name__)
@@ -45,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--finetune-config", default=None,
                        help=f"fine-tuning YAML (default: the packaged {FINETUNE_CONFIG})")
         p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+        p.add_argument("--survey", default=None,
+                       help="survey to synthesise: sdss (default), legacy, hsc, lsst or a survey YAML path "
+                       "(sets data.survey; docs/surveys.md)")
         p.add_argument("--fresh", action="store_true", help="regenerate the survey even if the dataset exists")
         p.add_argument("--skip-train", action="store_true", help="stop after preparing the dataset")
         p.add_argument("overrides", nargs="*", help="config overrides, key=value or section.key=value")
@@ -77,7 +81,8 @@ def split_overrides(overrides: list[str]) -> dict[type, list[str]]:
 
 def stage_configs(args: argparse.Namespace) -> tuple[Config, dict[str, FinetuneRunConfig]]:
     """The pretraining config and one fine-tuning config per method, all inside ``args.out``."""
-    routed = split_overrides(args.overrides)
+    overrides = list(args.overrides) + ([f"data.survey={args.survey}"] if getattr(args, "survey", None) else [])
+    routed = split_overrides(overrides)
     out = Path(args.out)
     pre = load_config(args.config or packaged_config(PRETRAIN_CONFIG), routed[Config], root=Config)
     pre = dataclasses.replace(pre, out_dir=str(out / "pretrain"))
@@ -98,24 +103,33 @@ def stage_configs(args: argparse.Namespace) -> tuple[Config, dict[str, FinetuneR
 
 def build_dataset(cfg, fresh: bool = False) -> Path:
     """Synthesise and prepare the survey at ``cfg.data.path`` unless a valid one exists."""
+    from photoz_hpc.data.dataset import read_manifest
     from photoz_hpc.data.prepare import prepare
     from photoz_hpc.data.verify import verify_dataset
     from photoz_hpc.errors import DatasetError
     from photoz_hpc.sim import generate_survey
 
     dataset = Path(cfg.data.path)
+    survey = load_survey(cfg.data.survey)
+    bands = list(survey.spec.default_bands or survey.bands)  # what synth renders
     if not fresh and (dataset / MANIFEST_NAME).exists():
         try:
             verify_dataset(dataset)
-            log.info("reusing verified dataset %s (use --fresh to regenerate)", dataset)
-            return dataset
         except DatasetError as exc:
             log.warning("existing dataset unusable, regenerating: %s", exc)
+        else:
+            found = survey_of_manifest(read_manifest(dataset), str(dataset))
+            if (found.name, list(found.bands)) != (survey.name, bands):
+                raise ConfigError(f"{dataset}: holds survey '{found.name}' bands {list(found.bands)}, but data.survey "
+                                  f"asks for '{survey.name}' bands {bands}: use another data.path, or --fresh to "
+                                  "replace it")
+            log.info("reusing verified dataset %s (use --fresh to regenerate)", dataset)
+            return dataset
     h5 = dataset.with_name(dataset.name + ".h5")
     h5.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    generate_survey(h5, n=cfg.data.synth_n, seed=cfg.seed, labeled=cfg.data.synth_labeled)
-    log.info("synthesised %d galaxies in %.1f s -> %s", cfg.data.synth_n, time.perf_counter() - t0, h5)
+    generate_survey(h5, n=cfg.data.synth_n, seed=cfg.seed, labeled=cfg.data.synth_labeled, survey=cfg.data.survey)
+    log.info("synthesised %d %s galaxies in %.1f s -> %s", cfg.data.synth_n, survey.name, time.perf_counter() - t0, h5)
     prepare([h5], dataset, samples_per_shard=cfg.data.samples_per_shard, overwrite=True)
     verify_dataset(dataset)
     return dataset
@@ -135,6 +149,13 @@ def _set_aside_finished_run(out: Path) -> None:
 # ---------------------------------------------------------------------- report
 
 
+def _survey_line(dataset: Path) -> str:
+    from photoz_hpc.data.dataset import read_manifest
+
+    survey = survey_of_manifest(read_manifest(dataset), str(dataset))
+    return f"survey {survey.name}, bands {' '.join(survey.bands)}"
+
+
 def write_report(out: Path, dataset: Path, pre: dict[str, Any], results: dict[str, dict[str, Any]],
                  runs: dict[str, FinetuneRunConfig], seconds: float) -> Path:
     from photoz_hpc.io_utils import atomic_write_text
@@ -147,7 +168,7 @@ def write_report(out: Path, dataset: Path, pre: dict[str, Any], results: dict[st
                "the supervised baseline has the lower (or equal) sigma_MAD")
     lines = [
         "# photoz-hpc quickstart report", "",
-        f"Synthetic labeled survey `{dataset}`; pretraining `{pre['out_dir']}` ({pre['steps']} MoCo steps, loss "
+        f"Synthetic labeled survey `{dataset}` ({_survey_line(dataset)}); pretraining `{pre['out_dir']}` ({pre['steps']} MoCo steps, loss "
         f"{pre['first_loss']:.3f} -> {pre['last_loss']:.3f}); fine-tuning on {results['ssl']['n_train']} labeled "
         f"galaxies (label fraction {ft.label_fraction:g}, the same galaxies for both methods), evaluation on the "
         f"{results['ssl']['n_val']} held-out galaxies. Wall time {seconds / 60:.1f} min.", "",

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain",
         help="self-supervised MoCo v2 pretraining",
-        description="Pretrain the 5-band ResNet encoder with MoCo v2. Exit code 75 means pre-empted "
+        description="Pretrain the ResNet encoder (its stem takes the data's bands) with MoCo v2. Exit code 75 means pre-empted "
         "(checkpoint written; requeue the job and it resumes); a first Ctrl-C also writes a checkpoint and exits 130, "
         "a second stops at once.",
     )
