@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from photoz_hpc.constants import R_DR12
+from photoz_hpc.survey import load_survey
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
@@ -154,7 +154,7 @@ def write_release_h5(path: Path, n: int, seed: int = 0, labeled: bool = True, si
     ebv = rng.lognormal(np.log(0.03), 0.5, n)
     data = {
         "images": (rng.standard_normal((n, 5, size, size)) * 0.01 + rng.uniform(0, 0.1, (n, 5, 1, 1))).astype(np.float32),
-        "e_bv": (R_DR12[None, :] * ebv[:, None]).astype(np.float32),
+        "e_bv": (np.asarray(load_survey("sdss").input_coefficients)[None, :] * ebv[:, None]).astype(np.float32),
         "ra": rng.uniform(120, 240, n),
         "dec": rng.uniform(0, 60, n),
         "ObjID": np.arange(n, dtype=np.int64) + 1237650000000000000 + seed * 100000,
