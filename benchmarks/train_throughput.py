@@ -162,7 +162,7 @@ def instrument(trainer, regions: Regions):
     return restore
 
 
-def flops_per_image(cfg, device, precision) -> float:
+def flops_per_image(cfg, device, precision, survey) -> float:
     """Model FLOPs of one MoCo training step per image (forward + backward), on a one-process copy."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -170,9 +170,9 @@ def flops_per_image(cfg, device, precision) -> float:
     from photoz_hpc.models.moco import build_moco
 
     torch.manual_seed(0)
-    model = build_moco(cfg, None).to(device)
+    model = build_moco(cfg, None, survey=survey).to(device)
     b, s = cfg.loader.batch_size, cfg.augment.crop_size
-    x = torch.randn(b, 5, s, s, device=device)
+    x = torch.randn(b, survey.n_bands, s, s, device=device)
     with FlopCounterMode(display=False) as counter:
         with precision.autocast():
             out = model(x, x.flip(-1), momentum=0.99, shuffle_seed=0)
@@ -222,7 +222,7 @@ def _loader_epochs(loader):
         epoch += 1
 
 
-def run_mode(mode: str, cfg, comm, device, args, loader=None) -> dict[str, Any]:
+def run_mode(mode: str, cfg, comm, device, args, survey, loader=None) -> dict[str, Any]:
     """One mode: warm-up, timed windows; images/s per rank and in total, breakdown, data wait."""
     import torch
 
@@ -234,16 +234,17 @@ def run_mode(mode: str, cfg, comm, device, args, loader=None) -> dict[str, Any]:
     gb = cfg.loader.batch_size * comm.world
     trainer, restore = None, (lambda: None)
     if mode != "pipeline":
-        trainer = Trainer(cfg, comm, device, steps_per_epoch=max(1, len(loader)) if loader is not None else 1000)
+        trainer = Trainer(cfg, comm, device, steps_per_epoch=max(1, len(loader)) if loader is not None else 1000,
+                          survey=survey)
         if args.breakdown:
             restore = instrument(trainer, regions)
     try:
-        return _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb)
+        return _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb, survey.n_bands)
     finally:
         restore()
 
 
-def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb) -> dict[str, Any]:
+def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb, bands) -> dict[str, Any]:
     import torch
 
     from photoz_hpc.train.late_reads import DataWait, LateRead
@@ -252,8 +253,8 @@ def _timed_windows(mode, cfg, comm, args, loader, trainer, regions, sync, gb) ->
     if mode == "synthetic":
         b, s = cfg.loader.batch_size, cfg.augment.crop_size
         gen = torch.Generator(device="cpu").manual_seed(comm.rank)
-        fixed = [{"view1": torch.randn(b, 5, s, s, generator=gen).to(device),
-                  "view2": torch.randn(b, 5, s, s, generator=gen).to(device)} for _ in range(2)]
+        fixed = [{"view1": torch.randn(b, bands, s, s, generator=gen).to(device),
+                  "view2": torch.randn(b, bands, s, s, generator=gen).to(device)} for _ in range(2)]
         stream = ((batch, False) for batch in itertools.cycle(fixed))
     else:
         stream = _loader_epochs(loader)
@@ -334,10 +335,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from photoz_hpc.config import load_config
     from photoz_hpc.train.runtime import run_with_comm
+    from photoz_hpc.train.surveys import loader_survey, resolve_run_config
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     overrides += ["train.progress=false", "train.tensorboard=false"]
     cfg = load_config(args.config, overrides)
+    survey = loader_survey(None, cfg)  # the data's (synthetic mode without data: SDSS)
+    cfg = resolve_run_config(cfg, survey)  # concrete crop and jitter
     modes = [m for m in args.modes.split(",") if m]
     load_before = os.getloadavg()
 
@@ -352,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.rebuild_each_epoch and hasattr(loader, "persistent"):
                 loader.persistent = False
         for mode in modes:
-            results.append(run_mode(mode, cfg, comm, device, args, None if mode == "synthetic" else loader))
+            results.append(run_mode(mode, cfg, comm, device, args, survey, None if mode == "synthetic" else loader))
         precision = resolve_precision(cfg.train.precision, device)
-        flops = flops_per_image(cfg, device, precision) if comm.rank == 0 else None
+        flops = flops_per_image(cfg, device, precision, survey) if comm.rank == 0 else None
         peak, peak_note = device_peak(device, args)
         for r in results:
             if r["mode"] != "pipeline" and flops:
@@ -374,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "benchmark": "train_throughput", "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "config": args.config, "overrides": overrides,
-        "model": f"{cfg.model.arch}/{cfg.model.width}", "crop": cfg.augment.crop_size, "queue": cfg.moco.queue_size,
+        "model": f"{cfg.model.arch}/{cfg.model.width}", "crop": cfg.augment.crop_size, "survey": survey.name,
+        "bands": list(survey.bands), "queue": cfg.moco.queue_size,
         "embed": cfg.model.embed_dim,
         "bn_mode": cfg.moco.bn_mode, "queue_mode": cfg.moco.queue_mode,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",

@@ -32,6 +32,7 @@ from photoz_hpc.comm.base import Comm
 from photoz_hpc.comm.horovod_comm import HorovodComm, HorovodViews, horovod_view
 from photoz_hpc.config import ROOTS, load_config
 from photoz_hpc.errors import ConfigError
+from photoz_hpc.survey import load_survey
 from photoz_hpc.train import precision as precision_mod
 from photoz_hpc.train.pretrain import Trainer
 from photoz_hpc.train.runtime import prepare_device, use_channels_last
@@ -582,7 +583,7 @@ def test_train_throughput_on_a_gpu_reads_each_step_after_the_next_launched(monke
     args = SimpleNamespace(warmup=1, windows=1, window_steps=4, breakdown=False)
     cfg = _tiny_cfg("train.progress=false", "train.tensorboard=false", "augment.crop_size=16")
     with syncs:
-        out = bench.run_mode("synthetic", cfg, Comm(), CPU, args)
+        out = bench.run_mode("synthetic", cfg, Comm(), CPU, args, load_survey("sdss"))
     assert out["img_per_s"] > 0
     windows = _step_windows(syncs.events, inside=_WAITS)
     copied = {}
