@@ -62,9 +62,10 @@ class RedshiftGrid:
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "redshift grid") -> RedshiftGrid:
         try:
-            return cls(float(values["z_min"]), float(values["z_max"]), int(values["n_bins"]))
+            z_min, z_max, n_bins = float(values["z_min"]), float(values["z_max"]), int(values["n_bins"])
         except (KeyError, TypeError, ValueError) as exc:
             raise PhotozError(f"{where}: not a redshift grid ({values!r}): {exc}") from None
+        return cls(z_min, z_max, n_bins)
 
     @classmethod
     def from_edges(cls, edges: np.ndarray, where: str = "redshift grid") -> RedshiftGrid:
@@ -283,10 +284,9 @@ def survey_from_dict(values: dict[str, Any], where: str) -> Survey:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: a survey description must be a mapping, got {type(values).__name__}")
     try:
-        spec = config_from_dict(values, SurveySpec)
+        return _survey_from_spec(config_from_dict(values, SurveySpec))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return _survey_from_spec(spec)
 
 
 def load_survey(name_or_path: str | Path = DEFAULT_SURVEY) -> Survey:

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Stream HDF5 files into fixed-record shards with a manifest that records the survey. Release-"
         "layout files (images, e_bv, ObjID, ...) are SDSS unless --survey names another description; Multimodal "
         "Universe image samples (object_id, image_array, image_band, image_scale) get the survey whose band labels "
-        "and pixel scale they carry (docs/surveys_mmu.md). "
+        "and pixel scale they carry (docs/surveys.md). "
         "Runs in parallel when launched under mpirun/srun; an interrupted run resumes.",
     )
     p.add_argument("inputs", nargs="+", help="input HDF5 files, or directories of them (MMU <sample>/healpix=N/*.hdf5)")

@@ -2,7 +2,7 @@
 
 As for the release layout, every file is checked before anything is written (keys, shapes, dtypes, one band list
 per file) so bad input fails fast naming the file; rows are then read in caller-sized chunks. Pixels are copied
-bit for bit; ``image_ivar`` and ``image_mask`` are not applied (their presence is recorded, docs/surveys_mmu.md).
+bit for bit; ``image_ivar`` and ``image_mask`` are not applied (their presence is recorded, docs/surveys.md).
 """
 
 from __future__ import annotations
