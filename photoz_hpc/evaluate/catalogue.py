@@ -9,7 +9,7 @@ so a killed or pre-empted run resumes where it stopped and no galaxy is ever wri
 
     CATALOGUE/
       catalogue.json        the plan: checkpoint sha256, config, the model's bands and redshift grid (bin edges),
-                            inputs, columns, parts
+                            the id column (``id_column``), inputs, columns, parts
       parts/d000-s00000.parquet (or .h5)   one row per galaxy of input 0, shard 0, in dataset order
       done/d000-s00000.json marker: rows, sha256, bytes, rank, device, precision, seconds
       manifest.json         written last, once every part is done: plan + per-part checksums + counts
@@ -17,6 +17,10 @@ so a killed or pre-empted run resumes where it stopped and no galaxy is ever wri
 ``manifest.json`` with ``complete: true`` means complete. ``verify_catalogue`` re-hashes every part and checks
 against the inputs that every galaxy is present exactly once (the merge/verify step); a catalogue that fails
 it gets ``complete: false`` (a part damaged after its marker is reported as corrupt, by name).
+
+Galaxies are named by the inputs' id column (``ids.shared_id_column``): ``ObjID`` int64 for SDSS release stores
+(the schema as before surveys), ``object_id`` int64 or string for Multimodal Universe stores (Parquet: a string
+column; HDF5: a fixed-width utf-8 string dataset); the plan records it as ``id_column``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.errors import PhotozError
+from photoz_hpc.evaluate import ids as galaxy_ids
 from photoz_hpc.evaluate.calibration import softmax_log
 from photoz_hpc.evaluate.inputs import check_inputs
 from photoz_hpc.evaluate.pdfs import summarize_catalogue
@@ -53,7 +58,8 @@ log = get_logger(__name__)
 CATALOGUE_FORMAT = "photoz-hpc/catalogue/1"
 PLAN_NAME, MANIFEST_NAME, PARTS_DIR, DONE_DIR = "catalogue.json", "manifest.json", "parts", "done"
 FORMATS = {"parquet": ".parquet", "hdf5": ".h5"}
-#: catalogue columns in order, with their dtypes; ``pdf`` (the model's n_bins, float16) follows when requested.
+#: catalogue columns in order, with their dtypes, for SDSS release stores; ``pdf`` (the model's n_bins, float16)
+#: follows when requested. Other stores' catalogues have their id column in place of ``ObjID`` (``columns_for``).
 COLUMNS: dict[str, str] = {
     "ObjID": "int64", "ra": "float64", "dec": "float64",
     "z_phot": "float32", "z_mode": "float32", "z_median": "float32", "z_lo68": "float32", "z_hi68": "float32",
@@ -66,8 +72,17 @@ SLURM_LAUNCH_FILES = ("launch.log", ".launch")
 #: galaxies per forward pass by default: large on a GPU (no gradients to keep), moderate on a CPU
 #: (a ResNet-50 on 64x64 crops peaks at ~14 MB of fp32 activations per galaxy).
 DEFAULT_BATCH = {"cuda": 512, "cpu": 64}
-#: ``verify_catalogue`` counts ObjIDs that occur in several inputs up to this many rows (8 bytes each in memory).
+#: ``verify_catalogue`` counts ids that occur in several inputs up to this many rows, and up to as many bytes of ids
+#: as that many int64 ids take (string ids are wider: fewer of them).
 MAX_DUPLICATE_CHECK = 200_000_000
+#: the id column of a plan written before plans recorded it
+DEFAULT_ID_COLUMN = "ObjID"
+
+
+def columns_for(id_column: str = DEFAULT_ID_COLUMN, id_dtype: str = galaxy_ids.INT_LABEL) -> dict[str, str]:
+    """The catalogue's columns and dtypes with ``id_column`` (``ids.id_column_of``) naming the galaxies, in the
+    first place: SDSS (``ObjID``, int64) gives ``COLUMNS`` exactly."""
+    return {id_column: id_dtype, **{k: v for k, v in COLUMNS.items() if k != DEFAULT_ID_COLUMN}}
 
 
 @dataclass(frozen=True)
@@ -125,15 +140,17 @@ def make_plan(checkpoint: Path, cfg, meta: dict, datasets: list[ShardedDataset],
     and ``survey``: the model's (the pdf bins and the bands it read)."""
     parts = plan_parts(datasets)
     edges = grid.edges()
-    columns = list(COLUMNS) + ([PDF_COLUMN] if with_pdf else [])
+    id_column, id_dtype = galaxy_ids.shared_id_column(datasets)
+    schema = columns_for(id_column, id_dtype)
+    columns = list(schema) + ([PDF_COLUMN] if with_pdf else [])
     return {
         "format": CATALOGUE_FORMAT, "file_format": fmt,
         "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint), "model": _json_safe(meta),
         "config": dataclasses.asdict(cfg), "overrides": list(overrides),
         "tta": tta, "temperature": float(temperature), "pdf": with_pdf, "pdf_dtype": PDF_DTYPE if with_pdf else None,
         "survey": survey.name, "bands": list(survey.bands), "redshift_grid": grid.to_dict(),
-        "bin_edges": edges.tolist(), "columns": columns,
-        "column_dtypes": {**COLUMNS, **({PDF_COLUMN: f"{PDF_DTYPE}[{grid.n_bins}]"} if with_pdf else {})},
+        "bin_edges": edges.tolist(), "id_column": id_column, "columns": columns,
+        "column_dtypes": {**schema, **({PDF_COLUMN: f"{PDF_DTYPE}[{grid.n_bins}]"} if with_pdf else {})},
         "inputs": [{"path": str(ds.root), "count": len(ds), "shards": len(ds.shards),
                     "image_shape": list(ds.image_shape), "manifest_sha256": sha256_file(ds.root / "manifest.json")}
                    for ds in datasets],
@@ -205,28 +222,36 @@ def write_part(path: Path, columns: dict[str, np.ndarray], fmt: str, meta: dict[
 
             with h5py.File(tmp, "w") as fh:
                 for name, values in columns.items():
-                    fh.create_dataset(name, data=values)
+                    if values.dtype.kind == "U":  # string ids: fixed-width utf-8 (h5py stores no numpy unicode)
+                        encoded = np.char.encode(values, "utf-8") if values.size else np.zeros(0, "S1")
+                        utf8 = h5py.string_dtype("utf-8", max(1, encoded.dtype.itemsize))
+                        fh.create_dataset(name, data=encoded.astype(utf8))  # the dtype carries the encoding
+                    else:
+                        fh.create_dataset(name, data=values)
                 for key, value in meta.items():
                     fh.attrs[key] = value
 
 
 def read_part(path: Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Columns of one part file as numpy arrays (``pdf``: (rows, n_bins) float16)."""
+    """Columns of one part file as numpy arrays (``pdf``: (rows, n_bins) float16; string ids: a unicode array)."""
     if path.suffix == ".parquet":
-        _, pq = _pyarrow()
+        pa, pq = _pyarrow()
         table = pq.read_table(path, columns=columns)
         out = {}
         for name in table.column_names:
             col = table.column(name).combine_chunks()
             if name == PDF_COLUMN:
                 out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                out[name] = galaxy_ids.as_ids(col.to_numpy(zero_copy_only=False), galaxy_ids.STRING_LABEL)
             else:
                 out[name] = col.to_numpy(zero_copy_only=False)
         return out
     import h5py
 
     with h5py.File(path, "r") as fh:
-        return {k: fh[k][()] for k in (columns or list(fh.keys())) if k in fh}
+        return {k: (galaxy_ids.as_ids(fh[k].asstr()[()], galaxy_ids.STRING_LABEL) if h5py.check_string_dtype(fh[k].dtype)
+                    else fh[k][()]) for k in (columns or list(fh.keys())) if k in fh}
 
 
 def _pyarrow():
@@ -267,12 +292,15 @@ def part_done(root: Path, part: Part, fmt: str, check_sha: bool = True) -> dict 
 
 def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, probs: np.ndarray, with_pdf: bool,
                  grid: RedshiftGrid) -> dict[str, np.ndarray]:
-    """The catalogue columns of galaxies ``index`` of input ``d`` from their (N, grid.n_bins) pdfs."""
+    """The catalogue columns of galaxies ``index`` of input ``d`` from their (N, grid.n_bins) pdfs; the id column
+    is the store's (``ids.galaxy_ids``), in its own dtype."""
     meta = ds.meta[index]
     s = summarize_catalogue(probs, grid)
-    cols = {"ObjID": meta["ObjID"], "ra": meta["ra"], "dec": meta["dec"], **s, "z_spec": meta["specz_redshift"],
+    (id_column, id_values), = galaxy_ids.galaxy_ids(ds, index).items()
+    cols = {id_column: id_values, "ra": meta["ra"], "dec": meta["dec"], **s, "z_spec": meta["specz_redshift"],
             "dataset": np.full(len(index), d), "index": index}
-    out = {k: np.ascontiguousarray(cols[k], dtype=dt) for k, dt in COLUMNS.items()}
+    schema = columns_for(*galaxy_ids.id_column_of(ds))
+    out = {k: (cols[k] if k == id_column else np.ascontiguousarray(cols[k], dtype=dt)) for k, dt in schema.items()}
     if with_pdf:
         out[PDF_COLUMN] = probs.astype(PDF_DTYPE)
     return out
@@ -413,8 +441,10 @@ def finalize(root: str | Path) -> dict[str, Any] | None:
 
 def verify_catalogue(root: str | Path, data: list[str | Path] | None = None, write_manifest: bool = True) -> dict[str, Any]:
     """The merge/verify step: re-hash every part, check that its rows are exactly its shard's galaxies
-    (``index`` = the shard's rows, ObjID = the input's, when the inputs are readable; ``data`` overrides
-    the recorded paths), so every input galaxy appears exactly once; write ``manifest.json`` when all is well."""
+    (``index`` = the shard's rows, the id column (plan ``id_column``: ``ObjID``, ``object_id``) = the input's, when
+    the inputs are readable; ``data`` overrides the recorded paths), so every input galaxy appears exactly once;
+    write ``manifest.json`` when all is well. ``duplicate_objids``: ids found in more than one row (None when too
+    many to hold)."""
     root = Path(root)
     if not (root / PLAN_NAME).is_file():
         raise PhotozError(f"{root}: not a photo-z catalogue ({PLAN_NAME} is missing)")
@@ -434,7 +464,13 @@ def verify_catalogue(root: str | Path, data: list[str | Path] | None = None, wri
         except PhotozError as exc:
             log.warning("input %s cannot be read (%s): checking the catalogue against its plan only", path, exc)
             datasets.append(None)
-    missing, corrupt, rows, objids = [], [], 0, []
+    id_column = plan.get("id_column", DEFAULT_ID_COLUMN)
+    for d, ds in enumerate(datasets):
+        if ds is not None and ds.id_field != id_column:
+            problems.append(f"input {paths[d]} names its galaxies by {ds.id_field}, the catalogue by {id_column}")
+            datasets[d] = None
+    missing, corrupt, rows, ids, id_bytes = [], [], 0, [], 0
+    check_duplicates = plan["count"] <= MAX_DUPLICATE_CHECK
     for p in plan["parts"]:
         part = Part(p["dataset"], p["shard"], p["start"], p["count"])
         state, _ = part_state(root, part, fmt, check_sha=True)
@@ -444,18 +480,22 @@ def verify_catalogue(root: str | Path, data: list[str | Path] | None = None, wri
                 corrupt.append(part.name)
                 problems.append(f"part {part.name} is {state}; re-run predict with the same arguments to redo it")
             continue
-        cols = read_part(part_path(root, part.name, fmt), ["ObjID", "dataset", "index"])
+        cols = read_part(part_path(root, part.name, fmt), [id_column, "dataset", "index"])
         expect = np.arange(part.start, part.start + part.count)
         if len(cols["index"]) != part.count or not np.array_equal(cols["index"], expect) or \
                 not (cols["dataset"] == part.dataset).all():
             problems.append(f"part {part.name}: its rows are not exactly rows {part.start}..{part.start + part.count - 1} "
                             f"of input {part.dataset}")
         ds = datasets[part.dataset]
-        if ds is not None and not np.array_equal(cols["ObjID"], ds.meta["ObjID"][part.start: part.start + part.count]):
-            problems.append(f"part {part.name}: ObjIDs differ from input {paths[part.dataset]}")
+        if id_column not in cols:
+            problems.append(f"part {part.name} has no {id_column} column")
+        elif ds is not None and not np.array_equal(cols[id_column], ds.meta[id_column][part.start: part.start + part.count]):
+            problems.append(f"part {part.name}: {id_column}s differ from input {paths[part.dataset]}")
         rows += len(cols["index"])
-        if plan["count"] <= MAX_DUPLICATE_CHECK:
-            objids.append(cols["ObjID"])
+        if check_duplicates and id_column in cols:
+            id_bytes += cols[id_column].nbytes
+            check_duplicates = id_bytes <= MAX_DUPLICATE_CHECK * 8
+            ids.append(cols[id_column])
     total = plan["count"]
     for d, ds in enumerate(datasets):
         if ds is not None and len(ds) != plan["inputs"][d]["count"]:
@@ -464,10 +504,11 @@ def verify_catalogue(root: str | Path, data: list[str | Path] | None = None, wri
     if unfinished:
         problems.append(f"{len(unfinished)} of {len(plan['parts'])} parts are missing or unfinished: "
                         f"{', '.join(unfinished[:8])}{' ...' if len(unfinished) > 8 else ''}")
-    all_ids = np.concatenate(objids) if objids else np.zeros(0, np.int64)
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     report = {"catalogue": str(root), "ok": not problems, "rows": int(rows), "expected": int(total),
               "parts": len(plan["parts"]), "missing_parts": missing, "corrupt_parts": corrupt, "problems": problems,
-              "duplicate_objids": int(all_ids.size - np.unique(all_ids).size) if total <= MAX_DUPLICATE_CHECK else None}
+              "id_column": id_column,
+              "duplicate_objids": int(all_ids.size - np.unique(all_ids).size) if check_duplicates else None}
     if report["ok"] and write_manifest:
         report["manifest"] = str(root / MANIFEST_NAME) if finalize(root) is not None else None
     elif not report["ok"] and write_manifest:
@@ -541,6 +582,7 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
     overrides = list(overrides or [])
     net, cfg, meta = load_network(checkpoint, overrides)
     datasets = check_inputs(net, cfg, list(data), f"the network {checkpoint}")  # before any work
+    galaxy_ids.shared_id_column(datasets)  # one id column for all inputs: before any work
     root = Path(out)
     explicit_loader_device = any(o.split("=", 1)[0].strip() == "loader.device" for o in overrides)
 

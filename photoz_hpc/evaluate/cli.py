@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     v = subparsers.add_parser(
         "catalogue-verify",
         help="merge/verify a catalogue: every input galaxy exactly once, every part's checksum; writes manifest.json",
-        description="Re-hash every part, check its rows against its input shard (index and ObjID), report "
+        description="Re-hash every part, check its rows against its input shard (index and the galaxy ids: ObjID, or object_id), report "
         "missing parts, and write manifest.json when the catalogue is complete.",
     )
     v.add_argument("catalogue", help="catalogue directory written by predict (its --out)")

@@ -13,9 +13,14 @@ bands its stem reads, as its file records them; none: SDSS) must be the data's: 
 work.
 
     EMB/index.json              format, dataset (path, fingerprint, N), survey and bands, feature, dim, checkpoint,
-                                parts
+                                id_field and id_dtype, parts
     EMB/part-00000.npy          (n_0, dim) float32, rows in dataset-id order
-    EMB/part-00000.ids.npy      (n_0,) [('index', i8), ('ObjID', i8)]
+    EMB/part-00000.ids.npy      (n_0,) [('index', i8), (ID, dtype)]: the store's galaxy id under its own name and
+                                dtype (``ids.id_column_of``): SDSS ('ObjID', i8), Multimodal Universe ('object_id', i8
+                                or <U<width>, the store's width); plain .npy, read without pickle
+
+Embeddings written before MMU stores existed (no ``id_field`` in the index) have ``('ObjID', i8)`` and still load:
+the reader takes the id field from the id file's dtype.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from photoz_hpc.augment.sampler import eval_block
 from photoz_hpc.config import Config, apply_overrides, config_from_dict
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.errors import DatasetError, PhotozError
+from photoz_hpc.evaluate import ids as galaxy_ids
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.models.records import check_bands, dataset_survey
@@ -51,7 +57,14 @@ log = get_logger(__name__)
 EMBED_FORMAT = "photoz-hpc/embeddings/1"
 INDEX_NAME = "index.json"
 FEATURES = ("projection", "trunk")
+#: the id record of an SDSS store's embeddings (and of every embedding written before MMU stores existed)
 ID_DTYPE = np.dtype([("index", "<i8"), ("ObjID", "<i8")])
+
+
+def id_dtype(dataset: ShardedDataset) -> np.dtype:
+    """The id record of ``dataset``'s embeddings: the dataset index and its galaxy id, under the store's name and
+    dtype (SDSS: ``ID_DTYPE``)."""
+    return np.dtype([("index", "<i8"), (dataset.id_field, dataset.meta_dtype[dataset.id_field])])
 
 
 class Embedder(nn.Module):
@@ -146,8 +159,7 @@ def _embed_block(net: Embedder, loader, dataset: ShardedDataset, out: Path, rank
     vec_name, ids_name = _part_names(rank)
     tmp_vec, tmp_ids = out / f".{vec_name}.tmp", out / f".{ids_name}.tmp"
     vec = np.lib.format.open_memmap(tmp_vec, mode="w+", dtype=np.float32, shape=(hi - lo, net.dim))
-    ids = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=ID_DTYPE, shape=(hi - lo,))
-    objid = dataset.meta["ObjID"]
+    ids = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=id_dtype(dataset), shape=(hi - lo,))
     pos = 0
     loader.set_epoch(0)
     for batch in loader:
@@ -161,7 +173,8 @@ def _embed_block(net: Embedder, loader, dataset: ShardedDataset, out: Path, rank
             z = net(batch["image"].to(device, non_blocking=True))
         vec[pos:pos + len(index)] = z[torch.from_numpy(keep).to(z.device)].float().cpu().numpy()
         ids["index"][pos:pos + len(index)] = index
-        ids["ObjID"][pos:pos + len(index)] = objid[index]
+        ((field, values),) = galaxy_ids.galaxy_ids(dataset, index).items()
+        ids[field][pos:pos + len(index)] = values
         pos += len(index)
     if pos != hi - lo:
         raise PhotozError(f"rank {rank}: embedded {pos} galaxies, its block [{lo}, {hi}) has {hi - lo}")
@@ -207,6 +220,7 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
         parts = comm.allgather_object(part)
         index = {"format": EMBED_FORMAT, "dataset": str(dataset.root), "fingerprint": dataset_fingerprint(dataset),
                  "n": len(dataset), "survey": net.survey.name, "bands": list(net.survey.bands),
+                 "id_field": dataset.id_field, "id_dtype": dataset.meta_dtype[dataset.id_field].str,
                  "dim": model.dim, "feature": feature, "normalised": True, "dtype": "float32",
                  "checkpoint": str(checkpoint), "model": dataclasses.asdict(cfg.model), "pipeline": "eval",
                  "crop_size": cfg.augment.crop_size, "world_size": comm.world, "parts": parts}
@@ -229,7 +243,9 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
 
 
 class Embeddings:
-    """Read side of an ``embed`` output: memory-mapped parts, never loaded whole unless asked."""
+    """Read side of an ``embed`` output: memory-mapped parts, never loaded whole unless asked. ``ids`` is the id
+    record of every row (``index`` and the galaxy id), ``id_field`` the galaxy id's name (``ObjID``, ``object_id``)
+    and ``object_ids`` its values, in the store's dtype."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -254,14 +270,34 @@ class Embeddings:
             if vec.shape != (p["count"], self.dim) or len(pid) != p["count"]:
                 raise DatasetError(f"{self.root}: part {p['file']} has shape {vec.shape}, the index says "
                                    f"({p['count']}, {self.dim})")
+            names = pid.dtype.names or ()
+            if len(names) != 2 or names[0] != "index" or pid.dtype[names[1]].kind not in "iU":
+                raise DatasetError(f"{self.root}: {p['ids']} is not an id record [('index', i8), (ID, i8 or str)] "
+                                   f"({pid.dtype})")
+            if ids and pid.dtype.names != ids[0].dtype.names:
+                raise DatasetError(f"{self.root}: {p['ids']} names galaxies by {names[1]}, {self.index['parts'][0]['ids']} "
+                                   f"by {ids[0].dtype.names[1]}")
             self.parts.append(vec)
             ids.append(np.asarray(pid))
+        self.id_field: str = ids[0].dtype.names[1] if ids else self.index.get("id_field", "ObjID")
+        recorded = self.index.get("id_field")
+        if recorded is not None and recorded != self.id_field:
+            raise DatasetError(f"{self.root}: the index names galaxies by {recorded}, the id files by {self.id_field}")
+        if ids:  # one dtype for all parts (string widths are the store's: equal, unless files were mixed)
+            common = np.result_type(*(i.dtype[1] for i in ids))
+            rec = np.dtype([("index", "<i8"), (self.id_field, common)])
+            ids = [i.astype(rec) for i in ids]
         self.ids = np.concatenate(ids) if ids else np.zeros(0, ID_DTYPE)
         if len(self.ids) != self.n or not np.array_equal(self.ids["index"], np.arange(self.n)):
             raise DatasetError(f"{self.root}: the parts do not hold each of the {self.n} galaxies once, in order")
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def object_ids(self) -> np.ndarray:
+        """Each row's galaxy id (``ids[id_field]``): int64, or str for string ids."""
+        return self.ids[self.id_field]
 
     def chunks(self, size: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 rows) blocks in order, read from the memory maps."""
@@ -302,19 +338,33 @@ class Embeddings:
         return ds
 
     def lookup(self, ids, by: str = "index") -> np.ndarray:
-        """Row positions of dataset ids (``by='index'``) or SDSS ObjIDs (``by='objid'``); unknown ones are an error."""
-        ids = np.asarray(ids, dtype=np.int64)
+        """Row positions of dataset ids (``by='index'``) or of galaxy ids (``by='id'``, or ``'objid'``: the store's
+        ``ObjID`` / ``object_id``, int64 or str, given as values or text); unknown ones are an error."""
+        field, obj = self.id_field, self.object_ids
         if by == "index":
-            bad = ids[(ids < 0) | (ids >= self.n)]
-            if len(bad):
-                hint = ("they are SDSS ObjIDs of this set: pass --objid" if np.isin(bad, self.ids["ObjID"]).all()
-                        else "ids are dataset indices; SDSS ObjIDs need --objid")
-                raise PhotozError(f"galaxy id(s) {bad[:5].tolist()} are not in 0..{self.n - 1} of {self.root} ({hint})")
-            return ids
-        order = np.argsort(self.ids["ObjID"], kind="stable")
-        sorted_obj = self.ids["ObjID"][order]
-        at = np.clip(np.searchsorted(sorted_obj, ids), 0, max(self.n - 1, 0))
-        found = sorted_obj[at] == ids if self.n else np.zeros(len(ids), bool)
+            given = np.asarray(ids).ravel().tolist()
+            try:
+                values = np.array([int(v) for v in given], dtype=np.int64)
+            except ValueError:  # text that is no integer: perhaps a string id
+                values = None
+            bad = given if values is None else values[(values < 0) | (values >= self.n)].tolist()
+            if bad:
+                try:
+                    known = bool(np.isin(galaxy_ids.parse_ids(bad, obj.dtype, field), obj).all())
+                except PhotozError:
+                    known = False
+                what = "SDSS ObjIDs" if field == "ObjID" else f"{field}s"
+                hint = (f"they are {what} of this set: pass --objid" if known
+                        else f"ids are dataset indices; {what} need --objid")
+                raise PhotozError(f"galaxy id(s) {bad[:5]} are not in 0..{self.n - 1} of {self.root} ({hint})")
+            return values
+        if by not in ("id", "objid"):
+            raise PhotozError(f"lookup by {by!r}: 'index' or 'id'")
+        wanted = galaxy_ids.parse_ids(np.asarray(ids).ravel().tolist(), obj.dtype, field)
+        order = np.argsort(obj, kind="stable")
+        sorted_obj = obj[order]
+        at = np.clip(np.searchsorted(sorted_obj, wanted), 0, max(self.n - 1, 0))
+        found = sorted_obj[at] == wanted if self.n else np.zeros(len(wanted), bool)
         if not found.all():
-            raise PhotozError(f"ObjID(s) {ids[~found][:5].tolist()} are not in {self.root}")
+            raise PhotozError(f"{field}(s) {[galaxy_ids.id_value(v) for v in wanted[~found][:5]]} are not in {self.root}")
         return order[at]

@@ -2,8 +2,9 @@
 
 Parameterisation ``qp.hist`` over the project's bin edges: qp stores a density per bin (p_k / width_k),
 which is exactly our piecewise-constant pdf, so qp's cdf, ppf (median, intervals) and mean agree with
-``pdfs.summarize_catalogue``. Ancillary columns: ObjID, ra, dec, ``zmode`` and ``zmean`` (RAIL's names for
-the point estimates). ``qp`` is an optional dependency, imported only here.
+``pdfs.summarize_catalogue``. Ancillary columns: the catalogue's id column (``ObjID`` for SDSS stores, ``object_id``,
+int64 or string, for Multimodal Universe ones), ra, dec, ``zmode`` and ``zmean`` (RAIL's names for the point
+estimates). ``qp`` is an optional dependency, imported only here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.evaluate.catalogue import PDF_COLUMN, PLAN_NAME, read_catalogue
+from photoz_hpc.evaluate.catalogue import DEFAULT_ID_COLUMN, PDF_COLUMN, PLAN_NAME, read_catalogue
 
-#: ancillary columns of the export: qp/RAIL name -> catalogue column.
-ANCIL = {"ObjID": "ObjID", "ra": "ra", "dec": "dec", "zmode": "z_mode", "zmean": "z_phot"}
+#: ancillary columns of the export after the id column: qp/RAIL name -> catalogue column.
+ANCIL = {"ra": "ra", "dec": "dec", "zmode": "z_mode", "zmean": "z_phot"}
+
+
+def ancil_columns(plan: dict) -> dict[str, str]:
+    """qp/RAIL name -> catalogue column of the export: the catalogue's id column under its own name first."""
+    id_column = plan.get("id_column", DEFAULT_ID_COLUMN)
+    return {id_column: id_column, **ANCIL}
 
 
 def _qp():
@@ -73,10 +80,11 @@ def export_qp(catalogue: str | Path, out: str | Path) -> Path:
         raise PhotozError(f"{root / PLAN_NAME}: unreadable catalogue plan ({exc})") from None
     if not plan.get("pdf"):
         raise PhotozError(f"{root}: the catalogue holds no pdfs; make it with 'photoz-hpc predict --pdf' to export them")
-    cols = read_catalogue(root, [PDF_COLUMN, *ANCIL.values()])
+    ancil = ancil_columns(plan)
+    cols = read_catalogue(root, [PDF_COLUMN, *ancil.values()])
     if PDF_COLUMN not in cols:
         raise PhotozError(f"{root}: no finished part to export")
-    ens = to_ensemble(cols[PDF_COLUMN], np.asarray(plan["bin_edges"]), {k: cols[v] for k, v in ANCIL.items()})
+    ens = to_ensemble(cols[PDF_COLUMN], np.asarray(plan["bin_edges"]), {k: cols[v] for k, v in ancil.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")  # qp picks the writer from the suffix: keep it on the temporary
     try:

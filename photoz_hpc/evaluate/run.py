@@ -1,8 +1,9 @@
 """``evaluate``: a fine-tuned network over a labeled dataset on every rank -> metrics, predictions, plots.
 
 Outputs (rank 0, each written atomically): ``metrics.json`` (``photoz_metrics`` overall and per
-redshift bin, plus what was evaluated and by which command), ``predictions.csv`` (ids, z_spec, z_phot,
-pdf mode, 68% interval) and the plots of ``plots.plot_evaluation``.
+redshift bin, plus what was evaluated and by which command), ``predictions.csv`` (dataset index, the store's
+galaxy ids -- SDSS ``ObjID`` and ``specObjID``, Multimodal Universe ``object_id`` -- z_spec, z_phot, pdf mode,
+68% interval) and the plots of ``plots.plot_evaluation``.
 
 ``evaluate`` never writes over another command's results (a fine-tuning run's own ``eval/``, a catalogue,
 an evaluation of another network or dataset): its default output directory is named after the network and
@@ -30,6 +31,7 @@ from photoz_hpc.config import FinetuneRunConfig, apply_overrides, config_from_di
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.data.splits import labeled_ids, load_ids
 from photoz_hpc.errors import PhotozError
+from photoz_hpc.evaluate.ids import galaxy_ids, shared_galaxies
 from photoz_hpc.evaluate.inputs import check_inputs
 from photoz_hpc.evaluate.pdfs import summarize_pdfs
 from photoz_hpc.evaluate.plots import plot_evaluation
@@ -133,10 +135,8 @@ def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDat
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary = summarize_pdfs(pred["probs"], grid)
-        meta = dataset.meta[pred["index"]]
         write_predictions(out / "predictions.csv",
-                          {"index": pred["index"], "ObjID": meta["ObjID"], "specObjID": meta["specObjID"]},
-                          z_spec, summary)
+                          {"index": pred["index"], **galaxy_ids(dataset, pred["index"], every=True)}, z_spec, summary)
         report["plots"] = [str(p) for p in plot_evaluation(out, pred["z_phot"], z_spec, pred["probs"], title, grid)]
         report["predictions"] = str(out / "predictions.csv")
         atomic_write_json(out / "metrics.json", report)
@@ -194,8 +194,9 @@ def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
 def training_overlap(checkpoint: str | Path, dataset: ShardedDataset, ids: np.ndarray) -> dict[str, Any] | None:
     """How many of the galaxies ``ids`` of ``dataset`` trained the network: read from the fine-tuning run
     directory of ``checkpoint`` (its folder, or the one above ``checkpoints/``: ``train_ids.npy`` and
-    ``labels.json``), matched by dataset id on the training dataset itself and by ObjID on another one.
-    None when the run directory or its training dataset cannot be found."""
+    ``labels.json``), matched by dataset id on the training dataset itself and by galaxy id (``ObjID``, or
+    ``object_id``) on another one. None when the run directory or its training dataset cannot be found, or when the
+    two name galaxies differently (SDSS ObjIDs against MMU ids: not comparable)."""
     ckpt = Path(checkpoint).resolve()
     for run in (ckpt.parent, ckpt.parent.parent):
         if (run / "train_ids.npy").is_file() and (run / "labels.json").is_file():
@@ -218,7 +219,12 @@ def training_overlap(checkpoint: str | Path, dataset: ShardedDataset, ids: np.nd
             log.warning("%s: its training dataset %s cannot be opened: not checked whether the evaluated galaxies "
                         "trained the network", run, train_root)
             return None
-        common = int(np.isin(dataset.meta["ObjID"][ids], train.meta["ObjID"][train_ids]).sum())
+        common = shared_galaxies(dataset, ids, train, train_ids)
+        if common is None:
+            log.warning("%s: its training dataset %s names galaxies by %s, %s by %s: not checked whether the "
+                        "evaluated galaxies trained the network", run, train_root, train.id_field, dataset.root,
+                        dataset.id_field)
+            return None
     return {"run": str(run), "n_training_galaxies": common}
 
 

@@ -1,9 +1,11 @@
-"""``photoz-hpc embed``, ``search`` and ``anomalies``: embeddings of a survey, similar galaxies, unusual ones."""
+"""``photoz-hpc embed``, ``search`` and ``anomalies``: embeddings of a survey, similar galaxies, unusual ones.
+
+Tables and JSON name galaxies by their dataset index and the store's galaxy id under its own name (``ObjID`` for
+SDSS stores, ``object_id`` for Multimodal Universe ones; string ids quoted in CSV, exact in JSON)."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -33,8 +35,10 @@ def register(subparsers) -> None:
         "else torch), written to EMB/search/ (or --out) as CSV and as a figure of asinh RGB cutouts with redshifts "
         "(the paper's Figure 1).")
     s.add_argument("emb", help="embedding directory written by embed")
-    s.add_argument("--query", required=True, nargs="+", type=int, help="query galaxy ids (dataset index, or ObjID with --objid)")
-    s.add_argument("--objid", action="store_true", help="--query values are SDSS ObjIDs")
+    s.add_argument("--query", required=True, nargs="+", help="query galaxies: dataset indices, or with --objid the "
+                   "store's galaxy ids (SDSS ObjID; Multimodal Universe object_id, integer or string)")
+    s.add_argument("--objid", "--object-id", dest="objid", action="store_true",
+                   help="--query values are the store's galaxy ids (ObjID or object_id), not dataset indices")
     s.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
     _common(s)
     s.set_defaults(func=_search)
@@ -75,34 +79,42 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_rows(path: Path, header: list[str], rows: list[list]) -> None:
-    from photoz_hpc.io_utils import atomic_open
+def _write_rows(path: Path, header: list[str], rows: list[list], quoted: list[int] = ()) -> None:
+    """A UTF-8 CSV table, atomically (``predictions.write_csv``: the ``quoted`` columns, string ids, always quoted)."""
+    from photoz_hpc.evaluate.predictions import write_csv
 
-    with atomic_open(path, "w") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+    write_csv(path, header, rows, quoted)
+
+
+def _id_columns(emb) -> tuple[str, object, bool]:
+    """(name, values, is a string column) of the galaxy id the embeddings carry."""
+    obj = emb.object_ids
+    return emb.id_field, obj, obj.dtype.kind == "U"
 
 
 def _search(args: argparse.Namespace) -> int:
     from photoz_hpc.evaluate.embeddings import Embeddings
+    from photoz_hpc.evaluate.ids import id_value
     from photoz_hpc.evaluate.similarity import knn, plot_search, resolve_backend
 
     emb = Embeddings(args.emb)
     dataset = emb.dataset(args.data)
-    q = emb.lookup(args.query, "objid" if args.objid else "index")
+    q = emb.lookup(args.query, "id" if args.objid else "index")
     backend = resolve_backend(args.backend)
     sims, rows = knn(emb, emb.rows(q), args.k, query_rows=q, backend=backend)
     out = Path(args.out) if args.out else emb.root / "search"
     out.mkdir(parents=True, exist_ok=True)
-    z, obj = dataset.meta["specz_redshift"], emb.ids["ObjID"]
-    table = [[int(qi), int(obj[qi]), rank + 1, int(r), int(obj[r]), f"{s:.6f}", float(z[r])]
+    z = dataset.meta["specz_redshift"]
+    field, obj, text_ids = _id_columns(emb)
+    table = [[int(qi), id_value(obj[qi]), rank + 1, int(r), id_value(obj[r]), f"{s:.6f}", float(z[r])]
              for qi, s_row, r_row in zip(q, sims, rows, strict=True)
              for rank, (s, r) in enumerate(zip(s_row, r_row, strict=True))]
-    _write_rows(out / "search.csv", ["query", "query_ObjID", "rank", "index", "ObjID", "similarity", "z_spec"], table)
-    result = {"backend": backend, "k": args.k, "csv": str(out / "search.csv"),
-              "queries": [{"query": int(qi), "z_spec": float(z[qi]),
-                           "neighbours": [{"index": int(r), "similarity": float(s), "z_spec": float(z[r])}
+    _write_rows(out / "search.csv", ["query", f"query_{field}", "rank", "index", field, "similarity", "z_spec"], table,
+                [1, 4] if text_ids else [])
+    result = {"backend": backend, "k": args.k, "csv": str(out / "search.csv"), "id_field": field,
+              "queries": [{"query": int(qi), field: id_value(obj[qi]), "z_spec": float(z[qi]),
+                           "neighbours": [{"index": int(r), field: id_value(obj[r]), "similarity": float(s),
+                                           "z_spec": float(z[r])}
                                           for s, r in zip(s_row, r_row, strict=True)]}
                           for qi, s_row, r_row in zip(q, sims, rows, strict=True)]}
     if not args.no_figure:
@@ -116,6 +128,7 @@ def _anomalies(args: argparse.Namespace) -> int:
 
     from photoz_hpc.errors import PhotozError
     from photoz_hpc.evaluate.embeddings import Embeddings
+    from photoz_hpc.evaluate.ids import id_value
     from photoz_hpc.evaluate.similarity import anomaly_scores, plot_anomalies, resolve_backend
 
     if args.top < 1:
@@ -128,15 +141,20 @@ def _anomalies(args: argparse.Namespace) -> int:
     top = order[: args.top]
     out = Path(args.out) if args.out else emb.root / "anomalies"
     out.mkdir(parents=True, exist_ok=True)
-    z, obj = dataset.meta["specz_redshift"], emb.ids["ObjID"]
+    z = dataset.meta["specz_redshift"]
+    field, obj, text_ids = _id_columns(emb)
     rank_of = np.empty(len(order), np.int64)
     rank_of[order] = np.arange(1, len(order) + 1)
-    _write_rows(out / "anomaly_scores.csv", ["index", "ObjID", "score", "rank", "z_spec"],
-                [[i, int(obj[i]), f"{scores[i]:.6f}", int(rank_of[i]), float(z[i])] for i in range(len(scores))])
-    _write_rows(out / "top.csv", ["rank", "index", "ObjID", "score", "z_spec"],
-                [[n + 1, int(i), int(obj[i]), f"{scores[i]:.6f}", float(z[i])] for n, i in enumerate(top)])
+    _write_rows(out / "anomaly_scores.csv", ["index", field, "score", "rank", "z_spec"],
+                [[i, id_value(obj[i]), f"{scores[i]:.6f}", int(rank_of[i]), float(z[i])] for i in range(len(scores))],
+                [1] if text_ids else [])
+    _write_rows(out / "top.csv", ["rank", "index", field, "score", "z_spec"],
+                [[n + 1, int(i), id_value(obj[i]), f"{scores[i]:.6f}", float(z[i])] for n, i in enumerate(top)],
+                [2] if text_ids else [])
     result = {"backend": backend, "k": args.k, "n": len(scores), "scores": str(out / "anomaly_scores.csv"),
-              "top": [{"rank": n + 1, "index": int(i), "score": float(scores[i])} for n, i in enumerate(top)]}
+              "id_field": field,
+              "top": [{"rank": n + 1, "index": int(i), field: id_value(obj[i]), "score": float(scores[i])}
+                      for n, i in enumerate(top)]}
     if not args.no_figure:
         result["figure"] = str(plot_anomalies(dataset, top, scores, out / "anomalies.png", _crop(args, emb)))
     print(json.dumps(result, indent=2))
