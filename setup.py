@@ -25,6 +25,8 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.12",
         "matplotlib>=3.7",
+        # safetensors: exported model directories (export-model, hubconf.py): weights without pickle.
+        "safetensors>=0.4",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.30"],

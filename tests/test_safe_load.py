@@ -26,8 +26,8 @@ from photoz_hpc.train.checkpoint import FORMAT, find_latest_valid, load_checkpoi
 from photoz_hpc.train.runtime import set_rng_state
 
 #: Commands that read a model or checkpoint file (each must have --trust-pickle and a case below) ...
-READS_MODEL = {"import-checkpoint", "resave", "pretrain", "export-encoder", "finetune", "evaluate", "predict",
-               "calibrate", "embed", "quickstart", "demo"}
+READS_MODEL = {"import-checkpoint", "resave", "pretrain", "export-encoder", "export-model", "finetune", "evaluate",
+               "predict", "calibrate", "embed", "quickstart", "demo"}
 #: ... and those that read none (data, catalogues, embeddings, JSON/YAML).
 READS_NO_MODEL = {"synth", "prepare", "verify", "info", "augment", "catalogue-verify", "export-qp", "search",
                   "anomalies", "sweep-plan", "sweep-report"}
@@ -88,6 +88,7 @@ CASES = {
     "import-checkpoint": [lambda d, t, evil: [str(evil), str(t / "out.pt")]],
     "resave": [lambda d, t, evil: [str(evil), str(t / "out.pt")]],
     "export-encoder": [lambda d, t, evil: [str(evil), str(t / "encoder.pt")]],
+    "export-model": [lambda d, t, evil: [str(evil), str(t / "model")]],
     "pretrain": [lambda d, t, evil: [*PRE, f"data.path={d}", f"out_dir={t / 'run'}", f"train.resume={evil}"],
                  # resume auto: a refused checkpoint in out_dir is an error, never skipped
                  lambda d, t, evil: [*PRE, f"data.path={d}", f"out_dir={evil.parent.parent}"]],

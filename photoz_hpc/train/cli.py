@@ -1,5 +1,6 @@
 """``photoz-hpc pretrain``: MoCo v2 pretraining (launch one process per GPU with srun, horovodrun,
-mpirun or torchrun; a single process also works)."""
+mpirun or torchrun; a single process also works); ``export-encoder`` (a pretraining checkpoint's encoder) and
+``export-model`` (a photo-z network as a shareable model directory: ``train.model_export``)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,20 @@ def register(subparsers) -> None:
     e.add_argument("out", help="output file, e.g. encoder.pt")
     add_trust_pickle_flag(e)
     e.set_defaults(func=_export)
+    m = subparsers.add_parser(
+        "export-model", help="export a photo-z network as a model directory anyone can load (safetensors + model card)",
+        description="Write the photo-z network of CHECKPOINT into OUT_DIR: model.safetensors (the weights; no pickle), "
+        "model_card.json and README.md (architecture, survey and bands, redshift grid, training data, validation "
+        "and test metrics with the commands that produced them, as far as the run directory records them) and "
+        "checksums.sha256. Loading needs photoz-hpc only and checks every checksum first; torch.hub.load(REPO, "
+        "'photoz_model', path=OUT_DIR, source='local') works from a photoz-hpc checkout. Encoders (encoder.pt, MoCo "
+        "checkpoints) have no redshift head: they are shared as encoder.pt. docs/model_files.md.")
+    m.add_argument("checkpoint", help="best_model.pt, photoz_model.pt, a fine-tuning checkpoint (checkpoints/ckpt_*.pt) "
+                   "or a file written by import-checkpoint")
+    m.add_argument("out_dir", help="the directory to write (built beside it, then renamed into place)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    add_trust_pickle_flag(m)
+    m.set_defaults(func=_export_model)
 
 
 def run_training_command(args: argparse.Namespace, root: type, run) -> int:
@@ -68,4 +83,11 @@ def _export(args: argparse.Namespace) -> int:
     from photoz_hpc.train.checkpoint import export_checkpoint_encoder
 
     print(export_checkpoint_encoder(args.checkpoint, args.out))
+    return 0
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from photoz_hpc.train.model_export import export_model
+
+    print(json.dumps(export_model(args.checkpoint, args.out_dir, overwrite=args.overwrite), indent=2))
     return 0
