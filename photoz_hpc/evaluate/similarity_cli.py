@@ -79,17 +79,15 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_rows(path: Path, header: list[str], rows: list[list], quoted: list[int] = ()) -> None:
-    """A UTF-8 CSV table, atomically (``predictions.write_csv``: the ``quoted`` columns, string ids, always quoted)."""
+def _write_rows(path: Path, header: list[str], rows: list[list], emb) -> None:
+    """A UTF-8 CSV table, atomically (``predictions.write_csv``). ``header`` names the galaxy id ``ObjID`` (the SDSS
+    columns, as docs/similarity.md lists them); the columns take the embeddings' own id name (``object_id``), and
+    string ids are always quoted."""
     from photoz_hpc.evaluate.predictions import write_csv
 
-    write_csv(path, header, rows, quoted)
-
-
-def _id_columns(emb) -> tuple[str, object, bool]:
-    """(name, values, is a string column) of the galaxy id the embeddings carry."""
-    obj = emb.object_ids
-    return emb.id_field, obj, obj.dtype.kind == "U"
+    names = [h.replace("ObjID", emb.id_field) for h in header]
+    quoted = [i for i, h in enumerate(header) if "ObjID" in h] if emb.object_ids.dtype.kind == "U" else []
+    write_csv(path, names, rows, quoted)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -104,13 +102,11 @@ def _search(args: argparse.Namespace) -> int:
     sims, rows = knn(emb, emb.rows(q), args.k, query_rows=q, backend=backend)
     out = Path(args.out) if args.out else emb.root / "search"
     out.mkdir(parents=True, exist_ok=True)
-    z = dataset.meta["specz_redshift"]
-    field, obj, text_ids = _id_columns(emb)
+    z, field, obj = dataset.meta["specz_redshift"], emb.id_field, emb.object_ids
     table = [[int(qi), id_value(obj[qi]), rank + 1, int(r), id_value(obj[r]), f"{s:.6f}", float(z[r])]
              for qi, s_row, r_row in zip(q, sims, rows, strict=True)
              for rank, (s, r) in enumerate(zip(s_row, r_row, strict=True))]
-    _write_rows(out / "search.csv", ["query", f"query_{field}", "rank", "index", field, "similarity", "z_spec"], table,
-                [1, 4] if text_ids else [])
+    _write_rows(out / "search.csv", ["query", "query_ObjID", "rank", "index", "ObjID", "similarity", "z_spec"], table, emb)
     result = {"backend": backend, "k": args.k, "csv": str(out / "search.csv"), "id_field": field,
               "queries": [{"query": int(qi), field: id_value(obj[qi]), "z_spec": float(z[qi]),
                            "neighbours": [{"index": int(r), field: id_value(obj[r]), "similarity": float(s),
@@ -141,16 +137,13 @@ def _anomalies(args: argparse.Namespace) -> int:
     top = order[: args.top]
     out = Path(args.out) if args.out else emb.root / "anomalies"
     out.mkdir(parents=True, exist_ok=True)
-    z = dataset.meta["specz_redshift"]
-    field, obj, text_ids = _id_columns(emb)
+    z, field, obj = dataset.meta["specz_redshift"], emb.id_field, emb.object_ids
     rank_of = np.empty(len(order), np.int64)
     rank_of[order] = np.arange(1, len(order) + 1)
-    _write_rows(out / "anomaly_scores.csv", ["index", field, "score", "rank", "z_spec"],
-                [[i, id_value(obj[i]), f"{scores[i]:.6f}", int(rank_of[i]), float(z[i])] for i in range(len(scores))],
-                [1] if text_ids else [])
-    _write_rows(out / "top.csv", ["rank", "index", field, "score", "z_spec"],
-                [[n + 1, int(i), id_value(obj[i]), f"{scores[i]:.6f}", float(z[i])] for n, i in enumerate(top)],
-                [2] if text_ids else [])
+    _write_rows(out / "anomaly_scores.csv", ["index", "ObjID", "score", "rank", "z_spec"],
+                [[i, id_value(obj[i]), f"{scores[i]:.6f}", int(rank_of[i]), float(z[i])] for i in range(len(scores))], emb)
+    _write_rows(out / "top.csv", ["rank", "index", "ObjID", "score", "z_spec"],
+                [[n + 1, int(i), id_value(obj[i]), f"{scores[i]:.6f}", float(z[i])] for n, i in enumerate(top)], emb)
     result = {"backend": backend, "k": args.k, "n": len(scores), "scores": str(out / "anomaly_scores.csv"),
               "id_field": field,
               "top": [{"rank": n + 1, "index": int(i), field: id_value(obj[i]), "score": float(scores[i])}
