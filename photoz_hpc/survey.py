@@ -238,14 +238,19 @@ class Survey:
         """The full description, as recorded in manifests, checkpoints and model files."""
         return spec_to_dict(self.spec)
 
-    def check_same_bands(self, other_bands: list[str] | tuple[str, ...], what: str, other: str) -> None:
-        """A model used on data of other bands is an error naming both band lists, raised before any work."""
-        if tuple(other_bands) != self.bands:
-            raise PhotozError(
-                f"{what} has bands {list(self.bands)} (survey '{self.name}') but {other} has bands "
-                f"{list(other_bands)}: a model only applies to data of the same bands in the same order"
-            )
+    def check_same_bands(self, other: Survey, what: str, where: str) -> None:
+        """A model used on data of other bands is an error naming both band lists, raised before any work.
 
+        Bands are compared by name and by filter (``band_labels``: ``hsc-g`` is not ``lsst-g``), in channel order."""
+        if (self.bands, self.band_labels) == (other.bands, other.band_labels):
+            return
+        mine, theirs = list(self.bands), list(other.bands)
+        if mine == theirs:  # the same letters through other filters
+            mine, theirs = list(self.band_labels), list(other.band_labels)
+        raise PhotozError(
+            f"{what} has bands {mine} (survey '{self.name}') but {where} has bands {theirs} (survey "
+            f"'{other.name}'): a model only applies to data of the same bands, through the same filters, in the same order"
+        )
 
 def _rgb_fallback(bands: list[str]) -> list[str]:
     """Reddest, middle and bluest band (or repeats when fewer than three)."""

@@ -101,7 +101,9 @@ def test_legacysurvey_string_ids_and_ebv_round_trip_bit_exact(tmp_path):
     assert np.isnan(ds.meta["specz_redshift"]).all()
     man = ds.manifest
     assert man["survey"]["name"] == "legacy" and man["survey"]["cutout_size"] == SIZE and man["input_layout"] == "mmu"
-    assert man["survey"]["crop_size"] == SIZE and man["survey"]["jitter_max"] == load_survey("legacy").jitter_max  # crop clamped
+    legacy = load_survey("legacy")  # the default view (96 + 2 x 11 px) shrunk in proportion to the 24 px cutouts
+    assert man["survey"]["crop_size"] == 96 * SIZE // 118 == 19 and man["survey"]["jitter_max"] == (SIZE - 19) // 2
+    assert (legacy.crop_size, legacy.jitter_max) == (96, 11)
     assert man["id_field"] == "object_id" and man["labeled_count"] == 0
     assert man["mmu"]["has_mask"] == [True, True] and man["mmu"]["has_ivar"] == [True, True]
     assert man["mmu"]["extinction"][0]["columns"] == ["EBV"] and man["mmu"]["image_band"] == ["des-g", "des-r", "des-i", "des-z"]

@@ -38,7 +38,7 @@ SIZE = 20
 TINY = [*TINY_MODEL, "model.embed_dim=16", "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=8",
         "loader.backend=reference", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
         "train.log_every=1", "dist.backend=none", "seed=2"]
-#: the crop left to the survey (that of the 20 px store: 20), resolved when the run starts.
+#: the crop left to the survey (that of the 20 px store: 16), resolved when the run starts.
 SURVEY_CROP = [o for o in TINY if not o.startswith("augment.")] + ["augment.jitter_max=0"]
 GZR = ["g", "r", "z"]
 UGRIZ = ["u", "g", "r", "i", "z"]
@@ -81,10 +81,11 @@ def test_pretraining_on_3_bands_records_them_and_loaders_rebuild_a_3_channel_ste
     assert ckpt["model"]["encoder_q.0.conv1.weight"].shape[1] == 3
     blob = torch.load(runs["pre"]["encoder"], weights_only=True)  # plain data: weights_only loads it
     assert blob["survey"]["bands"] == GZR
-    # crops resolved before anything is saved: the unset crop is the store's survey's (20 px)
-    assert (blob["augment"]["crop_size"], blob["augment"]["jitter_max"]) == (20, 0)
-    assert (ckpt["config"]["augment"]["crop_size"], ckpt["config"]["augment"]["jitter_max"]) == (20, 0)
-    assert "crop_size: 20" in (pre_dir / "config.yaml").read_text()
+    # crops resolved before anything is saved: the unset crop is the store's survey's (legacy's 96 + 2 x 11 px
+    # shrunk in proportion to the 20 px cutouts: 16)
+    assert (blob["augment"]["crop_size"], blob["augment"]["jitter_max"]) == (16, 0)
+    assert (ckpt["config"]["augment"]["crop_size"], ckpt["config"]["augment"]["jitter_max"]) == (16, 0)
+    assert "crop_size: 16" in (pre_dir / "config.yaml").read_text()
     enc = load_encoder(runs["pre"]["encoder"])
     assert enc.conv1.in_channels == 3 and enc.survey.bands == tuple(GZR)
     assert enc(torch.randn(2, 3, 20, 20)).shape == (2, 8 * 8)
@@ -174,9 +175,17 @@ def test_a_3_band_model_on_5_band_data_fails_before_any_work(runs, tmp_path):
     cfg = load_config(None, [*TINY, f"data.path={sdss}"], root=FinetuneRunConfig)
     sdss_model = save_photoz_model(build_photoz_net(cfg.model), cfg.model, tmp_path / "sdss.pt",
                                    {"config": dataclasses.asdict(cfg)})
-    with pytest.raises(PhotozError, match=r"\(survey 'sdss'\) but dataset .*gzr \(survey 'legacy'\)") as exc:
+    with pytest.raises(PhotozError, match=r"\(survey 'sdss'\) but dataset .*gzr has bands .* \(survey 'legacy'\)") as exc:
         run_predict(sdss_model, [runs["gzr"]], tmp_path / "cat2", PredictOptions())
     _names_both(exc)
+
+
+def test_a_validation_set_of_other_bands_is_refused_before_any_work(runs, tmp_path):
+    out = tmp_path / "ft"
+    with pytest.raises(PhotozError, match=r"has bands \['g', 'r', 'z'\].*has bands \['u', 'g', 'r', 'i', 'z'\]"):
+        run_finetune(load_config(None, [*TINY, "optim.batch_ref=8", "train.max_steps=1", f"data.path={runs['gzr']}",
+                                        f"finetune.val_data={runs['sdss']}", f"out_dir={out}"], root=FinetuneRunConfig))
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_resume_on_another_surveys_data_names_both_surveys(runs, tmp_path):

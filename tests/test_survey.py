@@ -104,9 +104,17 @@ def test_a_users_file_loads_by_path_and_an_unknown_name_is_an_error(tmp_path):
         load_survey("hcs")
 
 
-def test_check_same_bands_names_both_lists():
+def test_check_same_bands_names_both_lists_and_filters():
+    legacy = load_survey("legacy")
+    grz, sdss = legacy.subset(["g", "r", "z"]), load_survey("sdss")
     with pytest.raises(PhotozError, match=r"has bands \['g', 'r', 'z'\].*has bands \['u', 'g', 'r', 'i', 'z'\]"):
-        load_survey("legacy").subset(["g", "r", "z"]).check_same_bands(("u", "g", "r", "i", "z"), "model", "data")
+        grz.check_same_bands(sdss, "model", "data")
+    with pytest.raises(PhotozError, match=r"\['g', 'r', 'z'\].*\['z', 'r', 'g'\]"):  # same bands, other order
+        grz.check_same_bands(legacy.subset(["z", "r", "g"]), "model", "data")
+    hsc, lsst = load_survey("hsc"), load_survey("lsst").subset(list("grizy"))
+    with pytest.raises(PhotozError, match=r"\['hsc-g', .*\['lsst-g', "):  # same letters, other filters
+        hsc.check_same_bands(lsst, "model", "data")
+    grz.check_same_bands(legacy.subset(["g", "r", "z"]), "model", "data")  # the same: no error
 
 
 def test_docs_hold_the_presets_table():

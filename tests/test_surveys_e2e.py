@@ -63,12 +63,12 @@ def test_pretrain_finetune_evaluate_predict(store, tmp_path):
     best = torch.load(ft / "best_model.pt", weights_only=True)
     assert tuple(best["survey"]["bands"]) == bands and best["redshift_grid"] == grid.to_dict()
     metrics = json.loads((ft / "eval" / "metrics.json").read_text())
-    assert metrics["n"] > 0 and np.isfinite(metrics["sigma_mad"])
+    assert metrics["metrics"]["n"] > 0 and np.isfinite(metrics["metrics"]["sigma_mad"])
 
     ev = tmp_path / "ev"
     _ok(run_cli("evaluate", "--checkpoint", str(ft / "best_model.pt"), "--data", str(data), "--out", str(ev),
                 "loader.backend=reference"), "evaluate")
-    assert json.loads((ev / "metrics.json").read_text())["n"] == ShardedDataset(data).manifest["labeled_count"]
+    assert json.loads((ev / "metrics.json").read_text())["metrics"]["n"] == ShardedDataset(data).manifest["labeled_count"]
 
     cat = tmp_path / "cat"
     _ok(run_cli("predict", "--checkpoint", str(ft / "best_model.pt"), "--data", str(data), "--out", str(cat),

@@ -138,16 +138,19 @@ def resolve_inputs(inputs: list[str | os.PathLike], options: PrepareOptions | No
 
 
 def _with_cutout(survey: Survey, height: int, width: int, notes: list[tuple[int, str]]) -> Survey:
-    """The survey as stored: ``cutout_size`` is the images' side (a crop larger than that is clamped, logged)."""
+    """The survey as stored: ``cutout_size`` is the images' side (a default view that does not fit is shrunk, logged)."""
     side = min(height, width)
     if side == survey.cutout_size:
         return survey
     values = spec_to_dict(survey.spec)
     values["cutout_size"] = side
-    if values["crop_size"] > side:
-        notes.append((logging.WARNING, f"survey '{survey.name}': crop_size {values['crop_size']} exceeds the {side} px "
-                      f"cutouts; recorded as {side} (set augment.crop_size and jitter_max to fit)"))
-        values["crop_size"] = side  # jitter_max is kept: an explicit smaller crop keeps the survey's jitter
+    crop, jitter = values["crop_size"], values["jitter_max"]
+    if crop + 2 * jitter > side:  # the survey's default view must fit these cutouts: both shrunk in proportion
+        crop = max(1, crop * side // (crop + 2 * jitter))
+        jitter = min(jitter, (side - crop) // 2)
+        notes.append((logging.WARNING, f"survey '{survey.name}': the default crop {values['crop_size']} + 2 x jitter "
+                      f"{values['jitter_max']} exceeds the {side} px cutouts; recorded as crop {crop}, jitter {jitter}"))
+        values["crop_size"], values["jitter_max"] = crop, jitter
     return survey_from_dict(values, f"survey '{survey.name}' with {side} px cutouts")
 
 

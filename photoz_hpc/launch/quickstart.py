@@ -104,6 +104,7 @@ def stage_configs(args: argparse.Namespace) -> tuple[Config, dict[str, FinetuneR
 def build_dataset(cfg, fresh: bool = False) -> Path:
     """Synthesise and prepare the survey at ``cfg.data.path`` unless a valid one exists."""
     from photoz_hpc.data.dataset import read_manifest
+    from photoz_hpc.data.inputs import PrepareOptions
     from photoz_hpc.data.prepare import prepare
     from photoz_hpc.data.verify import verify_dataset
     from photoz_hpc.errors import DatasetError
@@ -130,7 +131,9 @@ def build_dataset(cfg, fresh: bool = False) -> Path:
     t0 = time.perf_counter()
     generate_survey(h5, n=cfg.data.synth_n, seed=cfg.seed, labeled=cfg.data.synth_labeled, survey=cfg.data.survey)
     log.info("synthesised %d %s galaxies in %.1f s -> %s", cfg.data.synth_n, survey.name, time.perf_counter() - t0, h5)
-    prepare([h5], dataset, samples_per_shard=cfg.data.samples_per_shard, overwrite=True)
+    # the description synth used (a user's file too: its labels may match no shipped survey)
+    prepare([h5], dataset, samples_per_shard=cfg.data.samples_per_shard, overwrite=True,
+            options=PrepareOptions(survey=cfg.data.survey))
     verify_dataset(dataset)
     return dataset
 

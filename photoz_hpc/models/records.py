@@ -70,4 +70,4 @@ def dataset_survey(dataset) -> Survey:
 def check_bands(model: Survey, what: str, data: Survey, where: str) -> None:
     """A model (``what``, e.g. the file) used on data (``where``) of other bands is a ``PhotozError`` naming both
     band lists and surveys; callers check before building loaders or writing anything."""
-    model.check_same_bands(data.bands, what, f"{where} (survey '{data.name}')")
+    model.check_same_bands(data, what, where)
