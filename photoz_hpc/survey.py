@@ -134,19 +134,23 @@ class SurveySpec:
     extinction_coefficients: list[float] = field(default_factory=list)  # A_b / E(B-V), SFD scale
     extinction_source: str = ""
     extinction_input: ExtinctionInputSpec = field(default_factory=ExtinctionInputSpec)
-    pixel_scale: float = 0.0  # arcsec / pixel
-    cutout_size: int = 0  # native cutout side, pixels
-    crop_size: int = 64
-    jitter_max: int = 7
-    flux_unit: str = "nanomaggy"
-    zeropoint: float = 22.5  # AB magnitude of one flux unit
+    # required (None: not given): a survey file must state its own pixel grid, unit and grid, never inherit SDSS's
+    pixel_scale: float | None = None  # arcsec / pixel
+    cutout_size: int | None = None  # native cutout side, pixels
+    crop_size: int | None = None
+    jitter_max: int | None = None
+    flux_unit: str | None = None
+    zeropoint: float | None = None  # AB magnitude of one flux unit
     rgb: list[str] = field(default_factory=list)  # bands shown as R, G, B in previews
-    redshift_grid: GridSpec = field(default_factory=GridSpec)
+    redshift_grid: GridSpec | None = None
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("config key 'name' must be set")
+        missing = [k for k in ("name", "bands", "band_labels", "extinction_coefficients", "extinction_source",
+                               "pixel_scale", "cutout_size", "crop_size", "jitter_max", "flux_unit", "zeropoint",
+                               "rgb", "redshift_grid") if getattr(self, k) in (None, "", [])]
+        if missing:
+            raise ConfigError(f"config key '{missing[0]}' must be set: a survey file states every fact itself (missing: {missing})")
         n = len(self.bands)
         if n < 1 or len(set(self.bands)) != n:
             raise ConfigError(f"config key 'bands' = {self.bands!r} must list distinct band names")
@@ -258,12 +262,24 @@ def _rgb_fallback(bands: list[str]) -> list[str]:
     return picks
 
 
+#: What a model computed from: the keys of a description a resume must find unchanged (prose, sources and the
+#: synthetic section may be edited without changing any trained number).
+FACT_KEYS = ("bands", "band_labels", "extinction_coefficients", "pixel_scale", "zeropoint")
+
+
+def survey_facts(values: dict[str, Any]) -> dict[str, Any]:
+    """The facts of a recorded description (``Survey.to_dict()``): ``FACT_KEYS`` and the input extinction convention."""
+    inp = values.get("extinction_input") or {}
+    return {**{k: values.get(k) for k in FACT_KEYS},
+            "extinction_input": {"kind": inp.get("kind"), "coefficients": inp.get("coefficients")}}
+
+
 def spec_to_dict(spec: SurveySpec) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
 def _survey_from_spec(spec: SurveySpec) -> Survey:
-    grid = RedshiftGrid.from_dict(dataclasses.asdict(spec.redshift_grid), f"survey '{spec.name}' redshift_grid")
+    grid = RedshiftGrid.from_dict(dataclasses.asdict(spec.redshift_grid), f"survey '{spec.name}' redshift_grid")  # type: ignore[arg-type]
     inp = spec.extinction_input
     return Survey(
         name=spec.name,

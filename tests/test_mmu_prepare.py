@@ -260,6 +260,17 @@ def test_labels_parquet_with_string_ids(tmp_path):
     assert ds.manifest["mmu"]["labels"]["not_in_images_examples"] == ["nosuch-1"]
 
 
+def test_labels_parquet_with_float_ids_is_an_error(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    src = hsc_file(tmp_path, 3, 4, seed=11)
+    ids = _read(src, "object_id").astype(np.float64)  # a float column: ids above 2**53 have lost digits
+    pq.write_table(pa.table({"object_id": ids, "z_spec": np.full(len(ids), 0.2)}), tmp_path / "z.parquet")
+    with pytest.raises(InputDataError, match=r"z.parquet: column 'object_id' holds non-integer values"):
+        prepare([src], tmp_path / "ds", options=PrepareOptions(labels=str(tmp_path / "z.parquet")))
+
+
 def test_interrupted_mmu_prepare_resumes_and_settings_must_match(tmp_path, monkeypatch):
     src = hsc_file(tmp_path, 2, 14, seed=13)
     reference = prepare([src], tmp_path / "ref", samples_per_shard=4)

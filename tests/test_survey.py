@@ -94,6 +94,16 @@ def test_bad_descriptions_are_errors_naming_the_key_and_the_file(tmp_path, chang
     assert message in str(err.value) and str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("key", ["zeropoint", "flux_unit", "redshift_grid", "crop_size", "jitter_max", "pixel_scale"])
+def test_a_file_missing_a_fact_is_an_error_not_sdss_by_default(tmp_path, key):
+    values = yaml.safe_load((REPO / "configs" / "surveys" / "lsst.yaml").read_text())
+    del values[key]
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be set"):
+        load_survey(path)
+
+
 def test_a_users_file_loads_by_path_and_an_unknown_name_is_an_error(tmp_path):
     values = yaml.safe_load((REPO / "configs" / "surveys" / "hsc.yaml").read_text())
     values["name"] = "my-hsc"
@@ -115,6 +125,18 @@ def test_check_same_bands_names_both_lists_and_filters():
     with pytest.raises(PhotozError, match=r"\['hsc-g', .*\['lsst-g', "):  # same letters, other filters
         hsc.check_same_bands(lsst, "model", "data")
     grz.check_same_bands(legacy.subset(["g", "r", "z"]), "model", "data")  # the same: no error
+
+
+def test_resume_facts_ignore_prose_but_not_numbers():
+    from photoz_hpc.train.resume import records_mismatch
+
+    sdss = load_survey("sdss").to_dict()
+    edited = {**sdss, "description": "typo fixed", "extinction_source": "a better citation"}
+    assert records_mismatch({"survey": sdss}, {"survey": edited}) == []
+    moved = {**sdss, "pixel_scale": 0.4}
+    assert records_mismatch({"survey": sdss}, {"survey": moved}) == ["survey: 'sdss' bands ['u', 'g', 'r', 'i', 'z'] -> "
+                                                                      "'sdss' bands ['u', 'g', 'r', 'i', 'z'] (it differs "
+                                                                      "in ['pixel_scale'])"]
 
 
 def test_docs_hold_the_presets_table():

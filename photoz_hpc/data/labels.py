@@ -90,6 +90,10 @@ def _read_parquet(path: str, key: str) -> tuple[list, list]:
 
 def _as_ids(path: str, values: list, kind: str, width: int) -> np.ndarray:
     if kind == "int":
+        bad = next((v for v in values if isinstance(v, (bool, float, np.bool_, np.floating))), None)
+        if bad is not None:  # a float id has lost its digits above 2**53 (HSC ids are ~4e16): it would join wrongly
+            raise InputDataError(f"{path}: column '{ID_COLUMN}' holds non-integer values (e.g. {bad!r}); the images' "
+                                 "ids are integers: write them as an integer column")
         try:
             return np.array([int(v) for v in values], dtype=np.int64)
         except (TypeError, ValueError, OverflowError) as exc:

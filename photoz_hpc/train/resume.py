@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from photoz_hpc.models.records import GRID_KEY, SURVEY_KEY, default_survey
-from photoz_hpc.survey import SDSS_GRID
+from photoz_hpc.survey import SDSS_GRID, survey_facts
 
 #: Keys (or whole sections) that may differ on resume, and why: they change how the run is executed, logged,
 #: checkpointed or how long it runs, never what a training step computes from which data.
@@ -123,10 +123,11 @@ def records_mismatch(state: dict[str, Any], records: dict[str, Any] | None) -> l
     records = records or {}
     if SURVEY_KEY in records:
         old, new = state.get(SURVEY_KEY) or default_survey().to_dict(), records[SURVEY_KEY]
-        if old != new:
+        old_facts, new_facts = survey_facts(old), survey_facts(new)
+        if old_facts != new_facts:  # prose and sources may change; what the model computed from may not
             what = f"survey: '{old.get('name')}' bands {old.get('bands')} -> '{new.get('name')}' bands {new.get('bands')}"
             if (old.get("name"), old.get("bands")) == (new.get("name"), new.get("bands")):
-                what += f" (its description differs in {sorted(k for k in new if old.get(k) != new[k])})"
+                what += f" (it differs in {sorted(k for k in new_facts if old_facts[k] != new_facts[k])})"
             diffs.append(what)
     if GRID_KEY in records:
         old, new = state.get(GRID_KEY) or SDSS_GRID.to_dict(), records[GRID_KEY]
