@@ -75,6 +75,10 @@ def console_main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.log_level)
     try:
+        if getattr(args, "overrides", None):  # a GPU asked for on the command line is never replaced by the CPU
+            from photoz_hpc.comm.devices import check_gpu_requests
+
+            check_gpu_requests(args.overrides)
         with trusting_pickle(getattr(args, "trust_pickle", False)):
             result = args.func(args)
     except PhotozError as exc:

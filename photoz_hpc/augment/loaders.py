@@ -36,7 +36,8 @@ def build_loader(
     """A loader of ``pipeline`` batches for this rank (a name of ``pipelines.PIPELINES``: 'pretrain' | 'finetune' | 'eval').
 
     ``cfg.loader.backend``: 'dali', 'reference' or 'auto' (DALI when installed); ``device``
-    (default ``cfg.loader.device``): 'cpu' or 'gpu' (tensors are delivered there). ``ids`` restricts the
+    (default ``cfg.loader.device``; its 'gpu' on a machine without CUDA: 'cpu', with a WARNING): 'cpu' or 'gpu'
+    (tensors are delivered there). ``ids`` restricts the
     samples (a label subset or a validation split); ``batch_size`` overrides ``cfg.loader.batch_size``; ``grid`` is
     the redshift grid of the ``z_bin`` labels, the model's (default: that of the survey the dataset's manifest
     records). The bands, extinction vector and default crop and jitter are the dataset survey's.
@@ -45,14 +46,18 @@ def build_loader(
         dataset = open_dataset(dataset)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} / world_size {world_size} is not a valid rank")
-    device = device or cfg.loader.device
+    if not device:  # the config's: a GPU without one falls back to the CPU with a WARNING (comm.devices)
+        from photoz_hpc.comm.devices import gpu_or_cpu
+
+        device = gpu_or_cpu("loader.device", cfg.loader.device)
     if device not in ("cpu", "gpu"):
         raise ConfigError(f"loader device '{device}' must be 'cpu' or 'gpu'")
     if device == "gpu":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("loader.device=gpu but no CUDA device is available")
+            raise ConfigError("loader device 'gpu' was asked for but no CUDA device is available: make batches on the "
+                              "CPU (device='cpu', loader.device=cpu)")
     backend = cfg.loader.backend
     if backend == "auto":
         backend = "dali" if dali_available() else "reference"

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from photoz_hpc.comm.base import Comm
-from photoz_hpc.comm.devices import cuda_device_index
+from photoz_hpc.comm.devices import cuda_device_index, gpu_or_cpu
 from photoz_hpc.comm.nodes import env_local_size
 from photoz_hpc.comm.select import init_comm
-from photoz_hpc.errors import ConfigError
 from photoz_hpc.launch_env import detect_env
 from photoz_hpc.logs import get_logger
 from photoz_hpc.run_lock import RunDir, hold_for_ranks
@@ -31,8 +30,9 @@ from photoz_hpc.train.signals import PreemptionFlag
 log = get_logger(__name__)
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    """The rank's device for ``train.device`` ('cuda', 'auto' or 'cpu'); 'cuda' without a CUDA device runs on the CPU
+    with a WARNING (``comm.devices.gpu_or_cpu``; given on the command line it was refused before: ``cli``)."""
+    requested = gpu_or_cpu("train.device", requested)
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda", cuda_device_index(local_rank))
     return torch.device("cpu")
