@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -322,6 +323,12 @@ def load_survey(name_or_path: str | Path = DEFAULT_SURVEY) -> Survey:
     return survey_from_dict(read_yaml_mapping(path), str(path))
 
 
+@lru_cache(maxsize=1)
+def default_survey() -> Survey:
+    """SDSS: the default, and the survey of any file or dataset that records none (written before surveys existed)."""
+    return load_survey(DEFAULT_SURVEY)
+
+
 def shipped_surveys() -> list[Survey]:
     return [load_survey(name) for name in SHIPPED_SURVEYS]
 
@@ -349,12 +356,12 @@ def presets_table() -> str:
 def survey_of_manifest(manifest: dict[str, Any], where: str) -> Survey:
     """The survey a prepared dataset records; a manifest from before surveys existed is SDSS."""
     if "survey" not in manifest:
-        return load_survey(DEFAULT_SURVEY)
+        return default_survey()
     return survey_from_dict(manifest["survey"], f"{where}: manifest 'survey'")
 
 
 __all__ = [
-    "DEFAULT_SURVEY", "SDSS_GRID", "SHIPPED_SURVEYS", "RedshiftGrid", "Survey", "SurveySpec", "load_survey",
+    "DEFAULT_SURVEY", "SDSS_GRID", "SHIPPED_SURVEYS", "RedshiftGrid", "Survey", "SurveySpec", "default_survey", "load_survey",
     "presets_table", "shipped_surveys", "survey_from_dict", "survey_of_manifest",
 ]
 

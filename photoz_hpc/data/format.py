@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from photoz_hpc.errors import DatasetError
+from photoz_hpc.survey import default_survey
 
 FORMAT_VERSION = 1
 LAYOUT = "HWC"
@@ -37,7 +38,6 @@ MANIFEST_NAME = "manifest.json"
 #: Id fields of release-layout input (SDSS), and of Multimodal Universe input.
 RELEASE_ID_FIELDS = ("ObjID", "specObjID")
 MMU_ID_FIELD = "object_id"
-SDSS_N_BANDS = 5
 
 
 def meta_dtype(n_bands: int, id_dtype: np.dtype | str | None = None) -> np.dtype:
@@ -71,7 +71,7 @@ def meta_dtype(n_bands: int, id_dtype: np.dtype | str | None = None) -> np.dtype
 
 
 #: The SDSS release store's metadata (and that of every manifest from before surveys existed).
-META_DTYPE = meta_dtype(SDSS_N_BANDS)
+META_DTYPE = meta_dtype(default_survey().n_bands)
 
 #: Metadata fields returned by ``Dataset[i]`` under their release names (plus ``ebv_sfd``).
 PUBLIC_META_FIELDS = ("specz_redshift", "specz_redshift_err", "e_bv", "ebv_sfd", "ra", "dec", "ObjID", "specObjID")

@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 
 from photoz_hpc.errors import InputDataError
+from photoz_hpc.survey import default_survey
 
 REQUIRED_KEYS = ("images", "e_bv", "ra", "dec", "ObjID", "specObjID")
-SDSS_N_BANDS = 5
 LABEL_KEYS = ("specz_redshift", "specz_redshift_err")
 
 
@@ -46,7 +46,7 @@ def open_h5(path: str) -> h5py.File:
         raise InputDataError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {exc}") from None
 
 
-def validate_source(path: str | os.PathLike, n_bands: int = SDSS_N_BANDS) -> SourceFile:
+def validate_source(path: str | os.PathLike, n_bands: int = default_survey().n_bands) -> SourceFile:
     """Check keys, shapes, dtypes and lengths of one release file of ``n_bands`` bands (the survey's: SDSS 5);
     raise ``InputDataError`` naming it."""
     path = str(Path(path).resolve())

@@ -9,27 +9,19 @@ SDSS with the paper's 180-bin grid: that is what it means. Plain dicts of string
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.survey import (
-    DEFAULT_SURVEY,
     SDSS_GRID,
     RedshiftGrid,
     Survey,
-    load_survey,
+    default_survey,
     survey_from_dict,
     survey_of_manifest,
 )
 
 SURVEY_KEY, GRID_KEY = "survey", "redshift_grid"
-
-
-@functools.lru_cache(maxsize=1)
-def default_survey() -> Survey:
-    """The survey of a file or dataset that records none (written before surveys existed): SDSS."""
-    return load_survey(DEFAULT_SURVEY)
 
 
 def recorded_survey(blob: dict[str, Any], where: str) -> Survey:

@@ -28,15 +28,13 @@ from photoz_hpc.sim.noise import DepthNoise, add_noise
 from photoz_hpc.sim.population import PSF_BETA, BandModel, band_model, draw_band_galaxy, draw_galaxy, survey_model
 from photoz_hpc.sim.render import band_neighbours, render_bands, render_galaxy
 from photoz_hpc.sim.sky import extinction
-from photoz_hpc.survey import DEFAULT_SURVEY, Survey, load_survey
+from photoz_hpc.survey import DEFAULT_SURVEY, Survey, default_survey, load_survey
 
 log = get_logger("photoz_hpc.sim.survey")
 #: ObjID / specObjID bases (DR12-like magnitudes); the seed occupies the high digits so files differ.
 OBJID_BASE = 1237645000000000000
 SPECOBJID_BASE = 299000000000000000
 _SEED_STRIDE = 10**10
-#: the release layout's band count (u g r i z).
-SDSS_N_BANDS = 5
 
 
 def render_chunk(seed: int, start: int, stop: int, labeled: bool, neighbours: bool = True) -> dict[str, np.ndarray]:
@@ -44,8 +42,8 @@ def render_chunk(seed: int, start: int, stop: int, labeled: bool, neighbours: bo
     model = survey_model()
     n, size = stop - start, sdss_camera().size
     out = {
-        "images": np.empty((n, SDSS_N_BANDS, size, size), np.float32),
-        "e_bv": np.empty((n, SDSS_N_BANDS), np.float32),
+        "images": np.empty((n, default_survey().n_bands, size, size), np.float32),
+        "e_bv": np.empty((n, default_survey().n_bands), np.float32),
         "ra": np.empty(n, np.float64),
         "dec": np.empty(n, np.float64),
         "specz_redshift": np.empty(n, np.float32),
@@ -131,8 +129,8 @@ def render_band_chunk(plan: BandPlan, seed: int, start: int, stop: int, labeled:
 
 def _create(fh: h5py.File, n: int, labeled: bool) -> None:
     size = sdss_camera().size
-    fh.create_dataset("images", (n, SDSS_N_BANDS, size, size), np.float32, chunks=(1, SDSS_N_BANDS, size, size))
-    fh.create_dataset("e_bv", (n, SDSS_N_BANDS), np.float32)
+    fh.create_dataset("images", (n, default_survey().n_bands, size, size), np.float32, chunks=(1, default_survey().n_bands, size, size))
+    fh.create_dataset("e_bv", (n, default_survey().n_bands), np.float32)
     for key, dt in (("ra", np.float64), ("dec", np.float64), ("ObjID", np.int64), ("specObjID", np.int64)):
         fh.create_dataset(key, (n,), dt)
     if labeled:
