@@ -212,10 +212,6 @@ class Survey:
         a = np.asarray(per_band, dtype=np.float64)
         return (a / np.asarray(self.input_coefficients, dtype=np.float64)).mean(axis=-1)
 
-    def mag_to_flux(self, mag: np.ndarray | float) -> np.ndarray:
-        """AB magnitude (or mag/arcsec^2) to this survey's flux unit (per arcsec^2)."""
-        return 10 ** (-0.4 * (np.asarray(mag) - self.zeropoint))
-
     def subset(self, bands: list[str] | tuple[str, ...]) -> Survey:
         """The same survey restricted to ``bands``, in the order given (``--bands g,r,z``)."""
         bands = list(bands)

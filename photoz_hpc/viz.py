@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz_hpc.survey import DEFAULT_SURVEY, Survey, load_survey
+from photoz_hpc.survey import Survey, default_survey
 
 #: per-channel scale of R, G, B so a typical galaxy looks neutral (SDSS-like i,r,g -> R,G,B weighting).
 _RGB_SCALE = (1.0, 1.1, 1.6)
@@ -18,7 +18,7 @@ _RGB_SCALE = (1.0, 1.1, 1.6)
 def rgb_channels(survey: Survey | None = None, n_channels: int | None = None) -> tuple[int, int, int]:
     """Channel indices of the survey's red, green and blue preview bands (``survey.rgb``; None: the default
     survey's, SDSS i, r, g). ``n_channels``, the images' band count, must be the survey's."""
-    survey = survey or load_survey(DEFAULT_SURVEY)
+    survey = survey or default_survey()
     if n_channels is not None and n_channels != survey.n_bands:
         raise ValueError(f"images have {n_channels} bands but survey '{survey.name}' has {survey.n_bands} "
                          f"{list(survey.bands)}: pass the survey of the data shown")
@@ -27,12 +27,16 @@ def rgb_channels(survey: Survey | None = None, n_channels: int | None = None) ->
 
 def lupton_rgb(images: np.ndarray, stretch: float = 0.5, q: float = 8.0, survey: Survey | None = None) -> np.ndarray:
     """(..., bands, H, W) images -> (..., H, W, 3) uint8 RGB from the survey's ``rgb`` bands (SDSS: i, r, g) with an
-    asinh stretch (``stretch`` in the survey's flux unit). ``survey``: that of the images (None: SDSS).
+    asinh stretch (``stretch`` in nanomaggies, AB zero point 22.5, whatever the survey's flux unit, so a galaxy
+    looks alike in every survey: LSST's nJy are 3631 to the nanomaggy). ``survey``: that of the images (None: SDSS).
 
     The asinh is applied to the summed intensity so colours are preserved (Lupton et al. 2004).
     """
     images = np.asarray(images, dtype=np.float64)
     channels = rgb_channels(survey, images.shape[-3])
+    to_nmgy = 10 ** (-0.4 * ((survey or default_survey()).zeropoint - 22.5))  # SDSS: exactly 1
+    if to_nmgy != 1.0:
+        images = images * to_nmgy
     rgb = np.stack([images[..., c, :, :] * s for c, s in zip(channels, _RGB_SCALE, strict=True)], axis=-1)
     intensity = rgb.mean(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -252,3 +252,15 @@ def test_stem_grid_metrics_preview_and_cpu_guard_follow_the_survey():
     assert rgb[0, 0, 0, 0] > 0 and rgb[0, 0, 0, 1] == rgb[0, 0, 0, 2] == 0
     with pytest.raises(ValueError, match="images have 3 bands but survey 'sdss' has 5"):
         lupton_rgb(images)
+
+
+def test_previews_stretch_in_nanomaggies_whatever_the_flux_unit():
+    from photoz_hpc.survey import survey_from_dict
+
+    lsst = load_survey("lsst")  # nJy: AB zero point 31.4
+    in_nmgy = survey_from_dict({**lsst.to_dict(), "zeropoint": 22.5, "flux_unit": "nanomaggy"}, "lsst in nanomaggies")
+    galaxy = np.random.default_rng(1).uniform(0.0, 2.0, (2, 6, 12, 12))  # nanomaggies
+    njy = galaxy * 10 ** (0.4 * (31.4 - 22.5))
+    same = lupton_rgb(njy, survey=lsst).astype(int) - lupton_rgb(galaxy, survey=in_nmgy)
+    assert np.abs(same).max() <= 1  # equal up to the last uint8 rounding (the unit change is one multiplication)
+    assert not np.array_equal(lupton_rgb(njy, survey=in_nmgy), lupton_rgb(galaxy, survey=in_nmgy))
