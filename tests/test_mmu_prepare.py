@@ -147,7 +147,7 @@ def test_hsc_per_band_extinction_and_bands_subset_order(tmp_path):
         prepare([src], tmp_path / "u", options=PrepareOptions(bands=("g", "u")))
 
 
-def test_missing_extinction_is_an_error_unless_no_extinction(tmp_path):
+def test_missing_extinction_is_an_error_unless_no_extinction(tmp_path, caplog):
     src = hsc_file(tmp_path, 1, 6, seed=5, a_i=None)
     with pytest.raises(InputDataError, match=r"001-of-001.hdf5: no Galactic extinction.*a_i.*--no-extinction"):
         prepare([src], tmp_path / "ds")
@@ -155,6 +155,7 @@ def test_missing_extinction_is_an_error_unless_no_extinction(tmp_path):
     ds = open_dataset(prepare([src], tmp_path / "ds", options=PrepareOptions(no_extinction=True)))
     assert (ds.meta["ebv_sfd"] == 0).all() and (ds.meta["e_bv"] == 0).all()
     assert ds.manifest["mmu"]["no_extinction"] is True and "none" in ds.manifest["mmu"]["extinction"][0]["source"]
+    assert "--no-extinction: E(B-V) = 0 is stored although" in caplog.text  # its a_g ... a_z are ignored, said so
     # a subset without the band that lacks a_<band> needs no flag
     ds = open_dataset(prepare([src], tmp_path / "grz", options=PrepareOptions(bands=("g", "r", "z"))))
     assert (ds.meta["ebv_sfd"] > 0).all()

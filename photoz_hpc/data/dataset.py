@@ -56,6 +56,9 @@ def read_manifest(root: str | Path) -> dict:
     if bands != survey.n_bands:
         raise DatasetError(f"{path}: image_shape {manifest['image_shape']} does not have the {survey.n_bands} bands "
                            f"{list(survey.bands)} of its survey '{survey.name}'")
+    if "bands" in manifest and list(manifest["bands"]) != list(survey.bands):
+        raise DatasetError(f"{path}: 'bands' {manifest['bands']} differ from its survey '{survey.name}' bands "
+                           f"{list(survey.bands)}")
     return manifest
 
 

@@ -246,6 +246,11 @@ def _resolve_mmu(paths: list[str], options: PrepareOptions) -> StoreInput:
     notes: list[tuple[int, str]] = []
     kept = _with_cutout(kept, sources[0].height, sources[0].width, notes)
     extinction = [_extinction(s, kept, options.no_extinction) for s in sources]
+    if options.no_extinction:
+        ignored = sorted({str(s.path) for s in sources if s.ebv_key or s.extinction_keys})
+        if ignored:
+            notes.append((logging.WARNING, f"--no-extinction: E(B-V) = 0 is stored although {ignored[:3]}"
+                          f"{' ...' if len(ignored) > 3 else ''} carry extinctions"))
 
     id_kind = sources[0].id_kind
     all_ids, owner = [], []
