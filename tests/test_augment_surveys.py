@@ -251,7 +251,7 @@ def test_docs_survey_table_is_the_shipped_surveys():
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "augmentations.md").read_text()
     assert survey_table() in docs, "regenerate the table: python -m photoz_hpc.augment.pipelines"
-    assert "| `hsc` | g r i z y | g 3.24, r 2.276" in survey_table()  # the vectors themselves, per band
+    assert "| `hsc` | g r i z y | 0.168\" | 160 px (26.9\") | 128 px (21.5\") | +-12 px (+-2.0\") |" in survey_table()
 
 
 def test_cli_writes_views_of_any_band_count(stores, tmp_path):

@@ -132,19 +132,14 @@ def markdown_table() -> str:
 
 
 def survey_table() -> str:
-    """The per-survey table of docs/augmentations.md: bands, extinction vector, pixel, cutout and the default crop
-    and jitter (pixels and arcsec) of every shipped survey description (configs/surveys/*.yaml)."""
-    rows = [
-        "| survey | bands | A_b / E(B-V) | pixel | cutout | crop | jitter | source of the vector |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """The per-survey table of docs/augmentations.md: the default crop and jitter of every shipped survey description
+    (configs/surveys/*.yaml) in pixels and arcsec; the extinction vectors are docs/surveys.md's table."""
+    rows = ["| survey | bands | pixel | cutout | crop | jitter |", "|---|---|---|---|---|---|"]
     for s in shipped_surveys():
         arcsec = s.pixel_scale
-        coeffs = ", ".join(f"{b} {c:g}" for b, c in zip(s.bands, s.extinction_coefficients, strict=True))
         rows.append(
-            f"| `{s.name}` | {' '.join(s.bands)} | {coeffs} | {arcsec:g}\" | {s.cutout_size} px ({s.cutout_size * arcsec:.1f}\") "
-            f"| {s.crop_size} px ({s.crop_size * arcsec:.1f}\") | +-{s.jitter_max} px (+-{s.jitter_max * arcsec:.1f}\") "
-            f"| {s.spec.extinction_source} |"
+            f"| `{s.name}` | {' '.join(s.bands)} | {arcsec:g}\" | {s.cutout_size} px ({s.cutout_size * arcsec:.1f}\") "
+            f"| {s.crop_size} px ({s.crop_size * arcsec:.1f}\") | +-{s.jitter_max} px (+-{s.jitter_max * arcsec:.1f}\") |"
         )
     return "\n".join(rows)
 
