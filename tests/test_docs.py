@@ -220,7 +220,8 @@ def test_repository_paths_in_shell_blocks_exist(where, text):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A scratch directory with what the Python blocks read: data/quickstart and runs/pretrain/encoder.pt."""
+    """A scratch directory with what the Python blocks read: data/quickstart, runs/pretrain/encoder.pt and an exported
+    photo-z model directory models/sdss_photoz."""
     from photoz_hpc.models.export import save_encoder
     from photoz_hpc.models.resnet import build_encoder
 
@@ -233,6 +234,11 @@ def workspace(tmp_path_factory):
     (root / "runs" / "pretrain").mkdir(parents=True)
     save_encoder(build_encoder(cfg.model).state_dict(), None, cfg.model, root / "runs" / "pretrain" / "encoder.pt",
                  augment_cfg=cfg.augment)  # as pretrain exports it: an encoder.pt brings its view settings
+    from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
+    from photoz_hpc.train.model_export import export_model
+
+    save_photoz_model(build_photoz_net(cfg.model), cfg.model, root / "made" / "photoz_model.pt")
+    export_model(root / "made" / "photoz_model.pt", root / "models" / "sdss_photoz")  # model_files.md's directory
     return root, cfg
 
 
@@ -273,7 +279,7 @@ def _outputs(args: list[str]) -> list[str]:
     """The paths a ``photoz-hpc`` command names as its outputs: ``--out`` and the ``out_dir=`` override."""
     outs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--out", "--json")]
     outs += [a.split("=", 1)[1] for a in args if a.startswith("out_dir=")]
-    if args and args[0] in ("export-encoder", "export-qp", "resave", "import-checkpoint"):
+    if args and args[0] in ("export-encoder", "export-model", "export-qp", "resave", "import-checkpoint"):
         outs.append(args[-1])
     return outs
 

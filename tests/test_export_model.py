@@ -7,6 +7,7 @@ Tiny: width-8 ResNet-18 on 16 px crops, a few steps."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from helpers import REPO, TINY_MODEL, make_dataset, process_env, run_cli
 from test_import_checkpoint import X, close, photoz_source, save_photoz, tv_trunk
 
 from photoz_hpc import __version__
-from photoz_hpc.config import FinetuneRunConfig, load_config
+from photoz_hpc.config import FinetuneRunConfig, config_from_dict, load_config
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.evaluate.run import load_network, run_evaluate
 from photoz_hpc.launch.finetune_eval import finetune_and_evaluate
@@ -30,6 +31,7 @@ from photoz_hpc.models.model_files import (
     WEIGHTS,
     load_model_dir,
     load_photoz,
+    model_digest,
     verify_model_dir,
 )
 from photoz_hpc.models.paper_import import import_checkpoint
@@ -95,6 +97,7 @@ def test_best_model_round_trips_bit_identically_and_the_card_records_the_run(run
     assert card["architecture"]["n_parameters"] == sum(p.numel() for p in ref.parameters())
     assert card["input"] == {"crop_size": 16, "deredden": True}
     assert card["config"] == blob["config"]  # the training config: what evaluate reads its settings from
+    assert config_from_dict(card["config"], FinetuneRunConfig) == config_from_dict(blob["config"], FinetuneRunConfig)
     # training data: labels.json and the identity the run's checkpoints record
     labels = json.loads((ft / "labels.json").read_text())
     tr = card["training"]
@@ -220,6 +223,15 @@ def test_a_damaged_or_missing_file_is_an_error_naming_it(exported):
     _refused(exported, str(exported / README))
     (exported / CHECKSUMS).unlink()
     _refused(exported, str(exported / CHECKSUMS), "is missing")
+
+
+def test_the_digest_names_the_content_and_checks_it_first(exported, tmp_path):
+    digest = model_digest(exported)
+    assert digest == hashlib.sha256((exported / CHECKSUMS).read_bytes()).hexdigest()
+    assert model_digest(tmp_path / "m.pt") == hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
+    (exported / README).write_text("edited\n")
+    with pytest.raises(PhotozError, match="README.md does not match"):
+        model_digest(exported)
 
 
 def test_a_checksum_list_that_leaves_out_the_weights_is_refused(exported):

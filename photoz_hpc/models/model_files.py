@@ -232,6 +232,16 @@ def load_photoz(path: str | os.PathLike, map_location: str | torch.device = "cpu
     return net.to(map_location), blob
 
 
+def model_digest(path: str | os.PathLike) -> str:
+    """A sha256 naming a photo-z model's content: the file's, or for a model directory (checked first) that of its
+    ``checksums.sha256``, which holds every file's sha256 (what a catalogue plan records as ``checkpoint_sha256``)."""
+    p = Path(path)
+    if p.is_dir():
+        verify_model_dir(p)
+        return sha256_file(p / CHECKSUMS)
+    return sha256_file(p)
+
+
 # ---------------------------------------------------------------------- the README
 
 
