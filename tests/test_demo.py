@@ -45,3 +45,22 @@ def test_quickstart_runs_end_to_end_from_any_directory_and_a_rerun_trains_afresh
     assert "reusing verified dataset" in res.stderr and "Quickstart done" in res.stdout
     assert (work / "run.prev" / "report.md").exists()
     assert json.loads((work / "run" / "pretrain" / "summary.json").read_text())["start_step"] == 0
+
+
+def test_quickstart_runs_another_survey_and_refuses_reusing_one_of_another(tmp_path):
+    """``quickstart --survey hsc``: synthesised, prepared and trained as HSC (5 bands g r i z y, its 400-bin grid);
+    the same data.path asked for as LSST afterwards is an error, not a silent reuse."""
+    from photoz_hpc.data.dataset import ShardedDataset
+
+    base = [sys.executable, "-m", "photoz_hpc", "quickstart", "--out", "run", "data.path=survey", "data.synth_n=128",
+            "data.samples_per_shard=32", "loader.batch_size=16", "moco.queue_size=32", "augment.crop_size=16",
+            "augment.jitter_max=2", "train.progress=false", "train.epochs=1"]
+    res = subprocess.run([*base, "--survey", "hsc"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ds = ShardedDataset(tmp_path / "survey")
+    assert ds.survey.name == "hsc" and ds.survey.bands == tuple("grizy") and ds.image_shape[-1] == 5
+    best = json.loads((tmp_path / "run" / "ssl" / "summary.json").read_text())
+    assert best["eval"]["metrics"]["n"] == best["n_val"] > 0
+    assert "survey hsc, bands g r i z y" in (tmp_path / "run" / "report.md").read_text()
+    res = subprocess.run([*base, "--survey", "lsst"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert res.returncode != 0 and "holds survey 'hsc'" in res.stderr and "--fresh" in res.stderr
