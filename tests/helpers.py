@@ -214,3 +214,30 @@ def split_bn_case(dtype):
     yr = ref(xr)
     yr.backward(g.double())
     return bn, x, g, ref, xr, yr
+
+
+def assert_loader_matches_oracle(loader, ref_loader, pipeline: str, crop: int, bands: int) -> None:
+    """Every batch of ``loader`` (DALI) equals the reference loader's and the reference augmentation of the same
+    draws (``augment_batch``): views within 1e-4 of their scale (DALI's bilinear warp rounds differently), the
+    reference exactly, every other key exactly; ``batch`` views of (B, bands, crop, crop) float32."""
+    import torch
+
+    from photoz_hpc.augment.pipelines import PIPELINES
+    from photoz_hpc.augment.reference import augment_batch
+
+    view_keys = PIPELINES[pipeline].view_keys
+    n = 0
+    for k, (batch, ref) in enumerate(zip(loader, ref_loader, strict=True)):
+        oracle = augment_batch(loader.source.batch(k), crop, loader.torch_device)
+        for key, want in zip(view_keys, oracle, strict=True):
+            got = batch[key]
+            assert got.shape == (want.shape[0], bands, crop, crop) and got.dtype == torch.float32
+            scale = want.abs().max().item()
+            assert scale > 0
+            assert (got - want).abs().max().item() <= 1e-4 * scale, key
+            torch.testing.assert_close(ref[key], want, rtol=0, atol=0)
+        for key in batch:
+            if key not in view_keys:
+                torch.testing.assert_close(batch[key], ref[key], rtol=0, atol=0)
+        n += 1
+    assert n == len(loader) > 0

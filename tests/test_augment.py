@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_release_h5
+from helpers import assert_loader_matches_oracle, write_release_h5
 
 from photoz_hpc.augment import draws as dr
 from photoz_hpc.augment.loaders import build_loader
@@ -69,21 +69,7 @@ def test_dali_matches_reference_on_same_draws(ds107, pipeline):
     loader = build_loader(cfg_of(), ds107, pipeline, seed=3)
     ref_loader = build_loader(cfg_of(backend="reference"), ds107, pipeline, seed=3)
     assert loader.backend == "dali" and ref_loader.backend == "reference"
-    n = 0
-    for k, (batch, ref) in enumerate(zip(loader, ref_loader, strict=True)):
-        oracle = augment_batch(loader.source.batch(k), 64, loader.torch_device)
-        for key, want in zip(VIEW_KEYS[pipeline], oracle, strict=True):
-            got = batch[key]
-            assert got.shape == (8, 5, 64, 64) and got.dtype == torch.float32
-            scale = want.abs().max().item()
-            assert scale > 0
-            assert (got - want).abs().max().item() <= 1e-4 * scale, key
-            torch.testing.assert_close(ref[key], want, rtol=0, atol=0)
-        for key in batch:
-            if key not in VIEW_KEYS[pipeline]:
-                torch.testing.assert_close(batch[key], ref[key], rtol=0, atol=0)
-        n += 1
-    assert n == len(loader) > 0
+    assert_loader_matches_oracle(loader, ref_loader, pipeline, 64, 5)
 
 
 @pytest.mark.parametrize("pipeline", ["pretrain", "finetune"])
