@@ -307,7 +307,7 @@ def render_readme(card: dict[str, Any]) -> str:
     lines += ["", "## Source", ""] + [f"- {k}: {_num(v) if not isinstance(v, (dict, list)) else json.dumps(v)}"
                                       for k, v in src.items()]
     lines += ["", "## Loading", "",
-              "With photoz-hpc installed (`pip install photoz-hpc`, or `bash launch/setup_env.sh` in its repository); "
+              "With photoz-hpc installed (`pip install .` or `bash launch/setup_env.sh` in a photoz-hpc checkout); "
               "every load verifies `checksums.sha256` first:", "", "```python",
               "from photoz_hpc.models.model_files import load_model_dir",
               f"net, card = load_model_dir(\"{name}\")   # PhotoZNet in eval mode; card = model_card.json",
