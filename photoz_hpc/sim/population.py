@@ -9,8 +9,9 @@ partition of the indices over workers gives identical galaxies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -145,25 +146,49 @@ def colour_residuals(k: np.ndarray, z: np.ndarray, normals: np.ndarray, sed: dic
     return a + b * (zc[:, None] - 0.1) + normals * sd
 
 
-def _draw_candidates(rng: np.random.Generator, model: SurveyModel) -> dict:
-    """_CANDIDATES independent (z, M, SED) draws; the caller keeps the first passing the flux limit."""
+def _draw_population(rng: np.random.Generator, base: SurveyModel, nz: SurveyModel | BandModel) -> dict:
+    """The survey-independent part of _CANDIDATES candidate draws: z from ``nz``'s n(z) tables, M_r, SED
+    (``proto``: prototype index), the colour-residual normals and B/T, in the one draw order every survey shares.
+
+    The residual normals are drawn before B/T but applied by the caller (SDSS or another survey's filters).
+    """
     n = _CANDIDATES
-    z = np.interp(rng.random(n), model.zcdf_tab, model.z_tab)
-    ms = model.m_star(z)
-    lo = np.interp(model.lf["M_bright"] - ms, model.x_tab, model.xcdf_tab)
-    hi = np.interp(np.interp(z, model.z_tab, model.m_faint_tab) - ms, model.x_tab, model.xcdf_tab)
-    abs_r = ms + np.interp(lo + rng.random(n) * (hi - lo), model.xcdf_tab, model.x_tab)
-    w, red, proto = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), model.sed, z, model.lf)
-    dcol = colour_residuals(proto, z, rng.standard_normal((n, 5)), model.sed)
-    mags = apparent_mags(abs_r, w, z, model.grid, cosmology.distance_modulus(z)) + dcol
+    z = np.interp(rng.random(n), nz.zcdf_tab, nz.z_tab)
+    ms = base.m_star(z)
+    lo = np.interp(base.lf["M_bright"] - ms, base.x_tab, base.xcdf_tab)
+    hi = np.interp(np.interp(z, nz.z_tab, nz.m_faint_tab) - ms, base.x_tab, base.xcdf_tab)
+    abs_r = ms + np.interp(lo + rng.random(n) * (hi - lo), base.xcdf_tab, base.x_tab)
+    w, red, proto = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), base.sed, z, base.lf)
+    resid_normals = rng.standard_normal((n, 5))
     bt = np.clip(np.where(red, rng.normal(0.65, 0.15, n), rng.normal(0.15, 0.12, n)), 0.0, 0.95)
+    return dict(z=z, abs_r=abs_r, w=w, red=red, proto=proto, resid_normals=resid_normals, bt=bt)
+
+
+def _draw_candidates(rng: np.random.Generator, model: SurveyModel) -> dict:
+    """_CANDIDATES independent (z, M, SED) draws with SDSS magnitudes; ``selected``: passing the MGS limits."""
+    cand = _draw_population(rng, model, model)
+    z = cand["z"]
+    dcol = colour_residuals(cand["proto"], z, cand.pop("resid_normals"), model.sed)
+    mags = apparent_mags(cand["abs_r"], cand["w"], z, model.grid, cosmology.distance_modulus(z)) + dcol
     # MGS selects on Petrosian r, which misses ~18% of a de Vaucouleurs and ~1% of an exponential
     # profile's light (Blanton et al. 2001); model magnitudes capture the total. petro_offset/petro_sigma:
     # calibrated mean shift and scatter of Petrosian-minus-model r (profile mismatch, target-vs-final photometry).
-    sel = model.sel
+    sel, bt = model.sel, cand["bt"]
     frac = sel["petro_frac_dev"] * bt + sel["petro_frac_exp"] * (1 - bt)
-    r_petro = mags[:, 2] - 2.5 * np.log10(frac) + sel["petro_offset"] + sel["petro_sigma"] * rng.standard_normal(n)
-    return dict(z=z, abs_r=abs_r, w=w, red=red, mags=mags, bt=bt, r_petro=r_petro, dcol=dcol)
+    r_petro = (mags[:, 2] - 2.5 * np.log10(frac) + sel["petro_offset"]
+               + sel["petro_sigma"] * rng.standard_normal(_CANDIDATES))
+    return dict(cand, mags=mags, r_petro=r_petro, dcol=dcol,
+                selected=(r_petro <= sel["r_lim"]) & (mags[:, 2] >= sel["r_bright"]))
+
+
+def _first_selected(draw: Callable[[], dict]) -> dict:
+    """The first candidate with ``selected`` of batches from ``draw()`` (one row of every column): rejection
+    sampling, so a colour-dependent selection is exact."""
+    while True:
+        cand = draw()
+        ok = np.flatnonzero(cand["selected"])
+        if ok.size:
+            return {key: col[int(ok[0])] for key, col in cand.items()}
 
 
 def _bulge_disk(w: np.ndarray, bt: float, sed: dict, abs_r: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -203,29 +228,27 @@ def _half_light_kpc(abs_r: float, early: bool, rng: np.random.Generator) -> floa
     return float(10**log_r * np.exp(sig * rng.standard_normal()))
 
 
-def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict:
-    """All parameters of galaxy ``index`` of survey ``seed`` (physical, morphology, observing conditions)."""
-    model = model or survey_model()
-    rng = _rng(seed, index)
-    while True:
-        cand = _draw_candidates(rng, model)
-        ok = np.flatnonzero((cand["r_petro"] <= model.sel["r_lim"]) & (cand["mags"][:, 2] >= model.sel["r_bright"]))
-        if ok.size:
-            k = int(ok[0])
-            break
-    z, abs_r, w, red = float(cand["z"][k]), float(cand["abs_r"][k]), cand["w"][k], bool(cand["red"][k])
-    bt, dcol = float(cand["bt"][k]), cand["dcol"][k]
-    wb, wd = _bulge_disk(w, bt, model.sed, abs_r)
-    dm = cosmology.distance_modulus(np.array([z]))
+def _galaxy(rng: np.random.Generator, index: int, cand: dict, sed: dict,
+            k_terms_of: Callable[[np.ndarray, np.ndarray], np.ndarray], ab_offset: np.ndarray | float,
+            psf_fwhm: np.ndarray) -> dict:
+    """The selected candidate ``cand`` made a galaxy: bulge/disk split, sizes, shapes, position, E(B-V) and
+    observing conditions, drawn from ``rng`` in the order every survey shares (``draw_galaxy``'s keys but
+    ``specz_err`` and ``rng``, which the caller adds: its spec-z error relation is per survey).
+
+    ``k_terms_of(w, z)``: the survey's k-terms; ``ab_offset``: subtracted from the bulge/disk magnitudes (SDSS's
+    AB -> SDSS offsets, 0 for AB surveys); ``psf_fwhm``: the median seeing per band.
+    """
+    z, abs_r, w, red = float(cand["z"]), float(cand["abs_r"]), cand["w"], bool(cand["red"])
+    bt, dcol, mag = float(cand["bt"]), cand["dcol"], cand["mags"]
+    wb, wd = _bulge_disk(w, bt, sed, abs_r)
     # Bulge/disk observed fluxes: their rest-r light split bt : 1-bt, each through its own SED.
-    kb, kd = k_terms(np.stack([wb, wd]), np.array([z, z]), model.grid)
-    base = abs_r + float(dm[0])
+    kb, kd = k_terms_of(np.stack([wb, wd]), np.array([z, z]))
+    base = abs_r + float(cosmology.distance_modulus(np.array([z]))[0])
     r50 = float(cosmology.kpc_to_arcsec(_half_light_kpc(abs_r, red, rng), z))
     cos_i = rng.random()
     q0 = 0.2
     ra, dec = sky.draw_position(rng)
     ebv = sky.draw_ebv(float(sky.galactic_latitude(np.array(ra), np.array(dec))), rng)
-    mag = cand["mags"][k]
     return dict(
         index=index,
         z=z,
@@ -234,8 +257,8 @@ def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict
         w=w,
         mag=mag,
         bulge_frac=bt,
-        bulge_mag=np.where(bt > 0, base + kb - 2.5 * np.log10(max(bt, 1e-12)), np.inf) - AB_OFFSET + dcol,
-        disk_mag=np.where(bt < 1, base + kd - 2.5 * np.log10(max(1 - bt, 1e-12)), np.inf) - AB_OFFSET + dcol,
+        bulge_mag=np.where(bt > 0, base + kb - 2.5 * np.log10(max(bt, 1e-12)), np.inf) - ab_offset + dcol,
+        disk_mag=np.where(bt < 1, base + kd - 2.5 * np.log10(max(1 - bt, 1e-12)), np.inf) - ab_offset + dcol,
         r50=r50,
         bulge_hlr=r50 * (0.35 + 0.65 * bt),
         disk_hlr=r50 * (1.0 + 0.5 * bt),
@@ -243,14 +266,23 @@ def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict
         bulge_q=float(np.clip(rng.normal(0.8, 0.1), 0.5, 1.0)),
         beta=float(rng.uniform(0, np.pi)),
         offset=rng.uniform(-0.5, 0.5, 2),
-        psf_fwhm=PSF_FWHM * np.exp(SEEING_SIGMA_LN * rng.standard_normal()) * np.exp(0.03 * rng.standard_normal(5)),
-        sky_dmag=SKY_SIGMA_MAG * rng.standard_normal(5),
+        psf_fwhm=psf_fwhm * np.exp(SEEING_SIGMA_LN * rng.standard_normal()) * np.exp(0.03 * rng.standard_normal(len(psf_fwhm))),
+        sky_dmag=SKY_SIGMA_MAG * rng.standard_normal(len(psf_fwhm)),
         ra=ra,
         dec=dec,
         ebv=ebv,
-        specz_err=float(np.clip(10 ** rng.normal(-4.55 + 0.12 * (mag[2] - 17.0), 0.2), 5e-6, 3e-4)),
-        rng=rng,
     )
+
+
+def draw_galaxy(seed: int, index: int, model: SurveyModel | None = None) -> dict:
+    """All parameters of galaxy ``index`` of survey ``seed`` (physical, morphology, observing conditions)."""
+    model = model or survey_model()
+    rng = _rng(seed, index)
+    cand = _first_selected(partial(_draw_candidates, rng, model))
+    g = _galaxy(rng, index, cand, model.sed, partial(k_terms, grid=model.grid), AB_OFFSET, PSF_FWHM)
+    g["specz_err"] = float(np.clip(10 ** rng.normal(-4.55 + 0.12 * (g["mag"][2] - 17.0), 0.2), 5e-6, 3e-4))
+    g["rng"] = rng
+    return g
 
 
 def sample_population(n: int, seed: int, start: int = 0, model: SurveyModel | None = None) -> dict[str, np.ndarray]:
@@ -358,71 +390,29 @@ def band_residuals(k: np.ndarray, z: np.ndarray, normals: np.ndarray, sed: dict,
 
 
 def _draw_band_candidates(rng: np.random.Generator, model: BandModel) -> dict:
-    """``_draw_candidates`` through the survey's filters: _CANDIDATES (z, M_r, SED, colour residual) draws."""
-    n, base = _CANDIDATES, model.base
-    z = np.interp(rng.random(n), model.zcdf_tab, model.z_tab)
-    ms = base.m_star(z)
-    lo = np.interp(base.lf["M_bright"] - ms, base.x_tab, base.xcdf_tab)
-    hi = np.interp(np.interp(z, model.z_tab, model.m_faint_tab) - ms, base.x_tab, base.xcdf_tab)
-    abs_r = ms + np.interp(lo + rng.random(n) * (hi - lo), base.xcdf_tab, base.x_tab)
-    w, red, proto = sed_weights(abs_r, rng.random(n), rng.standard_normal((n, 5)), base.sed, z, base.lf)
-    dcol = band_residuals(proto, z, rng.standard_normal((n, 5)), base.sed, model.wave_eff)
-    kt = k_terms_through(w, z, base.grid, model.grid)
-    mags = abs_r[:, None] + cosmology.distance_modulus(z)[:, None] + kt + dcol
-    bt = np.clip(np.where(red, rng.normal(0.65, 0.15, n), rng.normal(0.15, 0.12, n)), 0.0, 0.95)
-    return dict(z=z, abs_r=abs_r, w=w, red=red, mags=mags, bt=bt, dcol=dcol)
+    """``_draw_candidates`` through the survey's filters: _CANDIDATES (z, M_r, SED, colour residual) draws;
+    ``selected``: total magnitude <= the limit in the selection band."""
+    base = model.base
+    cand = _draw_population(rng, base, model)
+    z = cand["z"]
+    dcol = band_residuals(cand["proto"], z, cand.pop("resid_normals"), base.sed, model.wave_eff)
+    kt = k_terms_through(cand["w"], z, base.grid, model.grid)
+    mags = cand["abs_r"][:, None] + cosmology.distance_modulus(z)[:, None] + kt + dcol
+    return dict(cand, mags=mags, dcol=dcol, selected=mags[:, model.select] <= model.mag_limit)
 
 
 def draw_band_galaxy(seed: int, index: int, model: BandModel) -> dict:
     """Galaxy ``index`` of survey ``seed`` through the model's filters: the keys of ``draw_galaxy`` (magnitudes AB,
     one per band of the survey), the first candidate with total magnitude <= the limit in the selection band."""
     rng = _rng(seed, index)
-    while True:
-        cand = _draw_band_candidates(rng, model)
-        ok = np.flatnonzero(cand["mags"][:, model.select] <= model.mag_limit)
-        if ok.size:
-            k = int(ok[0])
-            break
-    base = model.base
-    z, abs_r, w, red = float(cand["z"][k]), float(cand["abs_r"][k]), cand["w"][k], bool(cand["red"][k])
-    bt, dcol = float(cand["bt"][k]), cand["dcol"][k]
-    wb, wd = _bulge_disk(w, bt, base.sed, abs_r)
-    kb, kd = k_terms_through(np.stack([wb, wd]), np.array([z, z]), base.grid, model.grid)
-    mag_base = abs_r + float(cosmology.distance_modulus(np.array([z]))[0])
-    r50 = float(cosmology.kpc_to_arcsec(_half_light_kpc(abs_r, red, rng), z))
-    cos_i = rng.random()
-    q0 = 0.2
-    ra, dec = sky.draw_position(rng)
-    ebv = sky.draw_ebv(float(sky.galactic_latitude(np.array(ra), np.array(dec))), rng)
-    mag = cand["mags"][k]
-    nb = len(model.bands)
-    return dict(
-        index=index,
-        z=z,
-        abs_r=abs_r,
-        red=red,
-        w=w,
-        mag=mag,
-        bulge_frac=bt,
-        bulge_mag=np.where(bt > 0, mag_base + kb - 2.5 * np.log10(max(bt, 1e-12)), np.inf) + dcol,
-        disk_mag=np.where(bt < 1, mag_base + kd - 2.5 * np.log10(max(1 - bt, 1e-12)), np.inf) + dcol,
-        r50=r50,
-        bulge_hlr=r50 * (0.35 + 0.65 * bt),
-        disk_hlr=r50 * (1.0 + 0.5 * bt),
-        disk_q=float(np.sqrt(cos_i**2 * (1 - q0**2) + q0**2)),
-        bulge_q=float(np.clip(rng.normal(0.8, 0.1), 0.5, 1.0)),
-        beta=float(rng.uniform(0, np.pi)),
-        offset=rng.uniform(-0.5, 0.5, 2),
-        psf_fwhm=model.psf_fwhm * np.exp(SEEING_SIGMA_LN * rng.standard_normal()) * np.exp(0.03 * rng.standard_normal(nb)),
-        sky_dmag=SKY_SIGMA_MAG * rng.standard_normal(nb),
-        ra=ra,
-        dec=dec,
-        ebv=ebv,
-        # the MGS spec-z error relation at the selection-band magnitude relative to the limit, times (1 + z)
-        specz_err=float(np.clip(10 ** rng.normal(-4.55 + 0.12 * (mag[model.select] - model.mag_limit + 0.77), 0.2),
-                                5e-6, 3e-4) * (1 + z) / 1.1),
-        rng=rng,
-    )
+    cand = _first_selected(partial(_draw_band_candidates, rng, model))
+    g = _galaxy(rng, index, cand, model.base.sed, partial(k_terms_through, rest=model.base.grid, obs=model.grid),
+                0.0, model.psf_fwhm)
+    # the MGS spec-z error relation at the selection-band magnitude relative to the limit, times (1 + z)
+    mu = -4.55 + 0.12 * (g["mag"][model.select] - model.mag_limit + 0.77)
+    g["specz_err"] = float(np.clip(10 ** rng.normal(mu, 0.2), 5e-6, 3e-4) * (1 + g["z"]) / 1.1)
+    g["rng"] = rng
+    return g
 
 
 def sample_band_population(n: int, seed: int, model: BandModel, start: int = 0) -> dict[str, np.ndarray]:

@@ -37,19 +37,31 @@ SPECOBJID_BASE = 299000000000000000
 _SEED_STRIDE = 10**10
 
 
+def _render_rows(seed: int, start: int, stop: int, labeled: bool, columns: dict[str, tuple[tuple[int, ...], type]],
+                 fill: Callable[[dict[str, np.ndarray], int, int], None], id_bases: dict[str, int],
+                 labels: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The chunk skeleton of every layout: empty ``columns`` ({key: (shape per galaxy, dtype)}) for galaxies
+    start..stop-1, ``fill(out, row, index)`` per galaxy in index order, then the id columns (``id_bases``: {key:
+    base}, the seed in the high digits) and, when not ``labeled``, the ``labels`` columns dropped."""
+    n = stop - start
+    out = {key: np.empty((n, *shape), dtype) for key, (shape, dtype) in columns.items()}
+    for j, idx in enumerate(range(start, stop)):
+        fill(out, j, idx)
+    ids = np.arange(start, stop, dtype=np.int64) + (seed % 10**8) * _SEED_STRIDE
+    for key, base in id_bases.items():
+        out[key] = base + ids
+    if not labeled:
+        for key in labels:
+            del out[key]
+    return out
+
+
 def render_chunk(seed: int, start: int, stop: int, labeled: bool, neighbours: bool = True) -> dict[str, np.ndarray]:
     """Galaxies start..stop-1 of the SDSS survey ``seed``: images and catalogue columns (spawn-safe top-level)."""
     model = survey_model()
-    n, size = stop - start, sdss_camera().size
-    out = {
-        "images": np.empty((n, default_survey().n_bands, size, size), np.float32),
-        "e_bv": np.empty((n, default_survey().n_bands), np.float32),
-        "ra": np.empty(n, np.float64),
-        "dec": np.empty(n, np.float64),
-        "specz_redshift": np.empty(n, np.float32),
-        "specz_redshift_err": np.empty(n, np.float32),
-    }
-    for j, idx in enumerate(range(start, stop)):
+    nb, size = default_survey().n_bands, sdss_camera().size
+
+    def fill(out: dict[str, np.ndarray], j: int, idx: int) -> None:
         g = draw_galaxy(seed, idx, model)
         rng = g["rng"]
         a_band = extinction(g["ebv"])
@@ -59,12 +71,11 @@ def render_chunk(seed: int, start: int, stop: int, labeled: bool, neighbours: bo
         out["ra"][j], out["dec"][j] = g["ra"], g["dec"]
         out["specz_redshift_err"][j] = g["specz_err"]
         out["specz_redshift"][j] = max(g["z"] + g["specz_err"] * rng.standard_normal(), 0.0)
-    ids = np.arange(start, stop, dtype=np.int64) + (seed % 10**8) * _SEED_STRIDE
-    out["ObjID"] = OBJID_BASE + ids
-    out["specObjID"] = SPECOBJID_BASE + ids
-    if not labeled:
-        del out["specz_redshift"], out["specz_redshift_err"]
-    return out
+
+    columns = {"images": ((nb, size, size), np.float32), "e_bv": ((nb,), np.float32), "ra": ((), np.float64),
+               "dec": ((), np.float64), "specz_redshift": ((), np.float32), "specz_redshift_err": ((), np.float32)}
+    return _render_rows(seed, start, stop, labeled, columns, fill, {"ObjID": OBJID_BASE, "specObjID": SPECOBJID_BASE},
+                        ("specz_redshift", "specz_redshift_err"))
 
 
 @dataclass(frozen=True)
@@ -102,29 +113,22 @@ def render_band_chunk(plan: BandPlan, seed: int, start: int, stop: int, labeled:
     """Galaxies start..stop-1 of a non-SDSS synthetic survey ``seed``: MMU columns (spawn-safe top-level)."""
     model, noise, cam = plan.model(), plan.noise(), plan.camera
     coef = plan.survey.reddening_vector
-    n, nb = stop - start, len(plan.bands)
-    out = {
-        "image_array": np.empty((n, nb, cam.size, cam.size), np.float32),
-        "image_psf_fwhm": np.empty((n, nb), np.float32),
-        "ra": np.empty(n, np.float64),
-        "dec": np.empty(n, np.float64),
-        "EBV": np.empty(n, np.float32),
-        "z_spec": np.empty(n, np.float32),
-    }
-    for j, idx in enumerate(range(start, stop)):
+    bands = list(plan.bands)
+
+    def fill(out: dict[str, np.ndarray], j: int, idx: int) -> None:
         g = draw_band_galaxy(seed, idx, model)
         rng = g["rng"]
         extra = band_neighbours(g, rng, cam, model.wave_eff, model.select, model.mag_limit) if neighbours else []
         out["z_spec"][j] = max(g["z"] + g["specz_err"] * rng.standard_normal(), 0.0)
-        img = render_bands(g, extinction(g["ebv"], coef), list(plan.bands), cam, extra)
-        for k, b in enumerate(plan.bands):
+        img = render_bands(g, extinction(g["ebv"], coef), bands, cam, extra)
+        for k, b in enumerate(bands):
             out["image_array"][j, k] = noise.add(img[k], b, float(g["sky_dmag"][b]), _band_rng(seed, idx, b))
-        out["image_psf_fwhm"][j] = g["psf_fwhm"][list(plan.bands)]
+        out["image_psf_fwhm"][j] = g["psf_fwhm"][bands]
         out["ra"][j], out["dec"][j], out["EBV"][j] = g["ra"], g["dec"], g["ebv"]
-    out["object_id"] = OBJID_BASE + np.arange(start, stop, dtype=np.int64) + (seed % 10**8) * _SEED_STRIDE
-    if not labeled:
-        del out["z_spec"]
-    return out
+
+    columns = {"image_array": ((len(bands), cam.size, cam.size), np.float32), "image_psf_fwhm": ((len(bands),), np.float32),
+               "ra": ((), np.float64), "dec": ((), np.float64), "EBV": ((), np.float32), "z_spec": ((), np.float32)}
+    return _render_rows(seed, start, stop, labeled, columns, fill, {"object_id": OBJID_BASE}, ("z_spec",))
 
 
 def _create(fh: h5py.File, n: int, labeled: bool) -> None:
