@@ -40,6 +40,7 @@ from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import grid_z_bins, photoz_metrics
 from photoz_hpc.models.export import ENCODER_FORMAT
+from photoz_hpc.models.model_files import load_model_dir
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
 from photoz_hpc.models.records import check_bands, dataset_survey, recorded_grid, recorded_survey
 from photoz_hpc.torch_files import read_torch_file
@@ -74,6 +75,11 @@ def model_config(cfg: FinetuneRunConfig, net: PhotoZNet) -> FinetuneRunConfig:
 
 def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
     path = Path(path)
+    if path.is_dir():  # an exported model directory (export-model): checksums first, safetensors weights
+        net, meta = load_model_dir(path)
+        cfg = (config_from_dict(meta["config"], FinetuneRunConfig) if meta.get("config")
+               else config_from_dict({"model": meta["model"]}, FinetuneRunConfig))
+        return net, cfg, {k: v for k, v in meta.items() if k != "config"}
     blob = read_torch_file(path, "checkpoint")  # read once: both kinds are parsed from this blob
     if isinstance(blob, dict) and blob.get("format") == PHOTOZ_MODEL_FORMAT:
         net, meta = photoz_model_from_blob(blob, path)
