@@ -12,10 +12,10 @@ import argparse
 import importlib
 import sys
 
-from photoz_hpc import __version__
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.logs import setup_logging
 from photoz_hpc.torch_files import trusting_pickle
+from photoz_hpc.version import __version__
 
 #: Command modules in the order they appear in ``--help`` (the data flow: data -> ... -> evaluate -> launch).
 COMMAND_MODULES = (

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from photoz_hpc import __version__
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.io_utils import sha256_file
 from photoz_hpc.models.photoz_net import PhotoZNet, load_photoz_model
 from photoz_hpc.models.resnet import build_encoder
 from photoz_hpc.survey import RedshiftGrid, survey_from_dict
+from photoz_hpc.version import __version__
 
 MODEL_DIR_FORMAT = "photoz-hpc/model-dir/1"
 WEIGHTS = "model.safetensors"
