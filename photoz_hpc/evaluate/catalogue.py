@@ -41,9 +41,8 @@ import numpy as np
 from photoz_hpc.data.dataset import ShardedDataset, open_dataset
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.evaluate import ids as galaxy_ids
-from photoz_hpc.evaluate.calibration import softmax_log
+from photoz_hpc.evaluate.arrays import photoz_summaries
 from photoz_hpc.evaluate.inputs import check_inputs
-from photoz_hpc.evaluate.pdfs import summarize_catalogue
 from photoz_hpc.io_utils import atomic_path, atomic_write_json, sha256_file
 from photoz_hpc.logs import get_logger
 from photoz_hpc.run_lock import LOCK_NAME, RunDir
@@ -290,18 +289,18 @@ def part_done(root: Path, part: Part, fmt: str, check_sha: bool = True) -> dict 
     return part_state(root, part, fmt, check_sha)[1]
 
 
-def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, probs: np.ndarray, with_pdf: bool,
-                 grid: RedshiftGrid) -> dict[str, np.ndarray]:
-    """The catalogue columns of galaxies ``index`` of input ``d`` from their (N, grid.n_bins) pdfs; the id column
-    is the store's (``ids.galaxy_ids``), in its own dtype."""
+def part_columns(ds: ShardedDataset, d: int, index: np.ndarray, summary: dict[str, np.ndarray],
+                 probs: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The catalogue columns of galaxies ``index`` of input ``d`` from their pdf summaries and, for the ``pdf``
+    column, their (N, n_bins) pdfs (None: no pdf column), both from ``arrays.photoz_summaries`` as the Python API
+    computes them; the id column is the store's (``ids.galaxy_ids``), in its own dtype."""
     meta = ds.meta[index]
-    s = summarize_catalogue(probs, grid)
     (id_column, id_values), = galaxy_ids.galaxy_ids(ds, index).items()
-    cols = {id_column: id_values, "ra": meta["ra"], "dec": meta["dec"], **s, "z_spec": meta["specz_redshift"],
+    cols = {id_column: id_values, "ra": meta["ra"], "dec": meta["dec"], **summary, "z_spec": meta["specz_redshift"],
             "dataset": np.full(len(index), d), "index": index}
     schema = columns_for(*galaxy_ids.id_column_of(ds))
     out = {k: (cols[k] if k == id_column else np.ascontiguousarray(cols[k], dtype=dt)) for k, dt in schema.items()}
-    if with_pdf:
+    if probs is not None:
         out[PDF_COLUMN] = probs.astype(PDF_DTYPE)
     return out
 
@@ -397,8 +396,8 @@ def _stream_parts(net, cfg, ds: ShardedDataset, parts: list[Part], opts: Predict
 
 def _finish_part(root: Path, ds: ShardedDataset, part: Part, index: np.ndarray, log_p: np.ndarray,
                  opts: PredictOptions, grid: RedshiftGrid, rank: int, device, precision, t0: float) -> dict:
-    probs = softmax_log(log_p, opts.temperature)
-    cols = part_columns(ds, part.dataset, index, probs, opts.with_pdf, grid)
+    summary, probs = photoz_summaries(log_p, grid, opts.temperature)  # what the Python API returns for arrays
+    cols = part_columns(ds, part.dataset, index, summary, probs if opts.with_pdf else None)
     path, marker = part_path(root, part.name, opts.fmt), root / DONE_DIR / f"{part.name}.json"
     marker.unlink(missing_ok=True)  # a part being redone is unfinished until its new marker
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run (only this rank writes this part)

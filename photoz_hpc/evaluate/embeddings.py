@@ -153,6 +153,28 @@ def _part_names(rank: int) -> tuple[str, str]:
 
 
 @torch.no_grad()
+def embed_batch(net: Embedder, x: torch.Tensor, autocast) -> torch.Tensor:
+    """(B, dim) float32 embeddings of a batch of eval views ``x`` under the precision's ``autocast``: the forward
+    pass of ``embed`` and of the Python API's arrays (``evaluate.arrays``)."""
+    with autocast():
+        return net(x).float()
+
+
+def embed_config(checkpoint: str | Path, net: Embedder, values: dict[str, Any],
+                 overrides: list[str] | None = None) -> Config:
+    """The config ``embed`` runs with: the encoder file's ``values`` (``load_embedder``) with ``overrides``, crops
+    resolved for its survey; warns when the views differ from those it was trained with (``check_view_settings``)."""
+    cfg = resolve_run_config(config_from_dict(apply_overrides(values, list(overrides or []), Config), Config),
+                             net.survey)
+    trained = values.get("augment")
+    if trained is not None:  # an older export's or checkpoint's unset crop is its survey's default, as trained
+        trained = dataclasses.asdict(resolve_run_config(config_from_dict({"augment": trained}, Config),
+                                                        net.survey).augment)
+    check_view_settings(checkpoint, trained, dataclasses.asdict(cfg.augment))
+    return cfg
+
+
+@torch.no_grad()
 def _embed_block(net: Embedder, loader, dataset: ShardedDataset, out: Path, rank: int, world: int,
                  device: torch.device, autocast) -> dict[str, Any]:
     lo, hi = eval_block(len(dataset), rank, world)  # the eval loader's block of this rank
@@ -169,9 +191,8 @@ def _embed_block(net: Embedder, loader, dataset: ShardedDataset, out: Path, rank
             continue
         if not np.array_equal(index, np.arange(lo + pos, lo + pos + len(index))):
             raise PhotozError(f"rank {rank}: the eval loader delivered ids {index[:4]}..., expected {lo + pos}...")
-        with autocast():
-            z = net(batch["image"].to(device, non_blocking=True))
-        vec[pos:pos + len(index)] = z[torch.from_numpy(keep).to(z.device)].float().cpu().numpy()
+        z = embed_batch(net, batch["image"].to(device, non_blocking=True), autocast)
+        vec[pos:pos + len(index)] = z[torch.from_numpy(keep).to(z.device)].cpu().numpy()
         ids["index"][pos:pos + len(index)] = index
         ((field, values),) = galaxy_ids.galaxy_ids(dataset, index).items()
         ids[field][pos:pos + len(index)] = values
@@ -199,13 +220,7 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
     net, values = load_embedder(checkpoint, feature)
     dataset = open_dataset(data)
     check_bands(net.survey, f"the encoder {checkpoint}", dataset_survey(dataset), f"dataset {dataset.root}")
-    cfg = resolve_run_config(config_from_dict(apply_overrides(values, list(overrides or []), Config), Config),
-                             net.survey)
-    trained = values.get("augment")
-    if trained is not None:  # an older export's or checkpoint's unset crop is its survey's default, as trained
-        trained = dataclasses.asdict(resolve_run_config(config_from_dict({"augment": trained}, Config),
-                                                        net.survey).augment)
-    check_view_settings(checkpoint, trained, dataclasses.asdict(cfg.augment))
+    cfg = embed_config(checkpoint, net, values, overrides)
     out = Path(out)
 
     def body(cfg, comm, device, flag):

@@ -118,6 +118,18 @@ def knn(db: Embeddings | np.ndarray, queries: np.ndarray, k: int, query_rows: np
     return sims, rows
 
 
+def search_rows(db: Embeddings | np.ndarray, rows, k: int, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows), each (len(rows), k), best first: the ``k`` most similar other galaxies of ``db`` to
+    its galaxies ``rows`` (a galaxy is never its own neighbour). What ``search`` and the Python API's ``search``
+    run; row numbers outside ``db`` are an error."""
+    rows = np.asarray(rows, dtype=np.int64).ravel()
+    bad = rows[(rows < 0) | (rows >= len(db))]
+    if len(bad):
+        raise PhotozError(f"query rows {bad[:5].tolist()} are not in 0..{len(db) - 1}")
+    queries = db.rows(rows) if isinstance(db, Embeddings) else np.asarray(db[rows], dtype=np.float32)
+    return knn(db, queries, k, query_rows=rows, backend=backend)
+
+
 def anomaly_scores(emb: Embeddings | np.ndarray, k: int = 10, backend: str = "auto",
                    chunk: int = 8192) -> np.ndarray:
     """1 - mean similarity to the ``k`` nearest other galaxies, for every galaxy (row order)."""

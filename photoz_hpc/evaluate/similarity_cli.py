@@ -93,13 +93,13 @@ def _write_rows(path: Path, header: list[str], rows: list[list], emb) -> None:
 def _search(args: argparse.Namespace) -> int:
     from photoz_hpc.evaluate.embeddings import Embeddings
     from photoz_hpc.evaluate.ids import id_value
-    from photoz_hpc.evaluate.similarity import knn, plot_search, resolve_backend
+    from photoz_hpc.evaluate.similarity import plot_search, resolve_backend, search_rows
 
     emb = Embeddings(args.emb)
     dataset = emb.dataset(args.data)
     q = emb.lookup(args.query, "id" if args.objid else "index")
     backend = resolve_backend(args.backend)
-    sims, rows = knn(emb, emb.rows(q), args.k, query_rows=q, backend=backend)
+    sims, rows = search_rows(emb, q, args.k, backend)
     out = Path(args.out) if args.out else emb.root / "search"
     out.mkdir(parents=True, exist_ok=True)
     z, field, obj = dataset.meta["specz_redshift"], emb.id_field, emb.object_ids
