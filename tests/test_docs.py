@@ -26,7 +26,8 @@ What is checked (CPU only, about ten seconds):
 A block is scaled down or skipped by an HTML comment (invisible on GitHub) on the line just above its fence:
 ``<!-- doc-test: sub OLD => NEW; OLD2 => NEW2 -->`` replaces text before running (e.g. ``n=10_000 => n=4``),
 ``<!-- doc-test: skip REASON -->`` keeps a Python block to compiling (a block that needs data not shipped,
-a GPU, or hours), ``<!-- doc-test: run -->`` runs a shell block, and ``<!-- doc-test: run; sub OLD => NEW -->``
+a GPU, or hours), ``<!-- doc-test: continue -->`` (or ``continue; sub ...``) runs a Python block after the one
+before it in the same namespace (a notebook page's cells, e.g. docs/python_api.md), ``<!-- doc-test: run -->`` runs a shell block, and ``<!-- doc-test: run; sub OLD => NEW -->``
 scales it down first (e.g. ``--n 5000 => --n 32``, tiny-model overrides after ``out_dir=...``). The mechanism is described for doc writers in docs/README.md.
 """
 
@@ -59,11 +60,12 @@ _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 
 
 def _marker(body: str) -> dict[str, str]:
-    """``run``, ``run; sub SPEC``, ``sub SPEC`` or ``skip REASON`` as {'run': '', 'sub': SPEC}, {'skip': REASON}."""
+    """``run``, ``run; sub SPEC``, ``continue``, ``continue; sub SPEC``, ``sub SPEC`` or ``skip REASON`` as
+    {'run': '', 'sub': SPEC}, {'continue': ''}, {'skip': REASON}."""
     mark = {}
-    run = re.match(r"run\b\s*(?:;\s*)?(.*)$", body)
-    if run:
-        mark["run"], body = "", run.group(1)
+    lead = re.match(r"(run|continue)\b\s*(?:;\s*)?(.*)$", body)
+    if lead:
+        mark[lead.group(1)], body = "", lead.group(2)
     word = re.match(r"(\w+)\s*(.*)$", body)
     if word:
         mark[word.group(1)] = word.group(2)
@@ -87,6 +89,21 @@ def _blocks() -> list[tuple[str, str, str, dict[str, str]]]:
 BLOCKS = _blocks()
 SHELL = [b for b in BLOCKS if b[1] in ("", "bash", "sh", "console")]
 PYTHON = [b for b in BLOCKS if b[1] == "python"]
+
+
+def _chains(blocks: list[tuple[str, str, str, dict[str, str]]]) -> list[list[tuple[str, str, dict[str, str]]]]:
+    """Python blocks as runs of one namespace: a block marked ``continue`` joins the previous block's (a notebook
+    page's cells, in order); every other block starts its own."""
+    chains: list[list[tuple[str, str, dict[str, str]]]] = []
+    for where, _, text, mark in blocks:
+        if "continue" in mark and chains:
+            chains[-1].append((where, text, mark))
+        else:
+            chains.append([(where, text, mark)])
+    return chains
+
+
+CHAINS = _chains(PYTHON)
 RUN = [(where, text, mark) for where, _, text, mark in SHELL if "run" in mark]
 
 
@@ -222,8 +239,8 @@ def test_repository_paths_in_shell_blocks_exist(where, text):
 def workspace(tmp_path_factory):
     """A scratch directory with what the Python blocks read: data/quickstart, runs/pretrain/encoder.pt and an exported
     photo-z model directory models/sdss_photoz."""
-    from photoz_hpc.models.export import save_encoder
-    from photoz_hpc.models.resnet import build_encoder
+    from photoz_hpc.models.export import export_moco_encoder
+    from photoz_hpc.models.moco import build_moco
 
     root = tmp_path_factory.mktemp("docs")
     data = make_dataset(root / "made", n=32, size=24)
@@ -232,8 +249,8 @@ def workspace(tmp_path_factory):
     cfg = load_config(None, tiny_overrides(root / "data" / "quickstart", root / "runs" / "x", 8, 16,
                                            ("train.epochs=1",)))
     (root / "runs" / "pretrain").mkdir(parents=True)
-    save_encoder(build_encoder(cfg.model).state_dict(), None, cfg.model, root / "runs" / "pretrain" / "encoder.pt",
-                 augment_cfg=cfg.augment)  # as pretrain exports it: an encoder.pt brings its view settings
+    export_moco_encoder(build_moco(cfg), cfg.model, root / "runs" / "pretrain" / "encoder.pt",
+                        augment_cfg=cfg.augment)  # as pretrain exports it: trunk, projection head, view settings
     from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
     from photoz_hpc.train.model_export import export_model
 
@@ -248,17 +265,22 @@ def _namespace(cfg) -> dict:
             "images": np.random.default_rng(0).normal(size=(2, 5, 16, 16)).astype(np.float32)}
 
 
-@pytest.mark.parametrize("where, text, mark", [(w, t, m) for w, _, t, m in PYTHON], ids=[w for w, *_ in PYTHON])
-def test_python_blocks_compile_and_run_on_tiny_data(where, text, mark, workspace, monkeypatch):
-    code = compile(text, where, "exec")
-    if "skip" in mark:
-        assert mark["skip"], f"{where}: a doc-test skip needs a reason"
-        return
-    if "sub" in mark:
-        code = compile(_substitute(text, mark["sub"]), where, "exec")
+@pytest.mark.parametrize("chain", CHAINS, ids=[chain[0][0] for chain in CHAINS])
+def test_python_blocks_compile_and_run_on_tiny_data(chain, workspace, monkeypatch):
+    """Each block (with the ``continue`` blocks after it, in one namespace, as a notebook runs its cells)."""
     root, cfg = workspace
     monkeypatch.chdir(root)
-    exec(code, _namespace(cfg))  # noqa: S102 - the docs' own examples
+    namespace = _namespace(cfg)
+    for where, text, mark in chain:
+        assert "continue" not in mark or where.rsplit(":", 1)[0] == chain[0][0].rsplit(":", 1)[0], \
+            f"{where}: a doc-test continue block continues a block of its own page"
+        code = compile(text, where, "exec")
+        if "skip" in mark:
+            assert mark["skip"], f"{where}: a doc-test skip needs a reason"
+            continue
+        if "sub" in mark:
+            code = compile(_substitute(text, mark["sub"]), where, "exec")
+        exec(code, namespace)  # noqa: S102 - the docs' own examples
 
 
 def test_similarity_doc_lists_the_csv_columns_the_commands_write():
