@@ -239,6 +239,11 @@ def test_finetune_and_evaluate_from_python_equal_the_commands(world, tmp_path, c
     for key in ("first_loss", "last_loss"):  # the same loop on the same data, seeds and threads
         assert summary[key] == printed[key]
     assert summary["eval"]["metrics"] == printed["eval"]["metrics"]
+    # any file the run writes that holds the network: the last checkpoint is the final export's network
+    (ckpt,) = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1:]
+    from_ckpt = pz.load_model(ckpt, device="cpu").predict(world["images"][:8], ebv=world["ebv"][:8])
+    final = pz.load_model(run_dir / "photoz_model.pt", device="cpu").predict(world["images"][:8], ebv=world["ebv"][:8])
+    np.testing.assert_array_equal(from_ckpt["z_phot"], final["z_phot"])
     again_dir, again = pz.finetune(world["data"], init=world["encoder"], out_dir=tmp_path / "py", overrides=FT)
     assert again_dir == run_dir and again.get("already_finished") is True and again["eval"] == summary["eval"]
 
