@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, TINY_MODEL, make_dataset, process_env, run_cli
@@ -21,6 +22,8 @@ from test_import_checkpoint import X, close, photoz_source, save_photoz, tv_trun
 from photoz_hpc import __version__
 from photoz_hpc.config import FinetuneRunConfig, config_from_dict, load_config
 from photoz_hpc.errors import PhotozError
+from photoz_hpc.evaluate.calibration import run_calibrate
+from photoz_hpc.evaluate.catalogue import PLAN_NAME, PredictOptions, read_catalogue, run_predict
 from photoz_hpc.evaluate.run import load_network, run_evaluate
 from photoz_hpc.launch.finetune_eval import finetune_and_evaluate
 from photoz_hpc.models.export import save_encoder
@@ -306,3 +309,31 @@ def test_the_command_line_exports_and_refuses_to_overwrite(tmp_path):
     assert run_cli("export-model", str(tmp_path / "m.pt"), str(tmp_path / "out"), "--overwrite", env=env).returncode == 0
     listing = run_cli("--help", env=env)
     assert "export-model" in listing.stdout
+
+
+def test_evaluate_predict_and_calibrate_take_the_exported_directory(run, tmp_path):
+    best, data = run["ft"] / "best_model.pt", run["data"]
+    model = tmp_path / "model"
+    export_model(best, model)
+    from_dir = run_evaluate(model, data, tmp_path / "ev_dir")
+    from_file = run_evaluate(best, data, tmp_path / "ev_file")
+    assert json.dumps(from_dir["metrics"]) == json.dumps(from_file["metrics"])  # NaN in empty bins: compared as text
+    assert from_dir["bands"] == list("ugriz")
+    a = (tmp_path / "ev_dir" / "predictions.csv").read_text().splitlines()
+    b = (tmp_path / "ev_file" / "predictions.csv").read_text().splitlines()
+    assert a == b
+    for src, name in ((model, "cat_dir"), (best, "cat_file")):
+        assert run_predict(src, [data], tmp_path / name, PredictOptions(batch_size=16))["complete"]
+    plan = json.loads((tmp_path / "cat_dir" / PLAN_NAME).read_text())
+    assert plan["checkpoint_sha256"] == model_digest(model)
+    za = read_catalogue(tmp_path / "cat_dir")["z_phot"]
+    zb = read_catalogue(tmp_path / "cat_file")["z_phot"]
+    np.testing.assert_array_equal(np.asarray(za), np.asarray(zb))
+    cal = run_calibrate(model, data, tmp_path / "cal")
+    assert cal["redshift_grid"]["n_bins"] == 180
+    raw = bytearray((model / WEIGHTS).read_bytes())
+    raw[-1] ^= 0xFF
+    (model / WEIGHTS).write_bytes(bytes(raw))
+    with pytest.raises(PhotozError, match="does not match its checksum"):
+        run_evaluate(model, data, tmp_path / "ev_bad")
+    assert not (tmp_path / "ev_bad").exists()

@@ -45,6 +45,7 @@ from photoz_hpc.evaluate.arrays import photoz_summaries
 from photoz_hpc.evaluate.inputs import check_inputs
 from photoz_hpc.io_utils import atomic_path, atomic_write_json, sha256_file
 from photoz_hpc.logs import get_logger
+from photoz_hpc.models.model_files import model_digest
 from photoz_hpc.run_lock import LOCK_NAME, RunDir
 from photoz_hpc.survey import RedshiftGrid, Survey
 from photoz_hpc.train.inference import MAX_TTA, batch_log_probs
@@ -144,7 +145,7 @@ def make_plan(checkpoint: Path, cfg, meta: dict, datasets: list[ShardedDataset],
     columns = list(schema) + ([PDF_COLUMN] if with_pdf else [])
     return {
         "format": CATALOGUE_FORMAT, "file_format": fmt,
-        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint), "model": _json_safe(meta),
+        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": model_digest(checkpoint), "model": _json_safe(meta),
         "config": dataclasses.asdict(cfg), "overrides": list(overrides),
         "tta": tta, "temperature": float(temperature), "pdf": with_pdf, "pdf_dtype": PDF_DTYPE if with_pdf else None,
         "survey": survey.name, "bands": list(survey.bands), "redshift_grid": grid.to_dict(),
