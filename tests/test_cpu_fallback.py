@@ -15,7 +15,7 @@ from helpers import REPO, make_dataset, process_env, run_cli
 from photoz_hpc.comm import devices
 from photoz_hpc.comm.devices import check_gpu_requests, gpu_or_cpu
 from photoz_hpc.config import Config, FinetuneRunConfig, load_config
-from photoz_hpc.errors import ConfigError
+from photoz_hpc.errors import ConfigError, PhotozError
 from photoz_hpc.launch.sweep import load_sweep, task_configs
 from photoz_hpc.train.runtime import resolve_device
 
@@ -84,6 +84,8 @@ def test_a_gpu_asked_for_on_the_command_line_is_an_error_that_says_how_to_use_th
 def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(devices, "_fallen_back", set())  # this test's warnings, whatever ran before
+    for var in devices.GPU_ALLOCATION_VARS:  # a CPU machine: no scheduler gave this process GPUs
+        monkeypatch.delenv(var, raising=False)
 
 
 def test_config_settings_fall_back_once_and_explicit_ones_are_refused(no_cuda, caplog):
@@ -99,6 +101,25 @@ def test_config_settings_fall_back_once_and_explicit_ones_are_refused(no_cuda, c
     with pytest.raises(ConfigError, match="loader.device=gpu train.device=cuda on the command line.*pass "
                                           "loader.device=cpu train.device=cpu instead"):
         check_gpu_requests(["loader.device=gpu", "train.device=cuda"])
+
+
+@pytest.mark.parametrize("var, value", [("SLURM_GPUS_ON_NODE", "4"), ("SLURM_JOB_GPUS", "0,1"),
+                                        ("CUDA_VISIBLE_DEVICES", "0"), ("CUDA_VISIBLE_DEVICES", "GPU-5f1c")])
+def test_gpus_allocated_but_not_visible_stop_instead_of_falling_back(no_cuda, monkeypatch, var, value):
+    """A GPU job whose CUDA does not start (driver, container, binding) must not train for hours on the CPU."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(PhotozError, match=f"this job was given GPUs \\({var}={value}\\).*sees no CUDA device"):
+        gpu_or_cpu("loader.device", "gpu")
+    with pytest.raises(PhotozError, match="not falling back to the CPU"):
+        resolve_device("cuda", 0)
+    assert gpu_or_cpu("loader.device", "cpu") == "cpu"  # a CPU setting is not a GPU request
+
+
+@pytest.mark.parametrize("var, value", [("SLURM_GPUS_ON_NODE", "0"), ("CUDA_VISIBLE_DEVICES", ""),
+                                        ("CUDA_VISIBLE_DEVICES", "-1")])
+def test_no_gpus_allocated_still_falls_back(no_cuda, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    assert gpu_or_cpu("loader.device", "gpu") == "cpu"
 
 
 def test_with_a_gpu_nothing_changes(monkeypatch, caplog):

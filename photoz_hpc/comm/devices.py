@@ -4,10 +4,14 @@ The shipped configs ask for GPUs (``loader.device: gpu``); a machine without a C
 (``gpu_or_cpu``): a GPU setting that comes from a config file (or from the config a model was trained with, or a
 sweep file) is replaced by the CPU value with one WARNING per setting and process that says what changed and how to
 silence it. A GPU asked for on the command line is a user's explicit request, never replaced: ``check_gpu_requests``
-makes it an error before any work, saying how to run on the CPU.
+makes it an error before any work, saying how to run on the CPU. Nor is a GPU the scheduler allocated: a job given
+GPUs (``SLURM_GPUS_ON_NODE``/``SLURM_JOB_GPUS``, or a non-empty ``CUDA_VISIBLE_DEVICES``) whose process sees no CUDA
+device (a driver or container mismatch, a wrong binding) stops with an error instead of training for hours on the CPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -37,12 +41,33 @@ def gpu_or_cpu(setting: str, value: str) -> str:
     gpu, cpu = GPU_SETTINGS[setting]
     if value != gpu or torch.cuda.is_available():
         return value
+    allocated = allocated_gpus()
+    if allocated:
+        raise PhotozError(f"{setting}={gpu} and this job was given GPUs ({allocated}), but this process sees no CUDA "
+                          "device (driver, container or GPU binding): not falling back to the CPU; check "
+                          "torch.cuda.is_available() on the node, or set " + f"{setting}={cpu} to run on the CPU")
     if setting not in _fallen_back:
         _fallen_back.add(setting)
         log.warning("%s=%s (from the config) but this machine has no CUDA device: running on the CPU instead "
                     "(%s=%s). Set %s=%s to silence this warning (on the command line or in the config); %s=%s on the "
                     "command line requires a GPU", setting, gpu, setting, cpu, setting, cpu, setting, gpu)
     return cpu
+
+
+#: Variables by which a scheduler says GPUs were allocated to this job or process.
+GPU_ALLOCATION_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+
+
+def allocated_gpus() -> str:
+    """'VAR=value' for each variable saying GPUs were allocated here ('' when none: a CPU machine or job). A
+    ``CUDA_VISIBLE_DEVICES`` of '', '-1' or 'NoDevFiles' hides every GPU and allocates none."""
+    found = []
+    for var in GPU_ALLOCATION_VARS:
+        value = os.environ.get(var, "").strip()
+        none = ("", "-1", "NoDevFiles") if var == "CUDA_VISIBLE_DEVICES" else ("", "0")  # SLURM_*: a count or ids
+        if value not in none:
+            found.append(f"{var}={value}")
+    return ", ".join(found)
 
 
 def check_gpu_requests(overrides: list[str]) -> None:
