@@ -242,8 +242,15 @@ class Survey:
     def check_same_bands(self, other: Survey, what: str, where: str) -> None:
         """A model used on data of other bands is an error naming both band lists, raised before any work.
 
-        Bands are compared by name and by filter (``band_labels``: ``hsc-g`` is not ``lsst-g``), in channel order."""
+        Bands are compared by name and by filter (``band_labels``: ``hsc-g`` is not ``lsst-g``), in channel order, and
+        the extinction coefficients too: data dereddened with another vector than the model's is refused."""
         if (self.bands, self.band_labels) == (other.bands, other.band_labels):
+            if self.extinction_coefficients != other.extinction_coefficients:  # views dereddened by another vector
+                raise PhotozError(
+                    f"{what} was trained with extinction coefficients {list(self.extinction_coefficients)} (survey "
+                    f"'{self.name}') but {where} has {list(other.extinction_coefficients)} (survey '{other.name}') for "
+                    f"the same bands {list(self.bands)}: prepare the data with the model's survey description"
+                )
             return
         mine, theirs = list(self.bands), list(other.bands)
         if mine == theirs:  # the same letters through other filters

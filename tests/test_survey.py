@@ -125,6 +125,9 @@ def test_check_same_bands_names_both_lists_and_filters():
     with pytest.raises(PhotozError, match=r"\['hsc-g', .*\['lsst-g', "):  # same letters, other filters
         hsc.check_same_bands(lsst, "model", "data")
     grz.check_same_bands(legacy.subset(["g", "r", "z"]), "model", "data")  # the same: no error
+    other_vector = survey_from_dict({**grz.to_dict(), "extinction_coefficients": [3.0, 2.0, 1.0]}, "mine")
+    with pytest.raises(PhotozError, match=r"extinction coefficients \[3.214, 2.165, 1.211\].*\[3.0, 2.0, 1.0\]"):
+        grz.check_same_bands(other_vector, "model", "data")
 
 
 def test_resume_facts_ignore_prose_but_not_numbers():
