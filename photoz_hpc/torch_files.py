@@ -68,20 +68,26 @@ def conversion_command(path: str | os.PathLike) -> str:
 
 
 def read_torch_file(path: str | os.PathLike, what: str, map_location: Any = "cpu",
-                    trust_pickle: bool | None = None) -> Any:
+                    trust_pickle: bool | None = None, data: bytes | None = None) -> Any:
     """``torch.load`` without running code: see the module docstring. ``what`` names the file's role in errors;
     ``trust_pickle`` (default: the ``trusting_pickle`` setting) allows full unpickling. A missing, truncated or
-    corrupt file is a ``PhotozError`` naming ``what`` and the file."""
+    corrupt file is a ``PhotozError`` naming ``what`` and the file. ``data``: the file's bytes, already read (by a
+    caller that hashed them): parsed instead of reading ``path`` again, so what loads is what was hashed."""
+    import io
+
     import torch
+
+    def source() -> Any:
+        return path if data is None else io.BytesIO(data)
 
     trust = _trust_pickle if trust_pickle is None else trust_pickle
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
-            return to_plain(torch.load(path, map_location=map_location, weights_only=True), False, f"{what} {path}")
+            return to_plain(torch.load(source(), map_location=map_location, weights_only=True), False, f"{what} {path}")
     except FileNotFoundError:
         raise PhotozError(f"{what} {path} does not exist") from None
     except pickle.UnpicklingError as exc:
-        found = _foreign_globals(path, exc)
+        found = _foreign_globals(source(), exc)
         if not found:  # not a refusal of objects: a damaged file
             raise PhotozError(f"{what} {path} is unreadable or corrupt ({_reason(exc)})") from None
         if not trust:
@@ -96,7 +102,7 @@ def read_torch_file(path: str | os.PathLike, what: str, map_location: Any = "cpu
     log.warning("%s: unpickling %s %s in full (it holds %s): any code in it runs now", TRUST_FLAG, what, path,
                 ", ".join(found[:4]))
     try:
-        return to_plain(torch.load(path, map_location=map_location, weights_only=False), False, f"{what} {path}")
+        return to_plain(torch.load(source(), map_location=map_location, weights_only=False), False, f"{what} {path}")
     except Exception as exc:
         raise PhotozError(f"{what} {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
 
@@ -189,7 +195,7 @@ def _numpy_array_globals() -> list[Any]:
     return allowed
 
 
-def _foreign_globals(path: str | os.PathLike, exc: Exception) -> list[str]:
+def _foreign_globals(path: Any, exc: Exception) -> list[str]:
     """The globals (classes, functions) a refused file names, read without unpickling it."""
     import torch
 

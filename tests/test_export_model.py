@@ -7,8 +7,12 @@ Tiny: width-8 ResNet-18 on 16 px crops, a few steps."""
 
 from __future__ import annotations
 
+import builtins
+import collections
 import hashlib
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +148,76 @@ def test_final_model_and_checkpoint_round_trip_and_record_only_their_own_metrics
     _same_network(net, load_network(ckpt)[0])
     assert card["source"]["kind"] == "fine-tuning checkpoint" and card["training"]["n_train"] > 0
     assert card["training"]["dataset_identity"]["data.path"] == load_checkpoint(ckpt)["datasets"]["data.path"]
+
+
+def test_metrics_of_another_version_of_the_file_or_of_no_recorded_digest_are_left_out(run, tmp_path):
+    """A best_model.pt replaced after its evaluations (a rerun, a copy over it) keeps none of their metrics: the card
+    credits a metrics.json only when the digest it records of the network it evaluated is the exported file's; one
+    of another digest or of none (written before digests were recorded) is named in the card with why."""
+    ft = tmp_path / "ft"
+    shutil.copytree(run["ft"], ft)
+    best = ft / "best_model.pt"
+    (ev,) = [p for p in ft.glob("evaluate-*/metrics.json")]
+    for report_file in (ft / "eval" / "metrics.json", ev):
+        report = json.loads(report_file.read_text())
+        assert report["checkpoint_sha256"] == model_digest(run["ft"] / "best_model.pt")  # what evaluate recorded
+        report["checkpoint"] = str(best)  # the copy's evaluations are of the copy's file
+        report_file.write_text(json.dumps(report))
+    report = export_model(best, tmp_path / "same")  # the same bytes: both credited
+    assert report["validation"] == "recorded" and report["test"] == 1 and report["excluded"] == []
+    assert "excluded" not in json.loads((tmp_path / "same" / CARD).read_text())["metrics"]
+
+    blob = torch.load(best, weights_only=True)  # another version of best_model.pt at the same path
+    key = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][key] = blob["state_dict"][key] + 1e-3
+    torch.save(blob, best)
+    report = export_model(best, tmp_path / "other")
+    card = json.loads((tmp_path / "other" / CARD).read_text())
+    assert card["source"]["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
+    val = card["metrics"]["validation"]  # the file's own record of its validation, not eval/'s
+    assert val["source"].startswith("validation during fine-tuning") and "file" not in val
+    assert card["metrics"]["test"] == "not recorded" and report["test"] == "not recorded"
+    excluded = {(e["set"], Path(e["file"]).name, e["why"]) for e in card["metrics"]["excluded"]}
+    assert excluded == {("validation", "metrics.json", "evaluated another version of the file"),
+                        ("test", "metrics.json", "evaluated another version of the file")}
+    assert {Path(e["file"]).parent for e in card["metrics"]["excluded"]} == {ft / "eval", ev.parent}
+    readme = (tmp_path / "other" / README).read_text()
+    assert f"- test: {ev}: evaluated another version of the file" in readme
+
+    shutil.copy2(run["ft"] / "best_model.pt", best)  # the evaluated bytes again, but reports of before digests
+    for report_file in (ft / "eval" / "metrics.json", ev):
+        report = json.loads(report_file.read_text())
+        del report["checkpoint_sha256"]
+        report_file.write_text(json.dumps(report))
+    card = json.loads(Path(export_model(best, tmp_path / "old")["out"], CARD).read_text())
+    assert card["metrics"]["test"] == "not recorded"
+    assert card["metrics"]["validation"]["source"].startswith("validation during fine-tuning")
+    assert {(e["set"], e["why"]) for e in card["metrics"]["excluded"]} == {("validation", "no digest recorded"),
+                                                                         ("test", "no digest recorded")}
+
+
+def test_loading_reads_each_file_once_and_records_the_digest_of_those_bytes(exported, tmp_path, monkeypatch):
+    """No check-then-read-again: each file of a model directory (and a model file) is opened once per load, and the
+    digest evaluate and predict record is of the bytes loaded."""
+    opened: collections.Counter = collections.Counter()
+    real_open = io.open
+
+    def counting(file, *args, **kw):
+        if isinstance(file, (str, Path)):
+            opened[Path(file).name] += 1
+        return real_open(file, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    monkeypatch.setattr(io, "open", counting)
+    net, cfg, meta = load_network(exported)
+    assert opened == {CHECKSUMS: 1, CARD: 1, WEIGHTS: 1, README: 1}
+    assert meta["checkpoint_sha256"] == hashlib.sha256((exported / CHECKSUMS).read_bytes()).hexdigest()
+    opened.clear()
+    _, _, meta = load_network(tmp_path / "m.pt")
+    assert opened == {"m.pt": 1}
+    assert meta["checkpoint_sha256"] == hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
+    monkeypatch.undo()
+    _same_network(net, load_photoz_model(tmp_path / "m.pt")[0])
 
 
 def test_a_3_band_model_on_a_50_bin_grid_round_trips_with_its_bands_and_grid(tmp_path):
@@ -325,7 +399,9 @@ def test_evaluate_predict_and_calibrate_take_the_exported_directory(run, tmp_pat
     for src, name in ((model, "cat_dir"), (best, "cat_file")):
         assert run_predict(src, [data], tmp_path / name, PredictOptions(batch_size=16))["complete"]
     plan = json.loads((tmp_path / "cat_dir" / PLAN_NAME).read_text())
-    assert plan["checkpoint_sha256"] == model_digest(model)
+    assert plan["checkpoint_sha256"] == model_digest(model) and "checkpoint_sha256" not in plan["model"]
+    for name, src in (("ev_dir", model), ("ev_file", best)):  # evaluate records the digest of what it evaluated
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["checkpoint_sha256"] == model_digest(src)
     za = read_catalogue(tmp_path / "cat_dir")["z_phot"]
     zb = read_catalogue(tmp_path / "cat_file")["z_phot"]
     np.testing.assert_array_equal(np.asarray(za), np.asarray(zb))

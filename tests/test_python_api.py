@@ -4,16 +4,22 @@ exported model directory), embeddings equal ``embed``'s, ``search``/``anomalies`
 ``prepare_arrays`` the store ``prepare`` makes of the same arrays, ``finetune``/``evaluate_model`` the commands'
 runs; bad inputs fail before any work with messages naming the problem; ``import photoz_hpc`` stays light.
 
-Tiny: width-8 ResNet-18 on 16 px crops of 21 px cutouts (odd, so the centre crop's offset rounds down), 40 galaxies.
-The commands run in this process (``photoz_hpc.cli.main``) on the same machine and threads: the same code on the same
+Tiny: width-8 ResNet-18 on 16 px crops of 21 px cutouts (odd, so the centre crop's offset rounds down), 40 galaxies;
+and 100 galaxies of 22 px (even) in several batches. The commands run in this process (``photoz_hpc.cli.main``) on
+the same machine and threads, both sides pinned to the CPU and fp32 (``train.device=cpu``, ``--precision fp32`` /
+``precision="fp32"``; on a GPU host the defaults would put one side on the GPU in bf16): the same code on the same
 inputs gives the same bits, so the comparisons are exact except where a file rounds (the catalogue's float16 pdfs,
-the CSV tables' 6 decimals)."""
+the CSV tables' 6 decimals). One test, run only where CUDA is available, compares the two with the GPU defaults."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import math
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +48,14 @@ from photoz_hpc.train.model_export import export_model
 from photoz_hpc.train.surveys import resolve_run_config
 
 N, SIZE = 40, 21
-RUN = ["loader.backend=reference", "train.precision=fp32", "dist.backend=none"]
+#: both sides on the CPU in fp32 (the API side: device="cpu", precision="fp32"; predict: --precision fp32)
+RUN = ["loader.backend=reference", "train.precision=fp32", "dist.backend=none", "train.device=cpu"]
+FP32 = ["--precision", "fp32"]
 TINY = [*TINY_MODEL, "model.embed_dim=16", "augment.crop_size=16", "augment.jitter_max=2", "seed=1", *RUN]
 FT = {"model.arch": "resnet18", "model.width": 8, "augment.crop_size": 16, "augment.jitter_max": 2,
       "loader.batch_size": 8, "loader.backend": "reference", "train.precision": "fp32", "dist.backend": "none",
       "train.max_steps": 3, "train.progress": False, "train.tensorboard": False, "finetune.val_fraction": 0.25,
-      "seed": 3}
+      "seed": 3, "train.device": "cpu"}
 SUMMARIES = ("z_phot", "z_mode", "z_median", "z_lo68", "z_hi68", "z_lo95", "z_hi95", "odds", "pdf_std")
 
 
@@ -99,11 +107,12 @@ def test_import_photoz_hpc_stays_light_and_exposes_the_api():
 def test_predict_on_arrays_equals_the_predict_catalogue(world, tmp_path, tta, temperature):
     more = ["--tta", str(tta)] + (["--temperature", temperature] if temperature else [])
     cli("predict", "--checkpoint", world["model"], "--data", world["data"], "--out", tmp_path / "cat", "--pdf", *more,
-        *RUN)
+        *FP32, *RUN)
     cat = read_catalogue(tmp_path / "cat")
     model = pz.load_model(world["model"], device="cpu")
     assert model.bands == tuple("ugriz") and model.crop_size == 16 and model.dereddens
-    got = model.predict(world["images"], ebv=world["ebv"], tta=tta, pdf=True, temperature=float(temperature or 1))
+    got = model.predict(world["images"], ebv=world["ebv"], tta=tta, pdf=True, temperature=float(temperature or 1),
+                        precision="fp32")
     assert sorted(got) == sorted([*SUMMARIES, "pdf"])
     for key in SUMMARIES:  # the same code on the same bits: exactly equal
         assert got[key].dtype == np.float32
@@ -112,6 +121,66 @@ def test_predict_on_arrays_equals_the_predict_catalogue(world, tmp_path, tta, te
     assert got["pdf"].shape == (N, model.grid.n_bins)
     np.testing.assert_allclose(got["pdf"], cat["pdf"].astype(np.float32), rtol=2**-11, atol=3e-8)
     assert np.allclose(got["pdf"].sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def even(world) -> dict:
+    """100 SDSS galaxies of 22 px cutouts (even: the centre crop's offset is exact) in a store of 3 shards."""
+    root = world["root"]
+    data = prepare([write_release_h5(root / "even.h5", 100, seed=6, size=22)], root / "even", samples_per_shard=40)
+    ds = open_dataset(data)
+    images = np.ascontiguousarray(ds.images_hwc(np.arange(100)).transpose(0, 3, 1, 2))
+    return {"data": data, "images": images, "ebv": ds.meta["ebv_sfd"].copy()}
+
+
+def test_predict_in_many_batches_of_even_cutouts_equals_the_catalogue(world, even, tmp_path):
+    """100 galaxies, 22 px: the command in batches of 16 (the last one 4 galaxies, padded by the loader) against the
+    API in batches of 16 and of its default (64 on a CPU)."""
+    cli("predict", "--checkpoint", world["model"], "--data", even["data"], "--out", tmp_path / "cat", "--batch-size",
+        "16", *FP32, *RUN)
+    cat = read_catalogue(tmp_path / "cat")
+    assert len(cat["z_phot"]) == 100
+    model = pz.load_model(world["model"], device="cpu")
+    by16 = model.predict(even["images"], ebv=even["ebv"], batch_size=16, precision="fp32")
+    default = model.predict(even["images"], ebv=even["ebv"], precision="fp32")
+    for key in SUMMARIES:  # the same batches through the same code: the same bits
+        np.testing.assert_array_equal(by16[key], cat[key], err_msg=key)
+    # batches of 64 against 16: exact here (eval-mode layers are per galaxy), but another CPU's kernels may sum in
+    # another order for another batch shape: float32 rounding of the redshifts at most
+    np.testing.assert_allclose(default["z_phot"], cat["z_phot"], rtol=1e-5, atol=1e-6)
+
+
+def test_load_model_takes_predicts_overrides(world, tmp_path):
+    """``predict ... augment.crop_size=12`` from Python: ``load_model(path, overrides=...)`` gives the same numbers."""
+    cli("predict", "--checkpoint", world["model"], "--data", world["data"], "--out", tmp_path / "cat", *FP32, *RUN,
+        "augment.crop_size=12")
+    cat = read_catalogue(tmp_path / "cat")
+    model = pz.load_model(world["model"], device="cpu", overrides={"augment.crop_size": 12})
+    assert model.crop_size == 12 and pz.load_model(world["model"], device="cpu", overrides=["augment.crop_size=12"]
+                                                   ).crop_size == 12
+    got = model.predict(world["images"], ebv=world["ebv"], precision="fp32")
+    np.testing.assert_array_equal(got["z_phot"], cat["z_phot"])
+    plain = pz.load_model(world["model"], device="cpu").predict(world["images"], ebv=world["ebv"], precision="fp32")
+    assert not np.array_equal(plain["z_phot"], got["z_phot"])  # the override changed the view
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares predict and the API with their "
+                    "GPU defaults (cuda, --precision auto = bf16 where the GPU has it)")
+def test_predict_on_the_gpu_with_the_defaults_matches_the_catalogue(world, tmp_path):
+    """Both sides with their defaults: predict on train.device=auto (cuda), the API's device=None (cuda); both in
+    predict's --precision auto (bf16 on GPUs with native bf16). The same network, crops and batch size, but the GPU
+    convolution algorithms may differ between the two runs (cuDNN picks per call) and bf16 keeps 8 bits of mantissa,
+    so logits agree to a few bf16 ulps: tolerances of 2e-3 in redshift (0.5% of the 0.4-wide grid) and 2e-3 in a
+    pdf bin's probability."""
+    cli("predict", "--checkpoint", world["model"], "--data", world["data"], "--out", tmp_path / "cat", "--pdf",
+        "loader.backend=reference", "dist.backend=none")
+    cat = read_catalogue(tmp_path / "cat")
+    model = pz.load_model(world["model"])
+    assert model.device.type == "cuda"
+    got = model.predict(world["images"], ebv=world["ebv"], pdf=True)
+    for key in ("z_phot", "z_median", "z_lo68", "z_hi68"):
+        np.testing.assert_allclose(got[key], cat[key], rtol=0, atol=2e-3, err_msg=key)
+    np.testing.assert_allclose(got["pdf"], cat["pdf"].astype(np.float32), rtol=0, atol=2e-3)
 
 
 def test_predict_takes_tensors_and_any_float_precision_and_dereddens(world):
@@ -260,6 +329,55 @@ def test_finetune_and_evaluate_from_python_equal_the_commands(world, tmp_path, c
         np.testing.assert_array_equal(a[key], b[key])
 
 
+class _StoppingLoader:
+    """The training loader, sending this process ``signum`` when its second batch is fetched (a user's Ctrl-C or a
+    scheduler's SIGTERM in the middle of a run); everything else is the real loader's."""
+
+    def __init__(self, inner, signum: int) -> None:
+        self.inner, self.signum, self.sent = inner, signum, False
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i == 1 and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), self.signum)  # the trainer's handler records it (the run's flag)
+            yield batch
+
+
+@pytest.mark.parametrize("signum, error", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, PhotozError)])
+def test_a_stopped_finetune_raises_and_the_same_call_resumes(world, tmp_path, monkeypatch, signum, error):
+    from photoz_hpc.train import finetune as ft
+
+    real = ft.finetune_loaders
+
+    def stopping(*args, **kw):
+        loader, val_loader = real(*args, **kw)
+        return _StoppingLoader(loader, signum), val_loader
+
+    monkeypatch.setattr(ft, "finetune_loaders", stopping)
+    overrides = {**FT, "train.max_steps": 6, "train.checkpoint_every": 1000}
+    before = signal.getsignal(signum)
+    with pytest.raises(error, match=r"stopped at step (\d+) after a checkpoint .*call pz.finetune again with the same "
+                       "arguments to resume") as stop:
+        pz.finetune(world["data"], init=world["encoder"], out_dir=tmp_path / "run", overrides=overrides)
+    step = int(re.search(r"stopped at step (\d+)", str(stop.value)).group(1))
+    assert 1 <= step < 6 and (tmp_path / "run" / "checkpoints" / f"ckpt_{step:09d}.pt").is_file()
+    assert not (tmp_path / "run" / "eval").exists()  # no evaluation of a half-trained run
+    assert signal.getsignal(signum) is before  # the notebook's own handler is back
+    if signum == signal.SIGINT:
+        monkeypatch.setattr(ft, "finetune_loaders", real)
+        run_dir, summary = pz.finetune(world["data"], init=world["encoder"], out_dir=tmp_path / "run",
+                                       overrides=overrides)
+        assert summary["start_step"] == step and summary["steps"] == 6 and summary["preempted"] is False
+        assert math.isfinite(summary["eval"]["metrics"]["sigma_mad"]) and (run_dir / "eval").is_dir()
+
+
 # ---------------------------------------------------------------------- bad inputs
 
 
@@ -285,10 +403,20 @@ def test_bad_arrays_are_errors_naming_the_problem(world):
     nan_ebv[4] = np.nan
     refused(r"ebv: 1 of 40 values are NaN or inf \(rows \[4\]\)", images, ebv=nan_ebv)
     refused("dtype complex", images.astype(np.complex64), ebv=ebv)
-    refused("tta=5", images, ebv=ebv, tta=5)
-    refused("temperature 0 must be a positive", images, ebv=ebv, temperature=0)
-    refused("neither a number nor a readable calibration.json", images, ebv=ebv, temperature="nope.json",
-            error=PhotozError)
+    refused(r"tta must be a whole number from 1 to 4 .*got 5", images, ebv=ebv, tta=5)
+    refused(r"tta must be .*got True", images, ebv=ebv, tta=True)
+    refused(r"temperature must be a positive number .*got 0", images, ebv=ebv, temperature=0)
+    refused(r"temperature must be a positive number .*got True", images, ebv=ebv, temperature=True)
+    refused(r"temperature must be a positive number .*got -2.0", images, ebv=ebv, temperature="-2")
+    refused("temperature 'nope.json' is neither a number nor a readable calibration.json", images, ebv=ebv,
+            temperature="nope.json", error=PhotozError)
+    for bad_batch in (0, -3, 2.5):  # never silently the default (None is)
+        refused(rf"batch_size must be a whole number >= 1 \(or None: 64 on this cpu device\), got {bad_batch}", images,
+                ebv=ebv, batch_size=bad_batch)
+    for option, message in (("tta", "tta"), ("temperature", "temperature"), ("batch_size", "batch_size")):
+        with pytest.raises(ValueError) as err:
+            model.predict(images, ebv=ebv, **{option: 0})
+        assert message in str(err.value) and "--" not in str(err.value)  # no command-line flag in the API's words
     with pytest.raises(PhotozError, match="has no redshift head"):
         pz.load_model(world["encoder"])
     with pytest.raises(PhotozError, match="does not exist"):
@@ -298,6 +426,9 @@ def test_bad_arrays_are_errors_naming_the_problem(world):
         enc.embed(images[:, :4], ebv=ebv)
     with pytest.raises(ValueError, match="feature 'pooled'"):
         enc.embed(images, ebv=ebv, feature="pooled")
+    with pytest.raises(ValueError, match=rf"batch_size must be a whole number >= 1 \(or None: "
+                       rf"{enc.config.loader.batch_size} \(loader.batch_size, as embed\)\), got 0"):
+        enc.embed(images, ebv=ebv, batch_size=0)
     vectors = np.eye(6, 4, dtype=np.float32)
     with pytest.raises(PhotozError, match=r"query rows \[9\] are not in 0..5"):
         pz.search(vectors, [1, 9], k=2)
@@ -324,4 +455,7 @@ def test_bad_inputs_to_prepare_and_finetune_fail_before_any_work(world, tmp_path
         pz.finetune(world["data"], init="none", out_dir=tmp_path / "ft", overrides={"finetune.init": "none"})
     with pytest.raises(PhotozError, match="train.epochs"):
         pz.finetune(world["data"], out_dir=tmp_path / "ft", overrides={"train.epochs": -1})
+    for value in (float("nan"), np.float32("inf"), [0.1, float("-inf")]):  # JSON's NaN/Infinity: YAML strings
+        with pytest.raises(ValueError, match=r"overrides: optim.lr=.* is not a finite number"):
+            pz.finetune(world["data"], out_dir=tmp_path / "ft", overrides={"optim.lr": value})
     assert not (tmp_path / "ft").exists()

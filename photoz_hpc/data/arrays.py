@@ -7,7 +7,7 @@ as one Multimodal Universe image-sample file (``mmu_layout.write_mmu_file``, in 
 prepare`` makes of that file: the same manifest (survey, bands, pixel statistics), shards and float32 pixels bit for
 bit. The manifest's ``inputs`` name that temporary file.
 
-``check_layout`` and ``nonfinite_message`` are the shape and NaN rules shared with the Python API's predictions and
+``check_layout``, ``nonfinite_rows``/``nonfinite_message`` and ``finite_column`` are the shape and NaN rules shared with the Python API's predictions and
 embeddings (``evaluate.arrays``): (N, bands, H, W) in the survey's band order, with clear errors for the
 (N, H, W, bands) layout, a single cutout, another band count, images smaller than a crop, NaN/inf pixels.
 """
@@ -76,18 +76,36 @@ def nonfinite_message(bad_rows: np.ndarray, n: int) -> str:
             "the bad pixels (e.g. np.nan_to_num) or leave those rows out")
 
 
-def nonfinite_rows(images: np.ndarray) -> np.ndarray:
-    """Rows of a numpy (N, ...) array with a NaN or inf value, checked ``CHECK_ROWS`` at a time."""
+def nonfinite_rows(images: Any) -> np.ndarray:
+    """Rows of an (N, ...) numpy array or torch tensor (on any device: checked there) with a NaN or inf value,
+    checked ``CHECK_ROWS`` at a time (bounds the temporary boolean array)."""
     bad = [np.zeros(0, np.int64)]
     for lo in range(0, len(images), CHECK_ROWS):
         chunk = images[lo:lo + CHECK_ROWS]
-        bad.append(lo + np.flatnonzero(~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)))
+        if hasattr(chunk, "detach"):  # a torch tensor
+            import torch
+
+            ok = torch.isfinite(chunk.reshape(len(chunk), -1)).all(dim=1).cpu().numpy()
+        else:
+            ok = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        bad.append(lo + np.flatnonzero(~ok))
     return np.concatenate(bad)
 
 
 def as_survey(survey: str | Path | Survey) -> Survey:
     """A ``Survey`` as given, or loaded from its shipped name or description file."""
     return survey if isinstance(survey, Survey) else load_survey(survey)
+
+
+def finite_column(values: Any, n: int, name: str) -> np.ndarray:
+    """A per-galaxy number column (numpy, torch or a list; a scalar stands for every galaxy) as float64 (n,), with a
+    ``ValueError`` naming ``name`` and the rows for the wrong shape, non-numbers or NaN/inf values. The one check of
+    E(B-V), ra and dec given as arrays (``prepare_arrays`` and the Python API's predictions and embeddings)."""
+    values = _column(values, n, name, "f")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise ValueError(f"{name}: {len(bad)} of {n} values are NaN or inf (rows {rows_text(bad)})")
+    return values
 
 
 def _column(values: Any, n: int, name: str, kind: str) -> np.ndarray:
@@ -98,7 +116,8 @@ def _column(values: Any, n: int, name: str, kind: str) -> np.ndarray:
     if arr.ndim == 0 and kind == "f":
         arr = np.full(n, arr.item())
     if arr.shape != (n,):
-        raise ValueError(f"{name} has shape {shape_text(arr.shape)}: one value per galaxy, shape ({n},)")
+        scalar = ", or a scalar for all" if kind == "f" else ""
+        raise ValueError(f"{name} has shape {shape_text(arr.shape)}: one value per galaxy, shape ({n},){scalar}")
     if kind == "f":
         if arr.dtype.kind not in "fiu":
             raise ValueError(f"{name} has dtype {arr.dtype}: pass numbers")
@@ -130,15 +149,9 @@ def prepare_arrays(images: Any, out: str | Path, survey: str | Path | Survey = "
         raise ValueError(nonfinite_message(bad, n))
     columns: dict[str, np.ndarray] = {}
     for name, value in (("ra", ra), ("dec", dec)):
-        columns[name] = np.zeros(n) if value is None else _column(value, n, name, "f")
-        bad = np.flatnonzero(~np.isfinite(columns[name]))
-        if len(bad):
-            raise ValueError(f"{name}: {len(bad)} of {n} values are NaN or inf (rows {rows_text(bad)})")
+        columns[name] = np.zeros(n) if value is None else finite_column(value, n, name)
     if ebv is not None:
-        columns["EBV"] = _column(ebv, n, "ebv", "f")
-        bad = np.flatnonzero(~np.isfinite(columns["EBV"]))
-        if len(bad):
-            raise ValueError(f"ebv: {len(bad)} of {n} values are NaN or inf (rows {rows_text(bad)})")
+        columns["EBV"] = finite_column(ebv, n, "ebv")
     if z_spec is not None:
         columns[L.Z_SPEC] = _column(z_spec, n, "z_spec", "f")
     ids = np.arange(n, dtype=np.int64) if object_id is None else _column(object_id, n, "object_id", "id")
@@ -172,4 +185,4 @@ def _shipped_dict(name: str) -> dict[str, Any] | None:
     return load_survey(name).to_dict() if name in SHIPPED_SURVEYS else None
 
 
-__all__ = ["check_layout", "nonfinite_message", "nonfinite_rows", "prepare_arrays"]
+__all__ = ["check_layout", "finite_column", "nonfinite_message", "nonfinite_rows", "prepare_arrays"]

@@ -23,15 +23,7 @@ import torch
 
 from photoz_hpc.augment.arrays import eval_spec, eval_views
 from photoz_hpc.augment.draws import AugmentSpec
-from photoz_hpc.data.arrays import (
-    CHECK_ROWS,
-    check_layout,
-    check_real,
-    nonfinite_message,
-    nonfinite_rows,
-    rows_text,
-    shape_text,
-)
+from photoz_hpc.data.arrays import check_layout, check_real, finite_column, nonfinite_message, nonfinite_rows
 from photoz_hpc.evaluate.calibration import softmax_log
 from photoz_hpc.evaluate.embeddings import embed_batch
 from photoz_hpc.evaluate.pdfs import summarize_catalogue
@@ -68,14 +60,7 @@ def check_images(images: Any, survey: Survey, crop: int | None, what: str) -> np
         images = np.asarray(images)
         check_real(images.dtype)
     check_layout(tuple(images.shape), survey, crop, what)
-    if isinstance(images, torch.Tensor):
-        bad = [np.zeros(0, np.int64)]
-        for lo in range(0, len(images), CHECK_ROWS):
-            chunk = images[lo:lo + CHECK_ROWS]
-            bad.append(lo + np.flatnonzero(~torch.isfinite(chunk.reshape(len(chunk), -1)).all(dim=1).cpu().numpy()))
-        bad_rows = np.concatenate(bad)
-    else:
-        bad_rows = nonfinite_rows(images)
+    bad_rows = nonfinite_rows(images)
     if len(bad_rows):
         raise ValueError(nonfinite_message(bad_rows, len(images)))
     return images
@@ -92,21 +77,7 @@ def check_ebv(ebv: Any, n: int, deredden: bool, what: str) -> np.ndarray | None:
         raise ValueError(f"{what} dereddens its inputs by each galaxy's SFD E(B-V) (augment.deredden=true, as "
                          f"trained): pass ebv= one value per galaxy, shape ({n},), or ebv=0 for images already "
                          "corrected for Galactic extinction")
-    if isinstance(ebv, torch.Tensor):
-        ebv = ebv.detach().cpu().numpy()
-    values = np.asarray(ebv)
-    if values.dtype.kind not in "fiu":
-        raise ValueError(f"ebv has dtype {values.dtype}: pass E(B-V) values as numbers")
-    values = values.astype(np.float64)
-    if values.ndim == 0:
-        values = np.full(n, float(values))
-    if values.shape != (n,):
-        raise ValueError(f"ebv has shape {shape_text(values.shape)}: one E(B-V) per galaxy, shape ({n},), or a "
-                         "scalar for all")
-    bad = np.flatnonzero(~np.isfinite(values))
-    if len(bad):
-        raise ValueError(f"ebv: {len(bad)} of {n} values are NaN or inf (rows {rows_text(bad)})")
-    return values
+    return finite_column(ebv, n, "ebv")  # prepare_arrays' check of the same column
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

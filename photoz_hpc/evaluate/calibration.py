@@ -291,7 +291,8 @@ def run_calibrate(checkpoint, data, out_dir, ids_path=None, calib_fraction: floa
 
 
 def read_temperature(value: str) -> float:
-    """``--temperature``: a number, or a ``calibration.json`` written by ``calibrate``."""
+    """A temperature (predict's ``--temperature``, the Python API's ``temperature=``): a number, or a
+    ``calibration.json`` written by ``calibrate``; the error names no flag, so it fits both."""
     import json
 
     from photoz_hpc.errors import PhotozError
@@ -304,4 +305,4 @@ def read_temperature(value: str) -> float:
     try:
         return float(json.loads(path.read_text())["temperature"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PhotozError(f"--temperature {value!r} is neither a number nor a readable calibration.json ({exc})") from None
+        raise PhotozError(f"temperature {value!r} is neither a number nor a readable calibration.json ({exc})") from None

@@ -145,7 +145,9 @@ def make_plan(checkpoint: Path, cfg, meta: dict, datasets: list[ShardedDataset],
     columns = list(schema) + ([PDF_COLUMN] if with_pdf else [])
     return {
         "format": CATALOGUE_FORMAT, "file_format": fmt,
-        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": model_digest(checkpoint), "model": _json_safe(meta),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": meta.get("checkpoint_sha256") or model_digest(checkpoint),  # the loaded bytes' digest
+        "model": _json_safe({k: v for k, v in meta.items() if k != "checkpoint_sha256"}),
         "config": dataclasses.asdict(cfg), "overrides": list(overrides),
         "tta": tta, "temperature": float(temperature), "pdf": with_pdf, "pdf_dtype": PDF_DTYPE if with_pdf else None,
         "survey": survey.name, "bands": list(survey.bands), "redshift_grid": grid.to_dict(),
@@ -319,16 +321,63 @@ class PredictOptions:
     precision: str = "auto"  # bf16 on GPUs with native bf16, fp32 on CPU (train.precision's rules)
 
 
-def write_parts(root: Path, net, cfg, datasets: list[ShardedDataset], parts: list[Part], opts: PredictOptions,
-                device: torch.device, precision, channels_last: bool, loader_device: str, flag=None,
-                rank: int = 0, on_part: Callable[[Part, dict], None] | None = None) -> dict[str, Any]:
-    """Write this rank's unfinished ``parts`` (skipping finished ones), stopping after the current part
-    when ``flag`` is raised. Returns counts and timing."""
+def check_predict_options(tta: Any, temperature: Any) -> tuple[int, float]:
+    """(tta, temperature) of a prediction, checked: the command's and the Python API's one rule. A ``ValueError``
+    naming the value, in words that fit both (``predict`` reports it as a ``PhotozError``)."""
+    if isinstance(tta, bool) or not isinstance(tta, (int, np.integer)) or not 1 <= tta <= MAX_TTA:
+        raise ValueError(f"tta must be a whole number from 1 to {MAX_TTA} (test-time augmentation averages that many "
+                         f"exact 90-degree rotations), got {tta!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating))
+            or not (temperature > 0 and math.isfinite(temperature))):
+        raise ValueError(f"temperature must be a positive number (1: the network's own pdfs), got {temperature!r}")
+    return int(tta), float(temperature)
+
+
+@dataclass(frozen=True)
+class ForwardSetup:
+    """How ``predict`` runs a network on a device (``forward_setup``)."""
+
+    net: Any  # the PhotoZNet on the device, eval mode, channels_last when ``channels_last``
+    precision: Any  # train.precision.Precision: its ``autocast`` and ``name``
+    channels_last: bool
+    batch_size: int
+
+
+def forward_setup(net, cfg, device: torch.device, precision: str, batch_size: int | None) -> ForwardSetup:
+    """The forward-pass settings predict (the command and the Python API) uses on ``device``: the network moved there
+    in eval mode (channels_last where the config and device use it), ``precision`` resolved (auto: bf16 on GPUs with
+    native bf16, fp32 on CPUs) and ``batch_size`` galaxies per pass (None: ``DEFAULT_BATCH`` of the device; else a
+    positive whole number, a ``ValueError`` otherwise)."""
     import torch
 
+    from photoz_hpc.train.precision import resolve_precision
+    from photoz_hpc.train.runtime import use_channels_last
+
+    batch = resolve_batch_size(batch_size, DEFAULT_BATCH.get(device.type, 64), f"on this {device.type} device")
+    channels_last = use_channels_last(cfg, device)
     net = net.to(device).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    return ForwardSetup(net, resolve_precision(precision, device), channels_last, batch)
+
+
+def resolve_batch_size(batch_size: Any, default: int, why: str) -> int:
+    """``batch_size`` (a whole number >= 1) or, for None, ``default`` (``why``: where that default comes from); 0,
+    negatives, bools and fractions are a ``ValueError`` (never silently the default)."""
+    if batch_size is None:
+        return int(default)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1 (or None: {default} {why}), got {batch_size!r}")
+    return int(batch_size)
+
+
+def write_parts(root: Path, setup: ForwardSetup, cfg, datasets: list[ShardedDataset], parts: list[Part],
+                opts: PredictOptions, device: torch.device, loader_device: str, flag=None, rank: int = 0,
+                on_part: Callable[[Part, dict], None] | None = None) -> dict[str, Any]:
+    """Write this rank's unfinished ``parts`` (skipping finished ones) with ``setup``'s network, precision and batch
+    size, stopping after the current part when ``flag`` is raised. Returns counts and timing."""
+    net, precision, channels_last = setup.net, setup.precision, setup.channels_last
+    opts = dataclasses.replace(opts, batch_size=setup.batch_size)
     todo = []
     for p in parts:
         state, _ = part_state(root, p, opts.fmt)
@@ -564,17 +613,16 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
     """The ``predict`` command on every rank: checks (before any work), plan, this rank's parts, and the
     manifest once every part of the catalogue is done. ``report['preempted']``: stopped by a signal."""
     from photoz_hpc.evaluate.run import load_network
-    from photoz_hpc.train.precision import resolve_precision
-    from photoz_hpc.train.runtime import run_with_comm, use_channels_last
+    from photoz_hpc.train.runtime import run_with_comm
 
     if opts.fmt not in FORMATS:
         raise PhotozError(f"--format {opts.fmt!r} is not one of {sorted(FORMATS)}")
     if opts.fmt == "parquet":
         _pyarrow()
-    if not 1 <= opts.tta <= MAX_TTA:
-        raise PhotozError(f"--tta {opts.tta}: test-time augmentation averages 1 to {MAX_TTA} exact 90-degree rotations")
-    if not opts.temperature > 0 or not math.isfinite(opts.temperature):
-        raise PhotozError(f"temperature {opts.temperature} must be a positive number")
+    try:
+        check_predict_options(opts.tta, opts.temperature)
+    except ValueError as exc:
+        raise PhotozError(str(exc)) from None
     if opts.batch_size < 0:
         raise PhotozError(f"--batch-size {opts.batch_size} must be >= 1 (or 0: the device's default)")
     checkpoint = Path(checkpoint)
@@ -599,17 +647,16 @@ def run_predict(checkpoint: str | Path, data: list[str | Path], out: str | Path,
         if error:
             raise PhotozError(error)
         parts = block(block(plan_parts(datasets), task, n_tasks), comm.rank, comm.world)
-        precision = resolve_precision(opts.precision, device)
+        setup = forward_setup(net, cfg, device, opts.precision, opts.batch_size or None)  # 0: the device's default
         loader_device = cfg.loader.device if explicit_loader_device else ("gpu" if device.type == "cuda" else "cpu")
-        run_opts = dataclasses.replace(opts, batch_size=opts.batch_size or DEFAULT_BATCH.get(device.type, 64))
-        mine = write_parts(root, net, cfg, datasets, parts, run_opts, device, precision, use_channels_last(cfg, device),
-                           loader_device, flag, comm.rank, on_part)
+        mine = write_parts(root, setup, cfg, datasets, parts, opts, device, loader_device, flag, comm.rank, on_part)
         ranks = comm.allgather_object(mine)
         manifest = finalize(root) if comm.rank == 0 else None
         rows = sum(r["rows"] for r in ranks)
         seconds = max(r["seconds"] for r in ranks)
         return {"catalogue": str(root), "block": f"{task}/{n_tasks}", "world_size": comm.world,
-                "device": str(device), "precision": precision.name, "tta": opts.tta, "batch_size": run_opts.batch_size,
+                "device": str(device), "precision": setup.precision.name, "tta": opts.tta,
+                "batch_size": setup.batch_size,
                 "parts": sum(r["parts"] for r in ranks), "written": sum(r["written"] for r in ranks),
                 "skipped": sum(r["skipped"] for r in ranks), "rows": rows, "seconds": seconds,
                 "rate": rows / seconds if seconds > 0 else 0.0, "ranks": ranks,

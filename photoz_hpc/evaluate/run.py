@@ -1,7 +1,8 @@
 """``evaluate``: a fine-tuned network over a labeled dataset on every rank -> metrics, predictions, plots.
 
 Outputs (rank 0, each written atomically): ``metrics.json`` (``photoz_metrics`` overall and per
-redshift bin, plus what was evaluated and by which command), ``predictions.csv`` (dataset index, the store's
+redshift bin, plus what was evaluated -- the network's path and ``checkpoint_sha256``, the digest of the bytes
+evaluated, so a file replaced later is not credited with these metrics -- and by which command), ``predictions.csv`` (dataset index, the store's
 galaxy ids -- SDSS ``ObjID`` and ``specObjID``, Multimodal Universe ``object_id`` -- z_spec, z_phot, pdf mode,
 68% interval) and the plots of ``plots.plot_evaluation``.
 
@@ -40,7 +41,7 @@ from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import grid_z_bins, photoz_metrics
 from photoz_hpc.models.export import ENCODER_FORMAT
-from photoz_hpc.models.model_files import load_model_dir
+from photoz_hpc.models.model_files import read_file, read_model_dir
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
 from photoz_hpc.models.records import check_bands, dataset_survey, recorded_grid, recorded_survey
 from photoz_hpc.torch_files import read_torch_file
@@ -56,8 +57,10 @@ def load_network(path: str | Path, overrides: list[str] | None = None) -> tuple[
     """The network (``net.survey``: the bands it reads; ``net.grid``: its redshift grid), the config it was trained
     with (loader/augment settings for evaluation; ``overrides`` applied; crops resolved for the network's survey,
     ``finetune.z_*`` its grid) and the file's metadata, from a photo-z model file (``best_model.pt``,
-    ``photoz_model.pt``, an imported paper model) or a fine-tuning checkpoint; a pretraining checkpoint or anything
-    else is an error."""
+    ``photoz_model.pt``, an imported paper model), a fine-tuning checkpoint or an exported model directory; a
+    pretraining checkpoint or anything else is an error. ``meta['checkpoint_sha256']``: ``model_digest`` of what was
+    loaded, hashed from the very bytes the network was read from (what evaluate's metrics.json and predict's plan
+    record)."""
     net, cfg, meta = _load_network(Path(path))
     if overrides:
         cfg = config_from_dict(apply_overrides(dataclasses.asdict(cfg), list(overrides), FinetuneRunConfig),
@@ -76,16 +79,19 @@ def model_config(cfg: FinetuneRunConfig, net: PhotoZNet) -> FinetuneRunConfig:
 def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, Any]]:
     path = Path(path)
     if path.is_dir():  # an exported model directory (export-model): checksums first, safetensors weights
-        net, meta = load_model_dir(path)
+        net, meta, digest = read_model_dir(path)
         cfg = (config_from_dict(meta["config"], FinetuneRunConfig) if meta.get("config")
                else config_from_dict({"model": meta["model"]}, FinetuneRunConfig))
-        return net, cfg, {k: v for k, v in meta.items() if k != "config"}
-    blob = read_torch_file(path, "checkpoint")  # read once: both kinds are parsed from this blob
+        return net, cfg, {**{k: v for k, v in meta.items() if k != "config"}, "checkpoint_sha256": digest}
+    data, digest = read_file(path, "checkpoint")  # read once: hashed, and both kinds are parsed from these bytes
+    blob = read_torch_file(path, "checkpoint", data=data)
+    del data
     if isinstance(blob, dict) and blob.get("format") == PHOTOZ_MODEL_FORMAT:
         net, meta = photoz_model_from_blob(blob, path)
         cfg = (config_from_dict(meta["config"], FinetuneRunConfig) if meta.get("config")
                else config_from_dict({"model": meta["model"]}, FinetuneRunConfig))
-        return net, cfg, {k: v for k, v in meta.items() if k not in ("state_dict", "config")}
+        return net, cfg, {**{k: v for k, v in meta.items() if k not in ("state_dict", "config")},
+                          "checkpoint_sha256": digest}
     kind = checkpoint_task(blob)
     if kind == "finetune":
         state = validate_checkpoint(blob, path, "finetune")
@@ -98,7 +104,7 @@ def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, A
             raise PhotozError(f"{path}: the weights do not fit a {cfg.model.arch}/{cfg.model.width} network for bands "
                               f"{list(survey.bands)} and {grid.n_bins} redshift bins ({exc})") from None
         return net.eval(), cfg, {"step": state["step"], "kind": "finetune checkpoint", "survey": survey.name,
-                                 "bands": list(survey.bands), "redshift_grid": grid.to_dict()}
+                                 "bands": list(survey.bands), "redshift_grid": grid.to_dict(), "checkpoint_sha256": digest}
     if kind == "pretrain":
         raise PhotozError(f"{path} is a pretraining (MoCo) checkpoint: it has no redshift head. Fine-tune it first "
                           f"(photoz-hpc finetune finetune.init={path})")
@@ -251,7 +257,8 @@ def run_evaluate(checkpoint: str | Path, data: str | Path, out_dir: str | Path |
         log.warning("%d of the evaluated galaxies trained this network (%s/train_ids.npy): their metrics are "
                     "optimistic; evaluate held-out galaxies (e.g. --ids %s/val_ids.npy)",
                     overlap["n_training_galaxies"], overlap["run"], overlap["run"])
-    extra = {"checkpoint": str(Path(checkpoint).resolve()), "ids": str(Path(ids_path).resolve()) if ids_path else None,
+    extra = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": meta["checkpoint_sha256"],
+             "ids": str(Path(ids_path).resolve()) if ids_path else None,
              "n_training_galaxies": overlap["n_training_galaxies"] if overlap else None}
 
     def body(cfg, comm, device, flag):

@@ -19,7 +19,10 @@ Every function is the command's own code, not a copy: predictions are ``predict`
 (``ValueError`` for bad arrays, ``PhotozError`` for files and configs) with the commands' messages.
 
 Overrides are a mapping of dotted config keys to Python values (``{"train.max_steps": 3, "loader.backend":
-"reference"}``), or ``key=value`` strings as on a command line.
+"reference"}``; finite numbers only), or ``key=value`` strings as on a command line.
+
+Stopping ``finetune`` (Ctrl-C in a notebook) stops after a checkpoint and raises ``KeyboardInterrupt``; a
+scheduler's pre-emption signal raises ``PhotozError``; either way the same call again resumes.
 """
 
 from __future__ import annotations
@@ -39,31 +42,39 @@ from photoz_hpc.data.arrays import prepare_arrays
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.evaluate import arrays
 from photoz_hpc.evaluate.calibration import read_temperature
-from photoz_hpc.evaluate.catalogue import DEFAULT_BATCH
+from photoz_hpc.evaluate.catalogue import check_predict_options, forward_setup, resolve_batch_size
 from photoz_hpc.evaluate.embeddings import FEATURES, Embedder, Embeddings, embed_config, load_embedder
 from photoz_hpc.evaluate.run import load_network, run_evaluate
 from photoz_hpc.evaluate.similarity import anomaly_scores, knn, search_rows
 from photoz_hpc.survey import RedshiftGrid, Survey
-from photoz_hpc.train.inference import MAX_TTA
 from photoz_hpc.train.precision import resolve_precision
-from photoz_hpc.train.runtime import use_channels_last
 
 __all__ = ["Encoder", "PhotoZModel", "anomalies", "evaluate_model", "finetune", "load_encoder", "load_model",
            "prepare_arrays", "search"]
 
 
+def _plain_value(key: str, value: Any) -> Any:
+    """An override's value as JSON-able plain data: paths as text, numpy scalars as Python numbers; NaN and inf
+    refused (JSON would write them as NaN/Infinity, which YAML reads back as strings, not numbers)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"overrides: {key}={value!r} is not a finite number: config values are finite (give a "
+                         "number, or leave the key out for its default)")
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(key, v) for v in value]
+    return value
+
+
 def override_list(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
     """``key=value`` texts of ``overrides``: a mapping's values written as JSON (which YAML reads back as the same
-    string, number, bool, None or list), or ``key=value`` strings as given."""
+    string, number, bool, None or list; NaN/inf refused), or ``key=value`` strings as given."""
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
-        out = []
-        for key, value in overrides.items():
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            out.append(f"{key}={json.dumps(value)}")
-        return out
+        return [f"{key}={json.dumps(_plain_value(str(key), value))}" for key, value in overrides.items()]
     if isinstance(overrides, str):
         raise TypeError("overrides: a mapping {'section.key': value} or a list of 'key=value' strings, not one string")
     return [str(o) for o in overrides]
@@ -126,41 +137,41 @@ class PhotoZModel:
         ``z_median``, ``z_lo68``/``z_hi68``, ``z_lo95``/``z_hi95``, ``odds``, ``pdf_std``, and with ``pdf`` the
         (N, n_bins) float32 bin probabilities on ``grid`` (the catalogue stores them as float16). ``tta``: average
         over 1-4 exact 90-degree rotations; ``temperature``: a number or a ``calibration.json``; ``batch_size``:
-        galaxies per forward pass (default: predict's, 512 on a GPU, 64 on a CPU); ``precision``: predict's
-        ``--precision`` (auto: bf16 on GPUs with native bf16, fp32 on CPUs)."""
+        galaxies per forward pass (None: predict's default, 512 on a GPU, 64 on a CPU; 0 or less is an error);
+        ``precision``: predict's ``--precision`` (auto: bf16 on GPUs with native bf16, fp32 on CPUs). The options
+        are checked, and the network set up, by predict's own functions (``check_predict_options``,
+        ``forward_setup``)."""
         what = f"the network {self.path}"
-        if not 1 <= int(tta) <= MAX_TTA:
-            raise ValueError(f"tta={tta}: test-time augmentation averages 1 to {MAX_TTA} exact 90-degree rotations")
-        t = read_temperature(os.fspath(temperature) if isinstance(temperature, os.PathLike) else str(temperature))
-        if not t > 0 or not math.isfinite(t):
-            raise ValueError(f"temperature {temperature} must be a positive number")
+        if isinstance(temperature, (str, os.PathLike)):
+            temperature = read_temperature(os.fspath(temperature))  # a number as text, or a calibration.json
+        tta, t = check_predict_options(tta, temperature)
         images = arrays.check_images(images, self.survey, self.crop_size, what)
         ebv = arrays.check_ebv(ebv, len(images), self.dereddens, what)
         height, width = images.shape[2], images.shape[3]
         spec = arrays.eval_spec(self.config.augment, self.survey, height, width, self.grid, "the images")
-        device = self.device
-        channels_last = use_channels_last(self.config, device)
-        net = self.net.to(device).eval()
-        if channels_last:
-            net = net.to(memory_format=torch.channels_last)
+        setup = forward_setup(self.net, self.config, self.device, precision, batch_size)
         log_p = arrays.photoz_log_probs(
-            net, spec, images, ebv, batch_size=batch_size or DEFAULT_BATCH.get(device.type, 64), device=device,
-            tta=int(tta), autocast=resolve_precision(precision, device).autocast, channels_last=channels_last)
+            setup.net, spec, images, ebv, batch_size=setup.batch_size, device=self.device, tta=tta,
+            autocast=setup.precision.autocast, channels_last=setup.channels_last)
         summary, probs = arrays.photoz_summaries(log_p, self.grid, t)
         if pdf:
             summary["pdf"] = probs.astype(np.float32)
         return summary
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device | None = None) -> PhotoZModel:
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               overrides: Mapping[str, Any] | Sequence[str] | None = None) -> PhotoZModel:
     """The photo-z network of ``path`` -- ``best_model.pt``, ``photoz_model.pt``, a fine-tuning checkpoint, a file of
     ``import-checkpoint``, or a directory of ``export-model`` -- on ``device`` (default: the GPU if any, else the
-    CPU). A MoCo checkpoint or ``encoder.pt`` has no redshift head: an error saying to fine-tune it."""
+    CPU), with its config and ``overrides`` applied as predict applies its own (``photoz-hpc predict ...
+    augment.crop_size=48`` is ``load_model(path, overrides={"augment.crop_size": 48})``). A MoCo checkpoint or
+    ``encoder.pt`` has no redshift head: an error saying to fine-tune it."""
     path = Path(path)
     if not path.exists():
         raise PhotozError(f"{path} does not exist (a best_model.pt, photoz_model.pt, checkpoint or model directory)")
-    net, cfg, meta = load_network(path)  # a model file, checkpoint or exported directory
-    return PhotoZModel(net, cfg, meta, path, arrays.pick_device(device))
+    device = arrays.pick_device(device)
+    net, cfg, meta = load_network(path, override_list(overrides))  # predict's loader: file, checkpoint or directory
+    return PhotoZModel(net, cfg, meta, path, device)
 
 
 # ---------------------------------------------------------------------- encoders
@@ -220,10 +231,10 @@ class Encoder:
         ebv = arrays.check_ebv(ebv, len(images), self.dereddens, what)
         spec = arrays.eval_spec(self.config.augment, self.survey, images.shape[2], images.shape[3], None,
                                 "the images")
+        batch = resolve_batch_size(batch_size, self.config.loader.batch_size, "(loader.batch_size, as embed)")
         net = net.to(self.device).eval()
         autocast = resolve_precision(self.config.train.precision, self.device).autocast
-        return arrays.embed_arrays(net, spec, images, ebv, batch_size=batch_size or self.config.loader.batch_size,
-                                   device=self.device, autocast=autocast)
+        return arrays.embed_arrays(net, spec, images, ebv, batch_size=batch, device=self.device, autocast=autocast)
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device | None = None,
@@ -295,7 +306,11 @@ def finetune(data: str | os.PathLike | None = None, *, init: str | os.PathLike |
     Python: trains, keeps the best network by validation sigma_MAD and evaluates it into ``OUT_DIR/eval``.
     Arguments left None keep the config's value (``init`` 'none': the supervised baseline). Returns (the run
     directory, the summary the command prints; ``summary['eval']['metrics']``). Run again with the same arguments:
-    a finished run returns its summary (``already_finished``), an interrupted one resumes from its checkpoint."""
+    a finished run returns its summary (``already_finished``), an interrupted one resumes from its checkpoint.
+
+    A stop request ends the run after a checkpoint (where the command would exit 130 or 75) and is raised, never
+    returned as a summary without ``eval``: Ctrl-C (``KeyboardInterrupt``) or a pre-emption signal, SIGTERM or
+    SIGUSR1 (``PhotozError``), each saying at which step it stopped and that the same call resumes."""
     from photoz_hpc.comm.devices import check_gpu_requests
     from photoz_hpc.launch.finetune_eval import finetune_and_evaluate
 
@@ -309,7 +324,21 @@ def finetune(data: str | os.PathLike | None = None, *, init: str | os.PathLike |
     check_gpu_requests(ov)  # as on a command line: a GPU asked for on a machine without one is an error
     cfg = load_config(config, ov, root=FinetuneRunConfig)
     summary = finetune_and_evaluate(cfg)
+    if summary.get("preempted"):
+        raise_stopped(summary)
     return Path(cfg.out_dir), summary
+
+
+def raise_stopped(summary: dict[str, Any]) -> None:
+    """Raise what a training run stopped by a signal (``summary['preempted']``) is in Python: ``KeyboardInterrupt``
+    after Ctrl-C, ``PhotozError`` after a pre-emption signal; the message says where it stopped and how to resume."""
+    step, ckpt = summary.get("steps"), summary.get("checkpoint")
+    where = (f"stopped at step {step} after a checkpoint ({ckpt})" if ckpt
+             else f"stopped at step {step}, before any checkpoint (nothing trained yet)")
+    again = "call pz.finetune again with the same arguments to resume"
+    if summary.get("interrupted"):
+        raise KeyboardInterrupt(f"{where}; {again}")
+    raise PhotozError(f"pz.finetune: a pre-emption signal (SIGTERM or SIGUSR1) {where}; {again}")
 
 
 def evaluate_model(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike | None = None, *,

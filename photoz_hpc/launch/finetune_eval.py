@@ -18,11 +18,13 @@ def finetune_and_evaluate(cfg) -> dict:
         if summary["preempted"] or (summary.get("already_finished") and "eval" in summary):
             return summary  # a finished run started again: nothing to do, nothing written
         best = Path(comm.broadcast_object(summary.get("best_model")))
-        net, _, _ = load_network(best)
+        net, _, meta = load_network(best)
         data = select_data(cfg)
+        # the digest of the bytes evaluated: export-model credits these metrics to that version of the file only
         report = evaluate_network(net, cfg, data.val, comm, device, Path(cfg.out_dir) / "eval", data.val_ids,
                                   title=f"{Path(cfg.out_dir).name}: best network on the validation set",
-                                  command="finetune")
+                                  command="finetune", extra={"checkpoint": str(best.resolve()),
+                                                             "checkpoint_sha256": meta["checkpoint_sha256"]})
         summary.pop("already_finished", None)  # trained before, its evaluation missing: done now
         summary["eval"] = {"metrics": {k: v for k, v in report["metrics"].items() if k != "per_bin"},
                            "dir": str(Path(cfg.out_dir) / "eval")}

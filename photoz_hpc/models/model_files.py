@@ -8,10 +8,11 @@ the network is for. ``photoz-hpc export-model`` writes a directory instead::
     README.md           the same card for people
     checksums.sha256    sha256sum lines of the three files above (``sha256sum -c checksums.sha256`` checks them)
 
-``load_model_dir`` verifies every checksum before it reads anything else (a mismatch or a missing file is a
+``load_model_dir`` verifies every checksum before it uses anything (a mismatch or a missing file is a
 ``PhotozError`` naming the file), builds the network from the card (the stem for the recorded bands, the head for
 the recorded grid) and loads the weights with ``strict`` key and shape checks: the same ``PhotoZNet``, bit for bit,
-as the file it was exported from. ``load_photoz`` takes either form: a directory or a photo-z model file.
+as the file it was exported from. Each file is read once: the card and the weights are parsed from the very bytes
+whose checksum was checked (no check-then-read-again window). ``load_photoz`` takes either form: a directory or a photo-z model file.
 The directory is written whole or not at all (built in a temporary sibling, then renamed).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -145,62 +147,109 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------- reading
 
 
-def verify_model_dir(path: str | os.PathLike) -> dict[str, str]:
-    """Check every file ``checksums.sha256`` lists (and that it lists the files a model needs) before anything is
-    read; returns {file: sha256}. A missing, unlisted or changed file is a ``PhotozError`` naming it."""
+def read_file(path: str | os.PathLike, what: str) -> tuple[bytes, str]:
+    """(the bytes of ``path``, their sha256): read once, so what is parsed is what was hashed (a file replaced
+    meanwhile cannot be checked in one version and used in another). Missing or unreadable: a ``PhotozError``."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PhotozError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise PhotozError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedDir:
+    """A model directory checked against its ``checksums.sha256``: ``files`` {name: sha256}, ``data`` the bytes of
+    the files asked for (exactly the bytes hashed), ``digest`` the sha256 of the checksum list (``model_digest``)."""
+
+    root: Path
+    files: dict[str, str]
+    data: dict[str, bytes]
+    digest: str
+
+
+def _verified(path: str | os.PathLike, keep: tuple[str, ...] = ()) -> VerifiedDir:
+    """Check every file the checksum list names (and that it names the files a model needs), reading each once;
+    the bytes of the files in ``keep`` are returned for parsing. A missing, unlisted or changed file is a
+    ``PhotozError`` naming it."""
     root = Path(path)
     if not root.is_dir():
         raise PhotozError(f"{root} is not a model directory (photoz-hpc export-model writes one)")
     listing = root / CHECKSUMS
     if not listing.is_file():
         raise PhotozError(f"{listing} is missing: {root} is not a complete exported model directory")
+    raw, digest = read_file(listing, "checksum list")
     expected: dict[str, str] = {}
-    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PhotozError(f"{listing} is not a text file of '<sha256>  <file name>' lines") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        digest, sep, name = line.partition("  ")
+        sha, sep, name = line.partition("  ")
         name = name.removeprefix("*")
-        if not sep or len(digest) != 64 or not name or Path(name).name != name:
+        if not sep or len(sha) != 64 or not name or Path(name).name != name:
             raise PhotozError(f"{listing}: line {number} is not '<sha256>  <file name>': {line!r}")
-        expected[name] = digest.lower()
+        expected[name] = sha.lower()
     for name in REQUIRED:
         if name not in expected:
             raise PhotozError(f"{listing} does not list {name}: {root} is not a complete exported model directory")
-    for name, digest in expected.items():
+    data: dict[str, bytes] = {}
+    for name, sha in expected.items():
         file = root / name
         if not file.is_file():
             raise PhotozError(f"{file} is missing (listed in {listing})")
-        if sha256_file(file) != digest:
+        if name in keep:
+            data[name], found = read_file(file, "model file")
+        else:
+            found = sha256_file(file)  # only checked: streamed, not held
+        if found != sha:
             raise PhotozError(f"{file} does not match its checksum in {listing}: the file is damaged or was changed "
                               "after export")
-    return expected
+    return VerifiedDir(root, expected, data, digest)
 
 
-def read_card(path: str | os.PathLike) -> dict[str, Any]:
-    """The model card of a model directory, checksums verified first."""
-    root = Path(path)
-    verify_model_dir(root)
+def verify_model_dir(path: str | os.PathLike) -> dict[str, str]:
+    """Check every file ``checksums.sha256`` lists (and that it lists the files a model needs) before anything is
+    read; returns {file: sha256}. A missing, unlisted or changed file is a ``PhotozError`` naming it."""
+    return _verified(path).files
+
+
+def _parse_card(raw: bytes, where: Path) -> dict[str, Any]:
+    """The card from the verified bytes of ``model_card.json``."""
     try:
-        card = json.loads((root / CARD).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PhotozError(f"{root / CARD} is not readable JSON ({exc})") from None
+        card = json.loads(raw)
+    except ValueError as exc:
+        raise PhotozError(f"{where} is not readable JSON ({exc})") from None
     if not isinstance(card, dict) or card.get("format") != MODEL_DIR_FORMAT:
         found = card.get("format") if isinstance(card, dict) else type(card).__name__
-        raise PhotozError(f"{root / CARD}: format {found!r}, expected {MODEL_DIR_FORMAT!r}")
+        raise PhotozError(f"{where}: format {found!r}, expected {MODEL_DIR_FORMAT!r}")
     for key in ("model", "survey", "redshift_grid", "n_bins"):
         if key not in card:
-            raise PhotozError(f"{root / CARD} has no '{key}': a model card records the architecture, survey and grid")
+            raise PhotozError(f"{where} has no '{key}': a model card records the architecture, survey and grid")
     return card
 
 
-def load_model_dir(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[PhotoZNet, dict]:
-    """(network in eval mode on ``map_location``, its card) of an exported model directory: checksums first, then
-    the card (architecture, survey, grid) and the safetensors weights; no pickle, no code from the directory runs."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_card(path: str | os.PathLike) -> dict[str, Any]:
+    """The model card of a model directory, checksums verified first (parsed from the bytes that were checked)."""
+    checked = _verified(path, keep=(CARD,))
+    return _parse_card(checked.data[CARD], checked.root / CARD)
 
-    root = Path(path)
-    card = read_card(root)
+
+def read_model_dir(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                   ) -> tuple[PhotoZNet, dict[str, Any], str]:
+    """(network in eval mode on ``map_location``, its card, ``model_digest`` of the directory) of an exported model
+    directory: every checksum first, then the card (architecture, survey, grid) and the safetensors weights parsed
+    from the very bytes that were checked (each file read once); no pickle, no code from the directory runs."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    checked = _verified(path, keep=(CARD, WEIGHTS))
+    root = checked.root
+    card = _parse_card(checked.data[CARD], root / CARD)
     where = str(root / CARD)
     survey = survey_from_dict(card["survey"], f"{where}: 'survey'")
     grid = RedshiftGrid.from_dict(card["redshift_grid"], f"{where}: 'redshift_grid'")
@@ -211,15 +260,21 @@ def load_model_dir(path: str | os.PathLike, map_location: str | torch.device = "
     except (TypeError, AttributeError) as exc:
         raise PhotozError(f"{where}: 'model' {card['model']!r} is not a model configuration ({exc})") from None
     try:
-        state = load_file(str(root / WEIGHTS), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
+        state = load_safetensors(checked.data.pop(WEIGHTS))
+    except (SafetensorError, ValueError) as exc:
         raise PhotozError(f"{root / WEIGHTS} is not a readable safetensors file ({exc})") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
         raise PhotozError(f"{root / WEIGHTS}: the weights do not fit the {card['model'].get('arch')} network for bands "
                           f"{list(survey.bands)} and {grid.n_bins} redshift bins that {CARD} describes ({exc})") from None
-    return net.eval().to(map_location), card
+    return net.eval().to(map_location), card, checked.digest
+
+
+def load_model_dir(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[PhotoZNet, dict]:
+    """(network in eval mode on ``map_location``, its card) of an exported model directory (``read_model_dir``)."""
+    net, card, _ = read_model_dir(path, map_location)
+    return net, card
 
 
 def load_photoz(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[PhotoZNet, dict]:
@@ -234,11 +289,12 @@ def load_photoz(path: str | os.PathLike, map_location: str | torch.device = "cpu
 
 def model_digest(path: str | os.PathLike) -> str:
     """A sha256 naming a photo-z model's content: the file's, or for a model directory (checked first) that of its
-    ``checksums.sha256``, which holds every file's sha256 (what a catalogue plan records as ``checkpoint_sha256``)."""
+    ``checksums.sha256``, which holds every file's sha256 (what a catalogue plan and an evaluation's metrics.json
+    record as ``checkpoint_sha256``). A loader that already read the model has it for free (``read_model_dir``,
+    ``evaluate.run.load_network``'s ``meta['checkpoint_sha256']``): the digest of the bytes it used."""
     p = Path(path)
     if p.is_dir():
-        verify_model_dir(p)
-        return sha256_file(p / CHECKSUMS)
+        return _verified(p).digest
     return sha256_file(p)
 
 
@@ -303,6 +359,10 @@ def render_readme(card: dict[str, Any]) -> str:
                 lines.append(f"  ({t['n_training_galaxies']} of these galaxies trained the network: optimistic)")
     else:
         lines += ["", f"Test metrics: {NOT_RECORDED}."]
+    excluded = metrics.get("excluded")
+    if isinstance(excluded, list) and excluded:
+        lines += ["", "Left out (metrics of the file's path, but not shown to be of these weights):", ""]
+        lines += [f"- {e.get('set')}: {e.get('file')}: {e.get('why')}" for e in excluded if isinstance(e, dict)]
     src = card.get("source") or {}
     lines += ["", "## Source", ""] + [f"- {k}: {_num(v) if not isinstance(v, (dict, list)) else json.dumps(v)}"
                                       for k, v in src.items()]

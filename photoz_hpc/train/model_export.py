@@ -6,7 +6,11 @@ from any file that holds one (``best_model.pt``, ``photoz_model.pt``, a fine-tun
 ``import-checkpoint`` file), collects what its run directory records, and writes the directory of
 ``models.model_files`` (safetensors weights, model card, README, checksums).
 
-What counts as recorded, and only for this very network:
+What counts as recorded, and only for this very network -- this version of the file: a ``metrics.json`` counts only
+when the digest it records of the network it evaluated (``checkpoint_sha256``, ``models.model_files.model_digest``)
+equals the exported file's (a ``best_model.pt`` replaced after an evaluate, e.g. by a rerun, keeps none of the old
+metrics); one without a digest (written before digests were recorded) or with another is left out, and the card
+says which and why (``metrics.excluded``):
 
 * validation: the run's ``eval/metrics.json`` (``finetune``'s final evaluation of ``best_model.pt``) when exporting
   ``best_model.pt``; else the validation the file itself records (``val_metrics``; a checkpoint's ``last_val`` when
@@ -29,10 +33,9 @@ from typing import Any
 
 from photoz_hpc.config import FinetuneRunConfig, config_from_dict
 from photoz_hpc.errors import PhotozError
-from photoz_hpc.io_utils import sha256_file
 from photoz_hpc.logs import get_logger
 from photoz_hpc.models.export import ENCODER_FORMAT
-from photoz_hpc.models.model_files import NOT_RECORDED, is_model_dir, write_model_dir
+from photoz_hpc.models.model_files import NOT_RECORDED, is_model_dir, read_file, write_model_dir
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
 from photoz_hpc.models.records import recorded_grid, recorded_survey
 from photoz_hpc.torch_files import read_torch_file
@@ -56,6 +59,7 @@ class Source:
     config: dict[str, Any] | None  # the training config (FinetuneRunConfig as a dict), when recorded
     kind: str
     blob: dict[str, Any]  # the file's entries other than weights
+    digest: str  # sha256 of the bytes the network was read from (model_digest of the file)
 
 
 def read_source(path: str | Path) -> Source:
@@ -66,12 +70,14 @@ def read_source(path: str | Path) -> Source:
         hint = " (already an exported model directory)" if is_model_dir(path) else ""
         raise PhotozError(f"{path} is a directory{hint}: export-model reads a photo-z model file or a fine-tuning "
                           "checkpoint")
-    blob = read_torch_file(path, "photo-z model or checkpoint")
+    data, digest = read_file(path, "photo-z model or checkpoint")  # read once: hashed and parsed from these bytes
+    blob = read_torch_file(path, "photo-z model or checkpoint", data=data)
+    del data
     if isinstance(blob, dict) and blob.get("format") == PHOTOZ_MODEL_FORMAT:
         net, meta = photoz_model_from_blob(blob, path)
         kind = "photo-z network imported by import-checkpoint" if "source" in meta else "photo-z model file"
         rest = {k: v for k, v in meta.items() if k != "state_dict"}
-        return Source(path, net, dict(meta["model"]), meta.get("config"), kind, rest)
+        return Source(path, net, dict(meta["model"]), meta.get("config"), kind, rest, digest)
     task = checkpoint_task(blob)
     if task == "finetune":
         state = validate_checkpoint(blob, path, "finetune")
@@ -84,7 +90,8 @@ def read_source(path: str | Path) -> Source:
             raise PhotozError(f"{path}: the weights do not fit a {cfg.model.arch}/{cfg.model.width} network for bands "
                               f"{list(survey.bands)} and {grid.n_bins} redshift bins ({exc})") from None
         rest = {k: v for k, v in state.items() if k in ("step", "best", "last_val", "datasets", "task")}
-        return Source(path, net.eval(), dataclasses.asdict(cfg.model), state["config"], "fine-tuning checkpoint", rest)
+        return Source(path, net.eval(), dataclasses.asdict(cfg.model), state["config"], "fine-tuning checkpoint", rest,
+                      digest)
     if task == "pretrain" or (isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT):
         what = "a MoCo pretraining checkpoint" if task == "pretrain" else "an encoder export (encoder.pt)"
         raise PhotozError(f"{path} is {what}: it has no redshift head, and export-model writes photo-z networks. "
@@ -124,14 +131,40 @@ def _finetune_command(run: Path | None) -> str:
     return NOT_RECORDED
 
 
-def validation_metrics(src: Source, run: Path | None) -> dict[str, Any] | str:
-    """The validation metrics of this network and the command that produced them (see the module docstring)."""
+#: why a metrics.json of this network's file is left out of the card
+NO_DIGEST = "no digest recorded"
+OTHER_VERSION = "evaluated another version of the file"
+
+
+def digest_mismatch(report: dict[str, Any], src: Source) -> str | None:
+    """None when ``report`` (a metrics.json) records the digest of the bytes exported, else why it is left out:
+    ``NO_DIGEST`` (written before photoz-hpc recorded it: which version it evaluated is unknown) or
+    ``OTHER_VERSION`` (the file was replaced after the evaluation)."""
+    recorded = report.get("checkpoint_sha256")
+    if not isinstance(recorded, str) or not recorded:
+        return NO_DIGEST
+    return None if recorded == src.digest else OTHER_VERSION
+
+
+def _excluded(file: Path, metric_set: str, why: str, report: dict[str, Any]) -> dict[str, Any]:
+    return {"set": metric_set, "file": str(file), "why": why, "recorded_sha256": report.get("checkpoint_sha256")}
+
+
+def validation_metrics(src: Source, run: Path | None, excluded: list[dict[str, Any]] | None = None
+                       ) -> dict[str, Any] | str:
+    """The validation metrics of this network and the command that produced them (see the module docstring); a run's
+    eval/metrics.json of another version of the file is appended to ``excluded`` with why."""
     command = _finetune_command(run)
     if run is not None and src.path.name == BEST_MODEL:
-        report = _read_json(run / "eval" / "metrics.json")
+        file = run / "eval" / "metrics.json"
+        report = _read_json(file)
         if report and report.get("command") == "finetune" and "metrics" in report:
-            return {"source": "final evaluation of best_model.pt", "dataset": report.get("dataset", NOT_RECORDED),
-                    "metrics": _metrics(report["metrics"]), "command": command, "file": str(run / "eval" / "metrics.json")}
+            why = digest_mismatch(report, src)
+            if why is None:
+                return {"source": "final evaluation of best_model.pt", "dataset": report.get("dataset", NOT_RECORDED),
+                        "metrics": _metrics(report["metrics"]), "command": command, "file": str(file)}
+            if excluded is not None:
+                excluded.append(_excluded(file, "validation", why, report))
     val = src.blob.get("val_metrics") if src.kind == "photo-z model file" else None
     if src.kind == "fine-tuning checkpoint":
         last = src.blob.get("last_val")
@@ -157,8 +190,10 @@ def _same_file(recorded: str, path: Path, report_dir: Path) -> bool:
     return not rec.exists() and rec.name == path.name and report_dir.parent.resolve() == path.parent.resolve()
 
 
-def evaluations(src: Source, run: Path | None) -> list[dict[str, Any]] | str:
-    """Every ``evaluate`` output of this network found next to it (``test/``, ``evaluate-*/``) with its command."""
+def evaluations(src: Source, run: Path | None, excluded: list[dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]] | str:
+    """Every ``evaluate`` output of this network found next to it (``test/``, ``evaluate-*/``) with its command; one of
+    the same path but another version of the file (or of unknown version) is appended to ``excluded`` with why."""
     found = []
     folders = {src.path.parent, *([run] if run is not None else [])}
     for report_file in sorted({p for d in folders for p in d.glob("*/metrics.json")}):
@@ -166,6 +201,11 @@ def evaluations(src: Source, run: Path | None) -> list[dict[str, Any]] | str:
         if not report or report.get("command") != "evaluate" or not report.get("checkpoint"):
             continue
         if not _same_file(str(report["checkpoint"]), src.path, report_file.parent):
+            continue
+        why = digest_mismatch(report, src)
+        if why is not None:
+            if excluded is not None:
+                excluded.append(_excluded(report_file, "test", why, report))
             continue
         cmd = ["photoz-hpc", "evaluate", "--checkpoint", str(report["checkpoint"]), "--data",
                str(report.get("dataset")), "--out", str(report_file.parent)]
@@ -234,8 +274,14 @@ def export_model(source: str | Path, out_dir: str | Path, overwrite: bool = Fals
     returns a short report (output, files, bands, grid, what was recorded)."""
     src = read_source(source)
     run = run_dir_of(src.path) if src.kind != "photo-z network imported by import-checkpoint" else None
-    metrics = {"validation": validation_metrics(src, run), "test": evaluations(src, run)}
-    origin = {"file": str(src.path.resolve()), "sha256": sha256_file(src.path), "kind": src.kind}
+    excluded: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {"validation": validation_metrics(src, run, excluded),
+                               "test": evaluations(src, run, excluded)}
+    if excluded:
+        metrics["excluded"] = excluded
+        for e in excluded:
+            log.warning("%s: not in the model card (%s metrics): %s", e["file"], e["set"], e["why"])
+    origin = {"file": str(src.path.resolve()), "sha256": src.digest, "kind": src.kind}
     origin.update({k: src.blob[k] for k in ("step", "epoch") if isinstance(src.blob.get(k), (int, float))})
     card = {"input": input_view(src), "training": training_record(src, run), "metrics": metrics, "source": origin,
             "config": src.config}
@@ -245,4 +291,5 @@ def export_model(source: str | Path, out_dir: str | Path, overwrite: bool = Fals
             "survey": src.net.survey.name, "redshift_grid": src.net.grid.to_dict(),
             "validation": "recorded" if isinstance(metrics["validation"], dict) else NOT_RECORDED,
             "test": len(metrics["test"]) if isinstance(metrics["test"], list) else NOT_RECORDED,
+            "excluded": [f"{e['file']}: {e['why']}" for e in excluded],
             "files": sorted(p.name for p in out.iterdir())}
