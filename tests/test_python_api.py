@@ -224,6 +224,7 @@ def test_embed_on_arrays_equals_the_embed_command(world, tmp_path, feature):
     assert enc.bands == tuple("ugriz") and enc.crop_size == 16
     got = enc.embed(world["images"], ebv=world["ebv"], feature=feature)
     assert got.dtype == np.float32 and got.shape == written.shape == (N, 16 if feature == "projection" else 64)
+    assert got.shape[1] == enc.network(feature).dim  # what the docs name the width
     np.testing.assert_array_equal(got, written)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
 
