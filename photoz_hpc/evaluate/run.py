@@ -42,10 +42,10 @@ from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import grid_z_bins, photoz_metrics
 from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.model_files import read_file, read_model_dir
-from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
-from photoz_hpc.models.records import check_bands, dataset_survey, recorded_grid, recorded_survey
+from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, photoz_model_from_blob
+from photoz_hpc.models.records import check_bands, dataset_survey
 from photoz_hpc.torch_files import read_torch_file
-from photoz_hpc.train.checkpoint import checkpoint_task, validate_checkpoint
+from photoz_hpc.train.checkpoint import checkpoint_task, finetune_checkpoint_network
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.precision import resolve_precision
 from photoz_hpc.train.surveys import resolve_run_config
@@ -94,16 +94,9 @@ def _load_network(path: Path) -> tuple[PhotoZNet, FinetuneRunConfig, dict[str, A
                           "checkpoint_sha256": digest}
     kind = checkpoint_task(blob)
     if kind == "finetune":
-        state = validate_checkpoint(blob, path, "finetune")
-        cfg = config_from_dict(state["config"], FinetuneRunConfig)
-        survey, grid = recorded_survey(state, str(path)), recorded_grid(state, str(path))
-        net = build_photoz_net(cfg.model, survey, grid)
-        try:
-            net.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise PhotozError(f"{path}: the weights do not fit a {cfg.model.arch}/{cfg.model.width} network for bands "
-                              f"{list(survey.bands)} and {grid.n_bins} redshift bins ({exc})") from None
-        return net.eval(), cfg, {"step": state["step"], "kind": "finetune checkpoint", "survey": survey.name,
+        net, cfg, state = finetune_checkpoint_network(blob, path)
+        survey, grid = net.survey, net.grid
+        return net, cfg, {"step": state["step"], "kind": "finetune checkpoint", "survey": survey.name,
                                  "bands": list(survey.bands), "redshift_grid": grid.to_dict(), "checkpoint_sha256": digest}
     if kind == "pretrain":
         raise PhotozError(f"{path} is a pretraining (MoCo) checkpoint: it has no redshift head. Fine-tune it first "

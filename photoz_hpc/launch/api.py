@@ -83,7 +83,26 @@ def override_list(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[s
 # ---------------------------------------------------------------------- photo-z models
 
 
-class PhotoZModel:
+class _Views:
+    """What a loaded network's inputs must be, from its survey and its recorded view settings (both classes below)."""
+
+    survey: Survey
+    config: Any
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return tuple(self.survey.bands)
+
+    @property
+    def crop_size(self) -> int:
+        return int(self.config.augment.crop_size)
+
+    @property
+    def dereddens(self) -> bool:
+        return bool(self.config.augment.deredden)
+
+
+class PhotoZModel(_Views):
     """A photo-z network with the view it was trained on: ``predict`` gives ``photoz-hpc predict``'s numbers for
     arrays. ``survey`` (``bands``: the channel order it reads), ``grid`` (its redshift bins), ``crop_size`` and
     ``dereddens`` (whether ``predict`` needs ``ebv``) come from its file; ``config`` is the resolved run config."""
@@ -101,18 +120,6 @@ class PhotoZModel:
     @property
     def grid(self) -> RedshiftGrid:
         return self.net.grid
-
-    @property
-    def bands(self) -> tuple[str, ...]:
-        return tuple(self.survey.bands)
-
-    @property
-    def crop_size(self) -> int:
-        return int(self.config.augment.crop_size)
-
-    @property
-    def dereddens(self) -> bool:
-        return bool(self.config.augment.deredden)
 
     def to(self, device: str | torch.device) -> PhotoZModel:
         """Move the network to ``device`` (e.g. ``'cuda'``); returns the model."""
@@ -177,7 +184,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
 # ---------------------------------------------------------------------- encoders
 
 
-class Encoder:
+class Encoder(_Views):
     """A pretrained encoder (``encoder.pt`` or a MoCo checkpoint) with the view it was trained on: ``embed`` gives
     ``photoz-hpc embed``'s vectors for arrays."""
 
@@ -190,18 +197,6 @@ class Encoder:
     @property
     def survey(self) -> Survey:
         return self._nets["trunk"].survey
-
-    @property
-    def bands(self) -> tuple[str, ...]:
-        return tuple(self.survey.bands)
-
-    @property
-    def crop_size(self) -> int:
-        return int(self.config.augment.crop_size)
-
-    @property
-    def dereddens(self) -> bool:
-        return bool(self.config.augment.deredden)
 
     def to(self, device: str | torch.device) -> Encoder:
         self.device = arrays.pick_device(device)

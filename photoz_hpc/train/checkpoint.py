@@ -128,3 +128,23 @@ def read_pretrained_encoder(path: str | Path, what: str) -> dict[str, Any]:
         raise WrongCheckpointKind(f"{what} {path} is a fine-tuning checkpoint, not a MoCo pretraining checkpoint or "
                                   "its encoder.pt")
     raise PhotozError(f"{what} {path} is neither a MoCo pretraining checkpoint nor an encoder export")
+
+
+def finetune_checkpoint_network(blob: Any, path: Path):
+    """(network in eval mode, its ``FinetuneRunConfig``, validated state) of a fine-tuning checkpoint already read
+    from ``path``: the stem for its recorded bands, the head for its recorded grid; weights that do not fit are an
+    error naming the file. The one reader of a checkpoint's network (``evaluate``, ``predict``, ``export-model``)."""
+    from photoz_hpc.config import FinetuneRunConfig, config_from_dict
+    from photoz_hpc.models.photoz_net import build_photoz_net
+    from photoz_hpc.models.records import recorded_grid, recorded_survey
+
+    state = validate_checkpoint(blob, path, "finetune")
+    cfg = config_from_dict(state["config"], FinetuneRunConfig)
+    survey, grid = recorded_survey(state, str(path)), recorded_grid(state, str(path))
+    net = build_photoz_net(cfg.model, survey, grid)
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise PhotozError(f"{path}: the weights do not fit a {cfg.model.arch}/{cfg.model.width} network for bands "
+                          f"{list(survey.bands)} and {grid.n_bins} redshift bins ({exc})") from None
+    return net.eval(), cfg, state

@@ -36,10 +36,14 @@ from photoz_hpc.errors import PhotozError
 from photoz_hpc.logs import get_logger
 from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.model_files import NOT_RECORDED, is_model_dir, read_file, write_model_dir
-from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, build_photoz_net, photoz_model_from_blob
-from photoz_hpc.models.records import recorded_grid, recorded_survey
+from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, photoz_model_from_blob
 from photoz_hpc.torch_files import read_torch_file
-from photoz_hpc.train.checkpoint import checkpoint_dir, checkpoint_task, list_checkpoints, validate_checkpoint
+from photoz_hpc.train.checkpoint import (
+    checkpoint_dir,
+    checkpoint_task,
+    finetune_checkpoint_network,
+    list_checkpoints,
+)
 from photoz_hpc.train.finetune import BEST_MODEL, FINAL_MODEL
 from photoz_hpc.train.surveys import resolve_run_config
 
@@ -80,17 +84,9 @@ def read_source(path: str | Path) -> Source:
         return Source(path, net, dict(meta["model"]), meta.get("config"), kind, rest, digest)
     task = checkpoint_task(blob)
     if task == "finetune":
-        state = validate_checkpoint(blob, path, "finetune")
-        cfg = config_from_dict(state["config"], FinetuneRunConfig)
-        survey, grid = recorded_survey(state, str(path)), recorded_grid(state, str(path))
-        net = build_photoz_net(cfg.model, survey, grid)
-        try:
-            net.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise PhotozError(f"{path}: the weights do not fit a {cfg.model.arch}/{cfg.model.width} network for bands "
-                              f"{list(survey.bands)} and {grid.n_bins} redshift bins ({exc})") from None
+        net, cfg, state = finetune_checkpoint_network(blob, path)
         rest = {k: v for k, v in state.items() if k in ("step", "best", "last_val", "datasets", "task")}
-        return Source(path, net.eval(), dataclasses.asdict(cfg.model), state["config"], "fine-tuning checkpoint", rest,
+        return Source(path, net, dataclasses.asdict(cfg.model), state["config"], "fine-tuning checkpoint", rest,
                       digest)
     if task == "pretrain" or (isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT):
         what = "a MoCo pretraining checkpoint" if task == "pretrain" else "an encoder export (encoder.pt)"
