@@ -245,6 +245,19 @@ def test_metrics(task_dir: Path) -> dict[str, Any] | None:
     return metrics if isinstance(metrics, dict) and "sigma_mad" in metrics else None
 
 
+def _as_run_saves_it(cfg: FinetuneRunConfig) -> FinetuneRunConfig:
+    """``cfg`` as a run saves it in config.yaml: the survey defaults its data decide (crop, jitter, redshift grid)
+    made concrete. Without the data (not prepared yet, or gone) it stays as written."""
+    from photoz_hpc.errors import PhotozError
+    from photoz_hpc.train.surveys import data_survey, resolve_run_config
+
+    try:
+        survey = data_survey(cfg.data.path)
+    except (PhotozError, OSError):
+        return cfg
+    return resolve_run_config(cfg, survey)
+
+
 def task_state(sweep: Sweep, task: SweepTask, cfg: FinetuneRunConfig) -> tuple[str, str]:
     """(state, detail): new, incomplete (restarts), resumable (has checkpoints), untested (trained, test
     evaluation missing), finished, or changed (its config.yaml differs from the sweep's: an error to run)."""
@@ -259,7 +272,7 @@ def task_state(sweep: Sweep, task: SweepTask, cfg: FinetuneRunConfig) -> tuple[s
             old = yaml.safe_load(saved.read_text())
         except yaml.YAMLError as exc:
             return "changed", f"unreadable config.yaml ({exc})"
-        keys = _diff(old, _plain(cfg))
+        keys = _diff(old, _plain(_as_run_saves_it(cfg)))
         if keys:
             return "changed", "differs in " + ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
     elif read_summary(d) is not None or list_checkpoints(checkpoint_dir(d)):
