@@ -42,7 +42,6 @@ from photoz_hpc.evaluate.predictions import read_predictions
 from photoz_hpc.models.export import export_moco_encoder
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
-from photoz_hpc.models.records import dataset_survey
 from photoz_hpc.survey import load_survey
 from photoz_hpc.train.model_export import export_model
 from photoz_hpc.train.surveys import resolve_run_config
@@ -73,7 +72,7 @@ def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("api")
     data = prepare([write_release_h5(root / "a.h5", N, seed=4, size=SIZE)], root / "a", samples_per_shard=16)
     ds = open_dataset(data)
-    survey = dataset_survey(ds)
+    survey = ds.survey
     cfg = load_config(None, TINY, root=FinetuneRunConfig)
     torch.manual_seed(0)
     net = build_photoz_net(cfg.model, survey)

@@ -46,7 +46,7 @@ from photoz_hpc.errors import DatasetError, PhotozError
 from photoz_hpc.evaluate import ids as galaxy_ids
 from photoz_hpc.io_utils import atomic_write_json
 from photoz_hpc.logs import get_logger
-from photoz_hpc.models.records import check_bands, dataset_survey
+from photoz_hpc.models.records import check_bands
 from photoz_hpc.models.resnet import build_encoder
 from photoz_hpc.survey import Survey
 from photoz_hpc.train.checkpoint import read_pretrained_encoder
@@ -219,7 +219,7 @@ def embed_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, fea
 
     net, values = load_embedder(checkpoint, feature)
     dataset = open_dataset(data)
-    check_bands(net.survey, f"the encoder {checkpoint}", dataset_survey(dataset), f"dataset {dataset.root}")
+    check_bands(net.survey, f"the encoder {checkpoint}", dataset.survey, f"dataset {dataset.root}")
     cfg = embed_config(checkpoint, net, values, overrides)
     out = Path(out)
 

@@ -43,7 +43,7 @@ from photoz_hpc.metrics import grid_z_bins, photoz_metrics
 from photoz_hpc.models.export import ENCODER_FORMAT
 from photoz_hpc.models.model_files import read_file, read_model_dir
 from photoz_hpc.models.photoz_net import PHOTOZ_MODEL_FORMAT, PhotoZNet, photoz_model_from_blob
-from photoz_hpc.models.records import check_bands, dataset_survey
+from photoz_hpc.models.records import check_bands
 from photoz_hpc.torch_files import read_torch_file
 from photoz_hpc.train.checkpoint import checkpoint_task, finetune_checkpoint_network
 from photoz_hpc.train.inference import predict
@@ -119,7 +119,7 @@ def evaluate_network(net: PhotoZNet, cfg: FinetuneRunConfig, dataset: ShardedDat
 
     if not isinstance(dataset, ShardedDataset):
         dataset = open_dataset(dataset)
-    check_bands(net.survey, "the network", dataset_survey(dataset), f"dataset {dataset.root}")
+    check_bands(net.survey, "the network", dataset.survey, f"dataset {dataset.root}")
     grid = net.grid
     ids = labeled_ids(dataset) if ids is None else np.asarray(ids, dtype=np.int64)
     z_all = dataset.meta["specz_redshift"]

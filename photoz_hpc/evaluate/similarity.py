@@ -19,7 +19,6 @@ import torch
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.evaluate.embeddings import Embeddings
 from photoz_hpc.logs import get_logger
-from photoz_hpc.models.records import dataset_survey
 
 log = get_logger(__name__)
 
@@ -165,7 +164,7 @@ def plot_search(dataset, query_rows: Sequence[int], sims: np.ndarray, rows: np.n
         images.append(_cutouts(dataset, picks))
         labels += [f"query #{q}\n{_z_text(z[q])}"] + [f"#{r}  s={s:.3f}\n{_z_text(z[r])}" for r, s in zip(r_row, s_row, strict=True)]
     return save_grid(np.concatenate(images), labels, path, ncols=rows.shape[1] + 1, crop=crop,
-                     survey=dataset_survey(dataset))
+                     survey=dataset.survey)
 
 
 def plot_anomalies(dataset, top_rows: Sequence[int], scores: np.ndarray, path: str | Path, crop: int | None = 64,
@@ -175,4 +174,4 @@ def plot_anomalies(dataset, top_rows: Sequence[int], scores: np.ndarray, path: s
     z = dataset.meta["specz_redshift"]
     labels = [f"#{r}  a={scores[r]:.3f}\n{_z_text(z[r])}" for r in top_rows]
     return save_grid(_cutouts(dataset, top_rows), labels, path, ncols=min(ncols, max(1, len(top_rows))), crop=crop,
-                     survey=dataset_survey(dataset))
+                     survey=dataset.survey)

@@ -18,7 +18,6 @@ from photoz_hpc.survey import (
     Survey,
     default_survey,
     survey_from_dict,
-    survey_of_manifest,
 )
 
 SURVEY_KEY, GRID_KEY = "survey", "redshift_grid"
@@ -52,11 +51,6 @@ def survey_record(survey: Survey) -> dict[str, Any]:
 def grid_record(grid: RedshiftGrid) -> dict[str, Any]:
     """``{"redshift_grid": ...}`` to store in a photo-z model file or fine-tuning checkpoint."""
     return {GRID_KEY: grid.to_dict()}
-
-
-def dataset_survey(dataset) -> Survey:
-    """The survey a prepared dataset (``ShardedDataset``) records in its manifest (none: SDSS)."""
-    return survey_of_manifest(dataset.manifest, str(dataset.root))
 
 
 def check_bands(model: Survey, what: str, data: Survey, where: str) -> None:

@@ -36,7 +36,7 @@ from photoz_hpc.logs import get_logger
 from photoz_hpc.metrics import grid_z_bins, photoz_metrics
 from photoz_hpc.models.cpu_guards import check_cpu_channels_last
 from photoz_hpc.models.photoz_net import build_photoz_net, save_photoz_model
-from photoz_hpc.models.records import check_bands, dataset_survey, grid_record, survey_record
+from photoz_hpc.models.records import check_bands, grid_record, survey_record
 from photoz_hpc.survey import RedshiftGrid, Survey
 from photoz_hpc.train.checkpoint import WrongCheckpointKind, checkpoint_dir, list_checkpoints, read_pretrained_encoder
 from photoz_hpc.train.inference import predict
@@ -111,7 +111,7 @@ def select_data(cfg: FinetuneRunConfig, out_dir: Path | None = None) -> Finetune
     pool = labeled_ids(train)
     if ft.val_data:
         val = open_dataset(ft.val_data)
-        check_bands(dataset_survey(train), f"data.path {train.root}", dataset_survey(val),
+        check_bands(train.survey, f"data.path {train.root}", val.survey,
                     f"finetune.val_data {val.root}")
         val_ids = labeled_ids(val)
     else:
@@ -174,7 +174,7 @@ class FinetuneTask:
         """``survey``: the training data's (None: read from ``data.train``); ``init``: ``finetune.init`` already
         read and checked (None: read here)."""
         self.comm, self.device, self.data, self.val_loader = comm, device, data, val_loader
-        self.survey = survey or dataset_survey(data.train)
+        self.survey = survey or data.train.survey
         cfg = self.cfg = resolve_run_config(cfg, self.survey)  # the grid and crops as numbers (idempotent)
         self.grid = finetune_grid(cfg.finetune, self.survey)
         self.records = {**survey_record(self.survey), **grid_record(self.grid)}  # checked on resume
@@ -389,7 +389,7 @@ def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData, gri
     ``z_bin`` labels on ``grid``, the model's (None: ``finetune.z_*`` resolved for the training data's survey)."""
     from photoz_hpc.augment.loaders import build_loader
 
-    grid = grid or finetune_grid(cfg.finetune, dataset_survey(data.train))
+    grid = grid or finetune_grid(cfg.finetune, data.train.survey)
     loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids, grid=grid)
     if len(loader) < 1:
         raise ConfigError(no_batch_advice(len(data.train_ids), comm.world, cfg))

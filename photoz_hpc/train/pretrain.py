@@ -23,7 +23,7 @@ from photoz_hpc.models.export import export_moco_encoder
 from photoz_hpc.models.moco import build_moco
 from photoz_hpc.models.momentum import momentum_at
 from photoz_hpc.models.queue import shard_queue, unshard_queue
-from photoz_hpc.models.records import dataset_survey, default_survey, survey_record
+from photoz_hpc.models.records import default_survey, survey_record
 from photoz_hpc.survey import Survey
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
@@ -233,7 +233,7 @@ def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str
         dataset = None
         if loader is None:
             dataset = open_dataset(cfg.data.path)
-            survey = dataset_survey(dataset)
+            survey = dataset.survey
         else:
             survey = loader_survey(loader, cfg)
         cfg = resolve_run_config(cfg, survey)  # saved (config.yaml, checkpoints, encoder.pt) with concrete crops

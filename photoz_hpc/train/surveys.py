@@ -29,8 +29,8 @@ def loader_survey(loader: Any, cfg) -> Survey:
     """The survey of a loader handed to a run (tests, wrappers): its dataset's, else that of ``cfg.data.path``,
     else the default survey (a synthetic loader of no dataset)."""
     dataset = getattr(getattr(loader, "source", None), "dataset", None)
-    if dataset is not None and hasattr(dataset, "manifest"):
-        return survey_of_manifest(dataset.manifest, str(dataset.root))
+    if dataset is not None and hasattr(dataset, "survey"):
+        return dataset.survey
     if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
         return data_survey(cfg.data.path)
     return default_survey()
