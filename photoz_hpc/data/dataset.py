@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from photoz_hpc.data import format as store_format
+from photoz_hpc.data.partition import StagedCopy, read_staged
 from photoz_hpc.errors import DatasetError
 from photoz_hpc.survey import Survey, survey_of_manifest
 
@@ -82,6 +83,9 @@ class ShardedDataset:
     ``survey`` is the survey the manifest records (SDSS for a store from before surveys existed) and ``bands``
     its band names, in channel order; ``id_field`` / ``object_ids`` name each galaxy (``ObjID`` int64 for
     release-layout input, ``object_id`` int64 or unicode for Multimodal Universe input).
+
+    ``staged``: for a node-local copy made by ``photoz-hpc stage`` with node partitions, what it holds; the
+    ``.bin`` files of other nodes' shards are absent there, and reading one of their records is an error.
     """
 
     def __init__(self, root: str | Path, verify_records: bool = True) -> None:
@@ -98,8 +102,11 @@ class ShardedDataset:
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         if int(self.offsets[-1]) != self.manifest["count"]:
             raise DatasetError(f"{self.root}: shard counts sum to {self.offsets[-1]}, manifest says {self.manifest['count']}")
-        for shard in self.shards:
+        self.staged: StagedCopy | None = read_staged(self.root)
+        for number, shard in enumerate(self.shards):
             path = self.root / shard["file"]
+            if not self.holds(number):
+                continue
             if not path.is_file():
                 raise DatasetError(f"{path}: shard file is missing")
             size, expected = path.stat().st_size, shard["count"] * self.record_bytes
@@ -112,6 +119,10 @@ class ShardedDataset:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def holds(self, shard: int) -> bool:
+        """Whether this directory has shard ``shard``'s records (a partial node-local copy has only its node's)."""
+        return self.staged is None or shard in self.staged.shards
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -163,6 +174,11 @@ class ShardedDataset:
         """Memory-map of one shard's records, shape (count, H, W, C) float32."""
         if shard not in self._images:
             info = self.shards[shard]
+            if not self.holds(shard):
+                raise DatasetError(
+                    f"{self.root / info['file']}: not here: {self.staged.describe()} holds only its node's shards; this "
+                    "rank reads another node's records, so the job's node layout differs from the staging's (run on "
+                    f"{self.staged.nodes} node(s) with the same ranks per node, or stage again)")
             self._images[shard] = np.memmap(
                 self.root / info["file"], dtype=store_format.IMAGE_DTYPE, mode="r", shape=(info["count"], *self.image_shape)
             )
