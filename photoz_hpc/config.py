@@ -35,6 +35,12 @@ class DataConfig:
 
     ``survey``: the survey the quickstart synthesises (a shipped name, ``sdss`` ``legacy`` ``hsc`` ``lsst``, or a
     survey YAML path; docs/surveys.md). Training reads the survey from the prepared data, never from here.
+
+    ``partition``: how training batches draw from the store. ``global`` (default): one permutation of every sample
+    per epoch, dealt to all ranks, so every rank reads from everywhere. ``node``: the shards are dealt to the nodes
+    once (``data.partition``; balanced by sample count, in a fixed random shard order), each epoch every node
+    permutes only its own share and its ranks split it, so a node reads (and ``PHOTOZ_STAGE=1`` copies) only its
+    share. Evaluation loaders always read globally. docs/data_at_scale.md says which to choose.
     """
 
     path: str = "data/synthetic"
@@ -42,8 +48,11 @@ class DataConfig:
     synth_n: int = 2048
     synth_labeled: bool = True
     samples_per_shard: int = 1024
+    partition: str = "global"
 
     def __post_init__(self) -> None:
+        if self.partition not in ("global", "node"):
+            raise ConfigError(f"config key 'data.partition' = {self.partition!r} must be 'global' or 'node'")
         _check_range("data.synth_n", self.synth_n, 1)
         _check_range("data.samples_per_shard", self.samples_per_shard, 1)
 
