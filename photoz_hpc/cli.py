@@ -21,6 +21,7 @@ from photoz_hpc.version import __version__
 COMMAND_MODULES = (
     "photoz_hpc.sim.cli",
     "photoz_hpc.data.cli",
+    "photoz_hpc.data.stage_cli",
     "photoz_hpc.augment.cli",
     "photoz_hpc.models.cli",
     "photoz_hpc.train.cli",
