@@ -48,6 +48,7 @@ class LoaderBase:
         return {
             "epoch": self.epoch, "batch": self.position, "seed": source.seed, "rank": source.rank,
             "world_size": source.world_size, "batch_size": source.batch_size, "pipeline": self.pipeline.name,
+            "partition": source.partition,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -57,8 +58,26 @@ class LoaderBase:
                           ("pipeline", self.pipeline.name)):
             if key in state and state[key] != have:
                 raise ConfigError(f"loader state has {key}={state[key]!r} but this loader has {have!r}: cannot resume exactly")
+        self.check_partition(state)
         self.epoch = int(state["epoch"])
         self.position = self._start = int(state["batch"])
+
+    def check_partition(self, state: dict) -> None:
+        """A checkpoint's data order continues only under the same partition (``data.partition``) and, for node
+        partitions, the same node layout: the deal is per node count, so another one would revisit some samples
+        and skip others in the resumed epoch. A state from before partitions existed is global."""
+        saved = state.get("partition", {"partition": "global"})
+        have = self.source.partition
+        keys = ("partition", "nodes", "ranks_per_node")
+        if tuple(saved.get(k) for k in keys) == tuple(have.get(k) for k in keys):
+            return
+        raise ConfigError(f"cannot resume exactly: the checkpoint's data order was dealt with {_layout(saved)}, "
+                          f"this run has {_layout(have)}; node partitions are dealt per node layout, so resume on the same "
+                          "nodes and ranks per node (or start a new out_dir)")
+
+    def read_stats(self) -> dict:
+        """What this loader read from the store so far (``RecordReader.stats``) and how its epochs are dealt."""
+        return {**self.source.reader.stats(), **self.source.partition}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.source.set_epoch(self.epoch)
@@ -83,6 +102,12 @@ class LoaderBase:
         if not pipeline.training:
             out["valid"] = torch.from_numpy(np.ascontiguousarray(source_batch.valid))
         return out
+
+
+def _layout(partition: dict) -> str:
+    if partition.get("partition") != "node":
+        return "data.partition=global"
+    return f"data.partition=node over {partition['nodes']} node(s) of {partition['ranks_per_node']} rank(s)"
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -20,11 +20,17 @@ or zero-bordered buffer: ~58 MB per batch of 256 on the GPU path) runs in a smal
 batches before DALI asks for them (NumPy copies release the GIL), not in the training thread, which DALI's
 callbacks run in. Positions are still assigned in order in the calling thread, and each prepared batch is
 keyed by its DALI iteration, so the batches and their order are those of the synchronous path (``ahead=0``).
+
+Records keep the store's dtype up to the read: from a float16 store (``prepare --dtype float16``) the GPU path
+stages float16 records, copies half the bytes to the device and casts them to float32 there (``fn.cast`` before
+the warp); the CPU path casts in DALI, or in the copy into its float32 bordered buffers. Float32 stores take the
+path they always took (no cast).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,10 +43,13 @@ from photoz_hpc.augment import draws
 from photoz_hpc.augment.base import LoaderBase
 from photoz_hpc.augment.source import BatchSource, SourceBatch
 
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 
-def _pinned_array(shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 numpy array in page-locked host memory (torch's pinned allocator; the array keeps it alive)."""
-    return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+
+def _pinned_array(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """A numpy array of ``dtype`` (float32 or float16) in page-locked host memory (torch's pinned allocator; the
+    array keeps it alive)."""
+    return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], pin_memory=True).numpy()
 
 
 class EpochSources:
@@ -133,7 +142,12 @@ class _Feeder:
         # only after the GPU has produced its batch's outputs (so its copy is complete): ``release`` gets
         # an event recorded after them.
         self.pad = device != "gpu" and not draws.warp_stays_inside(spec)
-        self.alloc = _pinned_array
+        # the records' dtype (the store's), and the dtype DALI is fed: the records' own, or float32 where they are
+        # copied into bordered buffers (the copy casts); DALI casts anything else to float32 (``build_pipeline``)
+        dataset = getattr(self.sources.template, "dataset", None)
+        self.record_dtype = np.dtype(getattr(dataset, "image_dtype", np.float32))
+        self.fed_dtype = np.dtype(np.float32) if self.pad else self.record_dtype
+        self.alloc = functools.partial(_pinned_array, dtype=self.record_dtype)
         self._free: list[tuple[np.ndarray, object]] = []
         # device tensors handed to DALI per iteration (GPU noise fields): alive until their batch is out
         self._hold: dict[int, list[torch.Tensor]] = {}
@@ -286,14 +300,18 @@ def build_pipeline(feeder: _Feeder, batch_size: int, num_threads: int, prefetch:
     spec = feeder.spec
     gpu = feeder.device == "gpu"
     per_view = 3 if spec.noise else 2
+    cast = feeder.fed_dtype != np.float32  # float16 records: to float32 after the read (GPU: on the device)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch)
     def pipe():
         host = fn.external_source(
             source=feeder.host, num_outputs=1 + per_view * spec.n_views, batch=True, batch_info=True,
-            layout=["HWC"] + [None] * (per_view * spec.n_views), dtype=types.FLOAT, no_copy=True,
+            layout=["HWC"] + [None] * (per_view * spec.n_views), no_copy=True,
+            dtype=[types.FLOAT16 if cast else types.FLOAT] + [types.FLOAT] * (per_view * spec.n_views),
         )
         images = host[0].gpu() if gpu else host[0]
+        if cast:
+            images = fn.cast(images, dtype=types.FLOAT)
         outs = []
         for v in range(spec.n_views):
             matrix, mult = host[1 + per_view * v], host[2 + per_view * v]

@@ -32,6 +32,7 @@ def build_loader(
     ids=None,
     batch_size: int | None = None,
     grid: RedshiftGrid | None = None,
+    ranks_per_node: int | None = None,
 ) -> LoaderBase:
     """A loader of ``pipeline`` batches for this rank (a name of ``pipelines.PIPELINES``: 'pretrain' | 'finetune' | 'eval').
 
@@ -41,6 +42,9 @@ def build_loader(
     samples (a label subset or a validation split); ``batch_size`` overrides ``cfg.loader.batch_size``; ``grid`` is
     the redshift grid of the ``z_bin`` labels, the model's (default: that of the survey the dataset's manifest
     records). The bands, extinction vector and default crop and jitter are the dataset survey's.
+
+    ``cfg.data.partition`` 'node' deals a training pipeline's epochs per node (``augment/sampler.py``), nodes being
+    blocks of ``ranks_per_node`` consecutive ranks (the communicator's ``node_size``; None: all ranks on one node).
     """
     if not isinstance(dataset, ShardedDataset):
         dataset = open_dataset(dataset)
@@ -66,7 +70,8 @@ def build_loader(
     spec = resolve_spec(cfg.augment, dataset.manifest, pipeline, str(dataset.root), grid)
     seed = cfg.seed if seed is None else seed
     reader = RecordReader(dataset, verify=cfg.loader.verify_records)
-    source = BatchSource(dataset, spec, batch_size or cfg.loader.batch_size, rank, world_size, seed, reader, ids)
+    per_node = (ranks_per_node or world_size) if cfg.data.partition == "node" else None
+    source = BatchSource(dataset, spec, batch_size or cfg.loader.batch_size, rank, world_size, seed, reader, ids, per_node)
     if backend == "dali":
         from photoz_hpc.augment.dali_pipeline import DaliLoader
 

@@ -4,6 +4,9 @@ It applies exactly the inputs ``source.py`` builds from the shared draws (no ran
 ``grid_sample`` (bilinear, zero fill, ``align_corners=False``) with the fused destination-to-source
 matrix, an exact integer slice where a matrix is a pure translation (so crops are bit-exact), then
 ``view * multiplier + sigma * noise`` per band, in the same order as the DALI pipeline.
+
+Records arrive in the store's dtype (float32, or float16 from ``prepare --dtype float16``) and are cast to float32
+after the read, on the delivery device (so a GPU receives half the bytes from a float16 store).
 """
 
 from __future__ import annotations
@@ -81,8 +84,9 @@ def _labels_only(source_batch: SourceBatch) -> SourceBatch:
 
 
 def augment_raw(raw: dict, size: int, device: torch.device) -> list[torch.Tensor]:
-    """Apply every view of a raw batch on ``device``; images move there first (GPU path)."""
-    images = raw["images"].to(device, non_blocking=True).permute(0, 3, 1, 2)
+    """Apply every view of a raw batch on ``device``; images move there first (GPU path), in the store's dtype, and
+    become float32 there (float32 records: no copy)."""
+    images = raw["images"].to(device, non_blocking=True).to(torch.float32).permute(0, 3, 1, 2)
     outs = []
     for host in raw["views"]:
         v = {k: t.to(device, non_blocking=True) for k, t in host.items()}

@@ -2,7 +2,11 @@
 
 Training (pretrain/finetune): one global permutation per (seed, epoch), dealt round-robin to the
 ranks (``shard_id = rank``, ``num_shards = world``), every rank keeps the same number of full
-batches (drop-last), so ranks stay in lockstep and their ids are disjoint. Evaluation: rank r reads
+batches (drop-last), so ranks stay in lockstep and their ids are disjoint. With node partitions
+(``data.partition: node``, a ``NodeSplit``) node k permutes only its own pool, with its own stream
+(seed, epoch, k), and its ranks deal that round-robin; every rank keeps the batches of the smallest node
+(the nodes are balanced to +-1 sample, so that is the same drop-last). A job of one node is exactly the
+global plan. Evaluation: rank r reads
 the contiguous block r of the ids, unshuffled; batches are padded (``valid`` False, id -1) so every
 rank has the same number of batches and every sample is read exactly once.
 """
@@ -16,6 +20,20 @@ import numpy as np
 from photoz_hpc.augment.draws import StreamTag, generator
 
 PAD_ID = -1
+
+
+@dataclass(frozen=True)
+class NodeSplit:
+    """Node partitions of a training pool: every node's pool ids (sorted), this rank's node, ranks per node
+    (nodes are blocks of consecutive ranks: rank = node * ranks_per_node + local rank)."""
+
+    pools: tuple[np.ndarray, ...]
+    node: int
+    ranks_per_node: int
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.pools)
 
 
 @dataclass(frozen=True)
@@ -44,11 +62,15 @@ def batches_per_epoch(pool_size: int, batch_size: int, world_size: int, train: b
 
 
 def plan_epoch(
-    pool: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, train: bool
+    pool: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, train: bool,
+    nodes: NodeSplit | None = None,
 ) -> EpochPlan:
-    """The batches of one rank for one epoch; ``pool`` is the dataset ids this pipeline may use."""
+    """The batches of one rank for one epoch; ``pool`` is the dataset ids this pipeline may use (with ``nodes``:
+    the union of ``nodes.pools``). ``nodes`` applies to training plans; evaluation always reads globally."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if train and nodes is not None and nodes.n_nodes > 1:
+        return _plan_node(nodes, batch_size, rank, world_size, seed, epoch)
     pool = np.asarray(pool, dtype=np.int64)
     n_batches = batches_per_epoch(len(pool), batch_size, world_size, train)
     if train:
@@ -62,3 +84,14 @@ def plan_epoch(
     ids[: len(mine)] = mine
     ids = ids.reshape(n_batches, batch_size)
     return EpochPlan(ids, ids != PAD_ID)
+
+
+def _plan_node(nodes: NodeSplit, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> EpochPlan:
+    per_node = nodes.ranks_per_node
+    if per_node * nodes.n_nodes != world_size or rank // per_node != nodes.node:
+        raise ValueError(f"rank {rank} of {world_size} is not on node {nodes.node} of {nodes.n_nodes} x {per_node} ranks")
+    n_batches = min(len(p) // per_node for p in nodes.pools) // batch_size
+    mine = nodes.pools[nodes.node]
+    perm = mine[generator(seed, StreamTag.SHUFFLE, epoch, nodes.node).permutation(len(mine))]
+    ids = perm[rank % per_node::per_node][: n_batches * batch_size].reshape(n_batches, batch_size)
+    return EpochPlan(ids, np.ones_like(ids, dtype=bool))

@@ -15,9 +15,15 @@ import numpy as np
 
 from photoz_hpc.augment import draws
 from photoz_hpc.augment.pipelines import LABELS, Pipeline
-from photoz_hpc.augment.sampler import EpochPlan, plan_epoch
+from photoz_hpc.augment.sampler import EpochPlan, NodeSplit, plan_epoch
 from photoz_hpc.data.dataset import ShardedDataset
-from photoz_hpc.errors import DatasetError
+from photoz_hpc.data.partition import node_ids, node_shards
+from photoz_hpc.errors import ConfigError, DatasetError
+from photoz_hpc.logs import get_logger
+
+log = get_logger(__name__)
+#: Fewer shards than this per node draw a WARNING (each node's share would be a mix of few sky patches).
+FEW_SHARDS_PER_NODE = 32
 
 
 @dataclass
@@ -44,14 +50,67 @@ class SourceBatch:
 
 class RecordReader:
     """Zero-copy access to records by dataset id; each record is CRC-checked the first time the
-    dataset object reads it (``ShardedDataset.image_hwc``), shared by every loader of that object."""
+    dataset object reads it (``ShardedDataset.image_hwc``), shared by every loader of that object.
+
+    Counts what it reads (``stats``): records, their bytes and the shard files they lie in, so a run can show
+    which part of the store each rank touched (``summary.json`` ``reads``)."""
 
     def __init__(self, dataset: ShardedDataset, verify: bool = True) -> None:
         self.dataset = dataset
         self.verify = verify
+        self.n_records = 0
+        self.touched = np.zeros(len(dataset.shards), dtype=bool)
 
     def records(self, ids: np.ndarray) -> list[np.ndarray]:
-        return self.dataset.records_hwc(ids, self.verify)
+        out = self.dataset.records_hwc(ids, self.verify)
+        ids = np.asarray(ids, dtype=np.int64) % max(len(self.dataset), 1)
+        self.touched[np.searchsorted(self.dataset.offsets, ids, side="right") - 1] = True
+        self.n_records += len(out)
+        return out
+
+    def stats(self) -> dict:
+        """Records and bytes read since this reader was made, and the shard files touched (``"0-3,7"``)."""
+        touched = np.flatnonzero(self.touched)
+        return {"records": self.n_records, "bytes": self.n_records * self.dataset.record_bytes,
+                "shard_files": len(touched), "shards": ranges(touched), "root": str(self.dataset.root)}
+
+
+def ranges(numbers: np.ndarray) -> str:
+    """Sorted integers as a compact range list: [0, 1, 2, 5, 7, 8] -> ``"0-2,5,7-8"``."""
+    parts, numbers = [], [int(n) for n in numbers]
+    start = prev = None
+    for n in [*numbers, None]:
+        if start is not None and (n is None or n != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if n is not None and start is None:
+            start = n
+        prev = n
+    return ",".join(parts)
+
+
+def node_split(dataset: ShardedDataset, pool: np.ndarray, rank: int, world_size: int, ranks_per_node: int) -> NodeSplit:
+    """This rank's node partition of ``pool`` (``data.partition: node``; ``photoz_hpc.data.partition`` deals the
+    store's shards to ``world_size / ranks_per_node`` nodes). A node-local copy staged for another node, or for
+    another node count, is an error naming it: it lacks the records this rank would read."""
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        raise ConfigError(f"data.partition=node: {world_size} ranks cannot be split into nodes of {ranks_per_node}")
+    n_nodes, node = world_size // ranks_per_node, rank // ranks_per_node
+    staged = dataset.staged
+    if staged is not None and staged.partition == "node" and (staged.node, staged.nodes) != (node, n_nodes):
+        raise DatasetError(f"{staged.path}: staged for node {staged.node} of {staged.nodes}, but rank {rank} is on node "
+                           f"{node} of {n_nodes} (nodes of {ranks_per_node} consecutive ranks): stage with this job's "
+                           "node layout (photoz-hpc stage --node K --nodes N, as PHOTOZ_STAGE=1 does)")
+    counts = [s["count"] for s in dataset.shards]
+    fewest = min(len(node_shards(counts, n_nodes, k)) for k in range(n_nodes)) if n_nodes > 1 else len(counts)
+    if rank == 0 and fewest < FEW_SHARDS_PER_NODE:
+        log.warning("data.partition=node: some nodes get only %d shards of %s; a shard is a run of consecutive input "
+                    "rows (a patch of sky for inputs in sky order), so each node's share is a mix of only %d patches. "
+                    "Re-prepare with a smaller --samples-per-shard for a finer mix (docs/data_at_scale.md)",
+                    fewest, dataset.root, fewest)
+    pool = np.unique(np.asarray(pool, dtype=np.int64))
+    pools = tuple(np.intersect1d(ids, pool, assume_unique=True) for ids in node_ids(counts, n_nodes))
+    return NodeSplit(pools, node, ranks_per_node)
 
 
 def pipeline_pool(dataset: ShardedDataset, pipeline: Pipeline) -> np.ndarray:
@@ -81,13 +140,22 @@ class BatchSource:
 
     def __init__(
         self, dataset: ShardedDataset, spec: draws.AugmentSpec, batch_size: int, rank: int, world_size: int, seed: int,
-        reader: RecordReader | None = None, ids: np.ndarray | None = None,
+        reader: RecordReader | None = None, ids: np.ndarray | None = None, ranks_per_node: int | None = None,
     ) -> None:
+        """``ranks_per_node``: node partitions (``data.partition: node``) with nodes of that many consecutive
+        ranks, for training pipelines; None: the global plan."""
         self.dataset, self.spec, self.batch_size = dataset, spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.pool = pipeline_pool(dataset, spec.pipeline) if ids is None else restrict_pool(dataset, spec.pipeline, ids)
         self.reader = reader or RecordReader(dataset)
         self.train = spec.pipeline.training
+        self.nodes = (node_split(dataset, self.pool, rank, world_size, ranks_per_node)
+                      if ranks_per_node is not None and self.train else None)
+        staged = dataset.staged
+        if self.train and self.nodes is None and staged is not None and staged.partition == "node" and staged.nodes > 1:
+            raise DatasetError(f"{staged.path}: {staged.describe()} holds only that node's shards; this "
+                               f"{spec.pipeline.name} run uses data.partition=global, which reads every shard (set "
+                               "data.partition=node, or read the complete store)")
         self.epoch = -1
         self.plan: EpochPlan | None = None
         self.table: draws.NoiseTable | None = None
@@ -99,7 +167,8 @@ class BatchSource:
         call this ahead of the epoch in a background thread; ``batch`` runs in the training thread."""
         if epoch == self.epoch:
             return
-        plan = self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train)
+        plan = self.plan = plan_epoch(self.pool, self.batch_size, self.rank, self.world_size, self.seed, epoch, self.train,
+                                      self.nodes)
         self.table = draws.NoiseTable(self.spec, self.seed, epoch, self.rank) if self.spec.noise else None
         first = plan.ids[np.arange(len(plan)), plan.valid.argmax(axis=1)]  # each batch's first valid id
         self.read_ids = np.where(plan.valid, plan.ids, np.where(plan.valid.any(axis=1), first, 0)[:, None])
@@ -112,6 +181,14 @@ class BatchSource:
 
     def __len__(self) -> int:
         return len(self.plan)
+
+    @property
+    def partition(self) -> dict:
+        """How this source's epochs are dealt: ``{"partition": "global"}`` or node partitions with their layout."""
+        if self.nodes is None:
+            return {"partition": "global"}
+        return {"partition": "node", "nodes": self.nodes.n_nodes, "node": self.nodes.node,
+                "ranks_per_node": self.nodes.ranks_per_node}
 
     def batch(self, k: int) -> SourceBatch:
         spec = self.spec

@@ -42,7 +42,7 @@ from photoz_hpc.train.checkpoint import WrongCheckpointKind, checkpoint_dir, lis
 from photoz_hpc.train.inference import predict
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
-from photoz_hpc.train.runtime import rng_state, set_rng_state
+from photoz_hpc.train.runtime import data_ranks_per_node, rng_state, set_rng_state
 from photoz_hpc.train.surveys import data_survey, finetune_grid, resolve_run_config
 
 log = get_logger(__name__)
@@ -390,7 +390,8 @@ def finetune_loaders(cfg: FinetuneRunConfig, comm: Comm, data: FinetuneData, gri
     from photoz_hpc.augment.loaders import build_loader
 
     grid = grid or finetune_grid(cfg.finetune, data.train.survey)
-    loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids, grid=grid)
+    loader = build_loader(cfg, data.train, "finetune", comm.rank, comm.world, cfg.seed, ids=data.train_ids, grid=grid,
+                          ranks_per_node=data_ranks_per_node(cfg, comm))
     if len(loader) < 1:
         raise ConfigError(no_batch_advice(len(data.train_ids), comm.world, cfg))
     val_loader = build_loader(cfg, data.val, "eval", comm.rank, comm.world, cfg.seed, ids=data.val_ids,

@@ -155,6 +155,9 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     path, state = resumed if resumed is not None else resume_state(cfg, comm, task.kind, getattr(task, "records", None))
     loader_restored = False
     if state is not None:
+        saved_loader = next((s for s in state.get("loader") or [] if s), None)
+        if saved_loader is not None and hasattr(loader, "check_partition"):
+            loader.check_partition(saved_loader)  # node partitions resume only on the same node layout
         loader_restored = task.load_state(state, loader)
     start_step, total = task.step, task.total_steps
     if state is not None and start_step >= total:
@@ -302,6 +305,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         last_ckpt = _save(task, loader, ckdir, cfg, datasets)
     elif last_ckpt is None and path:
         last_ckpt = Path(path)
+    reads = read_report(comm, loader)  # a collective: every rank
     extras = task.finish(out_dir, preempted)
     metrics.close()
     n_measured = max(measured, 1)
@@ -320,6 +324,7 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         "data_wait_clock": wait_clock,
         "epoch_start_data_wait_s": epoch_first["data_s"] / epoch_first["n"] if epoch_first["n"] else None,
         "world_size": world,
+        "reads": reads,
         "backend": comm.name,
         "device": str(device),
         "global_batch": task.global_batch,
@@ -333,6 +338,28 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
         atomic_write_json(out_dir / "summary.json", summary)
         log.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def read_report(comm, loader) -> dict[str, Any] | None:
+    """The training loader's reads on every rank (records, bytes, shard files touched: ``RecordReader.stats``) and,
+    with node partitions, per node. Counted by this process: a resumed run reports what it read since the resume."""
+    mine = loader.read_stats() if hasattr(loader, "read_stats") else None
+    ranks = comm.allgather_object(None if mine is None else {"rank": comm.rank, **mine})
+    if any(r is None for r in ranks):
+        return None
+    report: dict[str, Any] = {"partition": ranks[0]["partition"], "per_rank": ranks,
+                              "bytes": sum(r["bytes"] for r in ranks), "records": sum(r["records"] for r in ranks)}
+    if report["partition"] == "node":
+        nodes: dict[int, dict[str, Any]] = {}
+        for r in ranks:
+            node = nodes.setdefault(r["node"], {"node": r["node"], "ranks": [], "records": 0, "bytes": 0, "roots": []})
+            node["ranks"].append(r["rank"])
+            node["records"] += r["records"]
+            node["bytes"] += r["bytes"]
+            if r["root"] not in node["roots"]:
+                node["roots"].append(r["root"])
+        report["per_node"] = [nodes[k] for k in sorted(nodes)]
+    return report
 
 
 def _signal_flags(flag: PreemptionFlag, device) -> torch.Tensor:

@@ -27,7 +27,13 @@ from photoz_hpc.models.records import default_survey, survey_record
 from photoz_hpc.survey import Survey
 from photoz_hpc.train.optim import build_optimizer, lr_at, set_lr
 from photoz_hpc.train.precision import backward_and_step, resolve_precision
-from photoz_hpc.train.runtime import memory_format_name, rng_state, set_rng_state, use_channels_last
+from photoz_hpc.train.runtime import (
+    data_ranks_per_node,
+    memory_format_name,
+    rng_state,
+    set_rng_state,
+    use_channels_last,
+)
 from photoz_hpc.train.surveys import loader_survey, resolve_run_config
 
 log = get_logger(__name__)
@@ -211,7 +217,7 @@ def _build_loader(cfg: Config, comm: Comm, dataset=None):
         raise PhotozError(f"the data loaders (photoz_hpc.augment.loaders) are not available: {exc}") from None
     dataset = dataset if dataset is not None else open_dataset(cfg.data.path)
     return build_loader(cfg, dataset, pipeline="pretrain", rank=comm.rank, world_size=comm.world, seed=cfg.seed,
-                        device=None)
+                        device=None, ranks_per_node=data_ranks_per_node(cfg, comm))
 
 
 def run_pretrain(cfg: Config, loader=None, comm: Comm | None = None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from photoz_hpc.comm.base import Comm
 from photoz_hpc.comm.devices import cuda_device_index, gpu_or_cpu
 from photoz_hpc.comm.nodes import env_local_size
 from photoz_hpc.comm.select import init_comm
+from photoz_hpc.errors import PhotozError
 from photoz_hpc.launch_env import detect_env
 from photoz_hpc.logs import get_logger
 from photoz_hpc.run_lock import RunDir, hold_for_ranks
@@ -101,6 +102,19 @@ def _numpy_state(saved: Any) -> tuple[str, np.ndarray, int, int, float]:
     return str(kind), key.astype(np.uint32), int(pos), int(has_gauss), float(gauss)
 
 
+def data_ranks_per_node(cfg, comm: Comm) -> int | None:
+    """Ranks per node for the training loader's node partitions (``data.partition: node``), None for ``global``.
+    Nodes must be blocks of consecutive ranks of one size (the communicator's node groups); otherwise the deal
+    would not match what ``photoz-hpc stage`` copied to each node, so that is an error, not a guess."""
+    if cfg.data.partition != "node":
+        return None
+    if comm.world == 1:
+        return 1
+    if comm.node_error:
+        raise PhotozError(f"rank {comm.rank}: data.partition=node needs the node layout: {comm.node_error}")
+    return comm.node_size
+
+
 def prepare_device(device: torch.device) -> None:
     """A GPU run (any backend, ``none`` too): make ``device`` the current CUDA device, on which the loaders
     allocate, and let cuDNN pick the fastest kernels for training's fixed shapes. A CPU run: nothing."""
@@ -137,7 +151,8 @@ def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]], h
         threads = set_cpu_threads(cfg, device)
         log.debug("torch intra-op threads: %d", threads)
         own = comm is None
-        node_groups = getattr(getattr(cfg, "moco", None), "bn_mode", None) == "shuffle-node"
+        node_groups = (getattr(getattr(cfg, "moco", None), "bn_mode", None) == "shuffle-node"
+                       or cfg.data.partition == "node")  # which ranks share a node: comm.node_size
         comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type, node_groups)
         try:
             with hold_for_ranks(comm, hold):

@@ -47,6 +47,9 @@ class KillingLoader:
     def load_state_dict(self, sd: dict) -> None:
         self.inner.load_state_dict(sd)
 
+    def __getattr__(self, name: str):  # check_partition, read_stats, ...: the real loader's
+        return getattr(self.inner, name)
+
     def __iter__(self):
         for batch in self.inner:
             if self.count >= self.after:
@@ -90,13 +93,19 @@ def main() -> int:
     ap.add_argument("--pause-after", type=int, default=0)
     ap.add_argument("--until", default="", help="with --pause-after: the file to wait for")
     ap.add_argument("--ranks-per-node", type=int, default=0, help="0: as launched")
+    ap.add_argument("--node-data", default="", help="data.path of each declared node: a path with {node} in it "
+                    "(node-local copies, which on a real cluster share one path on different disks)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     declare_nodes(args.ranks_per_node)
-    cfg = load_config(None, args.overrides)
     env = detect_env()
+    node_data = []
+    if args.node_data:
+        node_data = ["data.path=" + args.node_data.format(node=env.rank // max(args.ranks_per_node, 1))]
+    cfg = load_config(None, args.overrides + node_data)
     setup_logging("INFO", rank=env.rank)
-    comm = init_comm(cfg.dist.backend, cfg.dist.timeout_s, "cpu", node_groups=cfg.moco.bn_mode == "shuffle-node")
+    comm = init_comm(cfg.dist.backend, cfg.dist.timeout_s, "cpu",
+                     node_groups=cfg.moco.bn_mode == "shuffle-node" or cfg.data.partition == "node")
     loader = _build_loader(cfg, comm)
     if args.kill_after and args.kill_rank in (-1, comm.rank):
         loader = KillingLoader(loader, args.kill_after)
