@@ -132,7 +132,7 @@ json=$PHOTOZ_SCALING_DIR/$name.json
 logdir=$PHOTOZ_SCALING_DIR/logs/$name
 overrides=("dist.backend=$PHOTOZ_BACKEND" "moco.queue_mode=$PHOTOZ_QUEUE_MODE" "loader.batch_size=$batch" "$@")
 photoz_check_config "$PHOTOZ_CONFIG" "${overrides[@]}"
-if [[ -n $PHOTOZ_DATA ]]; then photoz_stage PHOTOZ_DATA; fi   # PHOTOZ_STAGE=1: a node-local copy
+if [[ -n $PHOTOZ_DATA ]]; then photoz_stage PHOTOZ_DATA "$PHOTOZ_CONFIG" "${overrides[@]}"; fi   # PHOTOZ_STAGE=1: node-local copies
 bench=(--config "$PHOTOZ_CONFIG" --modes "$PHOTOZ_THROUGHPUT_MODE" --warmup "$PHOTOZ_WARMUP" --windows "$PHOTOZ_WINDOWS"
        --window-steps "$PHOTOZ_WINDOW_STEPS" --json "$json")
 if [[ -n $PHOTOZ_DATA ]]; then bench+=(--data "$PHOTOZ_DATA"); fi

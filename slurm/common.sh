@@ -4,13 +4,16 @@
 #                         exit code from the Python side, check the srun MPI plugin: everything that can fail
 #                         fails here, at once, with a message naming the problem, before any srun
 #   photoz_record DIR     append the versions and topology of this launch to DIR/launch.log
-#   photoz_stage VAR      copy the dataset named by $VAR to node-local storage (PHOTOZ_STAGE=1), checksums verified
+#   photoz_stage VAR [CONFIG OVERRIDES...]  copy the dataset named by $VAR to node-local storage (PHOTOZ_STAGE=1),
+#                         only each node's shards with data.partition=node; checksums verified
+#   photoz_config_value KEY CONFIG OVERRIDES...  print one config value
 #   photoz_unstage        remove those copies again (photoz_finish does)
 #   photoz_srun DIR ...   srun the ranks, surviving pre-emption signals; sets $rc (retries a step that failed to launch)
 #   photoz_finish DIR     log the exit code; on "pre-empted, checkpoint saved" requeue this job (or array task)
 # Variables (all optional): PHOTOZ_SITE (site name -> slurm/sites/NAME.env, or a file), PYTHON, PHOTOZ_SRUN_MPI
 # (srun --mpi plugin, default pmix), PHOTOZ_SRUN_ARGS (extra srun options), PHOTOZ_EXEC (a command the ranks run
-# under: a container launcher), PHOTOZ_STAGE / PHOTOZ_STAGE_DIR (node-local staging), PHOTOZ_LAUNCH_RETRIES.
+# under: a container launcher), PHOTOZ_STAGE / PHOTOZ_STAGE_DIR /
+# PHOTOZ_STAGE_WORKERS (node-local staging), PHOTOZ_LAUNCH_RETRIES.
 
 photoz_die() { echo "photoz: $*" >&2; exit 2; }
 photoz_log() { echo "[photoz $(date +%T)] $*" >&2; }
@@ -80,6 +83,22 @@ except ConfigError as exc:
     sys.exit(str(exc))' "$@" 2>&1) || photoz_die "config error: $msg"
 }
 
+# Print one config value with the overrides applied: photoz_config_value KEY FILE KEY=VALUE... (e.g. data.partition)
+photoz_config_value() {
+  local msg
+  msg=$("$PYTHON" -c 'import sys
+from photoz_hpc.config import load_config
+from photoz_hpc.errors import ConfigError
+try:
+    value = load_config(sys.argv[2], sys.argv[3:])
+    for part in sys.argv[1].split("."):
+        value = getattr(value, part)
+except (ConfigError, AttributeError) as exc:
+    sys.exit(f"{sys.argv[1]}: {exc}")
+print(value)' "$@" 2>&1) || photoz_die "config error: $msg"
+  echo "$msg"
+}
+
 photoz_record() {
   local dir=$1
   mkdir -p "$dir"
@@ -119,38 +138,50 @@ except Exception:
 parts.append(("host", platform.node()))
 print(" ".join(f"{k}={v}" for k, v in parts))
 EOF
+    if [[ -n ${PHOTOZ_STAGE_LINES:-} ]]; then echo "$PHOTOZ_STAGE_LINES"; fi   # photoz_stage: one line per node
   } >> "$dir/launch.log"
 }
 
-# Node-local staging (PHOTOZ_STAGE=1): copy the dataset in $VAR once per node to PHOTOZ_STAGE_DIR (default
-# $TMPDIR or /tmp), verify every shard checksum there, and point $VAR at the copy (the same path on every node).
-# A shard that fails its checksum (corrupt in the source, or a bad copy) fails the job at once, naming the file;
-# the copy is removed again by photoz_unstage (photoz_finish calls it).
+# Node-local staging (PHOTOZ_STAGE=1): photoz_stage VAR [CONFIG KEY=VALUE...]. Every node copies the dataset in
+# $VAR to PHOTOZ_STAGE_DIR (default $TMPDIR or /tmp: /dev/shm is node memory, a local-disk path a local disk; see
+# the site files) with `photoz-hpc stage`, in parallel, each file checked against the manifest's sha256 as it is
+# copied, and $VAR then points at the copy (the same path on every node). With data.partition=node in the run's
+# config (CONFIG and its overrides; no CONFIG: global) a node copies only its own shards' records. Each node's
+# line (bytes, seconds, MB/s) goes to the job log and, via photoz_record, to launch.log. A shard that fails its
+# checksum (corrupt in the source, or a bad copy) fails the job at once, naming the file, before any rank is
+# launched; the copies are removed by photoz_unstage (photoz_finish calls it).
 photoz_stage() {
-  local var=$1 src dest
+  local var=$1 src dest partition=global out
+  shift
   [[ ${PHOTOZ_STAGE:-0} == 1 ]] || return 0
   src=${!var}
   [[ -n $src ]] || photoz_die "PHOTOZ_STAGE=1 needs $var (the dataset directory to stage)"
+  if [[ $# -gt 0 ]]; then partition=$(photoz_config_value data.partition "$@") || exit 2; fi
   PHOTOZ_STAGED_ROOT=${PHOTOZ_STAGE_DIR:-${TMPDIR:-/tmp}}/photoz-${SLURM_JOB_ID:-$$}
   dest=$PHOTOZ_STAGED_ROOT/$(basename "$src")
-  photoz_log "staging $src to node-local $dest (one copy per node, checksums verified)"
+  photoz_log "staging $src to node-local $dest (data.partition=$partition: one copy per node, checksums verified)"
   # shellcheck disable=SC2016  # expanded by the copying shell on each node
   local copy=(bash -c 'src=$1 dest=$2
-    rm -rf "$dest" && mkdir -p "$dest" && cp -r "$src/." "$dest/" \
-      || { echo "photoz: staging on $(hostname): copying $src to $dest failed (disk full?)" >&2; exit 1; }
-    if ! out=$("$3" -m photoz_hpc verify "$dest" 2>&1); then
-      rm -rf "$dest"
-      printf "photoz: staging on %s: the copy of %s fails verification (a corrupt shard in the source, or a bad copy):\n%s\n" \
-        "$(hostname)" "$src" "${out//"$dest"/"$src"}" >&2
+    if ! out=$("$3" -m photoz_hpc stage "$src" "$dest" --partition "$4" --node "${SLURM_NODEID:-0}" \
+        --nodes "${SLURM_JOB_NUM_NODES:-1}" --workers "$5" 2>&1); then
+      rm -rf "$dest"; rmdir "${dest%/*}" 2>/dev/null || true
+      if [[ $out == *"sha256 mismatch"* ]]; then
+        printf "photoz: staging on %s: the copy of %s fails verification (a corrupt shard in the source, or a bad copy):\n%s\n" \
+          "$(hostname)" "$src" "$out" >&2
+      else
+        printf "photoz: staging on %s: copying %s to %s failed:\n%s\n" "$(hostname)" "$src" "$dest" "$out" >&2
+      fi
       exit 1
     fi
-    echo "photoz: staged $src on $(hostname) in $dest (checksums verified)" >&2' photoz-stage "$src" "$dest" "$PYTHON")
+    echo "$out" >&2' photoz-stage "$src" "$dest" "$PYTHON" "$partition" "${PHOTOZ_STAGE_WORKERS:-8}")
   if [[ -n ${SLURM_JOB_ID:-} ]]; then
-    srun --mpi=none --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --kill-on-bad-exit=1 "${copy[@]}" \
-      || photoz_die "staging $src to $dest failed (see above): nothing was launched"
+    out=$(srun --mpi=none --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" \
+      --kill-on-bad-exit=1 "${copy[@]}" 2>&1) || { echo "$out" >&2; photoz_die "staging $src to $dest failed (see above): nothing was launched"; }
   else
-    "${copy[@]}" || photoz_die "staging $src to $dest failed (see above)"
+    out=$("${copy[@]}" 2>&1) || { echo "$out" >&2; photoz_die "staging $src to $dest failed (see above)"; }
   fi
+  echo "$out" >&2
+  PHOTOZ_STAGE_LINES=$(grep '^photoz: staged ' <<< "$out" || true)   # one per node: photoz_record logs them
   printf -v "$var" '%s' "$dest"
   export "${var?}"
 }

@@ -30,7 +30,7 @@ photoz_setup
 base=("out_dir=$PHOTOZ_RUN_DIR" "dist.backend=$PHOTOZ_BACKEND" "train.resume=auto")
 [[ -n $PHOTOZ_DATA ]] && photoz_check_config "$PHOTOZ_CONFIG" "${base[@]}" "data.path=$PHOTOZ_DATA" "$@"
 [[ -n $PHOTOZ_DATA ]] || photoz_check_config "$PHOTOZ_CONFIG" "${base[@]}" "$@"
-photoz_stage PHOTOZ_DATA                           # PHOTOZ_STAGE=1: a node-local copy
+photoz_stage PHOTOZ_DATA "$PHOTOZ_CONFIG" "${base[@]}" "$@"   # PHOTOZ_STAGE=1: a node-local copy (data.partition)
 overrides=("${base[@]}")
 [[ -n $PHOTOZ_DATA ]] && overrides+=("data.path=$PHOTOZ_DATA")
 photoz_record "$PHOTOZ_RUN_DIR"
