@@ -331,11 +331,13 @@ def _gpus(n: int | None, site: Site) -> str:
 
 def io_tables(w: Workload, sites: list[Site], datasets: list[Dataset], dtypes: list[str], gpus: list[int],
               backend: str = "torch", bn: str = "shuffle-node", queue: str = "sharded",
-              shares: tuple[float, ...] = (1.0, 0.25, 0.1)) -> tuple[list[str], list[dict], list[dict]]:
+              shares: tuple[float, ...] = (1.0, 0.25, 0.1), partitions: tuple[str, ...] = PARTITIONS,
+              ) -> tuple[list[str], list[dict], list[dict]]:
     """Markdown lines, rows and the I/O-bound scales of every (site, dataset, partition, dtype) at ``gpus``."""
     modes = {"backend": backend, "bn": bn, "queue": queue}
     lines = [f"Data path: step = max(compute + exposed communication, the node's reads per step) (loaders prefetch, "
-             f"so reads overlap compute); compute {1e3 * w.step_s:.1f} ms per {w.batch} images ({w.step_note}); "
+             f"so reads overlap compute); compute {1e3 * w.step_s:.1f} ms per {w.batch} images ({w.step_note}; "
+             f"{w.params / 1e6:.2f} M parameters); "
              f"communication {backend}, BN {bn}, queue {queue}. Cells: weak-scaling efficiency and the limiting term.",
              ""]
     rows, bounds = [], []
@@ -365,7 +367,7 @@ def io_tables(w: Workload, sites: list[Site], datasets: list[Dataset], dtypes: l
             place = ["", "Where the records live (staging time, once per run; `fs (hit x%)`: read from the file "
                      "system every epoch, x% from the page cache):", "",
                      "| partition | dtype | " + " | ".join(str(n) for n in gpus) + " |", "|---|---|" + "---|" * len(gpus)]
-            for partition in PARTITIONS:
+            for partition in partitions:
                 for dtype in dtypes:
                     sel = [io_row(w, n, net, site, ds, dtype, partition, **modes) for n in gpus]
                     rows += sel
@@ -384,15 +386,16 @@ def io_tables(w: Workload, sites: list[Site], datasets: list[Dataset], dtypes: l
                          "global_placement": one["placement"], "node_fits_from_gpus": disk,
                          "node_fits_memory_from_gpus": mem, "global_io_bound_from_gpus": {}}
                 for share in shares:
-                    at = replace(site, fs_share=share * site.fs_share)
+                    at = replace(site, fs_share=share)
                     bound["global_io_bound_from_gpus"][str(share)] = io_bound_from(w, net, at, ds, dtype, "global",
                                                                                   backend, bn, queue)
                 bounds.append(bound)
     lines += ["#### Where the global partition becomes I/O-bound", "",
-              "First scale (whole nodes, up to the machine) at which the global partition's reads limit the step, with "
-              "the job getting all, 25% or 10% of the preset's file-system share; and where node partitions fit "
-              "(each node's share in its local disk or memory).", "",
-              "| site | dataset | dtype | global: records in | " + " | ".join(f"I/O-bound from, {100 * s:g}% of FS"
+              "First scale (whole nodes, up to the machine) at which the global partition's reads limit the step (they "
+              "take longer than compute plus communication), the job getting the given share of the file system "
+              "(--fs-shares, in place of the site's fs_share); and where node partitions fit (each node's share in its "
+              "local disk or memory).", "",
+              "| site | dataset | dtype | global: records in | " + " | ".join(f"I/O-bound from, job gets {100 * s:g}% of FS"
                                                                         for s in shares)
               + " | node partitions fit from (disk or memory) | in memory from |",
               "|---|---|---|---|" + "---|" * len(shares) + "---|---|"]
@@ -463,10 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     io.add_argument("--datasets", default="sdss-paper,legacy-76m",
                     help=f"presets ({', '.join(DATASETS)}) or SURVEY:RECORDS[:CUTOUT[:BANDS]], comma-separated")
     io.add_argument("--dtypes", default="float32,float16", help=f"record dtypes ({', '.join(ITEMSIZE)})")
+    io.add_argument("--partitions", default="global,node", help="data.partition values to tabulate")
     io.add_argument("--io-backend", default="torch", choices=["torch", "horovod"])
     io.add_argument("--io-bn", default="shuffle-node", choices=["shuffle", "shuffle-node", "sync", "none"])
     io.add_argument("--io-queue", default="sharded", choices=["sharded", "replicated", "local"])
-    io.add_argument("--fs-shares", default="1,0.25,0.1", help="file-system shares for the I/O-bound table")
+    io.add_argument("--fs-shares", default="1,0.25,0.1",
+                    help="the job's shares of the file system for the I/O-bound table (each replaces fs_share)")
     io.add_argument("--io-only", action="store_true", help="only the data-path tables (needs a site)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
@@ -485,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         for ds in datasets:
             dataset_survey(ds)
         shares = tuple(float(x) for x in args.fs_shares.split(","))
+        partitions = tuple(p for p in args.partitions.split(",") if p)
+        if not partitions or set(partitions) - set(PARTITIONS):
+            raise ValueError(f"--partitions {args.partitions!r}: use {list(PARTITIONS)}")
         unknown = [s.network for s in sites if s.network not in NETWORKS]
         if unknown:
             raise ValueError(f"site network {unknown}: use one of {list(NETWORKS)}")
@@ -549,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     io_blob = None
     if sites:
         io_lines, io_rows, bounds = io_tables(w, sites, datasets, dtypes, gpus, args.io_backend, args.io_bn,
-                                              args.io_queue, shares)
+                                              args.io_queue, shares, partitions)
         lines += ([""] if lines else []) + io_lines
         io_blob = {"sites": [asdict(s) for s in sites], "datasets": [asdict(d) for d in datasets], "dtypes": dtypes,
                    "rows": io_rows, "io_bound": bounds}
