@@ -131,12 +131,13 @@ def _column(values: Any, n: int, name: str, kind: str) -> np.ndarray:
 
 def prepare_arrays(images: Any, out: str | Path, survey: str | Path | Survey = "sdss", *, ebv: Any = None,
                    z_spec: Any = None, object_id: Any = None, ra: Any = None, dec: Any = None,
-                   samples_per_shard: int = 4096, overwrite: bool = False) -> Path:
+                   samples_per_shard: int = 4096, overwrite: bool = False, dtype: str = "float32") -> Path:
     """Write a prepared store at ``out`` from (N, bands, H, W) ``images`` of ``survey`` (a shipped name, a
     description file or a ``Survey``; bands in its order), with per-galaxy SFD ``ebv`` (None: E(B-V) = 0 is
     recorded, for images already corrected), spectroscopic ``z_spec`` (NaN or negative: unlabeled; None: none
     labeled), ``object_id`` (ints or strings; None: 0..N-1), ``ra``/``dec`` (degrees; None: 0). Pixels are stored as
-    float32 (float64 input is rounded once). Returns ``out``; errors before anything is written."""
+    float32 (float64 input is rounded once), or float16 with ``dtype="float16"`` (``prepare --dtype float16``: half
+    the bytes; pixels float16 cannot hold are refused). Returns ``out``; errors before anything is written."""
     survey = as_survey(survey)
     if hasattr(images, "detach"):  # a torch tensor
         images = images.detach().cpu().numpy()
@@ -175,7 +176,7 @@ def prepare_arrays(images: Any, out: str | Path, survey: str | Path | Survey = "
             name = survey.name
         source = L.write_mmu_file(tmp / "arrays.hdf5", images.astype(np.float32, copy=False), L.labels_of(survey),
                                   survey.pixel_scale, np.nan, ids, columns)
-        options = PrepareOptions(survey=name, no_extinction=ebv is None)
+        options = PrepareOptions(survey=name, no_extinction=ebv is None, dtype=dtype)
         return prepare([source], out, samples_per_shard=samples_per_shard, overwrite=overwrite, options=options)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="MMU: redshift labels from a CSV or Parquet table with object_id and --redshift-key columns, "
                    "joined on object_id (replaces the files' z_spec)")
     p.add_argument("--redshift-key", default="z_spec", help="redshift column of --labels (default z_spec)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="record dtype: float32 (default; bit copies of the inputs) or float16 (half the bytes to read "
+                   "and stage; pixels float16 cannot hold are refused, docs/data_format.md)")
     p.set_defaults(func=_prepare)
 
     v = sub.add_parser("verify", help="re-check every shard checksum and record count", description="Verify a prepared dataset.")
@@ -63,7 +66,7 @@ def _prepare(args: argparse.Namespace) -> int:
         from photoz_hpc.errors import PhotozError
 
         raise PhotozError(f"--bands {args.bands!r} must list distinct band names separated by commas")
-    options = PrepareOptions(args.survey, bands, args.no_extinction, args.labels, args.redshift_key)
+    options = PrepareOptions(args.survey, bands, args.no_extinction, args.labels, args.redshift_key, args.dtype)
     comm = prepare_comm(args.mpi)
     out = prepare(args.inputs, args.out, args.samples_per_shard, args.bad_rows, args.chunk_rows, args.overwrite, comm,
                   options)
@@ -76,8 +79,12 @@ def _verify(args: argparse.Namespace) -> int:
     from photoz_hpc.data.verify import verify_dataset
 
     report = verify_dataset(args.dataset)
+    if report["partial"]:
+        print(f"OK (partial copy): {report['partial']} ({report['path']}); survey {report['survey']}, bands "
+              f"{' '.join(report['bands'])}, {report['dtype']} records")
+        return 0
     print(f"OK: {report['count']} samples in {report['shards']} shards verified ({report['path']}); "
-          f"survey {report['survey']}, bands {' '.join(report['bands'])}")
+          f"survey {report['survey']}, bands {' '.join(report['bands'])}, {report['dtype']} records")
     return 0
 
 

@@ -84,6 +84,10 @@ class ShardedDataset:
     its band names, in channel order; ``id_field`` / ``object_ids`` name each galaxy (``ObjID`` int64 for
     release-layout input, ``object_id`` int64 or unicode for Multimodal Universe input).
 
+    ``image_dtype`` is the records' dtype (the manifest's ``dtype``: float32, or float16 from ``prepare --dtype
+    float16``): the record views (``shard_images``, ``records_hwc``, ``images_hwc``) are in it, zero-copy, and every
+    reader casts to float32 where the numbers are used (``ds[i]["image"]`` is float32).
+
     ``staged``: for a node-local copy made by ``photoz-hpc stage`` with node partitions, what it holds; the
     ``.bin`` files of other nodes' shards are absent there, and reading one of their records is an error.
     """
@@ -95,7 +99,9 @@ class ShardedDataset:
         self.meta_dtype = store_format.meta_dtype_of_manifest(self.manifest, str(self.root / store_format.MANIFEST_NAME))
         self.id_field: str = store_format.id_field(self.meta_dtype)
         self.image_shape: tuple[int, int, int] = tuple(self.manifest["image_shape"])
-        self.record_bytes = store_format.record_bytes(*self.image_shape)
+        self.image_dtype: np.dtype = store_format.image_dtype_of_manifest(
+            self.manifest, str(self.root / store_format.MANIFEST_NAME))
+        self.record_bytes = store_format.record_bytes(*self.image_shape, self.image_dtype)
         self.verify_records = verify_records
         self.shards = self.manifest["shards"]
         counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
@@ -171,7 +177,7 @@ class ShardedDataset:
         return int(shards[0]), int(rows[0])
 
     def shard_images(self, shard: int) -> np.memmap:
-        """Memory-map of one shard's records, shape (count, H, W, C) float32."""
+        """Memory-map of one shard's records, shape (count, H, W, C) of ``image_dtype``."""
         if shard not in self._images:
             info = self.shards[shard]
             if not self.holds(shard):
@@ -180,16 +186,16 @@ class ShardedDataset:
                     "rank reads another node's records, so the job's node layout differs from the staging's (run on "
                     f"{self.staged.nodes} node(s) with the same ranks per node, or stage again)")
             self._images[shard] = np.memmap(
-                self.root / info["file"], dtype=store_format.IMAGE_DTYPE, mode="r", shape=(info["count"], *self.image_shape)
+                self.root / info["file"], dtype=self.image_dtype, mode="r", shape=(info["count"], *self.image_shape)
             )
         return self._images[shard]
 
     def image_hwc(self, index: int, verify: bool | None = None) -> np.ndarray:
-        """One record as (H, W, C) float32 (a zero-copy memmap view), CRC-checked as ``records_hwc`` checks."""
+        """One record as (H, W, C) ``image_dtype`` (a zero-copy memmap view), CRC-checked as ``records_hwc`` checks."""
         return self.records_hwc([index], verify)[0]
 
     def records_hwc(self, indices, verify: bool | None = None) -> list[np.ndarray]:
-        """Records as zero-copy (H, W, C) views, in the order asked, with one lookup for the whole batch (the
+        """Records as zero-copy (H, W, C) views of ``image_dtype``, in the order asked, with one lookup for the whole batch (the
         loaders' host callbacks run in the training thread, where a lookup per record costs about as much as
         the rest of a batch's draws).
 
@@ -215,11 +221,11 @@ class ShardedDataset:
         return out
 
     def images_hwc(self, indices: np.ndarray) -> np.ndarray:
-        """A batch of records as (n, H, W, C) float32 (CRC-checked when ``verify_records``)."""
-        return np.stack(self.records_hwc(indices)) if len(indices) else np.zeros((0, *self.image_shape), np.float32)
+        """A batch of records as (n, H, W, C) ``image_dtype`` (CRC-checked when ``verify_records``)."""
+        return np.stack(self.records_hwc(indices)) if len(indices) else np.zeros((0, *self.image_shape), self.image_dtype)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = np.ascontiguousarray(self.image_hwc(index).transpose(2, 0, 1))
+        image = np.ascontiguousarray(self.image_hwc(index).transpose(2, 0, 1), dtype=np.float32)
         row = self.meta[index]
         item: dict[str, Any] = {"image": image, "index": int(index % len(self))}
         for key in store_format.public_fields(self.meta_dtype):

@@ -3,11 +3,12 @@
 A dataset directory holds:
 
 - ``shard-NNNNN.bin``: fixed-size records, one per cutout, back to back with no header. Each
-  record is the cutout as little-endian float32 in HWC order ((107, 107, 5) for SDSS; (H, W, bands) of the
-  survey the manifest records): HWC is what DALI's
-  ``rotate``/``warp_affine``/``crop`` expect, and fixed records let every reader memory-map a
-  shard and slice a batch without parsing. Pixels are copied bit-for-bit from the source HDF5
-  (float32 in, float32 out: the store never rounds or rescales).
+  record is the cutout as little-endian float32 (or float16: ``prepare --dtype float16``, the manifest's
+  ``dtype``) in HWC order ((107, 107, 5) for SDSS; (H, W, bands) of the survey the manifest records): HWC is
+  what DALI's ``rotate``/``warp_affine``/``crop`` expect, and fixed records let every reader memory-map a
+  shard and slice a batch without parsing. float32 pixels are copied bit-for-bit from the source HDF5 (the
+  store never rescales); float16 records are those pixels rounded once to nearest (half the bytes to read
+  and stage), and every loader casts them to float32 after the read.
 - ``shard-NNNNN.meta.npy``: a NumPy structured array (``meta_dtype(n_bands, id_dtype)``, recorded in the
   manifest as ``meta_dtype``) with one row per record: the input's metadata, ``ebv_sfd``, the source row and a
   CRC32 of the record's bytes. Release-layout (SDSS) input gives ``META_DTYPE`` exactly (ids ``ObjID`` and
@@ -32,7 +33,9 @@ from photoz_hpc.survey import default_survey
 
 FORMAT_VERSION = 1
 LAYOUT = "HWC"
-IMAGE_DTYPE = np.dtype("<f4")
+IMAGE_DTYPE = np.dtype("<f4")  # the default record dtype (every store before ``--dtype`` existed)
+#: Record dtypes ``prepare --dtype`` writes, by their manifest name.
+IMAGE_DTYPES = {"float32": IMAGE_DTYPE, "float16": np.dtype("<f2")}
 MANIFEST_NAME = "manifest.json"
 
 #: Id fields of release-layout input (SDSS), and of Multimodal Universe input.
@@ -116,5 +119,19 @@ def shard_stem(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def record_bytes(height: int, width: int, bands: int) -> int:
-    return height * width * bands * IMAGE_DTYPE.itemsize
+def image_dtype(name: str, where: str = "dtype") -> np.dtype:
+    """The record dtype of a manifest ``dtype`` / ``--dtype`` name (``float32`` or ``float16``)."""
+    if name not in IMAGE_DTYPES:
+        raise DatasetError(f"{where}: record dtype {name!r} is not one of {sorted(IMAGE_DTYPES)}")
+    return IMAGE_DTYPES[name]
+
+
+def image_dtype_of_manifest(manifest: dict, where: str) -> np.dtype:
+    """The record dtype a manifest records; a manifest without ``dtype`` is float32."""
+    return image_dtype(str(manifest.get("dtype", "float32")), f"{where}: manifest 'dtype'")
+
+
+def record_bytes(height: int, width: int, bands: int, dtype: np.dtype | str = IMAGE_DTYPE) -> int:
+    """Bytes of one (height, width, bands) record of ``dtype`` (a numpy dtype or its manifest name)."""
+    itemsize = IMAGE_DTYPES[dtype].itemsize if isinstance(dtype, str) else np.dtype(dtype).itemsize
+    return height * width * bands * itemsize

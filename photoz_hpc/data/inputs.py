@@ -32,13 +32,15 @@ MASK_POLICY = ("pixels are stored exactly as in image_array; image_mask and imag
 @dataclass(frozen=True)
 class PrepareOptions:
     """The ``prepare`` flags that decide what is read: ``survey`` (a name or file, None: from the files),
-    ``bands`` (a subset in this order, None: all), and for MMU input ``no_extinction`` and ``labels``."""
+    ``bands`` (a subset in this order, None: all), and for MMU input ``no_extinction`` and ``labels``; and how it is
+    stored: ``dtype``, the records' ``float32`` (bit copies, the default) or ``float16`` (``data.record_dtype``)."""
 
     survey: str | None = None
     bands: tuple[str, ...] | None = None
     no_extinction: bool = False
     labels: str | None = None
     redshift_key: str = "z_spec"
+    dtype: str = "float32"
 
 
 @dataclass

@@ -8,6 +8,10 @@ concatenated inputs, minus skipped bad rows), so the dataset is the same whateve
 MPI ranks; rank r writes shards r, r+size, ... . Work happens in ``OUT.partial/``: every shard is
 committed by its JSON marker, an interrupted run resumes there, and only a complete dataset is
 renamed to ``OUT``. Bad input removes the staging directory so no partial dataset is left.
+
+Records are float32 bit copies of the inputs, or with ``--dtype float16`` their float16 rounding
+(``data.record_dtype``: pixels float16 cannot hold are bad input, named by file and row); CRCs, checksums and the
+pixel statistics are those of the stored records, and a resumed prepare must use the same dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from photoz_hpc.comm.select import prepare_comm
 from photoz_hpc.data import format as store_format
 from photoz_hpc.data.hdf5_source import open_h5
 from photoz_hpc.data.inputs import PrepareOptions, StoreInput, resolve_inputs
+from photoz_hpc.data.record_dtype import half_problem, to_records
 from photoz_hpc.data.stats import exact_median_mad
 from photoz_hpc.errors import InputDataError, PhotozError
 from photoz_hpc.io_utils import atomic_open, atomic_write_json
@@ -75,8 +80,9 @@ def _meta_rows(inp: StoreInput, src_index: int, start: int, rows: dict[str, np.n
     return meta
 
 
-def write_shard(out: Path, plan: ShardPlan, inp: StoreInput, policy: str, chunk_rows: int) -> dict:
-    """Write one shard's ``.bin`` and ``.meta.npy`` atomically, then its JSON commit marker."""
+def write_shard(out: Path, plan: ShardPlan, inp: StoreInput, policy: str, chunk_rows: int,
+                dtype: np.dtype = store_format.IMAGE_DTYPE) -> dict:
+    """Write one shard's ``.bin`` (records of ``dtype``) and ``.meta.npy`` atomically, then its JSON commit marker."""
     stem = store_format.shard_stem(plan.index)
     metas, skipped = [], []
     sha = hashlib.sha256()
@@ -99,10 +105,16 @@ def write_shard(out: Path, plan: ShardPlan, inp: StoreInput, policy: str, chunk_
                     keep = ~mask
                     images = rows["images"] if keep.all() else rows["images"][keep]
                     hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+                    stored = to_records(hwc, dtype)
+                    if stored is not hwc:
+                        problem = half_problem(hwc, stored, inp.survey.bands)
+                        if problem is not None:
+                            row = start + int(np.flatnonzero(keep)[problem[0]])
+                            raise InputDataError(f"{src.path}: row {row}: {problem[1]}")
                     meta = _meta_rows(inp, f, start, rows, keep)
-                    for i in range(len(hwc)):
-                        meta["crc32"][i] = zlib.crc32(hwc[i])
-                    data = hwc.tobytes()
+                    for i in range(len(stored)):
+                        meta["crc32"][i] = zlib.crc32(stored[i])
+                    data = stored.tobytes()
                     sha.update(data)
                     fh.write(data)
                     metas.append(meta)
@@ -139,25 +151,28 @@ def _load_committed(out: Path, plan: ShardPlan, record_size: int) -> dict | None
     return record if ok else None
 
 
-def shard_blocks(root: Path, records: list[dict], shape: tuple[int, int, int], rows_per_block: int = 256):
-    """A re-iterable source of (n, H, W, C) float32 blocks over the given shards (memory-mapped)."""
+def shard_blocks(root: Path, records: list[dict], shape: tuple[int, int, int], rows_per_block: int = 256,
+                 dtype: np.dtype = store_format.IMAGE_DTYPE):
+    """A re-iterable source of (n, H, W, C) float32 blocks over the given shards of ``dtype`` records (memory-
+    mapped; float16 records are widened exactly, so the statistics are those of the values loaders see)."""
 
     def blocks():
         for shard in records:
             if shard["count"] == 0:
                 continue
-            images = np.memmap(root / shard["file"], dtype=store_format.IMAGE_DTYPE, mode="r", shape=(shard["count"], *shape))
+            images = np.memmap(root / shard["file"], dtype=dtype, mode="r", shape=(shard["count"], *shape))
             for i in range(0, shard["count"], rows_per_block):
-                yield np.asarray(images[i : i + rows_per_block])
+                yield np.asarray(images[i : i + rows_per_block], dtype=np.float32)
 
     return blocks
 
 
-def _plan_fingerprint(inp: StoreInput, samples_per_shard: int, policy: str) -> dict:
+def _plan_fingerprint(inp: StoreInput, samples_per_shard: int, policy: str, dtype: str) -> dict:
     return {
         "format_version": store_format.FORMAT_VERSION,
         "samples_per_shard": samples_per_shard,
         "bad_rows": policy,
+        "dtype": dtype,
         "inputs": [s.fingerprint() for s in inp.sources],
         "layout": inp.layout,
         "options": inp.options,
@@ -175,16 +190,19 @@ def prepare(
     options: PrepareOptions | None = None,
 ) -> Path:
     """Convert release-layout or Multimodal Universe HDF5 files (or directories of them) into a dataset
-    directory; returns its path. Resumable, MPI-aware. ``options``: survey, bands, extinction and labels."""
+    directory; returns its path. Resumable, MPI-aware. ``options``: survey, bands, extinction, labels and the
+    record dtype (``float32``, the default, or ``float16``)."""
     comm = comm or prepare_comm("auto")
+    options = options or PrepareOptions()
     if bad_row_policy not in BAD_ROW_POLICIES:
         raise PhotozError(f"--bad-rows must be one of {BAD_ROW_POLICIES}, got '{bad_row_policy}'")
+    if options.dtype not in store_format.IMAGE_DTYPES:
+        raise PhotozError(f"--dtype must be one of {sorted(store_format.IMAGE_DTYPES)}, got '{options.dtype}'")
     if not inputs:
         raise PhotozError("prepare needs at least one input HDF5 file")
     out = Path(out).resolve()
     with hold_for_ranks(comm, prepare_hold(out)):
-        return _prepare_held(inputs, out, samples_per_shard, bad_row_policy, chunk_rows, overwrite, comm,
-                             options or PrepareOptions())
+        return _prepare_held(inputs, out, samples_per_shard, bad_row_policy, chunk_rows, overwrite, comm, options)
 
 
 def prepare_hold(out: Path) -> RunDir:
@@ -211,9 +229,10 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
     sources = inp.sources
     shape = inp.shape
     height, width, n_bands = shape
-    record_size = store_format.record_bytes(*shape)
+    dtype = store_format.IMAGE_DTYPES[options.dtype]
+    record_size = store_format.record_bytes(*shape, dtype)
     plans = plan_shards(sources, samples_per_shard)
-    fingerprint = _plan_fingerprint(inp, samples_per_shard, bad_row_policy)
+    fingerprint = _plan_fingerprint(inp, samples_per_shard, bad_row_policy, options.dtype)
 
     error = ""
     if comm.rank == 0:
@@ -222,8 +241,10 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
             for stale in staging.glob(".*.tmp-*"):  # left by a killed run: never published
                 stale.unlink()
             plan_file = staging / "plan.json"
-            if plan_file.exists() and json.loads(plan_file.read_text()) != fingerprint:
-                error = f"{staging}: holds an unfinished prepare of different inputs or settings; remove it first"
+            planned = json.loads(plan_file.read_text()) if plan_file.exists() else fingerprint
+            planned.setdefault("dtype", "float32")  # planned before --dtype existed
+            if planned != fingerprint:
+                error = _resume_conflict(staging, planned, fingerprint)
             else:
                 atomic_write_json(plan_file, fingerprint)
         except OSError as exc:
@@ -237,7 +258,7 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
         for plan in plans[comm.rank :: comm.world]:
             record = _load_committed(staging, plan, record_size)
             if record is None:
-                record = write_shard(staging, plan, inp, bad_row_policy, chunk_rows)
+                record = write_shard(staging, plan, inp, bad_row_policy, chunk_rows, dtype)
                 log.info("wrote %s (%d samples)", record["file"], record["count"])
             else:
                 reused += 1
@@ -270,14 +291,15 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
         if comm.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise InputDataError(f"no usable rows in {[s.path for s in sources]}")
-    median, mad = exact_median_mad(shard_blocks(staging, records, shape), n_bands, count * height * width, comm)
+    median, mad = exact_median_mad(shard_blocks(staging, records, shape, dtype=dtype), n_bands, count * height * width,
+                                   comm)
 
     all_records = comm.gather_object(records)
     error = ""
     if comm.rank == 0:
         try:
             shards = sorted((r for part in all_records for r in part), key=lambda r: r["index"])
-            manifest = build_manifest(inp, shards, samples_per_shard, bad_row_policy, median, mad)
+            manifest = build_manifest(inp, shards, samples_per_shard, bad_row_policy, median, mad, options.dtype)
             atomic_write_json(staging / store_format.MANIFEST_NAME, manifest)
             _publish(staging, out)
             log.info("prepared %d samples in %d shards at %s", manifest["count"], len(shards), out)
@@ -289,20 +311,28 @@ def _prepare_held(inputs, out: Path, samples_per_shard: int, bad_row_policy: str
     return out
 
 
-def build_manifest(inp: StoreInput, shards, samples_per_shard, policy, median, mad) -> dict:
+def _resume_conflict(staging: Path, planned: dict, fingerprint: dict) -> str:
+    """Why an unfinished prepare in ``staging`` cannot be resumed with these settings (never a mixed store)."""
+    if {k: v for k, v in planned.items() if k != "dtype"} == {k: v for k, v in fingerprint.items() if k != "dtype"}:
+        return (f"{staging}: holds an unfinished prepare with --dtype {planned['dtype']}, this one asks for --dtype "
+                f"{fingerprint['dtype']}; resume it with --dtype {planned['dtype']}, or remove {staging} to start again")
+    return f"{staging}: holds an unfinished prepare of different inputs or settings; remove it first"
+
+
+def build_manifest(inp: StoreInput, shards, samples_per_shard, policy, median, mad, dtype: str = "float32") -> dict:
     skipped = [s for r in shards for s in r["skipped"]]
     shape = inp.shape
     manifest = {
         "format": "photoz-hpc-shards",
         "format_version": store_format.FORMAT_VERSION,
         "layout": store_format.LAYOUT,
-        "dtype": "float32",
+        "dtype": dtype,
         "byte_order": "little",
         "image_shape": list(shape),
         "bands": list(inp.survey.bands),
         "survey": inp.survey.to_dict(),
         "input_layout": inp.layout,
-        "record_bytes": store_format.record_bytes(*shape),
+        "record_bytes": store_format.record_bytes(*shape, dtype),
         "samples_per_shard": samples_per_shard,
         "count": sum(r["count"] for r in shards),
         "labeled_count": sum(r["labeled"] for r in shards),
