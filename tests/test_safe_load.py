@@ -29,7 +29,7 @@ from photoz_hpc.train.runtime import set_rng_state
 READS_MODEL = {"import-checkpoint", "resave", "pretrain", "export-encoder", "export-model", "finetune", "evaluate",
                "predict", "calibrate", "embed", "quickstart", "demo"}
 #: ... and those that read none (data, catalogues, embeddings, JSON/YAML).
-READS_NO_MODEL = {"synth", "prepare", "verify", "info", "augment", "catalogue-verify", "export-qp", "search",
+READS_NO_MODEL = {"synth", "prepare", "verify", "info", "stage", "augment", "catalogue-verify", "export-qp", "search",
                   "anomalies", "sweep-plan", "sweep-report"}
 
 TINY = [*TINY_MODEL, "augment.crop_size=16", "augment.jitter_max=2", "loader.batch_size=16", "loader.backend=reference",
