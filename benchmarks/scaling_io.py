@@ -215,8 +215,16 @@ def custom_site(base: Site | None, values: dict[str, Any], where: str) -> Site:
         missing = [k for k in ("name", "network", *_NUMERIC) if k not in clean and k not in ("fs_iops", "fs_share")]
         if missing:
             raise ValueError(f"{where}: a new site needs {missing} (or start from a preset with --site)")
-        return Site(**clean, sources=sources)
-    return replace(base, **clean, sources={**base.sources, **sources})
+        site = Site(**clean, sources=sources)
+    else:
+        site = replace(base, **clean, sources={**base.sources, **sources})
+    zero = [k for k in ("mem_read_gbs", "fs_aggregate_gbs", "fs_node_gbs") if getattr(site, k) <= 0]
+    if site.local_disk_gb > 0:
+        zero += [k for k in ("local_read_gbs", "local_write_gbs") if getattr(site, k) <= 0]
+    if zero:
+        raise ValueError(f"{where}: site '{site.name}' needs {zero} > 0" + (" (it has a local disk)" if
+                         site.local_disk_gb > 0 and set(zero) & {"local_read_gbs", "local_write_gbs"} else ""))
+    return site
 
 
 @dataclass(frozen=True)

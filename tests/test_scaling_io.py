@@ -151,5 +151,6 @@ def test_cli_runs_with_site_and_json(tmp_path):
     assert all(r["limiting"] for r in io["rows"]) and blob["rows"] == []
     with pytest.raises(SystemExit):
         sm.main(["--site", "nowhere", "--io-only"])
-    with pytest.raises(SystemExit):
-        sm.main(["--site", "frontier-like", "--site-set", "fs_share=2", "--io-only"])
+    for bad in ("fs_share=2", "local_read_gbs=0", "nodes=x"):
+        with pytest.raises(SystemExit):
+            sm.main(["--site", "frontier-like", "--site-set", bad, "--io-only"])
