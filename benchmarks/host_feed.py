@@ -9,7 +9,8 @@ batch's records from the memory-mapped shards into one dense buffer (what the GP
 does: ``_Feeder._staged``); ``draws`` = ``BatchSource.batch(k)`` (the plan's ids, zero-copy record views,
 every view's matrices, multipliers, sigmas and noise-table slices); ``padded`` = the CPU path's copy into
 zero-bordered buffers (``_Feeder._padded``); ``h2d`` = pinned host -> device copy of the staged batch (CUDA
-only). GB/s counts raw cutout bytes (H x W x C x 4 per sample). ``--threads`` runs ``read`` in that many
+only). GB/s counts raw cutout bytes (H x W x C x 4 per sample; x 2 for a float16 store, whose records are
+staged and copied as float16). ``--threads`` runs ``read`` in that many
 threads on disjoint batches (NumPy copies release the GIL), the ceiling of moving reads into DALI's
 parallel external source. The target: two-view samples/s x bytes per cutout (40,000 x 107 x 107 x 5 x 4 =
 9.2 GB/s).
@@ -60,7 +61,7 @@ def _feed(source, ahead: int, batches: int, batch_size: int, sample_bytes: int, 
 
     feeder = _Feeder(EpochSources(source, lambda e: e + 1), 0, "gpu", 0, ahead=ahead)
     if not cuda:
-        feeder.alloc = lambda shape: np.empty(shape, np.float32)
+        feeder.alloc = lambda shape: np.empty(shape, feeder.record_dtype)
     inside = 0.0
     for i in range(warmup + batches):
         if i == warmup:
@@ -112,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if n_batches < 1:
         raise SystemExit(f"the store holds fewer than {args.batch_size} samples")
     h, w, c = ds.image_shape
-    sample_bytes = h * w * c * 4
+    sample_bytes = ds.record_bytes  # a float16 store's records are half a float32 store's
     batches = [source.batch(k) for k in range(n_batches)]
     cuda = torch.cuda.is_available()
     feeder = _Feeder(source, 0, "gpu" if cuda else "cpu")
-    staged = np.empty((args.batch_size, h, w, c), np.float32)
+    staged = np.empty((args.batch_size, h, w, c), ds.image_dtype)  # what the GPU path stages: the stored dtype
     results = {}
 
     def read(k, out=staged):
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             r = _rate(par, n_batches - n_batches % t or t, args.batch_size, sample_bytes)
         results[f"read_threads{t}"] = r
     if cuda:
-        pinned = torch.empty(staged.shape, dtype=torch.float32, pin_memory=True)
-        dev = torch.empty(staged.shape, dtype=torch.float32, device="cuda")
+        stored = torch.from_numpy(staged[:0]).dtype
+        pinned = torch.empty(staged.shape, dtype=stored, pin_memory=True)
+        dev = torch.empty(staged.shape, dtype=stored, device="cuda")
 
         def h2d(k):
             dev.copy_(pinned, non_blocking=True)

@@ -208,15 +208,15 @@ def test_reference_loader_reads_float16_and_matches_the_float32_store(stores, pi
 
 
 @DALI
-@pytest.mark.parametrize("pipeline, crop, fed", [("pretrain", 28, np.float32), ("finetune", 16, np.float16),
-                                                 ("eval", 16, np.float16)])
-def test_dali_cpu_reads_float16(stores, pipeline, crop, fed):
-    """Both CPU feeds: records copied into float32 bordered buffers (a rotated 28 px crop leaves the 32 px image),
-    and the float16 records themselves, cast in DALI."""
+@pytest.mark.parametrize("pipeline, crop, padded", [("pretrain", 28, True), ("finetune", 16, False),
+                                                    ("eval", 16, False)])
+def test_dali_cpu_reads_float16(stores, pipeline, crop, padded):
+    """Both CPU feeds, cast in DALI: float16 bordered copies of the records (a rotated 28 px crop leaves the 32 px
+    image), and the float16 records themselves."""
     dali = build_loader(cfg_of(f"augment.crop_size={crop}", backend="dali"), stores.f16, pipeline, seed=3)
     ref = build_loader(cfg_of(f"augment.crop_size={crop}"), stores.f16, pipeline, seed=3)
     assert_loader_matches_oracle(dali, ref, pipeline, crop, 5)
-    assert dali._feeder.record_dtype == np.float16 and dali._feeder.fed_dtype == fed
+    assert dali._feeder.record_dtype == np.float16 and dali._feeder.pad == padded
     dali32 = build_loader(cfg_of(f"augment.crop_size={crop}", backend="dali"), stores.f32, pipeline, seed=3)
     dali16 = build_loader(cfg_of(f"augment.crop_size={crop}", backend="dali"), stores.f16, pipeline, seed=3)
     _assert_views_match(dali16, dali32, pipeline)
@@ -233,7 +233,7 @@ def test_dali_gpu_feed_stages_float16_records(stores, monkeypatch):
     loader = build_loader(cfg_of("augment.crop_size=16", backend="dali"), stores.f16, "pretrain", seed=3)
     feeder = dali_pipeline._Feeder(loader.source, 0, "gpu")
     staged = feeder.host(SimpleNamespace(iteration=0))[0]
-    assert feeder.fed_dtype == np.float16 and allocated == [np.float16] and staged.dtype == np.float16
+    assert feeder.record_dtype == np.float16 and allocated == [np.float16] and staged.dtype == np.float16
     assert staged.tobytes() == np.stack(feeder.delivered[0][0].images).tobytes()
 
 
@@ -244,7 +244,7 @@ def test_cuda_dali_gpu_reads_float16(stores, pipeline):
     dali = build_loader(cfg_of("augment.crop_size=16", backend="dali", device="gpu"), stores.f16, pipeline, seed=3)
     ref = build_loader(cfg_of("augment.crop_size=16", device="gpu"), stores.f16, pipeline, seed=3)
     assert_loader_matches_oracle(dali, ref, pipeline, 16, 5)
-    assert dali._feeder.fed_dtype == np.float16
+    assert dali._feeder.record_dtype == np.float16
     assert all(buf.dtype == np.float16 and torch.from_numpy(buf).is_pinned() for buf, _ in dali._feeder._free)
     dali32 = build_loader(cfg_of("augment.crop_size=16", backend="dali", device="gpu"), stores.f32, pipeline, seed=3)
     dali16 = build_loader(cfg_of("augment.crop_size=16", backend="dali", device="gpu"), stores.f16, pipeline, seed=3)
