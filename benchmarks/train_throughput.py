@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from photoz_hpc.config import load_config
-    from photoz_hpc.train.runtime import run_with_comm
+    from photoz_hpc.train.runtime import data_ranks_per_node, run_with_comm
     from photoz_hpc.train.surveys import loader_survey, resolve_run_config
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(m != "synthetic" for m in modes):
             from photoz_hpc.augment.loaders import build_loader
 
-            loader = build_loader(cfg, cfg.data.path, "pretrain", rank=comm.rank, world_size=comm.world, seed=cfg.seed)
+            loader = build_loader(cfg, cfg.data.path, "pretrain", rank=comm.rank, world_size=comm.world, seed=cfg.seed,
+                                  ranks_per_node=data_ranks_per_node(cfg, comm))
             if args.rebuild_each_epoch and hasattr(loader, "persistent"):
                 loader.persistent = False
         for mode in modes:

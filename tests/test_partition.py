@@ -70,7 +70,7 @@ def test_partitions_are_random_subsets_of_a_survey_stored_in_sky_order():
 
 
 def _split(pools, rank, per_node):
-    return NodeSplit(tuple(pools), rank // per_node, per_node)
+    return NodeSplit(pools[rank // per_node], tuple(len(p) for p in pools), rank // per_node, per_node)
 
 
 def test_node_plans_read_only_their_node_and_visit_every_sample_at_most_once():
@@ -93,7 +93,7 @@ def test_node_plans_read_only_their_node_and_visit_every_sample_at_most_once():
     other = plan_epoch(pool, batch, 3, world, 7, 2, True, _split(pools, 3, per_node))
     assert not np.array_equal(other.ids, plans[3].ids)  # a new permutation every epoch
     with pytest.raises(ValueError, match="is not on node"):
-        plan_epoch(pool, batch, 3, world, 7, 0, True, NodeSplit(tuple(pools), 0, per_node))
+        plan_epoch(pool, batch, 3, world, 7, 0, True, _split(pools, 0, per_node))
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +146,43 @@ def test_resume_on_another_node_layout_is_refused(store):
     two = build_loader(_cfg("node", 8), store, "pretrain", 0, 2, seed=3, device="cpu", ranks_per_node=1)
     one = build_loader(_cfg("node", 8), store, "pretrain", 0, 2, seed=3, device="cpu", ranks_per_node=2)
     glob = build_loader(_cfg("global", 8), store, "pretrain", 0, 2, seed=3, device="cpu")
-    two.load_state_dict(two.state_dict())  # the same layout resumes
+    two.check_partition(two.state_dict())  # the same layout resumes
     with pytest.raises(ConfigError, match="node partitions are dealt per node layout"):
-        one.load_state_dict(two.state_dict())
+        one.check_partition(two.state_dict())
     with pytest.raises(ConfigError, match="data.partition=global"):
         two.check_partition(glob.state_dict())
+    one.check_partition(glob.state_dict())  # one node is the global plan: either resumes the other
+    glob.check_partition(one.state_dict())
     old = {k: v for k, v in glob.state_dict().items() if k != "partition"}  # from before partitions: global
+    glob.check_partition(old)
     glob.load_state_dict(old)
+
+
+def test_a_pool_the_deal_splits_unevenly_is_refused(store):
+    """A labeled subset clustered in the store (here: all in node 0's shards) would leave most of it unseen."""
+    counts = [s["count"] for s in store.shards]
+    clustered = node_ids(counts, 2)[0][:100]
+    with pytest.raises(ConfigError, match="unevenly .* visit only 0%"):
+        build_loader(_cfg("node", 8), store, "finetune", 0, 2, seed=3, device="cpu", ids=clustered, ranks_per_node=1)
+    spread = np.arange(0, len(store), 3)  # a random-like subset: balanced, fine
+    loader = build_loader(_cfg("node", 8), store, "finetune", 1, 2, seed=3, device="cpu", ids=spread, ranks_per_node=1)
+    assert np.isin(loader.source.plan.ids, node_ids(counts, 2)[1]).all() and len(loader) > 0
+
+
+@pytest.mark.parametrize("backend,workers", [("reference", 1), ("dali", 0)])
+def test_reads_count_the_delivered_batches_whatever_reads_them(store, backend, workers):
+    """Worker processes and DALI's queues read ahead; the statistics count what the training process received."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = load_config(None, ["augment.crop_size=16", "augment.jitter_max=2", f"loader.backend={backend}",
+                             "loader.batch_size=16", "data.partition=node", f"loader.num_workers={workers}"])
+    loader = build_loader(cfg, store, "pretrain", 0, 2, seed=3, device="cpu", ranks_per_node=1)
+    got = [b["index"].numpy() for _, b in zip(range(3), loader, strict=False)]
+    stats = loader.read_stats()
+    assert stats["records"] == 3 * 16 and stats["bytes"] == 48 * store.record_bytes
+    offsets = store.offsets
+    touched = sorted({int(np.searchsorted(offsets, i, side="right") - 1) for i in np.concatenate(got)})
+    assert stats["shard_files"] == len(touched) and stats["shards"] == ranges(np.array(touched))
 
 
 def test_a_staged_copy_serves_only_its_node(store, tmp_path):
@@ -176,3 +206,22 @@ def test_a_staged_copy_serves_only_its_node(store, tmp_path):
     other = next(k for k in range(len(store.shards)) if k not in mine)
     with pytest.raises(DatasetError, match="holds only its node's shards"):
         ds.records_hwc([int(ds.offsets[other])])
+
+
+def test_node_layout_comes_from_every_ranks_local_rank_whatever_the_backend():
+    from types import SimpleNamespace
+
+    from photoz_hpc.errors import PhotozError
+    from photoz_hpc.train.runtime import data_ranks_per_node
+
+    def comm(local_ranks, rank=0):
+        return SimpleNamespace(world=len(local_ranks), rank=rank, local_rank=local_ranks[rank],
+                               allgather_object=lambda obj: list(local_ranks))
+
+    node, glob = _cfg("node"), _cfg("global")
+    assert data_ranks_per_node(glob, comm([0, 1, 0, 1])) is None
+    assert data_ranks_per_node(node, comm([0, 1, 0, 1])) == 2 and data_ranks_per_node(node, comm([0])) == 1
+    assert data_ranks_per_node(node, comm([0, 0, 0])) == 1
+    for bad in ([0, 0, 1, 1], [0, 1, 2, 0]):  # mpirun --map-by node; nodes of unequal rank counts
+        with pytest.raises(PhotozError, match="data.partition=node needs the node layout"):
+            data_ranks_per_node(node, comm(bad))

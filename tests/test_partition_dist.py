@@ -53,6 +53,11 @@ def test_two_nodes_read_only_their_staged_partition_and_global_reads_everywhere(
     assert glob["reads"]["partition"] == "global" and "per_node" not in glob["reads"]
     for rank in glob["reads"]["per_rank"]:
         assert _shards(rank["shards"]) == set(range(len(counts))), rank  # every rank reads from every shard
+    one_node = _summary(run_torch("pretrain_run.py", ["--ranks-per-node=2", *tiny_overrides(
+        data, tmp_path / "one-node-run", 16, 64, ("train.max_steps=40",) + NODE)]))
+    assert one_node["reads"]["per_node"][0]["ranks"] == [0, 1]
+    a, b = _losses(tmp_path / "global-run"), _losses(tmp_path / "one-node-run")
+    assert sorted(a) == sorted(b) == list(range(1, 41)) and a == b  # 2 ranks of one node: the global run exactly
 
 
 def _losses(out: Path) -> dict[int, float]:

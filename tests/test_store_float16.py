@@ -154,6 +154,21 @@ def test_bulk_underflow_is_refused_naming_file_and_row_a_few_flushed_pixels_are_
     assert len(open_dataset(prepare([h5], tmp_path / "ds32", bad_row_policy="skip"))) == 11  # float32 holds them
 
 
+def test_pixels_float16_keeps_but_rounds_coarsely_are_refused(tmp_path):
+    """Sky noise of 1e-7 lies in float16's subnormal range: nothing flushes, but rounding is a third of the noise."""
+    rng = np.random.default_rng(4)
+    images = blob_images(8, 16, seed=4)
+    images[2, 4] = rng.normal(0, 1e-7, (16, 16)) + 2e-6  # band z of row 2 in a unit float16 rounds coarsely
+    h5 = write_release_h5(tmp_path / "tiny.h5", 8, size=16, images=images)
+    with pytest.raises(InputDataError, match=r"tiny\.h5: row 2: float16 rounds the pixels of band z by .* rms, "
+                       r"\d+% of their median absolute deviation .*--dtype float32"):
+        prepare([h5], tmp_path / "ds", samples_per_shard=4, options=HALF)
+    images[2, 4] = rng.normal(0, 1e-2, (16, 16))  # sky noise of an SDSS-like unit, with 10 subnormal pixels
+    images[2, 4, :10, 0] = rng.uniform(-5e-5, 5e-5, 10)  # (4% > FLUSH_FRACTION) rounded by ~1e-8: fine
+    ok = prepare([write_release_h5(tmp_path / "ok.h5", 8, size=16, images=images)], tmp_path / "ok", options=HALF)
+    assert np.abs(open_dataset(ok).image_hwc(2)[:10, 0, 4] - images[2, 4, :10, 0]).max() < 3e-8
+
+
 def test_a_prepare_resumed_with_another_dtype_is_refused(stores, tmp_path, monkeypatch):
     real_write = prepare_mod.write_shard
     calls = []

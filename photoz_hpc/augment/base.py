@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from photoz_hpc.augment.pipelines import Pipeline
-from photoz_hpc.augment.source import BatchSource, SourceBatch
+from photoz_hpc.augment.source import BatchSource, ReadStats, SourceBatch
 from photoz_hpc.errors import ConfigError
 
 
@@ -30,6 +30,7 @@ class LoaderBase:
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
         self._start = 0
+        self.reads = ReadStats(source.dataset)  # what the delivered batches read (summary.json 'reads')
 
     @property
     def pipeline(self) -> Pipeline:
@@ -52,13 +53,13 @@ class LoaderBase:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume: the next iteration starts at ``state['batch']`` of ``state['epoch']``."""
+        """Resume: the next iteration starts at ``state['batch']`` of ``state['epoch']`` (the training loop checks
+        ``check_partition`` first, for a run that is not finished yet)."""
         source = self.source
         for key, have in (("seed", source.seed), ("world_size", source.world_size), ("batch_size", source.batch_size),
                           ("pipeline", self.pipeline.name)):
             if key in state and state[key] != have:
                 raise ConfigError(f"loader state has {key}={state[key]!r} but this loader has {have!r}: cannot resume exactly")
-        self.check_partition(state)
         self.epoch = int(state["epoch"])
         self.position = self._start = int(state["batch"])
 
@@ -66,10 +67,8 @@ class LoaderBase:
         """A checkpoint's data order continues only under the same partition (``data.partition``) and, for node
         partitions, the same node layout: the deal is per node count, so another one would revisit some samples
         and skip others in the resumed epoch. A state from before partitions existed is global."""
-        saved = state.get("partition", {"partition": "global"})
-        have = self.source.partition
-        keys = ("partition", "nodes", "ranks_per_node")
-        if tuple(saved.get(k) for k in keys) == tuple(have.get(k) for k in keys):
+        saved, have = _effective(state.get("partition", {"partition": "global"})), _effective(self.source.partition)
+        if saved == have:
             return
         raise ConfigError(f"cannot resume exactly: the checkpoint's data order was dealt with {_layout(saved)}, "
                           f"this run has {_layout(have)}; node partitions are dealt per node layout, so resume on the same "
@@ -77,13 +76,14 @@ class LoaderBase:
 
     def read_stats(self) -> dict:
         """What this loader read from the store so far (``RecordReader.stats``) and how its epochs are dealt."""
-        return {**self.source.reader.stats(), **self.source.partition}
+        return {**self.reads.stats(), **self.source.partition}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.source.set_epoch(self.epoch)
         start, self._start = self._start, 0
         self.position = start
         for batch in self._iterate(start):
+            self.reads.add(self.source.read_ids[self.position])
             self.position += 1
             yield batch
 
@@ -104,10 +104,17 @@ class LoaderBase:
         return out
 
 
-def _layout(partition: dict) -> str:
-    if partition.get("partition") != "node":
-        return "data.partition=global"
-    return f"data.partition=node over {partition['nodes']} node(s) of {partition['ranks_per_node']} rank(s)"
+def _effective(partition: dict) -> tuple:
+    """What decides the data order: node partitions of one node are the global plan (tested bit for bit)."""
+    if partition.get("partition") != "node" or partition.get("nodes") == 1:
+        return ("global",)
+    return ("node", partition.get("nodes"), partition.get("ranks_per_node"))
+
+
+def _layout(effective: tuple) -> str:
+    if effective[0] != "node":
+        return "data.partition=global (or node partitions of one node)"
+    return f"data.partition=node over {effective[1]} nodes of {effective[2]} rank(s)"
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -24,16 +24,18 @@ PAD_ID = -1
 
 @dataclass(frozen=True)
 class NodeSplit:
-    """Node partitions of a training pool: every node's pool ids (sorted), this rank's node, ranks per node
-    (nodes are blocks of consecutive ranks: rank = node * ranks_per_node + local rank)."""
+    """Node partitions of a training pool: this rank's node's pool ids (sorted), every node's pool size, this
+    rank's node and the ranks per node (nodes are blocks of consecutive ranks: rank = node * ranks_per_node +
+    local rank)."""
 
-    pools: tuple[np.ndarray, ...]
+    pool: np.ndarray
+    sizes: tuple[int, ...]
     node: int
     ranks_per_node: int
 
     @property
     def n_nodes(self) -> int:
-        return len(self.pools)
+        return len(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,9 @@ def plan_epoch(
     pool: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, train: bool,
     nodes: NodeSplit | None = None,
 ) -> EpochPlan:
-    """The batches of one rank for one epoch; ``pool`` is the dataset ids this pipeline may use (with ``nodes``:
-    the union of ``nodes.pools``). ``nodes`` applies to training plans; evaluation always reads globally."""
+    """The batches of one rank for one epoch; ``pool`` is the dataset ids this pipeline may use (with ``nodes``,
+    of which ``nodes.pool`` is this node's share). ``nodes`` applies to training plans; evaluation always reads
+    globally."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     if train and nodes is not None and nodes.n_nodes > 1:
@@ -90,8 +93,8 @@ def _plan_node(nodes: NodeSplit, batch_size: int, rank: int, world_size: int, se
     per_node = nodes.ranks_per_node
     if per_node * nodes.n_nodes != world_size or rank // per_node != nodes.node:
         raise ValueError(f"rank {rank} of {world_size} is not on node {nodes.node} of {nodes.n_nodes} x {per_node} ranks")
-    n_batches = min(len(p) // per_node for p in nodes.pools) // batch_size
-    mine = nodes.pools[nodes.node]
+    n_batches = min(nodes.sizes) // per_node // batch_size
+    mine = nodes.pool
     perm = mine[generator(seed, StreamTag.SHUFFLE, epoch, nodes.node).permutation(len(mine))]
     ids = perm[rank % per_node::per_node][: n_batches * batch_size].reshape(n_batches, batch_size)
     return EpochPlan(ids, np.ones_like(ids, dtype=bool))

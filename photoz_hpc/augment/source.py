@@ -17,13 +17,15 @@ from photoz_hpc.augment import draws
 from photoz_hpc.augment.pipelines import LABELS, Pipeline
 from photoz_hpc.augment.sampler import EpochPlan, NodeSplit, plan_epoch
 from photoz_hpc.data.dataset import ShardedDataset
-from photoz_hpc.data.partition import node_ids, node_shards
+from photoz_hpc.data.partition import deal, node_of
 from photoz_hpc.errors import ConfigError, DatasetError
 from photoz_hpc.logs import get_logger
 
 log = get_logger(__name__)
 #: Fewer shards than this per node draw a WARNING (each node's share would be a mix of few sky patches).
 FEW_SHARDS_PER_NODE = 32
+#: Node partitions must let an epoch visit at least this share of the pool (n_nodes x the smallest node's pool).
+MIN_VISITED = 0.9
 
 
 @dataclass
@@ -50,26 +52,33 @@ class SourceBatch:
 
 class RecordReader:
     """Zero-copy access to records by dataset id; each record is CRC-checked the first time the
-    dataset object reads it (``ShardedDataset.image_hwc``), shared by every loader of that object.
-
-    Counts what it reads (``stats``): records, their bytes and the shard files they lie in, so a run can show
-    which part of the store each rank touched (``summary.json`` ``reads``)."""
+    dataset object reads it (``ShardedDataset.image_hwc``), shared by every loader of that object."""
 
     def __init__(self, dataset: ShardedDataset, verify: bool = True) -> None:
         self.dataset = dataset
         self.verify = verify
+
+    def records(self, ids: np.ndarray) -> list[np.ndarray]:
+        return self.dataset.records_hwc(ids, self.verify)
+
+
+class ReadStats:
+    """What a loader delivered from the store: records (padding rows read a real record too), their bytes and
+    the shard files they lie in. Counted in the training process as batches are handed out, whatever thread,
+    worker process or DALI queue read them ahead (those may have read a few batches more)."""
+
+    def __init__(self, dataset: ShardedDataset) -> None:
+        self.dataset = dataset
         self.n_records = 0
         self.touched = np.zeros(len(dataset.shards), dtype=bool)
 
-    def records(self, ids: np.ndarray) -> list[np.ndarray]:
-        out = self.dataset.records_hwc(ids, self.verify)
+    def add(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64) % max(len(self.dataset), 1)
         self.touched[np.searchsorted(self.dataset.offsets, ids, side="right") - 1] = True
-        self.n_records += len(out)
-        return out
+        self.n_records += len(ids)
 
     def stats(self) -> dict:
-        """Records and bytes read since this reader was made, and the shard files touched (``"0-3,7"``)."""
+        """Records and bytes so far, and the shard files touched as a range list (``"0-3,7"``)."""
         touched = np.flatnonzero(self.touched)
         return {"records": self.n_records, "bytes": self.n_records * self.dataset.record_bytes,
                 "shard_files": len(touched), "shards": ranges(touched), "root": str(self.dataset.root)}
@@ -92,7 +101,9 @@ def ranges(numbers: np.ndarray) -> str:
 def node_split(dataset: ShardedDataset, pool: np.ndarray, rank: int, world_size: int, ranks_per_node: int) -> NodeSplit:
     """This rank's node partition of ``pool`` (``data.partition: node``; ``photoz_hpc.data.partition`` deals the
     store's shards to ``world_size / ranks_per_node`` nodes). A node-local copy staged for another node, or for
-    another node count, is an error naming it: it lacks the records this rank would read."""
+    another node count, is an error naming it: it lacks the records this rank would read. So is a pool the deal
+    splits unevenly (a labeled subset or split clustered on the sky): every rank keeps the smallest node's
+    batches, so the larger nodes' surplus would go unseen every epoch."""
     if ranks_per_node < 1 or world_size % ranks_per_node:
         raise ConfigError(f"data.partition=node: {world_size} ranks cannot be split into nodes of {ranks_per_node}")
     n_nodes, node = world_size // ranks_per_node, rank // ranks_per_node
@@ -102,15 +113,24 @@ def node_split(dataset: ShardedDataset, pool: np.ndarray, rank: int, world_size:
                            f"{node} of {n_nodes} (nodes of {ranks_per_node} consecutive ranks): stage with this job's "
                            "node layout (photoz-hpc stage --node K --nodes N, as PHOTOZ_STAGE=1 does)")
     counts = [s["count"] for s in dataset.shards]
-    fewest = min(len(node_shards(counts, n_nodes, k)) for k in range(n_nodes)) if n_nodes > 1 else len(counts)
-    if rank == 0 and fewest < FEW_SHARDS_PER_NODE:
-        log.warning("data.partition=node: some nodes get only %d shards of %s; a shard is a run of consecutive input "
-                    "rows (a patch of sky for inputs in sky order), so each node's share is a mix of only %d patches. "
-                    "Re-prepare with a smaller --samples-per-shard for a finer mix (docs/data_at_scale.md)",
-                    fewest, dataset.root, fewest)
     pool = np.unique(np.asarray(pool, dtype=np.int64))
-    pools = tuple(np.intersect1d(ids, pool, assume_unique=True) for ids in node_ids(counts, n_nodes))
-    return NodeSplit(pools, node, ranks_per_node)
+    owner = node_of(counts, n_nodes, pool)
+    sizes = tuple(int(n) for n in np.bincount(owner, minlength=n_nodes))
+    visited = n_nodes * min(sizes) / max(len(pool), 1)
+    if n_nodes > 1 and visited < MIN_VISITED:
+        raise ConfigError(f"data.partition=node over {n_nodes} nodes splits this pool of {len(pool)} samples of "
+                          f"{dataset.root} unevenly (smallest node {min(sizes)}, largest {max(sizes)}): every rank keeps "
+                          f"the smallest node's batches, so an epoch would visit only {100 * visited:.0f}% of it. The deal "
+                          "balances the whole store; a subset clustered in it (labels, a split) needs data.partition=global")
+    if n_nodes > 1 and rank == 0:
+        pieces = deal(counts, n_nodes)
+        fewest = min(len({p.shard for p in node_pieces}) for node_pieces in pieces)
+        if fewest < FEW_SHARDS_PER_NODE:
+            log.warning("data.partition=node: some nodes get only %d shards of %s; a shard is a run of consecutive "
+                        "input rows (a patch of sky for inputs in sky order), so each node's share is a mix of only %d "
+                        "patches. Re-prepare with a smaller --samples-per-shard for a finer mix (docs/data_at_scale.md)",
+                        fewest, dataset.root, fewest)
+    return NodeSplit(pool[owner == node], sizes, node, ranks_per_node)
 
 
 def pipeline_pool(dataset: ShardedDataset, pipeline: Pipeline) -> np.ndarray:

@@ -137,7 +137,8 @@ def prepare_arrays(images: Any, out: str | Path, survey: str | Path | Survey = "
     recorded, for images already corrected), spectroscopic ``z_spec`` (NaN or negative: unlabeled; None: none
     labeled), ``object_id`` (ints or strings; None: 0..N-1), ``ra``/``dec`` (degrees; None: 0). Pixels are stored as
     float32 (float64 input is rounded once), or float16 with ``dtype="float16"`` (``prepare --dtype float16``: half
-    the bytes; pixels float16 cannot hold are refused). Returns ``out``; errors before anything is written."""
+    the bytes, rounded from the float32 values, so float64 input is rounded twice; pixels float16 cannot hold are
+    refused). Returns ``out``; errors before anything is written."""
     survey = as_survey(survey)
     if hasattr(images, "detach"):  # a torch tensor
         images = images.detach().cpu().numpy()

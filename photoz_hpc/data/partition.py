@@ -75,6 +75,20 @@ def node_shards(counts: Sequence[int], n_nodes: int, node: int) -> list[int]:
     return sorted({p.shard for p in deal(counts, n_nodes)[node]})
 
 
+def node_of(counts: Sequence[int], n_nodes: int, ids: np.ndarray) -> np.ndarray:
+    """The node each dataset id (global sample index) is dealt to: one sorted lookup over the dealt pieces, so a
+    rank places a pool of tens of millions of ids without building every node's id list."""
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
+    starts, owners = [], []
+    for k, pieces in enumerate(deal(counts, n_nodes)):
+        for piece in pieces:
+            starts.append(offsets[piece.shard] + piece.lo)
+            owners.append(k)
+    order = np.argsort(starts, kind="stable")
+    starts_sorted, owners_sorted = np.asarray(starts, np.int64)[order], np.asarray(owners, np.int64)[order]
+    return owners_sorted[np.searchsorted(starts_sorted, np.asarray(ids, dtype=np.int64), side="right") - 1]
+
+
 def node_ids(counts: Sequence[int], n_nodes: int) -> list[np.ndarray]:
     """Each node's dataset ids (global sample indices, sorted): disjoint, and together every sample once."""
     offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])

@@ -38,7 +38,7 @@ def verify_dataset(root) -> dict:
     if problems:
         raise DatasetError("verify failed:\n  " + "\n  ".join(problems))
     partial = ""
-    if ds.staged is not None:
+    if ds.staged is not None and len(held) < len(ds.shards):
         held_count = sum(ds.shards[n]["count"] for n in held)
         partial = (f"{ds.staged.describe()}: the records of {len(held)} of {len(ds.shards)} shards ({held_count} of "
                    f"{len(ds)} samples) are here and were verified; the other nodes' .bin files are not")

@@ -155,11 +155,12 @@ def run_loop(cfg, task: Task, loader, flag: PreemptionFlag, device: torch.device
     path, state = resumed if resumed is not None else resume_state(cfg, comm, task.kind, getattr(task, "records", None))
     loader_restored = False
     if state is not None:
+        loader_restored = task.load_state(state, loader)
+    start_step, total = task.step, task.total_steps
+    if state is not None and start_step < total:
         saved_loader = next((s for s in state.get("loader") or [] if s), None)
         if saved_loader is not None and hasattr(loader, "check_partition"):
             loader.check_partition(saved_loader)  # node partitions resume only on the same node layout
-        loader_restored = task.load_state(state, loader)
-    start_step, total = task.step, task.total_steps
     if state is not None and start_step >= total:
         done = comm.broadcast_object(finished_summary(out_dir, start_step) if rank0 else None)
         if done is not None:

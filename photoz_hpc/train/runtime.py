@@ -20,7 +20,7 @@ import torch
 
 from photoz_hpc.comm.base import Comm
 from photoz_hpc.comm.devices import cuda_device_index, gpu_or_cpu
-from photoz_hpc.comm.nodes import env_local_size
+from photoz_hpc.comm.nodes import env_local_size, node_groups
 from photoz_hpc.comm.select import init_comm
 from photoz_hpc.errors import PhotozError
 from photoz_hpc.launch_env import detect_env
@@ -104,15 +104,18 @@ def _numpy_state(saved: Any) -> tuple[str, np.ndarray, int, int, float]:
 
 def data_ranks_per_node(cfg, comm: Comm) -> int | None:
     """Ranks per node for the training loader's node partitions (``data.partition: node``), None for ``global``.
-    Nodes must be blocks of consecutive ranks of one size (the communicator's node groups); otherwise the deal
-    would not match what ``photoz-hpc stage`` copied to each node, so that is an error, not a guess."""
+    A collective (every rank's local rank, gathered): nodes must be blocks of consecutive ranks of one size,
+    whatever the backend; otherwise the deal would not match what ``photoz-hpc stage`` copied to each node, so
+    that is an error on every rank alike (no rank goes on to hang in a collective), not a guess."""
     if cfg.data.partition != "node":
         return None
     if comm.world == 1:
         return 1
-    if comm.node_error:
-        raise PhotozError(f"rank {comm.rank}: data.partition=node needs the node layout: {comm.node_error}")
-    return comm.node_size
+    try:
+        groups = node_groups(comm.allgather_object(comm.local_rank))
+    except PhotozError as exc:
+        raise PhotozError(f"rank {comm.rank}: data.partition=node needs the node layout: {exc}") from None
+    return len(groups[0])
 
 
 def prepare_device(device: torch.device) -> None:
@@ -151,9 +154,8 @@ def run_with_comm(cfg, comm: Comm | None, body: Callable[..., dict[str, Any]], h
         threads = set_cpu_threads(cfg, device)
         log.debug("torch intra-op threads: %d", threads)
         own = comm is None
-        node_groups = (getattr(getattr(cfg, "moco", None), "bn_mode", None) == "shuffle-node"
-                       or cfg.data.partition == "node")  # which ranks share a node: comm.node_size
-        comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type, node_groups)
+        want_node_groups = getattr(getattr(cfg, "moco", None), "bn_mode", None) == "shuffle-node"
+        comm = comm or init_comm(cfg.dist.backend, cfg.dist.timeout_s, device.type, want_node_groups)
         try:
             with hold_for_ranks(comm, hold):
                 return body(cfg, comm, device, flag)

@@ -104,8 +104,7 @@ def main() -> int:
         node_data = ["data.path=" + args.node_data.format(node=env.rank // max(args.ranks_per_node, 1))]
     cfg = load_config(None, args.overrides + node_data)
     setup_logging("INFO", rank=env.rank)
-    comm = init_comm(cfg.dist.backend, cfg.dist.timeout_s, "cpu",
-                     node_groups=cfg.moco.bn_mode == "shuffle-node" or cfg.data.partition == "node")
+    comm = init_comm(cfg.dist.backend, cfg.dist.timeout_s, "cpu", node_groups=cfg.moco.bn_mode == "shuffle-node")
     loader = _build_loader(cfg, comm)
     if args.kill_after and args.kill_rank in (-1, comm.rank):
         loader = KillingLoader(loader, args.kill_after)
