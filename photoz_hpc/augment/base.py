@@ -30,7 +30,13 @@ class LoaderBase:
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
         self._start = 0
-        self.reads = ReadStats(source.dataset)  # what the delivered batches read (summary.json 'reads')
+        self._reads: ReadStats | None = None  # what the delivered batches read (summary.json 'reads')
+
+    @property
+    def reads(self) -> ReadStats:
+        if self._reads is None:
+            self._reads = ReadStats(self.source.dataset)
+        return self._reads
 
     @property
     def pipeline(self) -> Pipeline:
