@@ -114,7 +114,8 @@ def node_split(dataset: ShardedDataset, pool: np.ndarray, rank: int, world_size:
                            "node layout (photoz-hpc stage --node K --nodes N, as PHOTOZ_STAGE=1 does)")
     counts = [s["count"] for s in dataset.shards]
     pool = np.unique(np.asarray(pool, dtype=np.int64))
-    owner = node_of(counts, n_nodes, pool)
+    dealt = deal(counts, n_nodes)
+    owner = node_of(counts, dealt, pool)
     sizes = tuple(int(n) for n in np.bincount(owner, minlength=n_nodes))
     visited = n_nodes * min(sizes) / max(len(pool), 1)
     if n_nodes > 1 and visited < MIN_VISITED:
@@ -123,8 +124,7 @@ def node_split(dataset: ShardedDataset, pool: np.ndarray, rank: int, world_size:
                           f"the smallest node's batches, so an epoch would visit only {100 * visited:.0f}% of it. The deal "
                           "balances the whole store; a subset clustered in it (labels, a split) needs data.partition=global")
     if n_nodes > 1 and rank == 0:
-        pieces = deal(counts, n_nodes)
-        fewest = min(len({p.shard for p in node_pieces}) for node_pieces in pieces)
+        fewest = min(len({p.shard for p in node_pieces}) for node_pieces in dealt)
         if fewest < FEW_SHARDS_PER_NODE:
             log.warning("data.partition=node: some nodes get only %d shards of %s; a shard is a run of consecutive "
                         "input rows (a patch of sky for inputs in sky order), so each node's share is a mix of only %d "

@@ -75,12 +75,13 @@ def node_shards(counts: Sequence[int], n_nodes: int, node: int) -> list[int]:
     return sorted({p.shard for p in deal(counts, n_nodes)[node]})
 
 
-def node_of(counts: Sequence[int], n_nodes: int, ids: np.ndarray) -> np.ndarray:
-    """The node each dataset id (global sample index) is dealt to: one sorted lookup over the dealt pieces, so a
-    rank places a pool of tens of millions of ids without building every node's id list."""
+def node_of(counts: Sequence[int], dealt: list[list[Piece]], ids: np.ndarray) -> np.ndarray:
+    """The node each dataset id (global sample index) is dealt to by ``dealt`` (``deal(counts, n_nodes)``): one
+    sorted lookup over the pieces, so a rank places a pool of tens of millions of ids without building every
+    node's id list."""
     offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
     starts, owners = [], []
-    for k, pieces in enumerate(deal(counts, n_nodes)):
+    for k, pieces in enumerate(dealt):
         for piece in pieces:
             starts.append(offsets[piece.shard] + piece.lo)
             owners.append(k)
